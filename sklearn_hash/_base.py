@@ -1,0 +1,66 @@
+"""What every binary hasher shares: validation, the 0/1 ``transform`` and tags."""
+
+from abc import abstractmethod
+from numbers import Integral
+
+import numpy as np
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+)
+from sklearn.decomposition import PCA
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+
+class BaseBinaryHasher(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Base class for hashers whose codes are ``n_bits`` binary digits.
+
+    A subclass implements ``fit`` and ``_hash(X)``, which maps a validated
+    float array to an ``(n_samples, n_bits)`` boolean array. ``transform``
+    returns those bits as ``uint8`` 0/1 values, one column per bit, and
+    :class:`~sklearn_hash.QuantizedNeighbors` searches them by Hamming
+    distance.
+    """
+
+    _parameter_constraints: dict = {
+        "n_bits": [Interval(Integral, 1, None, closed="left")],
+    }
+
+    def transform(self, X):
+        """Encode X as binary codes.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to encode.
+
+        Returns
+        -------
+        codes : ndarray of shape (n_samples, n_bits), dtype=uint8
+            One 0/1 column per bit.
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return self._hash(X).astype(np.uint8)
+
+    @abstractmethod
+    def _hash(self, X):
+        """Boolean array of shape (n_samples, n_bits) for validated X."""
+
+    @property
+    def _n_features_out(self):
+        return self.n_bits
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = []
+        return tags
+
+
+def fit_pca(X, n_components, random_state=None):
+    """PCA fitted on X with a solver suited to its shape (exact, not randomised)."""
+    n_samples, n_features = X.shape
+    solver = "covariance_eigh" if n_samples >= n_features else "full"
+    return PCA(n_components=n_components, svd_solver=solver, random_state=random_state).fit(X)
