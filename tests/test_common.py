@@ -1,0 +1,41 @@
+"""scikit-learn's estimator checks on every estimator of the package."""
+
+import pytest
+from sklearn.utils.estimator_checks import (
+    check_param_validation,
+    check_set_output_transform,
+    check_transformer_get_feature_names_out,
+    parametrize_with_checks,
+)
+
+from sklearn_hash import AGH, ITQ, QuantizedNeighbors, SpectralHashing
+
+# Small settings: the checks fit on tiny data sets (a few features, tens of rows).
+ESTIMATORS = [
+    SpectralHashing(n_bits=2),
+    ITQ(n_bits=2, n_iter=5),
+    AGH(n_bits=2, n_anchors=5),
+    AGH(n_bits=2, n_anchors=5, n_layers=2),
+    QuantizedNeighbors(ITQ(n_bits=2, n_iter=5), n_neighbors=3),
+]
+TRANSFORMERS = [e for e in ESTIMATORS if hasattr(e, "transform")]
+
+
+@parametrize_with_checks(ESTIMATORS)
+def test_sklearn_compatible_estimator(estimator, check):
+    check(estimator)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+def test_param_validation(estimator):
+    check_param_validation(type(estimator).__name__, estimator)
+
+
+@pytest.mark.parametrize("estimator", TRANSFORMERS, ids=repr)
+def test_set_output_transform(estimator):
+    check_set_output_transform(type(estimator).__name__, estimator)
+
+
+@pytest.mark.parametrize("estimator", TRANSFORMERS, ids=repr)
+def test_get_feature_names_out(estimator):
+    check_transformer_get_feature_names_out(type(estimator).__name__, estimator)
