@@ -17,7 +17,7 @@ import warnings
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-KERNELS = ["_openmp", "_hamming"]
+KERNELS = ["_openmp", "_hamming", "_adc"]
 
 
 def _env_flag(name):

@@ -2,12 +2,15 @@
 
 The path of the data, from ``fit`` to ``kneighbors``:
 
-1. ``fit(X, y)`` fits a clone of the quantizer on X (y passed through), then
+1. ``fit(X, y)`` fits a clone of the quantizer on X (y passed through),
+   picks the metric from what the quantizer offers (``_resolve_metric``),
    encodes X chunk by chunk into the database the kernel reads
-   (``_encode_database``) and keeps y as the database labels.
-2. ``kneighbors(X)`` turns the queries into what the kernel needs
-   (``_encode_queries``) and runs the kernel (``_search``), which returns
-   exact distances and int64 indices, ties ranked by database index.
+   (``_encode_database``: packed bits, or codeword indices) and keeps y as
+   the database labels.
+2. ``kneighbors(X)`` runs ``_search``: the queries become what the kernel
+   needs (``_encode_queries``: packed bits for the Hamming kernel, distance
+   tables for the ADC kernel, a chunk of queries at a time) and the kernel
+   returns exact distances and int64 indices, ties ranked by database index.
 
 The quantizer protocol (how a quantizer tells the searcher how to search it)
 is described in the class docstring.
@@ -25,12 +28,15 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted, v
 
 from ._codes import pack_bits
 from ._itq import ITQ
+from ._kernels._adc import adc_kneighbors
 from ._kernels._hamming import hamming_kneighbors
 from ._kernels._openmp import effective_n_threads
 from .metrics import map_at_r_score
 
 # Rows encoded at a time when indexing, to bound the memory beyond the codes.
 _ENCODE_CHUNK = 65536
+# Queries whose distance tables are built and searched at a time.
+_QUERY_CHUNK = 2048
 
 
 class QuantizedNeighbors(BaseEstimator):
@@ -53,9 +59,12 @@ class QuantizedNeighbors(BaseEstimator):
         ``None`` means ``ITQ()``.
     n_neighbors : int, default=10
         Neighbours returned by :meth:`kneighbors`, and ``R`` of :meth:`score`.
-    metric : {"auto", "hamming"}, default="auto"
+    metric : {"auto", "hamming", "adc", "sdc"}, default="auto"
         How codes are compared. ``"hamming"`` counts differing bits of binary
-        codes; ``"auto"`` picks it for binary quantizers.
+        codes. ``"adc"`` (asymmetric distance) compares each float query with
+        the database codes through its distance tables; ``"sdc"`` (symmetric
+        distance) quantizes the query too. ``"auto"`` picks ``"adc"`` for
+        quantizers with distance tables and ``"hamming"`` otherwise.
     n_jobs : int, default=None
         OpenMP threads of the search kernel. ``None`` uses the OpenMP default
         (all cores, or ``OMP_NUM_THREADS``); ``-1`` all cores, ``-2`` all but
@@ -66,10 +75,11 @@ class QuantizedNeighbors(BaseEstimator):
     quantizer_ : estimator
         The fitted clone of ``quantizer``.
     metric_ : str
-        The metric in use (``"hamming"``).
-    codes_ : ndarray of shape (n_samples_fit, n_words), dtype=uint64
-        The database: each code packed in ``n_words = ceil(n_bits / 64)``
-        64-bit words.
+        The metric in use: ``"hamming"``, ``"adc"`` or ``"sdc"``.
+    codes_ : ndarray of shape (n_samples_fit, n_words) or (n_samples_fit, n_subspaces)
+        The database as the kernel reads it: for Hamming, each code packed in
+        ``n_words = ceil(n_bits / 64)`` uint64 words; for ADC and SDC, the
+        codeword indices (uint8, or uint16 above 256 codewords).
     n_samples_fit_ : int
         Number of database items.
     n_features_in_ : int
@@ -85,16 +95,31 @@ class QuantizedNeighbors(BaseEstimator):
 
     Notes
     -----
-    **How a quantizer plugs in.** A quantizer is searched by Hamming distance
-    when its ``transform`` returns one 0/1 column per bit, shape
-    ``(n_samples, n_bits)``; the searcher packs the bits itself. This is all a
-    user's own binary hasher needs.
+    **How a quantizer plugs in.** Two kinds of quantizer, told apart by
+    their methods:
 
-    **Exactness and ties.** Distances are exact Hamming distances (integers).
+    - *Binary* (searched by Hamming distance): ``transform`` returns one 0/1
+      column per bit, shape ``(n_samples, n_bits)``; the searcher packs the
+      bits itself. This is all a user's own binary hasher needs.
+    - *Codebook* (searched by ADC or SDC): ``transform`` returns integer
+      codeword indices of shape ``(n_samples, n_subspaces)``, and the
+      quantizer has ``distance_tables(X)``, returning float32 tables of shape
+      ``(n_samples, n_subspaces, n_codewords)`` of squared distances from each
+      row to every codeword; for SDC also ``symmetric_distance_tables()``,
+      shape ``(n_subspaces, n_codewords, n_codewords)``. The estimated
+      distance to a code is the sum of one table entry per subspace.
+      :class:`~sklearn_hash.ProductQuantizer` is such a quantizer.
+
+    With ``X=None`` (database items as queries) only the codes are at hand,
+    so codebook quantizers are searched symmetrically (SDC) there.
+
+    **Exactness and ties.** The search is exhaustive and exact for the
+    distance it computes: Hamming distances are integers (int32); ADC/SDC
+    distances are float32 sums of table entries, added in subspace order.
     Items at equal distance are ranked by ascending database index, so the
-    result is the same for any ``n_jobs``. The kernel's cost is
-    ``O(n_queries * n_samples_fit * n_words)`` word operations; memory is
-    ``8 * n_words`` bytes per database item.
+    result is the same for any ``n_jobs``. Cost per query: Hamming
+    ``O(n_samples_fit * n_words)`` word operations; ADC
+    ``O(n_samples_fit * n_subspaces + n_codewords * n_features)``.
 
     Examples
     --------
@@ -114,7 +139,7 @@ class QuantizedNeighbors(BaseEstimator):
     _parameter_constraints: dict = {
         "quantizer": [HasMethods(["fit", "transform"]), None],
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
-        "metric": [StrOptions({"auto", "hamming"})],
+        "metric": [StrOptions({"auto", "hamming", "adc", "sdc"})],
         "n_jobs": [Integral, None],
     }
 
@@ -149,40 +174,106 @@ class QuantizedNeighbors(BaseEstimator):
         self.quantizer_ = clone(self.quantizer) if self.quantizer is not None else ITQ()
         self.quantizer_.fit(X, y)
         self.metric_ = self._resolve_metric()
+        self._sdc_tables = None
         self.codes_ = self._encode_database(X)
         self.n_samples_fit_ = X.shape[0]
         self._fit_y = y
         return self
 
     def _resolve_metric(self):
-        return "hamming"
+        has_tables = hasattr(self.quantizer_, "distance_tables")
+        if self.metric == "auto":
+            return "adc" if has_tables else "hamming"
+        if self.metric == "hamming" and has_tables:
+            raise ValueError(
+                f"metric='hamming' compares binary codes, but "
+                f"{type(self.quantizer_).__name__} gives codeword indices with distance "
+                f"tables; use metric='adc' or 'sdc' (or 'auto')."
+            )
+        if self.metric in ("adc", "sdc") and not has_tables:
+            raise ValueError(
+                f"metric={self.metric!r} needs a quantizer with distance_tables (such as "
+                f"ProductQuantizer); {type(self.quantizer_).__name__} gives binary codes: "
+                f"use metric='hamming' (or 'auto')."
+            )
+        return self.metric
 
     def _encode_database(self, X):
         """Database codes as the kernel stores them, encoded chunk by chunk."""
-        chunks = [
-            pack_bits(self.quantizer_.transform(X[start : start + _ENCODE_CHUNK]))
-            for start in range(0, X.shape[0], _ENCODE_CHUNK)
-        ]
+        encode = self.quantizer_.transform
+        if self.metric_ == "hamming":
+            chunks = [pack_bits(encode(X[i : i + _ENCODE_CHUNK]))
+                      for i in range(0, X.shape[0], _ENCODE_CHUNK)]
+        else:
+            chunks = [self._check_codeword_indices(encode(X[i : i + _ENCODE_CHUNK]))
+                      for i in range(0, X.shape[0], _ENCODE_CHUNK)]
         return np.ascontiguousarray(np.vstack(chunks))
+
+    @staticmethod
+    def _check_codeword_indices(codes):
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.dtype.kind not in "iu":
+            raise ValueError(
+                "a quantizer searched by distance tables must transform to a 2-D array "
+                f"of integer codeword indices; got {codes.ndim}-D {codes.dtype}."
+            )
+        if codes.size and codes.min() < 0:
+            raise ValueError("codeword indices must be non-negative.")
+        dtype = np.uint8 if not codes.size or codes.max() < 256 else np.uint16
+        return np.ascontiguousarray(codes, dtype=dtype)
+
+    def _symmetric_tables(self):
+        if getattr(self, "_sdc_tables", None) is None:
+            self._sdc_tables = np.ascontiguousarray(
+                self.quantizer_.symmetric_distance_tables(), dtype=np.float32
+            )
+        return self._sdc_tables
+
+    def _tables_from_codes(self, codes):
+        """SDC tables of quantized queries: row m of codeword codes[:, m]."""
+        sdc = self._symmetric_tables()
+        return np.ascontiguousarray(sdc[np.arange(sdc.shape[0]), codes.astype(np.intp)])
 
     def _encode_queries(self, X):
         """Queries in the form the kernel reads."""
-        codes = pack_bits(self.quantizer_.transform(X))
-        if codes.shape[1] != self.codes_.shape[1]:
+        if self.metric_ == "hamming":
+            queries = pack_bits(self.quantizer_.transform(X))
+        elif self.metric_ == "adc":
+            queries = np.ascontiguousarray(self.quantizer_.distance_tables(X), dtype=np.float32)
+        else:
+            queries = self._tables_from_codes(self._check_codeword_indices(self.quantizer_.transform(X)))
+        if queries.shape[1] != self.codes_.shape[1]:
             raise ValueError(
-                f"The quantizer encoded the queries in {codes.shape[1]} words but the "
-                f"database in {self.codes_.shape[1]}; its code length changed after fit."
+                f"The quantizer encoded the queries with {queries.shape[1]} words or "
+                f"subspaces but the database with {self.codes_.shape[1]}."
             )
-        return codes
+        if self.metric_ != "hamming" and not np.isfinite(queries).all():
+            raise ValueError("the quantizer's distance tables hold NaN or infinity.")
+        return queries
 
-    def _search(self, queries, n_neighbors, exclude_self):
-        return hamming_kneighbors(
-            queries,
-            self.codes_,
-            n_neighbors,
-            exclude_self=exclude_self,
-            n_threads=effective_n_threads(self.n_jobs),
-        )
+    def _search(self, X, n_neighbors):
+        """Run the kernel for the queries X (None: the database, leaving each item out)."""
+        n_threads = effective_n_threads(self.n_jobs)
+        if self.metric_ == "hamming":
+            queries = self.codes_ if X is None else self._encode_queries(X)
+            return hamming_kneighbors(queries, self.codes_, n_neighbors,
+                                      exclude_self=X is None, n_threads=n_threads)
+        # Distance tables take n_subspaces * n_codewords floats per query:
+        # they are built and searched a chunk of queries at a time.
+        n_queries = self.n_samples_fit_ if X is None else X.shape[0]
+        distances = np.empty((n_queries, n_neighbors), dtype=np.float32)
+        indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
+        for start in range(0, n_queries, _QUERY_CHUNK):
+            stop = min(start + _QUERY_CHUNK, n_queries)
+            if X is None:
+                tables = self._tables_from_codes(self.codes_[start:stop])
+            else:
+                tables = self._encode_queries(X[start:stop])
+            distances[start:stop], indices[start:stop] = adc_kneighbors(
+                tables, self.codes_, n_neighbors,
+                self_offset=start if X is None else -1, n_threads=n_threads,
+            )
+        return distances, indices
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
         """Find the nearest database items of each query.
@@ -199,8 +290,10 @@ class QuantizedNeighbors(BaseEstimator):
 
         Returns
         -------
-        neigh_dist : ndarray of shape (n_queries, n_neighbors), dtype=int32
-            Hamming distances, ascending. Only with ``return_distance=True``.
+        neigh_dist : ndarray of shape (n_queries, n_neighbors)
+            Distances, ascending: Hamming distances (int32), or estimated
+            squared L2 distances (float32) for ADC and SDC. Only with
+            ``return_distance=True``.
         neigh_ind : ndarray of shape (n_queries, n_neighbors), dtype=int64
             Database indices of the neighbours; equal distances in ascending
             index order.
@@ -218,11 +311,9 @@ class QuantizedNeighbors(BaseEstimator):
 
         query_is_train = X is None
         if query_is_train:
-            queries = self.codes_
             n_queries = self.n_samples_fit_
         else:
             X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-            queries = self._encode_queries(X)
             n_queries = X.shape[0]
         # Leaving each indexed point out of its own answer needs one more item.
         n_required = n_neighbors + 1 if query_is_train else n_neighbors
@@ -231,7 +322,7 @@ class QuantizedNeighbors(BaseEstimator):
                 f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {n_required}, "
                 f"n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}"
             )
-        distances, indices = self._search(queries, n_neighbors, query_is_train)
+        distances, indices = self._search(X, n_neighbors)
         return (distances, indices) if return_distance else indices
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):

@@ -27,6 +27,7 @@ from sklearn.neighbors import NearestNeighbors
 from ._agh import AGH
 from ._itq import ITQ
 from ._neighbors import QuantizedNeighbors
+from ._pq import ProductQuantizer
 from ._spectral import SpectralHashing
 from .metrics import map_at_r_score
 
@@ -36,6 +37,7 @@ METHODS = {
     "ITQ": lambda n_bits, seed: ITQ(n_bits, random_state=seed),
     "AGH": lambda n_bits, seed: AGH(n_bits, random_state=seed),
     "AGH-2": lambda n_bits, seed: AGH(n_bits, n_layers=2, random_state=seed),
+    "PQ": lambda n_bits, seed: ProductQuantizer(n_bits, random_state=seed),
 }
 DEFAULT_BITS = (8, 16, 24, 32, 64)
 

@@ -8,7 +8,7 @@ from sklearn.utils.estimator_checks import (
     parametrize_with_checks,
 )
 
-from sklearn_hash import AGH, ITQ, QuantizedNeighbors, SpectralHashing
+from sklearn_hash import AGH, ITQ, ProductQuantizer, QuantizedNeighbors, SpectralHashing
 
 # Small settings: the checks fit on tiny data sets (a few features, tens of rows).
 ESTIMATORS = [
@@ -16,7 +16,9 @@ ESTIMATORS = [
     ITQ(n_bits=2, n_iter=5),
     AGH(n_bits=2, n_anchors=5),
     AGH(n_bits=2, n_anchors=5, n_layers=2),
+    ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=5),
     QuantizedNeighbors(ITQ(n_bits=2, n_iter=5), n_neighbors=3),
+    QuantizedNeighbors(ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=5), n_neighbors=3),
 ]
 TRANSFORMERS = [e for e in ESTIMATORS if hasattr(e, "transform")]
 

@@ -10,6 +10,7 @@ MODULES = [
     "sklearn_hash._itq",
     "sklearn_hash._spectral",
     "sklearn_hash._neighbors",
+    "sklearn_hash._pq",
     "sklearn_hash.metrics._retrieval",
 ]
 

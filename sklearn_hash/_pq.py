@@ -1,0 +1,326 @@
+"""Product Quantization (PQ), Jégou, Douze and Schmid (2011)."""
+
+from numbers import Integral
+
+import numpy as np
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
+from sklearn.cluster import KMeans
+from sklearn.utils import check_array, check_random_state
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+# Rows encoded at a time, to bound the memory of the distance matrices.
+_CHUNK = 16384
+# Largest number of codewords for which K x K symmetric tables are built.
+_MAX_SDC_CODEWORDS = 1024
+
+
+class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Product quantization: one k-means codebook per block of dimensions.
+
+    The features are split into ``n_subspaces = n_bits // subspace_bits``
+    contiguous blocks, and each block is quantized by its own k-means
+    codebook of ``K = 2 ** subspace_bits`` codewords. A vector's code is the
+    index of the nearest codeword in each block, so a code takes ``n_bits``
+    bits, and a vector is approximated by the concatenation of its codewords
+    (:meth:`inverse_transform`).
+
+    :class:`~sklearn_hash.QuantizedNeighbors` searches the codes with
+    asymmetric distance computation (ADC): each query stays a float vector,
+    :meth:`distance_tables` gives its squared distances to every codeword
+    (``n_subspaces x K`` numbers), and the squared distance to a database
+    item is estimated by adding one table entry per subspace. Searching N
+    items then costs ``O(N * n_subspaces + K * n_features)`` per query
+    instead of ``O(N * n_features)``. Symmetric distance (SDC) quantizes the
+    query too and reads precomputed codeword-to-codeword distances
+    (:meth:`symmetric_distance_tables`).
+
+    **Metric.** PQ approximates squared Euclidean (L2) distances, the
+    default. For cosine similarity, L2-normalise the vectors first (a
+    :class:`~sklearn.preprocessing.Normalizer` step in a pipeline): for unit
+    vectors ``||x - y||^2 = 2 - 2 cos(x, y)``, so the ranking is the cosine
+    ranking.
+
+    **Uneven splits.** When ``n_features`` is not a multiple of
+    ``n_subspaces``, the first ``n_features % n_subspaces`` blocks get one
+    more dimension than the others (faiss refuses such splits); the split is
+    in ``subspace_bounds_``.
+
+    **Training size.** k-means needs at least K rows. With more than
+    ``max_train_samples`` rows (default ``256 * K``, as faiss), k-means runs
+    on a random subsample of that size; encoding uses all rows.
+
+    Read more in the :ref:`User Guide <product_quantization>`.
+
+    Parameters
+    ----------
+    n_bits : int, default=64
+        Code length in bits; a multiple of ``subspace_bits``.
+    subspace_bits : int, default=8
+        Bits per subspace: ``K = 2 ** subspace_bits`` codewords per codebook
+        (8 gives 256 codewords and ``uint8`` codes; more gives ``uint16``).
+    n_iter : int, default=25
+        Lloyd iterations of each k-means.
+    max_train_samples : int, default=None
+        Rows used to train the codebooks; ``None`` means ``256 * K``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the subsample and the k-means initialisations.
+
+    Attributes
+    ----------
+    n_subspaces_ : int
+        Number of codebooks, ``n_bits // subspace_bits``.
+    n_codewords_ : int
+        Codewords per codebook, ``2 ** subspace_bits``.
+    subspace_bounds_ : ndarray of shape (n_subspaces_ + 1,)
+        Subspace m covers features ``subspace_bounds_[m]:subspace_bounds_[m + 1]``.
+    cluster_centers_ : ndarray of shape (n_subspaces_, n_codewords_, subspace_dim)
+        The codebooks (faiss / nanopq layout). ``subspace_dim`` is the largest
+        block; smaller blocks are padded with zeros.
+    inertia_ : ndarray of shape (n_subspaces_,)
+        k-means inertia of each codebook on its training rows.
+    n_features_in_ : int
+        Number of features seen during :term:`fit`.
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Names of features seen during :term:`fit`. Defined only when `X`
+        has feature names that are all strings.
+
+    See Also
+    --------
+    QuantizedNeighbors : ADC / SDC search over the codes.
+    ITQ : Binary codes searched by Hamming distance.
+
+    References
+    ----------
+    .. [1] H. Jégou, M. Douze and C. Schmid, "Product Quantization for
+       Nearest Neighbor Search", IEEE TPAMI 33(1), 2011.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sklearn.preprocessing import Normalizer
+    >>> from sklearn_hash import ProductQuantizer, QuantizedNeighbors
+    >>> X, y = load_digits(return_X_y=True)
+    >>> pq = ProductQuantizer(n_bits=32, subspace_bits=8, random_state=0).fit(X)
+    >>> codes = pq.transform(X[:3])
+    >>> codes.shape, codes.dtype
+    ((3, 4), dtype('uint8'))
+    >>> pq.inverse_transform(codes).shape
+    (3, 64)
+    >>> # Cosine search: normalise, then quantize and search by ADC.
+    >>> search = make_pipeline(Normalizer(), QuantizedNeighbors(pq, n_neighbors=10))
+    >>> round(search.fit(X[:1500], y[:1500]).score(X[1500:], y[1500:]), 1) >= 0.8
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "n_bits": [Interval(Integral, 1, None, closed="left")],
+        "subspace_bits": [Interval(Integral, 1, 16, closed="both")],
+        "n_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self, n_bits=64, *, subspace_bits=8, n_iter=25, max_train_samples=None, random_state=None
+    ):
+        self.n_bits = n_bits
+        self.subspace_bits = subspace_bits
+        self.n_iter = n_iter
+        self.max_train_samples = max_train_samples
+        self.random_state = random_state
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Learn one k-means codebook per subspace.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training vectors.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : ProductQuantizer
+            Fitted quantizer.
+        """
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        n_samples, n_features = X.shape
+        if self.n_bits % self.subspace_bits:
+            raise ValueError(
+                f"n_bits must be a multiple of subspace_bits; got n_bits={self.n_bits}, "
+                f"subspace_bits={self.subspace_bits}."
+            )
+        n_subspaces = self.n_bits // self.subspace_bits
+        n_codewords = 2**self.subspace_bits
+        if n_subspaces > n_features:
+            raise ValueError(
+                f"ProductQuantizer needs n_bits // subspace_bits <= n_features (one or "
+                f"more features per subspace); got {n_subspaces} subspaces for "
+                f"n_features={n_features}."
+            )
+        if n_samples < n_codewords:
+            raise ValueError(
+                f"ProductQuantizer needs at least 2**subspace_bits = {n_codewords} "
+                f"training rows for its k-means codebooks; got n_samples={n_samples}. "
+                f"Use a smaller subspace_bits or more data."
+            )
+        rng = check_random_state(self.random_state)
+        max_train = 256 * n_codewords if self.max_train_samples is None else self.max_train_samples
+        max_train = max(max_train, n_codewords)
+        if n_samples > max_train:
+            X_train = X[np.sort(rng.choice(n_samples, max_train, replace=False))]
+        else:
+            X_train = X
+
+        sizes = np.full(n_subspaces, n_features // n_subspaces)
+        sizes[: n_features % n_subspaces] += 1
+        self.subspace_bounds_ = np.concatenate([[0], np.cumsum(sizes)])
+        self.n_subspaces_ = n_subspaces
+        self.n_codewords_ = n_codewords
+        self.cluster_centers_ = np.zeros((n_subspaces, n_codewords, sizes.max()), dtype=X.dtype)
+        self.inertia_ = np.zeros(n_subspaces)
+        for m in range(n_subspaces):
+            lo, hi = self.subspace_bounds_[m], self.subspace_bounds_[m + 1]
+            kmeans = KMeans(
+                n_clusters=n_codewords,
+                init="random",
+                n_init=1,
+                max_iter=self.n_iter,
+                tol=0.0,
+                random_state=rng.randint(np.iinfo(np.int32).max),
+            ).fit(X_train[:, lo:hi])
+            self.cluster_centers_[m, :, : hi - lo] = kmeans.cluster_centers_
+            self.inertia_[m] = kmeans.inertia_
+        return self
+
+    @property
+    def _n_features_out(self):
+        return self.n_bits // self.subspace_bits
+
+    def _code_dtype(self):
+        return np.uint8 if self.subspace_bits <= 8 else np.uint16
+
+    def _subspace_distances(self, X, m):
+        """Squared distances (float64) of X's block m to codebook m's codewords."""
+        lo, hi = self.subspace_bounds_[m], self.subspace_bounds_[m + 1]
+        block = np.asarray(X[:, lo:hi], dtype=np.float64)
+        centers = self.cluster_centers_[m, :, : hi - lo].astype(np.float64)
+        d2 = (block**2).sum(axis=1)[:, None] - 2 * block @ centers.T
+        d2 += (centers**2).sum(axis=1)[None, :]
+        return np.maximum(d2, 0.0)
+
+    def transform(self, X):
+        """Encode X: the nearest codeword of each subspace.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to encode.
+
+        Returns
+        -------
+        codes : ndarray of shape (n_samples, n_subspaces_)
+            Codeword indices, ``uint8`` (``uint16`` when ``subspace_bits > 8``).
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        codes = np.empty((X.shape[0], self.n_subspaces_), dtype=self._code_dtype())
+        for start in range(0, X.shape[0], _CHUNK):
+            chunk = X[start : start + _CHUNK]
+            for m in range(self.n_subspaces_):
+                codes[start : start + _CHUNK, m] = np.argmin(self._subspace_distances(chunk, m), axis=1)
+        return codes
+
+    def inverse_transform(self, X):
+        """Reconstruct vectors from their codes (the concatenated codewords).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_subspaces_)
+            Codes from :meth:`transform`.
+
+        Returns
+        -------
+        X_reconstructed : ndarray of shape (n_samples, n_features_in_)
+            The codewords of each code, concatenated.
+        """
+        check_is_fitted(self)
+        codes = self._check_codes(X)
+        out = np.empty((codes.shape[0], self.n_features_in_), dtype=self.cluster_centers_.dtype)
+        for m in range(self.n_subspaces_):
+            lo, hi = self.subspace_bounds_[m], self.subspace_bounds_[m + 1]
+            out[:, lo:hi] = self.cluster_centers_[m, codes[:, m], : hi - lo]
+        return out
+
+    def _check_codes(self, codes):
+        codes = check_array(codes, dtype=None, input_name="codes")
+        if codes.dtype.kind not in "iu":
+            raise TypeError(f"codes must hold integer codeword indices; got dtype {codes.dtype}.")
+        if codes.shape[1] != self.n_subspaces_:
+            raise ValueError(f"codes have {codes.shape[1]} columns but the quantizer has "
+                             f"{self.n_subspaces_} subspaces.")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.n_codewords_):
+            raise ValueError(f"codes must be codeword indices in [0, {self.n_codewords_ - 1}]; "
+                             f"got values in [{codes.min()}, {codes.max()}].")
+        return codes.astype(np.intp, copy=False)
+
+    def distance_tables(self, X):
+        """Squared distances of each row's blocks to every codeword (ADC tables).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Query vectors.
+
+        Returns
+        -------
+        tables : ndarray of shape (n_samples, n_subspaces_, n_codewords_), dtype=float32
+            ``tables[i, m, k]`` is the squared L2 distance between block m of
+            row i and codeword k of codebook m. The ADC estimate of the
+            squared distance to a code c is ``tables[i, arange(M), c].sum()``.
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        tables = np.empty((X.shape[0], self.n_subspaces_, self.n_codewords_), dtype=np.float32)
+        for m in range(self.n_subspaces_):
+            for start in range(0, X.shape[0], _CHUNK):
+                tables[start : start + _CHUNK, m] = self._subspace_distances(X[start : start + _CHUNK], m)
+        return tables
+
+    def symmetric_distance_tables(self):
+        """Squared distances between the codewords of each codebook (SDC tables).
+
+        Returns
+        -------
+        tables : ndarray of shape (n_subspaces_, n_codewords_, n_codewords_), dtype=float32
+            ``tables[m, a, b]`` is the squared distance between codewords a
+            and b of codebook m; the SDC estimate between codes c and c' is
+            ``tables[arange(M), c, c'].sum()``.
+        """
+        check_is_fitted(self)
+        if self.n_codewords_ > _MAX_SDC_CODEWORDS:
+            raise ValueError(
+                f"Symmetric distance tables hold n_codewords**2 entries per subspace; "
+                f"they are built for at most {_MAX_SDC_CODEWORDS} codewords "
+                f"(subspace_bits <= 10), got {self.n_codewords_}. Use ADC."
+            )
+        tables = np.empty((self.n_subspaces_, self.n_codewords_, self.n_codewords_), dtype=np.float32)
+        for m in range(self.n_subspaces_):
+            c = self.cluster_centers_[m].astype(np.float64)
+            sq = (c**2).sum(axis=1)
+            tables[m] = np.maximum(sq[:, None] + sq[None, :] - 2 * c @ c.T, 0.0)
+        return tables
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = []
+        return tags
