@@ -22,7 +22,20 @@ static ptrdiff_t NAME(const float* table, const CODE_T* codes, ptrdiff_t n,     
 {                                                                                \
     const ptrdiff_t M = (FIXED_M) > 0 ? (FIXED_M) : n_subspaces;                 \
     ptrdiff_t count = 0;                                                         \
-    for (ptrdiff_t j = 0; j < n; ++j) {                                          \
+    ptrdiff_t j = 0;                                                             \
+    /* Two rows at a time: independent addition chains, same order per row. */  \
+    for (; j + 1 < n; j += 2) {                                                  \
+        const CODE_T* a = codes + j * M;                                         \
+        const CODE_T* b = a + M;                                                 \
+        float da = 0.0f, db = 0.0f;                                              \
+        for (ptrdiff_t m = 0; m < M; ++m) {                                      \
+            da += table[m * n_codewords + a[m]];                                 \
+            db += table[m * n_codewords + b[m]];                                 \
+        }                                                                        \
+        if (da < threshold) { pos[count] = (int32_t)j; dist[count] = da; ++count; } \
+        if (db < threshold) { pos[count] = (int32_t)(j + 1); dist[count] = db; ++count; } \
+    }                                                                            \
+    for (; j < n; ++j) {                                                         \
         const CODE_T* code = codes + j * M;                                      \
         float d = 0.0f;                                                          \
         for (ptrdiff_t m = 0; m < M; ++m)                                        \
