@@ -59,8 +59,8 @@ class BaseBinaryHasher(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         return tags
 
 
-def fit_pca(X, n_components, random_state=None):
+def fit_pca(X, n_components):
     """PCA fitted on X with a solver suited to its shape (exact, not randomised)."""
     n_samples, n_features = X.shape
     solver = "covariance_eigh" if n_samples >= n_features else "full"
-    return PCA(n_components=n_components, svd_solver=solver, random_state=random_state).fit(X)
+    return PCA(n_components=n_components, svd_solver=solver).fit(X)

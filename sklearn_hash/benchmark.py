@@ -126,7 +126,7 @@ def run(X_db, y_db, X_q, y_q, *, methods=None, bits=DEFAULT_BITS, R=100,
 
 def format_table(results, bits, R, title):
     """Markdown table: one row per method, one column per code length."""
-    header = f"| method | " + " | ".join(f"{b} bits" for b in bits) + " |"
+    header = "| method | " + " | ".join(f"{b} bits" for b in bits) + " |"
     lines = [f"mAP@{R} on {title}", "", header, "|---" * (len(bits) + 1) + "|"]
     for method, row in results.items():
         if method in ("exact", "seconds"):

@@ -165,9 +165,11 @@ def adc_kneighbors(
         raise ValueError(f"k must be in [0, {n_candidates}]; got k={k}.")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
-    if n_database and n_subspaces and np.asarray(codes).max() >= n_codewords:
+    # One pass over the codes keeps every table lookup in bounds.
+    largest = int(np.asarray(codes).max()) if n_database and n_subspaces else -1
+    if largest >= n_codewords:
         raise ValueError(
-            f"codes hold codeword indices up to {np.asarray(codes).max()} but the "
+            f"codes hold codeword indices up to {largest} but the "
             f"tables have {n_codewords} codewords per subspace."
         )
 
