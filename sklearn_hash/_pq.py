@@ -11,7 +11,7 @@ from sklearn.base import (
 )
 from sklearn.cluster import KMeans
 from sklearn.utils import check_array, check_random_state
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 # Rows encoded at a time, to bound the memory of the distance matrices.
@@ -66,6 +66,12 @@ class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         (8 gives 256 codewords and ``uint8`` codes; more gives ``uint16``).
     n_iter : int, default=25
         Lloyd iterations of each k-means.
+    init : {"random", "k-means++"} or array-like of shape (n_subspaces, K, subspace_dim), \
+default="random"
+        How each k-means starts: ``"random"`` picks K training rows (as faiss
+        does), ``"k-means++"`` spreads them out, and an array gives the
+        starting codebooks in the layout of ``cluster_centers_`` (warm start,
+        for instance from a previous fit on similar data).
     max_train_samples : int, default=None
         Rows used to train the codebooks; ``None`` means ``256 * K``.
     random_state : int, RandomState instance or None, default=None
@@ -124,15 +130,24 @@ class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         "subspace_bits": [Interval(Integral, 1, 16, closed="both")],
         "n_iter": [Interval(Integral, 1, None, closed="left")],
         "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "init": [StrOptions({"random", "k-means++"}), "array-like"],
         "random_state": ["random_state"],
     }
 
     def __init__(
-        self, n_bits=64, *, subspace_bits=8, n_iter=25, max_train_samples=None, random_state=None
+        self,
+        n_bits=64,
+        *,
+        subspace_bits=8,
+        n_iter=25,
+        init="random",
+        max_train_samples=None,
+        random_state=None,
     ):
         self.n_bits = n_bits
         self.subspace_bits = subspace_bits
         self.n_iter = n_iter
+        self.init = init
         self.max_train_samples = max_train_samples
         self.random_state = random_state
 
@@ -183,6 +198,7 @@ class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
         sizes = np.full(n_subspaces, n_features // n_subspaces)
         sizes[: n_features % n_subspaces] += 1
+        init = self._check_init(n_subspaces, n_codewords, int(sizes.max()), X.dtype)
         self.subspace_bounds_ = np.concatenate([[0], np.cumsum(sizes)])
         self.n_subspaces_ = n_subspaces
         self.n_codewords_ = n_codewords
@@ -192,7 +208,7 @@ class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             lo, hi = self.subspace_bounds_[m], self.subspace_bounds_[m + 1]
             kmeans = KMeans(
                 n_clusters=n_codewords,
-                init="random",
+                init=init if isinstance(init, str) else init[m, :, : hi - lo],
                 n_init=1,
                 max_iter=self.n_iter,
                 tol=0.0,
@@ -201,6 +217,18 @@ class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             self.cluster_centers_[m, :, : hi - lo] = kmeans.cluster_centers_
             self.inertia_[m] = kmeans.inertia_
         return self
+
+    def _check_init(self, n_subspaces, n_codewords, subspace_dim, dtype):
+        if isinstance(self.init, str):
+            return self.init
+        init = check_array(self.init, dtype=dtype, allow_nd=True, input_name="init")
+        expected = (n_subspaces, n_codewords, subspace_dim)
+        if init.shape != expected:
+            raise ValueError(
+                f"init must be an array of shape (n_subspaces, 2**subspace_bits, "
+                f"subspace_dim) = {expected} for this data; got shape {init.shape}."
+            )
+        return init
 
     @property
     def _n_features_out(self):

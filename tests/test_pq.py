@@ -216,3 +216,21 @@ def test_pq_on_real_data_beats_itq(esc50_yamnet):
         print(f"{n_bits} bits: PQ {pq_score:.3f}  ITQ {itq_score:.3f}")
         # Measured: PQ 0.572 / 0.593 / 0.613 / 0.618, ITQ 0.276 / 0.402 / 0.497 / 0.544.
         assert pq_score >= itq_score
+
+
+def test_init_array_warm_starts_each_codebook():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(300, 6))
+    init = rng.normal(size=(2, 4, 3))
+    pq = ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=1, init=init).fit(X)
+    for m in range(2):  # one Lloyd step from the given codebook: the numpy oracle
+        block = X[:, 3 * m : 3 * m + 3]
+        nearest = ((block[:, None, :] - init[m][None]) ** 2).sum(axis=2).argmin(axis=1)
+        expected = np.stack([block[nearest == k].mean(axis=0) for k in range(4)])
+        np.testing.assert_allclose(pq.cluster_centers_[m], expected, rtol=1e-10)
+
+
+def test_init_array_of_the_wrong_shape_is_refused():
+    X = np.random.default_rng(0).normal(size=(50, 6))
+    with pytest.raises(ValueError, match=r"init must be an array of shape .*\(2, 4, 3\)"):
+        ProductQuantizer(n_bits=4, subspace_bits=2, init=np.zeros((2, 4, 2))).fit(X)
