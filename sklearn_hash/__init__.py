@@ -6,15 +6,17 @@ multi-threaded kernels; :mod:`sklearn_hash.metrics` scores the rankings.
 """
 
 from ._agh import AGH
+from ._dqn import DeepQuantizationNetwork
 from ._itq import ITQ
 from ._neighbors import QuantizedNeighbors
 from ._pq import ProductQuantizer
 from ._spectral import SpectralHashing
+from ._version import __version__
 
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "AGH",
+    "DeepQuantizationNetwork",
     "ITQ",
     "ProductQuantizer",
     "QuantizedNeighbors",

@@ -10,9 +10,12 @@ Protocol: with a ``fold`` array, the rows of ``--query-fold`` are the queries
 and all other rows the database (ESC-50: fold 1 against folds 2-5); without
 one, a stratified 20% of the rows are the queries. Vectors are centred on the
 database mean and L2-normalised. Every method is fitted on the database only;
-each query retrieves its R nearest database items and is scored by mAP@R
-(relevant = same class). The table goes to standard output, progress to
-standard error.
+the supervised one (DQN) sees the labels of a stratified
+``--labelled-fraction`` of the database (10% by default, the others given as
+-1). Each query retrieves its R nearest database items and is scored by
+mAP@R (relevant = same class, all database labels). The table goes to
+standard output, progress to standard error. DQN needs torch and skorch (the
+``deep`` extra); without them its row is left out, with a note.
 """
 
 import argparse
@@ -21,10 +24,12 @@ import time
 
 import numpy as np
 from sklearn.datasets import load_digits
+from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 
 from ._agh import AGH
+from ._dqn import DeepQuantizationNetwork
 from ._itq import ITQ
 from ._neighbors import QuantizedNeighbors
 from ._pq import ProductQuantizer
@@ -38,7 +43,10 @@ METHODS = {
     "AGH": lambda n_bits, seed: AGH(n_bits, random_state=seed),
     "AGH-2": lambda n_bits, seed: AGH(n_bits, n_layers=2, random_state=seed),
     "PQ": lambda n_bits, seed: ProductQuantizer(n_bits, random_state=seed),
+    "DQN": lambda n_bits, seed: DeepQuantizationNetwork(n_bits, random_state=seed),
 }
+#: Methods fitted on partial labels (-1 for the unlabelled database rows).
+SUPERVISED = {"DQN"}
 DEFAULT_BITS = (8, 16, 24, 32, 64)
 
 
@@ -89,9 +97,33 @@ def load_retrieval_split(path=None, *, query_fold=1, random_state=0):
     return normalise(X_db), y_db, normalise(X_q), y_q, name
 
 
+def partial_labels(y, labelled_fraction, random_state=0):
+    """y with all but a stratified ``labelled_fraction`` of the rows set to -1."""
+    if labelled_fraction >= 1:
+        return np.asarray(y).copy()
+    rows, _ = train_test_split(np.arange(len(y)), train_size=labelled_fraction, stratify=y,
+                               random_state=random_state)
+    y_partial = np.full(len(y), -1, dtype=np.asarray(y).dtype)
+    y_partial[rows] = np.asarray(y)[rows]
+    return y_partial
+
+
+def _has_torch():
+    try:
+        import skorch  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run(X_db, y_db, X_q, y_q, *, methods=None, bits=DEFAULT_BITS, R=100,
-        random_state=0, log=None):
+        labelled_fraction=0.1, random_state=0, log=None):
     """mAP@R of each method at each code length, plus exact float search.
+
+    Supervised methods are fitted on :func:`partial_labels` of ``y_db``; the
+    database is then indexed with the fitted model and scored with all of
+    ``y_db``.
 
     Returns
     -------
@@ -102,13 +134,20 @@ def run(X_db, y_db, X_q, y_q, *, methods=None, bits=DEFAULT_BITS, R=100,
     """
     methods = list(METHODS) if methods is None else list(methods)
     log = log or (lambda message: None)
+    if "DQN" in methods and not _has_torch():
+        log("DQN: not run (needs torch and skorch: pip install 'sklearn-hash[deep]')")
+        methods.remove("DQN")
+    y_partial = partial_labels(y_db, labelled_fraction, random_state)
     results, seconds = {}, {}
     for method in methods:
         results[method], seconds[method] = {}, {}
         for n_bits in bits:
             start = time.perf_counter()
-            search = QuantizedNeighbors(METHODS[method](n_bits, random_state), n_neighbors=R)
+            quantizer = METHODS[method](n_bits, random_state)
             try:
+                if method in SUPERVISED:
+                    quantizer = FrozenEstimator(quantizer.fit(X_db, y_partial))
+                search = QuantizedNeighbors(quantizer, n_neighbors=R)
                 score = search.fit(X_db, y_db).score(X_q, y_q)
             except ValueError as exc:  # an infeasible setting for this data
                 log(f"{method} at {n_bits} bits: not run ({exc})")
@@ -147,6 +186,8 @@ def main(argv=None):
     parser.add_argument("--bits", type=int, nargs="+", default=list(DEFAULT_BITS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--R", type=int, default=100, help="items retrieved and scored")
+    parser.add_argument("--labelled-fraction", type=float, default=0.1,
+                        help="share of the database whose labels DQN sees (default 0.1)")
     parser.add_argument("--query-fold", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -160,9 +201,9 @@ def main(argv=None):
     log(f"{name}: database {X_db.shape[0]} x {X_db.shape[1]}, {X_q.shape[0]} queries, "
         f"{len(np.unique(y_db))} classes")
     results = run(X_db, y_db, X_q, y_q, methods=args.methods, bits=args.bits, R=args.R,
-                  random_state=args.seed, log=log)
+                  labelled_fraction=args.labelled_fraction, random_state=args.seed, log=log)
     title = (f"{name} (database {X_db.shape[0]}, queries {X_q.shape[0]}, "
-             f"seed {args.seed})")
+             f"seed {args.seed}; DQN with {args.labelled_fraction:.0%} of the labels)")
     print(format_table(results, args.bits, args.R, title))
     return 0
 

@@ -1,6 +1,7 @@
 """The main job prints the comparison table."""
 
 import numpy as np
+import pytest
 
 from sklearn_hash import benchmark
 
@@ -35,3 +36,48 @@ def test_split_uses_the_query_fold(tmp_path):
     X_db, y_db, X_q, y_q, name = benchmark.load_retrieval_split(path, query_fold=1)
     assert X_db.shape == (10, 2) and X_q.shape == (10, 2) and name == "f.npz"
     np.testing.assert_allclose(np.linalg.norm(X_db, axis=1), 1.0)
+
+
+def test_partial_labels_keep_a_stratified_share():
+    y = np.repeat(np.arange(5), 20)
+    y_partial = benchmark.partial_labels(y, 0.1, random_state=0)
+    kept = y_partial != -1
+    assert kept.sum() == 10
+    np.testing.assert_array_equal(np.bincount(y_partial[kept]), [2] * 5)
+    np.testing.assert_array_equal(y_partial[kept], y[kept])
+    np.testing.assert_array_equal(benchmark.partial_labels(y, 1.0), y)
+
+
+def test_dqn_row_is_left_out_without_torch(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "_has_torch", lambda: False)
+    benchmark.main(["--bits", "8", "--methods", "PQ", "DQN", "--R", "10"])
+    out = capsys.readouterr()
+    assert "| PQ |" in out.out and "| DQN |" not in out.out
+    assert "sklearn-hash[deep]" in out.err
+
+
+def test_dqn_row_with_partial_labels(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("skorch")
+    seen = {}
+    original = benchmark.METHODS["DQN"]
+
+    def spy(n_bits, seed):
+        model = original(n_bits, seed).set_params(max_epochs=3)
+        fit = model.fit
+
+        def fit_spy(X, y):
+            seen["unlabelled"] = float(np.mean(np.asarray(y) == -1))
+            return fit(X, y)
+
+        model.fit = fit_spy
+        return model
+
+    monkeypatch.setitem(benchmark.METHODS, "DQN", spy)
+    benchmark.main(["--bits", "16", "--methods", "DQN", "--R", "10",
+                    "--labelled-fraction", "0.2"])
+    out = capsys.readouterr().out
+    assert seen["unlabelled"] == pytest.approx(0.8, abs=0.01)
+    dqn = next(line for line in out.splitlines() if line.startswith("| DQN |"))
+    assert 0 < float(dqn.strip("|").split("|")[1]) <= 1
+    assert "DQN with 20% of the labels" in out

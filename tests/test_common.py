@@ -8,7 +8,22 @@ from sklearn.utils.estimator_checks import (
     parametrize_with_checks,
 )
 
-from sklearn_hash import AGH, ITQ, ProductQuantizer, QuantizedNeighbors, SpectralHashing
+from sklearn_hash import (
+    AGH,
+    ITQ,
+    DeepQuantizationNetwork,
+    ProductQuantizer,
+    QuantizedNeighbors,
+    SpectralHashing,
+)
+
+try:  # the deep model is checked where its optional dependencies are installed
+    import skorch  # noqa: F401
+    import torch  # noqa: F401
+
+    HAS_TORCH = True
+except ImportError:
+    HAS_TORCH = False
 
 # Small settings: the checks fit on tiny data sets (a few features, tens of rows).
 ESTIMATORS = [
@@ -20,6 +35,19 @@ ESTIMATORS = [
     QuantizedNeighbors(ITQ(n_bits=2, n_iter=5), n_neighbors=3),
     QuantizedNeighbors(ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=5), n_neighbors=3),
 ]
+if HAS_TORCH:
+    ESTIMATORS += [
+        DeepQuantizationNetwork(
+            n_bits=4, subspace_bits=2, hidden_layer_sizes=(8,), embedding_dim=4,
+            max_epochs=3, batch_size=16, random_state=0,
+        ),
+        QuantizedNeighbors(
+            DeepQuantizationNetwork(
+                n_bits=4, subspace_bits=2, embedding_dim=4, max_epochs=2, random_state=0
+            ),
+            n_neighbors=3,
+        ),
+    ]
 TRANSFORMERS = [e for e in ESTIMATORS if hasattr(e, "transform")]
 
 

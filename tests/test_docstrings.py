@@ -15,8 +15,13 @@ MODULES = [
 ]
 
 
-@pytest.mark.parametrize("name", MODULES)
+
+
+@pytest.mark.parametrize("name", MODULES + ["sklearn_hash._dqn"])
 def test_docstring_examples(name):
+    if name == "sklearn_hash._dqn":
+        pytest.importorskip("torch")
+        pytest.importorskip("skorch")
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"{name} has no docstring example"

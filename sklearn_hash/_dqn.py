@@ -1,0 +1,457 @@
+"""Deep Quantization Network (DQN), after Cao, Long, Wang, Zhu and Wen (2016).
+
+The path of the data in ``fit``:
+
+1. the labels become a 0/1 label matrix and a mask of labelled rows
+   (``_encode_labels``; ``-1`` marks an unlabelled row);
+2. a skorch ``NeuralNet`` trains the network of ``_dqn_torch.DQNModule``
+   with the loss ``_dqn_torch.DQNLoss`` (the target of each row is its index,
+   through which the loss finds the row's labels and reconstruction); after
+   every epoch, the ``_dqn_torch.CodebookUpdate`` callback refits the product
+   quantizer on the embeddings (warm started) and hands the reconstructions
+   to the loss;
+3. a final :class:`~sklearn_hash.ProductQuantizer` is fitted on the
+   embeddings of all rows (``quantizer_``).
+
+``transform`` and ``distance_tables`` embed the rows with the network (eval
+mode) and hand the embeddings to ``quantizer_``, so that
+:class:`~sklearn_hash.QuantizedNeighbors` searches by ADC over the codes.
+"""
+
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
+from sklearn.utils import check_array, check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
+
+from ._pq import ProductQuantizer
+
+# Lloyd iterations of the warm-started codebook refit after each epoch, and of
+# the final fit on the trained embeddings.
+_EPOCH_KMEANS_ITER = 3
+_FINAL_KMEANS_ITER = 25
+
+
+def _import_torch():
+    try:
+        import skorch  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "DeepQuantizationNetwork needs torch and skorch, which are not installed. "
+            "Install the 'deep' extra: pip install 'sklearn-hash[deep]'."
+        ) from exc
+    from . import _dqn_torch
+
+    return _dqn_torch
+
+
+def _encode_labels(y, n_samples):
+    """0/1 label matrix, labelled-row mask and classes from 1-D or 2-D ``y``."""
+    y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
+    check_consistent_length(np.empty(n_samples), y)
+    if y.ndim == 2:
+        if y.dtype.kind not in "biuf" or not np.isin(y, (-1, 0, 1)).all():
+            raise ValueError(
+                "A 2-D y must be a multi-label indicator matrix of 0/1 values, with rows "
+                "of -1 for unlabelled samples."
+            )
+        unlabelled = (y == -1).all(axis=1)
+        if ((y == -1).any(axis=1) & ~unlabelled).any():
+            raise ValueError(
+                "A row of a 2-D y is either all -1 (unlabelled) or 0/1 labels; got rows "
+                "that mix -1 with 0/1."
+            )
+        labelled = ~unlabelled
+        label_matrix = np.where(labelled[:, None], y, 0).astype(np.float32)
+        classes = np.arange(y.shape[1])
+    else:
+        if y.dtype.kind in "iuf":
+            labelled = y != -1
+        else:
+            labelled = np.array([not (v == -1) for v in y.tolist()], dtype=bool)
+        classes, index = np.unique(y[labelled], return_inverse=True)
+        label_matrix = np.zeros((n_samples, len(classes)), dtype=np.float32)
+        label_matrix[np.flatnonzero(labelled), index] = 1.0
+    if labelled.sum() < 2:
+        raise ValueError(
+            f"DeepQuantizationNetwork needs at least 2 labelled rows for its pairwise "
+            f"loss; got {labelled.sum()} labelled of {n_samples} (-1 marks an "
+            f"unlabelled row)."
+        )
+    return label_matrix, labelled, classes
+
+
+def _epoch_rows(labelled):
+    """Rows of one epoch: every row once, labelled rows repeated up to about half.
+
+    With few labels a shuffled batch would hold only a few labelled rows,
+    and the pairwise term would see few pairs. Repeating the labelled rows
+    ``ceil(n_unlabelled / n_labelled)`` times in all balances the two.
+    """
+    rows = np.arange(len(labelled), dtype=np.int64)
+    labelled_rows = rows[labelled]
+    repeats = int(np.ceil((len(rows) - len(labelled_rows)) / len(labelled_rows)))
+    return np.concatenate([rows] + [labelled_rows] * max(repeats - 1, 0))
+
+
+class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Deep quantization network: a supervised embedding with product-quantized codes.
+
+    A multi-layer perceptron maps each row to a unit-norm ``tanh`` bottleneck
+    of ``embedding_dim`` dimensions, and the bottleneck is product-quantized
+    into ``n_bits // subspace_bits`` codebooks of ``2 ** subspace_bits``
+    codewords. The network is trained with
+
+    ``loss = pairwise + quantization_weight * quantization``
+
+    - *pairwise*: over the labelled pairs of a mini-batch, the mean of
+      ``(s_ij - cos(z_i, z_j)) ** 2``, where ``s_ij = +1`` when rows i and j
+      share a label and ``-1`` otherwise;
+    - *quantization*: the mean squared distance ``||z_i - r_i||^2`` between a
+      row's embedding and its reconstruction from the current codebooks.
+
+    The codebooks and codes are refitted on the embeddings of all training
+    rows after each epoch (a few Lloyd iterations, warm started); the
+    quantization term is off during the first epoch, before any codebook
+    exists. After training, a :class:`ProductQuantizer` is fitted on the
+    embeddings (``quantizer_``).
+
+    **Semi-supervised.** ``y = -1`` marks an unlabelled row (for a 2-D y, a
+    row of -1): it takes part in the quantization term and in the codebooks,
+    not in the pairwise term. The study this package follows labels about
+    10% of the database.
+
+    **Search.** :class:`QuantizedNeighbors` searches the codes by asymmetric
+    distance (ADC): the database is stored as codes, a query goes through the
+    network and its embedding is compared with the codebooks. The distance
+    that ranks is the squared L2 distance between the query's embedding and
+    the item's reconstruction. The reference model ranks by inner product
+    instead; here the embeddings are unit vectors, for which
+    ``||z - z'||^2 = 2 - 2 cos(z, z')`` ranks like the cosine the loss
+    trains, and the L2 form also charges an item for the part of its
+    embedding its code loses, which the inner product does not.
+
+    torch and skorch are needed (``pip install 'sklearn-hash[deep]'``); the
+    network is a skorch :class:`~skorch.net.NeuralNet`, built in ``fit``.
+
+    Read more in the :ref:`User Guide <deep_quantization>`.
+
+    Parameters
+    ----------
+    n_bits : int, default=32
+        Code length in bits; a multiple of ``subspace_bits``.
+    subspace_bits : int, default=8
+        Bits per codebook: ``2 ** subspace_bits`` codewords each.
+    hidden_layer_sizes : tuple of int, default=(512,)
+        Widths of the hidden ReLU layers (may be empty).
+    embedding_dim : int, default=128
+        Dimension of the ``tanh`` bottleneck; at least the number of codebooks.
+    quantization_weight : float, default=1e-4
+        Weight of the quantization term (lambda in the study).
+    max_epochs : int, default=50
+        Passes over the training rows.
+    batch_size : int, default=256
+        Rows per mini-batch.
+    lr : float, default=1e-3
+        Learning rate of the Adam optimizer.
+    weight_decay : float, default=0.0
+        L2 penalty of the Adam optimizer.
+    device : str, default="cpu"
+        torch device of the network, such as ``"cpu"`` or ``"cuda"``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the network's initialisation, the mini-batch order and the
+        codebooks. Refits with the same seed on CPU give the same model.
+    verbose : int, default=0
+        ``1`` prints skorch's table of epochs (losses and durations).
+
+    Attributes
+    ----------
+    net_ : skorch.NeuralNet
+        The trained network.
+    quantizer_ : ProductQuantizer
+        The product quantizer of the embeddings.
+    n_subspaces_ : int
+        Number of codebooks, ``n_bits // subspace_bits``.
+    classes_ : ndarray
+        The labels seen in ``y`` (for a 2-D y, the column indices).
+    n_labelled_ : int
+        Number of labelled training rows.
+    history_ : list of dict
+        One entry per epoch: ``train_loss``, ``pairwise_loss``,
+        ``quantization_loss`` (from the second epoch) and ``dur`` (seconds).
+    n_features_in_ : int
+        Number of features seen during :term:`fit`.
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Names of features seen during :term:`fit`. Defined only when `X`
+        has feature names that are all strings.
+
+    See Also
+    --------
+    ProductQuantizer : The unsupervised quantizer of the raw features.
+    QuantizedNeighbors : ADC search over the codes.
+
+    References
+    ----------
+    .. [1] Y. Cao, M. Long, J. Wang, H. Zhu and Q. Wen, "Deep Quantization
+       Network for Efficient Image Retrieval", AAAI 2016.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.datasets import load_digits
+    >>> from sklearn.frozen import FrozenEstimator
+    >>> from sklearn_hash import DeepQuantizationNetwork, QuantizedNeighbors
+    >>> X, y = load_digits(return_X_y=True)
+    >>> X_db, y_db, X_q, y_q = X[:1500] / 16, y[:1500], X[1500:] / 16, y[1500:]
+    >>> y_partial = np.where(np.arange(1500) % 10 == 0, y_db, -1)  # 10% labelled
+    >>> dqn = DeepQuantizationNetwork(n_bits=16, hidden_layer_sizes=(64,),
+    ...                               embedding_dim=16, max_epochs=20,
+    ...                               random_state=0).fit(X_db, y_partial)
+    >>> dqn.transform(X_q[:2]).shape
+    (2, 2)
+    >>> # Index the database with the trained network; score on the full labels.
+    >>> search = QuantizedNeighbors(FrozenEstimator(dqn), n_neighbors=50).fit(X_db, y_db)
+    >>> round(search.score(X_q, y_q), 1) >= 0.8
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "n_bits": [Interval(Integral, 1, None, closed="left")],
+        "subspace_bits": [Interval(Integral, 1, 16, closed="both")],
+        "hidden_layer_sizes": ["array-like"],
+        "embedding_dim": [Interval(Integral, 1, None, closed="left")],
+        "quantization_weight": [Interval(Real, 0, None, closed="left")],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 2, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "device": [str],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        n_bits=32,
+        *,
+        subspace_bits=8,
+        hidden_layer_sizes=(),
+        embedding_dim=128,
+        quantization_weight=1e-4,
+        max_epochs=50,
+        batch_size=256,
+        lr=1e-3,
+        weight_decay=0.0,
+        device="cpu",
+        random_state=None,
+        verbose=0,
+    ):
+        self.n_bits = n_bits
+        self.subspace_bits = subspace_bits
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.embedding_dim = embedding_dim
+        self.quantization_weight = quantization_weight
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _check_params(self, n_samples):
+        sizes = np.asarray(self.hidden_layer_sizes)
+        if sizes.ndim != 1 or (sizes.size and (sizes.dtype.kind not in "iu" or sizes.min() < 1)):
+            raise ValueError(
+                f"hidden_layer_sizes must be a sequence of positive ints; got "
+                f"{self.hidden_layer_sizes!r}."
+            )
+        if self.n_bits % self.subspace_bits:
+            raise ValueError(
+                f"n_bits must be a multiple of subspace_bits; got n_bits={self.n_bits}, "
+                f"subspace_bits={self.subspace_bits}."
+            )
+        n_subspaces = self.n_bits // self.subspace_bits
+        if n_subspaces > self.embedding_dim:
+            raise ValueError(
+                f"embedding_dim must be at least the number of codebooks, n_bits // "
+                f"subspace_bits = {n_subspaces}; got embedding_dim={self.embedding_dim}."
+            )
+        if n_samples < 2**self.subspace_bits:
+            raise ValueError(
+                f"DeepQuantizationNetwork needs at least 2**subspace_bits = "
+                f"{2**self.subspace_bits} training rows for its codebooks; got "
+                f"n_samples={n_samples}. Use a smaller subspace_bits or more data."
+            )
+        return tuple(int(s) for s in sizes)
+
+    def _quantizer(self, rng, n_iter):
+        return ProductQuantizer(
+            n_bits=self.n_bits,
+            subspace_bits=self.subspace_bits,
+            n_iter=n_iter,
+            random_state=rng.randint(np.iinfo(np.int32).max),
+        )
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Train the network and the codebooks.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows (the database, typically).
+        y : array-like of shape (n_samples,) or (n_samples, n_labels)
+            Class labels, ``-1`` for an unlabelled row; or a 0/1 multi-label
+            indicator matrix, rows of ``-1`` for unlabelled rows. Two rows are
+            similar when they share a label.
+
+        Returns
+        -------
+        self : DeepQuantizationNetwork
+            Fitted estimator.
+        """
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None."
+            )
+        dqn_torch = _import_torch()
+        import torch
+        from skorch import NeuralNet
+
+        X = validate_data(self, X, dtype=[np.float32, np.float64], order="C", ensure_min_samples=2)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"device={self.device!r} is not a torch device: {exc}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device={self.device!r} asks for a GPU, but torch finds no CUDA device here; "
+                f"use device='cpu'."
+            )
+        n_samples, n_features = X.shape
+        hidden = self._check_params(n_samples)
+        label_matrix, labelled, self.classes_ = _encode_labels(y, n_samples)
+        self.n_labelled_ = int(labelled.sum())
+        self.n_subspaces_ = self.n_bits // self.subspace_bits
+
+        rng = check_random_state(self.random_state)
+        torch_seed = int(rng.randint(np.iinfo(np.int32).max))
+        X32 = np.ascontiguousarray(X, dtype=np.float32)
+        epoch_rows = _epoch_rows(labelled)
+        codebooks = dqn_torch.CodebookUpdate(X32, self._quantizer(rng, _EPOCH_KMEANS_ITER))
+        net = NeuralNet(
+            module=dqn_torch.DQNModule,
+            module__n_features=n_features,
+            module__hidden_layer_sizes=hidden,
+            module__embedding_dim=self.embedding_dim,
+            criterion=dqn_torch.DQNLoss,
+            criterion__label_matrix=label_matrix,
+            criterion__labelled=labelled,
+            criterion__quantization_weight=self.quantization_weight,
+            optimizer=torch.optim.Adam,
+            optimizer__weight_decay=self.weight_decay,
+            lr=self.lr,
+            max_epochs=self.max_epochs,
+            batch_size=min(self.batch_size, n_samples),
+            iterator_train__shuffle=True,
+            train_split=None,
+            callbacks=[("codebooks", codebooks)],
+            device=self.device,
+            verbose=self.verbose,
+        )
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else None):
+            torch.manual_seed(torch_seed)
+            net.fit(X32[epoch_rows], epoch_rows)
+        self.net_ = net
+
+        Z = dqn_torch.embed(net, X32)
+        self.quantizer_ = dqn_torch.fit_codebooks(
+            self._quantizer(rng, _FINAL_KMEANS_ITER), Z, previous=codebooks.quantizer_
+        )
+        self.history_ = [
+            {key: epoch[key] for key in ("train_loss", "pairwise_loss", "quantization_loss", "dur")
+             if key in epoch}
+            for epoch in net.history
+        ]
+        return self
+
+    def embed(self, X):
+        """The network's bottleneck embeddings of X (unit length).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to embed.
+
+        Returns
+        -------
+        Z : ndarray of shape (n_samples, embedding_dim), dtype=float32
+            Unit-norm ``tanh`` bottleneck of each row (the network in eval
+            mode, so each row's embedding does not depend on the others).
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float32, np.float64], order="C", reset=False)
+        return _import_torch().embed(self.net_, X)
+
+    def transform(self, X):
+        """Encode X: the product-quantization codes of its embeddings.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to encode.
+
+        Returns
+        -------
+        codes : ndarray of shape (n_samples, n_subspaces_)
+            Codeword indices, ``uint8`` (``uint16`` when ``subspace_bits > 8``).
+        """
+        Z = self.embed(X)
+        return self.quantizer_.transform(Z)
+
+    def distance_tables(self, X):
+        """ADC tables of the embeddings of X, for :class:`QuantizedNeighbors`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Query rows.
+
+        Returns
+        -------
+        tables : ndarray of shape (n_samples, n_subspaces_, 2**subspace_bits), dtype=float32
+            Squared distances from each block of a row's embedding to every
+            codeword of that block's codebook.
+        """
+        Z = self.embed(X)
+        return self.quantizer_.distance_tables(Z)
+
+    def symmetric_distance_tables(self):
+        """Squared distances between the codewords of each codebook (SDC tables).
+
+        Returns
+        -------
+        tables : ndarray of shape (n_subspaces_, K, K), dtype=float32
+            See :meth:`ProductQuantizer.symmetric_distance_tables`.
+        """
+        check_is_fitted(self)
+        return self.quantizer_.symmetric_distance_tables()
+
+    @property
+    def _n_features_out(self):
+        return self.n_bits // self.subspace_bits
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        tags.transformer_tags.preserves_dtype = []
+        return tags

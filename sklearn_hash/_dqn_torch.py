@@ -1,0 +1,155 @@
+"""The torch side of DeepQuantizationNetwork: network, loss and codebook callback.
+
+Imported only from inside ``DeepQuantizationNetwork`` methods, so that
+``import sklearn_hash`` works without torch. The classes live at module level
+so that a fitted estimator pickles.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from skorch.callbacks import Callback
+from torch import nn
+
+
+class DQNModule(nn.Module):
+    """MLP from the input features to a unit-norm ``tanh`` bottleneck.
+
+    ``forward`` returns ``normalize(tanh(W_L relu(... relu(W_1 x))))``: the
+    ``tanh`` bottleneck of the reference model, scaled to unit length so that
+    squared L2 distances between embeddings are ``2 - 2 cos``, the similarity
+    the pairwise loss trains. With no hidden layer it is a linear map.
+
+    Weights start orthogonal (gain sqrt(2) before a ReLU, 1 before the
+    ``tanh``) and biases at zero: audio embeddings are often L2-normalised,
+    so their coordinates are small and random biases would swamp them,
+    starting every row at nearly the same embedding.
+    """
+
+    def __init__(self, n_features, hidden_layer_sizes, embedding_dim):
+        super().__init__()
+        layers = []
+        width = n_features
+        for size in hidden_layer_sizes:
+            layers += [_linear(width, size, gain=np.sqrt(2.0)), nn.ReLU()]
+            width = size
+        layers += [_linear(width, embedding_dim, gain=1.0), nn.Tanh()]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, X):
+        return F.normalize(self.layers(X), dim=1)
+
+
+def _linear(n_in, n_out, gain):
+    layer = nn.Linear(n_in, n_out)
+    nn.init.orthogonal_(layer.weight, gain=gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class DQNLoss(nn.Module):
+    """Pairwise cosine loss plus a weighted quantization loss.
+
+    The network's target ``y`` is the row index into the training set; the
+    loss looks up what it needs for those rows:
+
+    - pairwise: over the labelled rows of the batch, the mean over pairs
+      ``i != j`` of ``(s_ij - cos(z_i, z_j))**2``, with ``s_ij = +1`` when the
+      rows share a label and ``-1`` otherwise (``label_matrix`` holds one 0/1
+      row per training row; unlabelled rows are left out through ``labelled``);
+    - quantization: the mean over the batch of ``||z_i - r_i||^2``, where
+      ``r_i`` is row i's reconstruction from the current codebooks, set by
+      :class:`CodebookUpdate` between epochs (the term is off until then).
+    """
+
+    def __init__(self, label_matrix, labelled, quantization_weight):
+        super().__init__()
+        self.register_buffer("label_matrix", torch.as_tensor(label_matrix, dtype=torch.float32))
+        self.register_buffer("labelled", torch.as_tensor(labelled, dtype=torch.bool))
+        self.register_buffer("reconstruction", torch.empty(0))
+        self.quantization_weight = quantization_weight
+        self.reset_running_losses()
+
+    def reset_running_losses(self):
+        self.running = {"pairwise": 0.0, "quantization": 0.0, "batches": 0}
+
+    def forward(self, z, index):
+        keep = self.labelled[index]
+        zl = z[keep]
+        pairwise = z.sum() * 0.0  # keeps the graph when the batch has < 2 labelled rows
+        if zl.shape[0] >= 2:
+            labels = self.label_matrix[index[keep]]
+            similar = (labels @ labels.T > 0).to(z.dtype) * 2.0 - 1.0
+            off_diagonal = ~torch.eye(zl.shape[0], dtype=torch.bool, device=z.device)
+            pairwise = ((similar - zl @ zl.T)[off_diagonal] ** 2).mean()
+        loss = pairwise
+        if self.reconstruction.numel():
+            quantization = ((z - self.reconstruction[index]) ** 2).sum(dim=1).mean()
+            loss = loss + self.quantization_weight * quantization
+            self.running["quantization"] += float(quantization.detach())
+        self.running["pairwise"] += float(pairwise.detach())
+        self.running["batches"] += 1
+        return loss
+
+
+class CodebookUpdate(Callback):
+    """Refits the codebooks on the embeddings and the codes, between epochs.
+
+    After each epoch from ``start_epoch`` on, every row of ``X`` is embedded
+    (eval mode), a clone of ``quantizer`` (a ProductQuantizer) is fitted on
+    the embeddings, warm started from the previous codebooks, and each row's reconstruction goes
+    to the loss for the next epoch. Mean loss terms of the epoch go to the
+    history (and to skorch's printed table).
+    """
+
+    def __init__(self, X, quantizer, start_epoch=1):
+        self.X = X
+        self.quantizer = quantizer
+        self.start_epoch = start_epoch
+
+    def initialize(self):
+        self.quantizer_ = None
+        return self
+
+    def on_epoch_end(self, net, **kwargs):
+        criterion = net.criterion_
+        batches = max(criterion.running["batches"], 1)
+        net.history.record("pairwise_loss", criterion.running["pairwise"] / batches)
+        if criterion.reconstruction.numel():
+            net.history.record("quantization_loss", criterion.running["quantization"] / batches)
+        criterion.reset_running_losses()
+        if len(net.history) < self.start_epoch:
+            return
+        Z = embed(net, self.X)
+        self.quantizer_ = fit_codebooks(self.quantizer, Z, previous=self.quantizer_)
+        reconstruction = self.quantizer_.inverse_transform(self.quantizer_.transform(Z))
+        criterion.reconstruction = torch.as_tensor(reconstruction, device=net.device)
+
+    def on_train_end(self, net, **kwargs):
+        # The training rows and their reconstructions are not needed after
+        # fit, and would otherwise be pickled with the estimator.
+        self.X = None
+        net.criterion_.reconstruction = torch.empty(0, device=net.device)
+
+
+def fit_codebooks(quantizer, Z, previous=None):
+    """A clone of ``quantizer`` fitted on Z, warm started from ``previous``'s codebooks.
+
+    The quantization loss draws embeddings onto codewords, so a codeword can
+    end with no row; k-means then warns of fewer distinct clusters than
+    asked. That is expected here (the codeword is just unused) and silenced.
+    """
+    init = "random" if previous is None else previous.cluster_centers_
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Number of distinct clusters",
+                                category=ConvergenceWarning)
+        return clone(quantizer).set_params(init=init).fit(Z)
+
+
+def embed(net, X):
+    """The network's unit-norm embeddings of X, as a float32 numpy array."""
+    return net.forward(np.asarray(X, dtype=np.float32), training=False).numpy()

@@ -1,0 +1,264 @@
+"""DeepQuantizationNetwork: labels, loss, training, search, persistence, quality."""
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.frozen import FrozenEstimator
+from sklearn.model_selection import train_test_split
+
+from sklearn_hash import DeepQuantizationNetwork, ProductQuantizer, QuantizedNeighbors
+from sklearn_hash._dqn import _encode_labels, _epoch_rows
+from sklearn_hash.benchmark import load_retrieval_split
+from sklearn_hash.metrics import map_at_r_score
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("skorch")
+
+
+def small_dqn(**params):
+    defaults = dict(n_bits=8, subspace_bits=4, embedding_dim=8, max_epochs=5, random_state=0)
+    return DeepQuantizationNetwork(**{**defaults, **params})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X_db, y_db, X_q, y_q, _ = load_retrieval_split(None)
+    y_partial = np.where(np.arange(len(y_db)) % 10 == 0, y_db, -1)  # 10% labelled
+    return X_db.astype(np.float32), y_db, y_partial, X_q.astype(np.float32), y_q
+
+
+@pytest.fixture(scope="module")
+def fitted(digits):
+    X_db, _, y_partial, _, _ = digits
+    return DeepQuantizationNetwork(n_bits=16, max_epochs=20, random_state=0).fit(X_db, y_partial)
+
+
+# ---------------------------------------------------------------- labels
+
+
+def test_encode_labels_1d_with_unlabelled_rows():
+    matrix, labelled, classes = _encode_labels(np.array([3, -1, 5, 3, -1]), 5)
+    np.testing.assert_array_equal(labelled, [True, False, True, True, False])
+    np.testing.assert_array_equal(classes, [3, 5])
+    np.testing.assert_array_equal(matrix, [[1, 0], [0, 0], [0, 1], [1, 0], [0, 0]])
+
+
+def test_encode_labels_strings_and_multilabel():
+    matrix, labelled, classes = _encode_labels(np.array(["dog", "cat", "dog"]), 3)
+    assert labelled.all() and list(classes) == ["cat", "dog"]
+    y = np.array([[1, 0, 1], [-1, -1, -1], [0, 0, 0], [0, 1, 1]])
+    matrix, labelled, classes = _encode_labels(y, 4)
+    np.testing.assert_array_equal(labelled, [True, False, True, True])
+    np.testing.assert_array_equal(matrix[1], 0)
+    np.testing.assert_array_equal(classes, [0, 1, 2])
+
+
+@pytest.mark.parametrize(
+    "y, message",
+    [
+        (np.full(6, -1), "at least 2 labelled rows for its pairwise loss; got 0"),
+        (np.array([1, -1, -1, -1, -1, -1]), "got 1 labelled"),
+        (np.array([[1, -1]] * 6), "either all -1"),
+        (np.array([[2, 0]] * 6), "0/1 values"),
+        (np.arange(5), "inconsistent numbers of samples"),
+    ],
+)
+def test_bad_labels_are_refused(y, message):
+    X = np.random.default_rng(0).normal(size=(6, 3))
+    with pytest.raises(ValueError, match=message):
+        small_dqn(n_bits=2, subspace_bits=1).fit(X, y)
+
+
+def test_y_is_required():
+    with pytest.raises(ValueError, match="requires y to be passed"):
+        small_dqn().fit(np.zeros((20, 3)))
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(n_bits=10, subspace_bits=4), "multiple of subspace_bits"),
+        (dict(n_bits=16, subspace_bits=4, embedding_dim=3), "embedding_dim must be at least"),
+        (dict(subspace_bits=8), "at least 2\\*\\*subspace_bits = 256"),
+        (dict(hidden_layer_sizes=(4, 0)), "hidden_layer_sizes must be"),
+        (dict(device="cuda:0" if not torch.cuda.is_available() else "bogus"), "device="),
+    ],
+)
+def test_bad_parameters_are_refused(params, message):
+    X = np.random.default_rng(0).normal(size=(40, 5))
+    with pytest.raises(ValueError, match=message):
+        small_dqn(**params).fit(X, np.arange(40) % 4)
+
+
+def test_epoch_rows_balance_labelled_rows():
+    labelled = np.zeros(100, dtype=bool)
+    labelled[:10] = True
+    rows = _epoch_rows(labelled)
+    counts = np.bincount(rows, minlength=100)
+    np.testing.assert_array_equal(counts[10:], 1)  # every unlabelled row once
+    np.testing.assert_array_equal(counts[:10], 9)  # 90 unlabelled / 10 labelled
+    np.testing.assert_array_equal(_epoch_rows(np.ones(7, dtype=bool)), np.arange(7))
+
+
+# ---------------------------------------------------------------- loss
+
+
+def test_loss_matches_a_numpy_oracle():
+    from sklearn_hash._dqn_torch import DQNLoss
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(6, 4))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    labels = np.array([0, 1, 0, -1, 1, 2])
+    matrix, labelled, _ = _encode_labels(labels, 6)
+    loss = DQNLoss(matrix, labelled, quantization_weight=0.5)
+    index = torch.arange(6)
+    zt = torch.tensor(z, dtype=torch.float32)
+
+    expected_pairwise = np.mean([
+        ((1.0 if labels[i] == labels[j] else -1.0) - z[i] @ z[j]) ** 2
+        for i in range(6) for j in range(6)
+        if i != j and labels[i] != -1 and labels[j] != -1
+    ])
+    np.testing.assert_allclose(float(loss(zt, index)), expected_pairwise, rtol=1e-5)
+
+    reconstruction = rng.normal(size=(6, 4))
+    loss.reconstruction = torch.tensor(reconstruction, dtype=torch.float32)
+    # The batch order is a permutation of the rows: each row meets its own
+    # reconstruction through its index.
+    order = np.array([5, 2, 0, 4, 1, 3])
+    expected = expected_pairwise + 0.5 * np.mean(((z - reconstruction) ** 2).sum(axis=1))
+    got = loss(zt[order], torch.as_tensor(order))
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_loss_keeps_the_graph_without_labelled_pairs():
+    from sklearn_hash._dqn_torch import DQNLoss
+
+    matrix, labelled, _ = _encode_labels(np.array([0, 0, -1, -1]), 4)
+    z = torch.randn(2, 3, requires_grad=True)
+    out = DQNLoss(matrix, labelled, 1e-4)(z, torch.tensor([2, 3]))
+    out.backward()  # no labelled pair in this batch: zero loss, but differentiable
+    assert out.detach().item() == 0.0
+
+
+# ---------------------------------------------------------------- the fitted model
+
+
+def test_embeddings_are_unit_norm_and_row_wise(fitted, digits):
+    X_q = digits[3]
+    Z = fitted.embed(X_q)
+    assert Z.dtype == np.float32 and Z.shape == (len(X_q), 128)
+    np.testing.assert_allclose(np.linalg.norm(Z, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(fitted.embed(X_q[5:9]), Z[5:9], rtol=1e-5, atol=1e-6)
+
+
+def test_transform_is_the_quantizer_of_the_embeddings(fitted, digits):
+    X_q = digits[3]
+    codes = fitted.transform(X_q)
+    assert codes.shape == (len(X_q), 2) and codes.dtype == np.uint8
+    np.testing.assert_array_equal(codes, fitted.quantizer_.transform(fitted.embed(X_q)))
+    assert isinstance(fitted.quantizer_, ProductQuantizer)
+    assert fitted.n_subspaces_ == 2 and fitted.n_labelled_ == 144
+
+
+def test_training_lowers_the_pairwise_loss(fitted):
+    history = fitted.history_
+    assert len(history) == 20
+    assert "quantization_loss" not in history[0]  # off in the first epoch
+    assert all("quantization_loss" in epoch for epoch in history[1:])
+    assert history[-1]["pairwise_loss"] < history[0]["pairwise_loss"] - 0.05  # 0.891 -> 0.815
+
+
+def test_adc_search_ranks_by_distance_to_the_reconstructions(fitted, digits):
+    X_db, y_db, _, X_q, _ = digits
+    search = QuantizedNeighbors(FrozenEstimator(fitted), n_neighbors=7).fit(X_db, y_db)
+    assert search.metric_ == "adc"
+    distances, indices = search.kneighbors(X_q[:20])
+    Z = fitted.embed(X_q[:20]).astype(np.float64)
+    recon = fitted.quantizer_.inverse_transform(fitted.transform(X_db)).astype(np.float64)
+    d2 = ((Z[:, None, :] - recon[None, :, :]) ** 2).sum(axis=2)
+    np.testing.assert_allclose(distances, np.take_along_axis(d2, indices, axis=1), atol=1e-4)
+    # the k smallest, up to float32 rounding at the k-th
+    kth = np.sort(d2, axis=1)[:, 6]
+    assert (distances.max(axis=1) <= kth + 1e-4).all()
+
+
+def test_pickle_and_refit_are_deterministic(fitted, digits):
+    X_db, _, y_partial, X_q, _ = digits
+    clone_ = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(clone_.transform(X_q), fitted.transform(X_q))
+    np.testing.assert_array_equal(clone_.embed(X_q), fitted.embed(X_q))
+    refit = DeepQuantizationNetwork(n_bits=16, max_epochs=20, random_state=0).fit(X_db, y_partial)
+    np.testing.assert_array_equal(refit.embed(X_q), fitted.embed(X_q))
+    np.testing.assert_array_equal(refit.transform(X_q), fitted.transform(X_q))
+
+
+def test_pickle_leaves_the_training_data_behind(fitted):
+    size = len(pickle.dumps(fitted))
+    assert size < 4 * 64 * 128 * 4 + 2_000_000  # weights, codebooks, Adam state; no X
+    assert fitted.net_.criterion_.reconstruction.numel() == 0
+
+
+def test_multilabel_fit(digits):
+    X_db, y_db, _, X_q, _ = digits
+    Y = np.zeros((len(y_db), 2), dtype=int)
+    Y[:, 0] = y_db % 2  # two overlapping label sets: parity and "is small"
+    Y[:, 1] = y_db < 5
+    Y[::3] = -1
+    dqn = small_dqn(n_bits=8, subspace_bits=4).fit(X_db, Y)
+    np.testing.assert_array_equal(dqn.classes_, [0, 1])
+    assert dqn.transform(X_q).shape == (len(X_q), 2)
+
+
+def test_verbose_prints_the_epoch_table(digits, capsys):
+    X_db, _, y_partial, _, _ = digits
+    small_dqn(max_epochs=3, verbose=1).fit(X_db, y_partial)
+    out = capsys.readouterr().out
+    assert "pairwise_loss" in out and "train_loss" in out
+    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 3
+
+
+def test_semi_supervised_codes_beat_unsupervised_pq(fitted, digits):
+    X_db, y_db, _, X_q, y_q = digits
+    dqn = QuantizedNeighbors(FrozenEstimator(fitted), n_neighbors=50).fit(X_db, y_db)
+    pq = QuantizedNeighbors(ProductQuantizer(16, random_state=0), n_neighbors=50)
+    dqn_score, pq_score = dqn.score(X_q, y_q), pq.fit(X_db, y_db).score(X_q, y_q)
+    # measured: 0.943 against 0.924 with 10% of the labels
+    assert dqn_score > pq_score + 0.01
+
+
+# ---------------------------------------------------------------- without torch
+
+
+def test_package_imports_without_torch():
+    code = "import sys, sklearn_hash; print('torch' in sys.modules, 'skorch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_missing_torch_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match=r"sklearn-hash\[deep\]"):
+        small_dqn().fit(np.zeros((20, 3)), np.arange(20) % 2)
+
+
+# ---------------------------------------------------------------- the study's protocol
+
+
+def test_esc50_protocol_beats_pq_with_ten_percent_labels(esc50_yamnet):
+    X_db, y_db, X_q, y_q = (a.astype(np.float32) if a.dtype.kind == "f" else a
+                            for a in esc50_yamnet)
+    rows, _ = train_test_split(np.arange(len(y_db)), train_size=0.1, stratify=y_db,
+                               random_state=0)
+    y_partial = np.full_like(y_db, -1)
+    y_partial[rows] = y_db[rows]
+    dqn = DeepQuantizationNetwork(n_bits=32, random_state=0).fit(X_db, y_partial)
+    _, idx = QuantizedNeighbors(FrozenEstimator(dqn), n_neighbors=100).fit(X_db).kneighbors(X_q)
+    score = map_at_r_score(y_q, y_db, idx)
+    print(f"DQN, 10% labels, 32 bits: mAP@100 = {score:.3f}")
+    # faiss PQ on the raw embeddings: 0.610; exact cosine search: 0.620
+    assert score > 0.62
