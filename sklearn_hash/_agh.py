@@ -142,7 +142,7 @@ class AGH(BaseBinaryHasher):
         self : AGH
             Fitted hasher.
         """
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
         n_samples = X.shape[0]
         if self.n_anchors > n_samples:
             raise ValueError(

@@ -42,7 +42,7 @@ class BaseBinaryHasher(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             One 0/1 column per bit.
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
         return self._hash(X).astype(np.uint8)
 
     @abstractmethod

@@ -101,7 +101,7 @@ class ITQ(BaseBinaryHasher):
         self : ITQ
             Fitted hasher.
         """
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
         n_samples, n_features = X.shape
         if self.n_bits > min(n_samples, n_features):
             raise ValueError(

@@ -16,8 +16,12 @@ The quantizer protocol (how a quantizer tells the searcher how to search it)
 is described in the class docstring.
 """
 
+import copy
+import json
 import numbers
+import pickle
 from numbers import Integral
+from pathlib import Path
 
 import numpy as np
 from scipy import sparse
@@ -31,12 +35,15 @@ from ._itq import ITQ
 from ._kernels._adc import adc_kneighbors
 from ._kernels._hamming import hamming_kneighbors
 from ._kernels._openmp import effective_n_threads
+from ._version import __version__
 from .metrics import map_at_r_score
 
 # Rows encoded at a time when indexing, to bound the memory beyond the codes.
 _ENCODE_CHUNK = 65536
 # Queries whose distance tables are built and searched at a time.
 _QUERY_CHUNK = 2048
+# Version of the directory layout written by QuantizedNeighbors.save.
+_INDEX_FORMAT = 1
 
 
 class QuantizedNeighbors(BaseEstimator):
@@ -167,7 +174,7 @@ class QuantizedNeighbors(BaseEstimator):
             The fitted searcher.
         """
         effective_n_threads(self.n_jobs)  # rejects n_jobs=0 before any work
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
         if y is not None:
             y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
             check_consistent_length(X, y)
@@ -179,6 +186,169 @@ class QuantizedNeighbors(BaseEstimator):
         self.n_samples_fit_ = X.shape[0]
         self._fit_y = y
         return self
+
+    def add(self, X, y=None):
+        """Append items to the index, encoded by the fitted quantizer.
+
+        The quantizer is not refitted: new items get the indices
+        ``n_samples_fit_, n_samples_fit_ + 1, ...`` and existing items keep
+        theirs, so results stored elsewhere stay valid. Refit when the new
+        items differ much from those the quantizer was trained on.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to index.
+        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Their labels; required when the index was fitted with labels,
+            refused when it was not.
+
+        Returns
+        -------
+        self : QuantizedNeighbors
+            The grown index.
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        if (y is None) != (self._fit_y is None):
+            state = "with" if self._fit_y is not None else "without"
+            raise ValueError(
+                f"The index was fitted {state} labels: add items {state} y too."
+            )
+        if y is not None:
+            y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
+            check_consistent_length(X, y)
+            if y.shape[1:] != self._fit_y.shape[1:]:
+                expected = ("(n_samples,)" if self._fit_y.ndim == 1
+                            else f"(n_samples, {self._fit_y.shape[1]})")
+                raise ValueError(
+                    f"y must have the shape of the index's labels, {expected}; got "
+                    f"shape {y.shape}."
+                )
+        codes = self._encode_database(X)
+        self.codes_ = np.ascontiguousarray(np.concatenate([self.codes_, codes]))
+        if y is not None:
+            self._fit_y = np.concatenate([self._fit_y, y])
+        self.n_samples_fit_ = self.codes_.shape[0]
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Fit on the first call, then :meth:`add` the items of later calls.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to index (and, on the first call, to fit the quantizer).
+        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Their labels.
+
+        Returns
+        -------
+        self : QuantizedNeighbors
+            The fitted or grown index.
+        """
+        if not hasattr(self, "codes_"):
+            return self.fit(X, y)
+        return self.add(X, y)
+
+    def save(self, path):
+        """Save the index to a directory, the arrays as ``.npy`` files.
+
+        The directory gets ``codes.npy`` (the database codes), ``labels.npy``
+        (when fitted with labels), ``searcher.pkl`` (this searcher with its
+        fitted quantizer, without the arrays) and ``index.json`` (format and
+        sizes). :meth:`load` memory-maps the codes, so an index larger than
+        memory can be searched.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Directory; created if missing, files in it overwritten.
+
+        Returns
+        -------
+        path : pathlib.Path
+            The directory.
+        """
+        check_is_fitted(self)
+        if self._fit_y is not None and self._fit_y.dtype.kind == "O":
+            raise ValueError(
+                "Labels of dtype object cannot be stored as .npy without pickle; use "
+                "numeric or string labels (e.g. y.astype(str))."
+            )
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        np.save(path / "codes.npy", self.codes_, allow_pickle=False)
+        if self._fit_y is not None:
+            np.save(path / "labels.npy", self._fit_y, allow_pickle=False)
+        elif (path / "labels.npy").exists():
+            (path / "labels.npy").unlink()
+        shell = copy.copy(self)
+        shell.codes_, shell._fit_y, shell._sdc_tables = None, None, None
+        with open(path / "searcher.pkl", "wb") as f:
+            pickle.dump(shell, f, protocol=pickle.HIGHEST_PROTOCOL)
+        meta = {
+            "format": _INDEX_FORMAT,
+            "sklearn_hash_version": __version__,
+            "metric": self.metric_,
+            "n_samples": int(self.n_samples_fit_),
+            "codes_shape": list(self.codes_.shape),
+            "codes_dtype": self.codes_.dtype.str,
+            "labels": self._fit_y is not None,
+        }
+        (path / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path, *, mmap_mode="r"):
+        """Load an index written by :meth:`save`.
+
+        ``searcher.pkl`` is unpickled: load only directories you trust.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Directory written by :meth:`save`.
+        mmap_mode : {"r", "c", None}, default="r"
+            ``"r"`` memory-maps the codes read-only (searching reads them from
+            the file, sharing the page cache between processes); ``"c"``
+            copy-on-write; ``None`` reads them into memory. :meth:`add` works
+            in every mode and keeps the grown codes in memory.
+
+        Returns
+        -------
+        searcher : QuantizedNeighbors
+            The fitted searcher.
+        """
+        if mmap_mode not in ("r", "c", None):
+            raise ValueError(f"mmap_mode must be 'r', 'c' or None; got {mmap_mode!r}.")
+        path = Path(path)
+        meta_path = path / "index.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{path} holds no index.json: not a saved index.")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != _INDEX_FORMAT:
+            raise ValueError(
+                f"{path} holds index format {meta.get('format')!r}; this version of "
+                f"sklearn_hash reads format {_INDEX_FORMAT}."
+            )
+        with open(path / "searcher.pkl", "rb") as f:
+            searcher = pickle.load(f)
+        if not isinstance(searcher, cls):
+            raise ValueError(f"{path}/searcher.pkl holds a {type(searcher).__name__}, "
+                             f"not a {cls.__name__}.")
+        codes = np.load(path / "codes.npy", mmap_mode=mmap_mode, allow_pickle=False)
+        if list(codes.shape) != meta["codes_shape"] or codes.dtype.str != meta["codes_dtype"]:
+            raise ValueError(
+                f"{path}/codes.npy has shape {codes.shape} and dtype {codes.dtype}; "
+                f"index.json expects {tuple(meta['codes_shape'])} and {meta['codes_dtype']}."
+            )
+        searcher.codes_ = codes
+        searcher._fit_y = (np.load(path / "labels.npy", allow_pickle=False)
+                           if meta["labels"] else None)
+        if searcher._fit_y is not None and len(searcher._fit_y) != codes.shape[0]:
+            raise ValueError(f"{path}/labels.npy does not have one label per code.")
+        return searcher
 
     def _resolve_metric(self):
         has_tables = hasattr(self.quantizer_, "distance_tables")
@@ -199,15 +369,30 @@ class QuantizedNeighbors(BaseEstimator):
         return self.metric
 
     def _encode_database(self, X):
-        """Database codes as the kernel stores them, encoded chunk by chunk."""
-        encode = self.quantizer_.transform
-        if self.metric_ == "hamming":
-            chunks = [pack_bits(encode(X[i : i + _ENCODE_CHUNK]))
-                      for i in range(0, X.shape[0], _ENCODE_CHUNK)]
-        else:
-            chunks = [self._check_codeword_indices(encode(X[i : i + _ENCODE_CHUNK]))
-                      for i in range(0, X.shape[0], _ENCODE_CHUNK)]
-        return np.ascontiguousarray(np.vstack(chunks))
+        """Database codes as the kernel stores them, encoded chunk by chunk.
+
+        The output is allocated once, after the first chunk gives its width,
+        and filled in place: the memory beyond X and the codes is one chunk's
+        worth of the quantizer's working arrays.
+        """
+        codes = None
+        for start in range(0, X.shape[0], _ENCODE_CHUNK):
+            chunk = self.quantizer_.transform(X[start : start + _ENCODE_CHUNK])
+            if self.metric_ == "hamming":
+                chunk = pack_bits(chunk)
+            else:
+                chunk = self._check_codeword_indices(chunk)
+            if codes is None:
+                codes = np.empty((X.shape[0], chunk.shape[1]), dtype=chunk.dtype)
+            elif chunk.shape[1] != codes.shape[1]:
+                raise ValueError(
+                    f"The quantizer encoded rows with {chunk.shape[1]} columns after "
+                    f"{codes.shape[1]}; codes must have a fixed width."
+                )
+            elif chunk.dtype.itemsize > codes.dtype.itemsize:  # uint16 indices appeared
+                codes = codes.astype(chunk.dtype)
+            codes[start : start + chunk.shape[0]] = chunk
+        return codes
 
     @staticmethod
     def _check_codeword_indices(codes):
@@ -313,7 +498,7 @@ class QuantizedNeighbors(BaseEstimator):
         if query_is_train:
             n_queries = self.n_samples_fit_
         else:
-            X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+            X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
             n_queries = X.shape[0]
         # Leaving each indexed point out of its own answer needs one more item.
         n_required = n_neighbors + 1 if query_is_train else n_neighbors

@@ -167,7 +167,7 @@ default="random"
         self : ProductQuantizer
             Fitted quantizer.
         """
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
         n_samples, n_features = X.shape
         if self.n_bits % self.subspace_bits:
             raise ValueError(
@@ -260,7 +260,7 @@ default="random"
             Codeword indices, ``uint8`` (``uint16`` when ``subspace_bits > 8``).
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
         codes = np.empty((X.shape[0], self.n_subspaces_), dtype=self._code_dtype())
         for start in range(0, X.shape[0], _CHUNK):
             chunk = X[start : start + _CHUNK]
@@ -317,7 +317,7 @@ default="random"
             squared distance to a code c is ``tables[i, arange(M), c].sum()``.
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
         tables = np.empty((X.shape[0], self.n_subspaces_, self.n_codewords_), dtype=np.float32)
         for m in range(self.n_subspaces_):
             for start in range(0, X.shape[0], _CHUNK):

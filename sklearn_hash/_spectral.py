@@ -92,7 +92,7 @@ class SpectralHashing(BaseBinaryHasher):
         self : SpectralHashing
             Fitted hasher.
         """
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
         n_samples, n_features = X.shape
         n_components = min(self.n_bits, n_features, n_samples)
         pca = fit_pca(X, n_components)

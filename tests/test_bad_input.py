@@ -1,0 +1,312 @@
+"""Bad and unusual input, for every public estimator and function.
+
+Each case either works, and then gives exactly the result of the same data in
+canonical form (a C-contiguous float64 ndarray), or raises ValueError /
+TypeError with a message that says what was wrong. No case may crash the
+process or reach a kernel with bad data.
+"""
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from sklearn_hash import (
+    AGH,
+    ITQ,
+    DeepQuantizationNetwork,
+    ProductQuantizer,
+    QuantizedNeighbors,
+    SpectralHashing,
+)
+from sklearn_hash._kernels._adc import adc_kneighbors
+from sklearn_hash._kernels._hamming import hamming_kneighbors
+from sklearn_hash.metrics import map_at_r_score
+
+try:
+    import skorch  # noqa: F401
+    import torch  # noqa: F401
+
+    HAS_TORCH = True
+except ImportError:
+    HAS_TORCH = False
+
+N, D = 80, 8
+rng = np.random.default_rng(0)
+X = rng.normal(size=(N, D)) + np.repeat(rng.normal(scale=3, size=(4, D)), N // 4, axis=0)
+Y = np.repeat(np.arange(4), N // 4)
+
+ESTIMATORS = {
+    "SH": SpectralHashing(n_bits=8),
+    "ITQ": ITQ(n_bits=6, random_state=0),
+    "AGH": AGH(n_bits=6, n_anchors=10, random_state=0),
+    "AGH-2": AGH(n_bits=6, n_anchors=10, n_layers=2, random_state=0),
+    "PQ": ProductQuantizer(n_bits=8, subspace_bits=2, random_state=0),
+    "QN-ITQ": QuantizedNeighbors(ITQ(n_bits=6, random_state=0), n_neighbors=5),
+    "QN-PQ": QuantizedNeighbors(ProductQuantizer(n_bits=8, subspace_bits=2, random_state=0),
+                                n_neighbors=5),
+}
+if HAS_TORCH:
+    ESTIMATORS["DQN"] = DeepQuantizationNetwork(
+        n_bits=8, subspace_bits=2, embedding_dim=4, max_epochs=2, random_state=0)
+    ESTIMATORS["QN-DQN"] = QuantizedNeighbors(clone(ESTIMATORS["DQN"]), n_neighbors=5)
+
+
+def output(estimator, A):
+    """What the estimator computes for queries A: codes, or neighbours and distances."""
+    if isinstance(estimator, QuantizedNeighbors):
+        dist, ind = estimator.kneighbors(A)
+        return np.concatenate([dist.astype(np.float64), ind.astype(np.float64)], axis=1)
+    return estimator.transform(A)
+
+
+def readonly_memmap(A, tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, A)
+    return np.load(path, mmap_mode="r")
+
+
+# Variants of the same data that must give the same result as the canonical
+# float64 array ``canonical(X)``.
+VARIANTS = {
+    "list": (lambda A, tmp: A.tolist(), lambda A: A),
+    "float16": (lambda A, tmp: A.astype(np.float16), lambda A: A.astype(np.float16).astype(float)),
+    "int": (lambda A, tmp: np.round(A).astype(np.int32), lambda A: np.round(A)),
+    "bool": (lambda A, tmp: A > 0, lambda A: (A > 0).astype(float)),
+    "big-endian": (lambda A, tmp: A.astype(">f8"), lambda A: A),
+    "non-contiguous": (lambda A, tmp: np.repeat(A, 2, axis=1)[:, ::2], lambda A: A),
+    "fortran": (lambda A, tmp: np.asfortranarray(A), lambda A: A),
+    "read-only memmap": (readonly_memmap, lambda A: A),
+    "pandas": (lambda A, tmp: pytest.importorskip("pandas").DataFrame(A), lambda A: A),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_equivalent_inputs_give_the_canonical_result(name, variant, tmp_path):
+    make, canonical = VARIANTS[variant]
+    est = clone(ESTIMATORS[name])
+    reference = clone(ESTIMATORS[name])
+    try:
+        expected = output(reference.fit(canonical(X), Y), canonical(X[:10]))
+    except ValueError:
+        # Degenerate canonical data (bool: 0/1 columns) may be refused; the
+        # variant must then be refused the same way.
+        with pytest.raises(ValueError):
+            est.fit(make(X, tmp_path), Y)
+        return
+    got = output(est.fit(make(X, tmp_path), Y), make(X[:10], tmp_path))
+    np.testing.assert_array_equal(got, expected)
+
+
+def non_finite(value):
+    A = X.copy()
+    A[3, 2] = value
+    return A
+
+
+BAD_X = {
+    "nan": (non_finite(np.nan), "Input X contains NaN"),
+    "+inf": (non_finite(np.inf), "Input X contains infinity"),
+    "-inf": (non_finite(-np.inf), "Input X contains infinity"),
+    "empty": (np.empty((0, D)), "0 sample"),
+    "1-D": (X[:, 0].copy(), "Expected 2D array"),
+    "3-D": (X.reshape(N, 2, D // 2), "dim 3"),
+    "strings": (np.full((N, D), "a"), "could not convert|dtype='numeric'|Unable to convert"),
+    "complex": (X + 1j, "Complex data not supported"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_X)
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_bad_x_in_fit(name, case):
+    A, message = BAD_X[case]
+    with pytest.raises((ValueError, TypeError), match=message):
+        clone(ESTIMATORS[name]).fit(A, Y[: len(A)] if len(A) else Y[:0])
+
+
+@pytest.mark.parametrize("case", [*BAD_X, "wrong n_features"])
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_bad_x_after_fit(name, case):
+    est = clone(ESTIMATORS[name]).fit(X, Y)
+    A, message = (X[:, :5], "X has 5 features, but .* is expecting 8 features") \
+        if case == "wrong n_features" else BAD_X[case]
+    method = est.kneighbors if isinstance(est, QuantizedNeighbors) else est.transform
+    with pytest.raises((ValueError, TypeError), match=message):
+        method(A)
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_one_sample_is_refused_in_fit(name):
+    with pytest.raises(ValueError, match="minimum of 2 is required"):
+        clone(ESTIMATORS[name]).fit(X[:1], Y[:1])
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_one_sample_is_fine_after_fit(name):
+    est = clone(ESTIMATORS[name]).fit(X, Y)
+    np.testing.assert_array_equal(output(est, X[3:4]), output(est, X[:10])[3:4])
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_one_feature(name):
+    """Works where one feature allows the code length, else names the limit."""
+    est = clone(ESTIMATORS[name])
+    try:
+        est.fit(X[:, :1], Y)
+    except ValueError as exc:
+        assert any(word in str(exc) for word in ("n_bits", "subspace", "n_features")), exc
+        return
+    out = output(est, X[:10, :1])
+    assert out.shape[0] == 10 and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", [n for n in ESTIMATORS if not n.startswith("QN")])
+@pytest.mark.parametrize("n_bits", [0, -3, 2.5, "8", None])
+def test_bad_n_bits(name, n_bits):
+    with pytest.raises((ValueError, TypeError), match="n_bits"):
+        clone(ESTIMATORS[name]).set_params(n_bits=n_bits).fit(X, Y)
+
+
+@pytest.mark.parametrize("name", ["ITQ", "AGH", "AGH-2", "PQ", "DQN"])
+def test_n_bits_beyond_what_the_data_allows(name):
+    if name not in ESTIMATORS:
+        pytest.skip("needs torch")
+    est = clone(ESTIMATORS[name]).set_params(n_bits={"PQ": 20, "DQN": 20}.get(name, 4096))
+    with pytest.raises(ValueError, match="n_bits|embedding_dim|subspaces"):
+        est.fit(X, Y)
+
+
+@pytest.mark.parametrize("name", [n for n in ESTIMATORS if n.startswith("QN")])
+@pytest.mark.parametrize(
+    "n_neighbors, error, message",
+    [
+        (0, ValueError, "Expected n_neighbors > 0"),
+        (-1, ValueError, "Expected n_neighbors > 0"),
+        (N + 1, ValueError, "Expected n_neighbors <= n_samples_fit"),
+        (2.0, TypeError, "n_neighbors does not take"),
+        (True, TypeError, "n_neighbors does not take"),
+    ],
+)
+def test_bad_n_neighbors(name, n_neighbors, error, message):
+    est = clone(ESTIMATORS[name]).fit(X, Y)
+    with pytest.raises(error, match=message):
+        est.kneighbors(X[:3], n_neighbors=n_neighbors)
+
+
+@pytest.mark.parametrize("name", [n for n in ESTIMATORS if n.startswith("QN")])
+def test_n_neighbors_equal_to_the_database(name):
+    est = clone(ESTIMATORS[name]).fit(X, Y)
+    ind = est.kneighbors(X[:3], n_neighbors=N, return_distance=False)
+    np.testing.assert_array_equal(np.sort(ind, axis=1), np.tile(np.arange(N), (3, 1)))
+    with pytest.raises(ValueError, match="n_neighbors <= n_samples_fit"):
+        est.kneighbors(None, n_neighbors=N)  # leaving itself out, only N - 1 remain
+
+
+@pytest.mark.parametrize("name", [n for n in ESTIMATORS if n.startswith("QN")])
+def test_labels_of_the_wrong_length(name):
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        clone(ESTIMATORS[name]).fit(X, Y[:-1])
+    est = clone(ESTIMATORS[name]).fit(X, Y)
+    with pytest.raises(ValueError, match="neighbors has 10 rows but y_query has 9 queries"):
+        est.score(X[:10], Y[:9])
+
+
+def test_score_without_database_labels():
+    est = QuantizedNeighbors(ITQ(n_bits=4)).fit(X)
+    with pytest.raises(ValueError, match="fit QuantizedNeighbors with y"):
+        est.score(X[:5], Y[:5])
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_all_unlabelled_y_for_the_deep_model():
+    with pytest.raises(ValueError, match="at least 2 labelled rows .* got 0 labelled"):
+        clone(ESTIMATORS["DQN"]).fit(X, np.full(N, -1))
+
+
+def test_unfitted_use_is_refused():
+    from sklearn.exceptions import NotFittedError
+
+    for name, est in ESTIMATORS.items():
+        est = clone(est)
+        method = est.kneighbors if name.startswith("QN") else est.transform
+        with pytest.raises(NotFittedError):
+            method(X)
+
+
+# ---------------------------------------------------------------- map_at_r_score
+
+NEIGHBORS = np.tile(np.arange(5), (4, 1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(y_query=Y[:3]), ValueError, "inconsistent|same length|3"),
+        (dict(y_database=Y[:3]), ValueError, "index|out of range|y_database"),
+        (dict(neighbors=NEIGHBORS + 100), ValueError, r"indices in \[0, 79\].*\[100, 104\]"),
+        (dict(neighbors=NEIGHBORS - 1), ValueError, r"indices in \[0, 79\].*\[-1, 3\]"),
+        (dict(neighbors=NEIGHBORS.astype(float) + 0.5), (ValueError, TypeError), "integer"),
+        (dict(neighbors=NEIGHBORS[:, :, None]), ValueError, "dim 3"),
+        (dict(R=0), ValueError, "'R' parameter"),
+        (dict(R=6), ValueError, "R"),
+        (dict(y_query=np.full((4, 2, 2), 1)), ValueError, "dim 3"),
+    ],
+)
+def test_map_at_r_bad_input(kwargs, error, message):
+    args = dict(y_query=Y[:4], y_database=Y, neighbors=NEIGHBORS)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        map_at_r_score(args["y_query"], args["y_database"], args["neighbors"],
+                       R=args.get("R"))
+
+
+@pytest.mark.parametrize("variant", ["list", "pandas", "int32 neighbours", "strings"])
+def test_map_at_r_equivalent_inputs(variant):
+    expected = map_at_r_score(Y[:4], Y, NEIGHBORS)
+    if variant == "list":
+        got = map_at_r_score(Y[:4].tolist(), Y.tolist(), NEIGHBORS.tolist())
+    elif variant == "pandas":
+        pd = pytest.importorskip("pandas")
+        got = map_at_r_score(pd.Series(Y[:4]), pd.Series(Y), pd.DataFrame(NEIGHBORS))
+    elif variant == "int32 neighbours":
+        got = map_at_r_score(Y[:4], Y, NEIGHBORS.astype(np.int32))
+    else:
+        names = np.array(["dog", "cat", "rain", "bird"])
+        got = map_at_r_score(names[Y[:4]], names[Y], NEIGHBORS)
+    assert got == expected
+
+
+# ---------------------------------------------------------------- kernels called directly
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: hamming_kneighbors(np.zeros((2, 1), np.uint64), np.zeros((5, 2), np.uint64), 1),
+         ValueError, "words"),
+        (lambda: hamming_kneighbors(np.zeros((2, 1), np.uint64), np.zeros((5, 1), np.uint64), 6),
+         ValueError, "k"),
+        (lambda: hamming_kneighbors(np.zeros((2, 1), np.uint64), np.zeros((5, 1), np.uint64), -1),
+         ValueError, "k"),
+        (lambda: hamming_kneighbors(np.zeros((2, 1), np.int64), np.zeros((5, 1), np.uint64), 1),
+         ValueError, "dtype|Buffer"),
+        (lambda: hamming_kneighbors(np.zeros((2, 2), np.uint64)[:, ::2],
+                                    np.zeros((5, 1), np.uint64), 1),
+         ValueError, "contiguous"),
+        (lambda: adc_kneighbors(np.zeros((1, 2, 4), np.float32), np.zeros((5, 3), np.uint8), 1),
+         ValueError, "subspaces"),
+        (lambda: adc_kneighbors(np.zeros((1, 2, 4), np.float32),
+                                np.full((5, 2), 4, np.uint8), 1),
+         ValueError, "codeword"),
+        (lambda: adc_kneighbors(np.zeros((1, 2, 4), np.float64), np.zeros((5, 2), np.uint8), 1),
+         ValueError, "dtype|Buffer"),
+        (lambda: adc_kneighbors(np.zeros((1, 2, 4), np.float32), np.zeros((5, 2), np.uint8), 6),
+         ValueError, "k must be"),
+        (lambda: adc_kneighbors(np.zeros((1, 2, 4), np.float32), np.zeros((5, 2), np.uint8), 1,
+                                n_threads=0),
+         ValueError, "n_threads"),
+    ],
+)
+def test_kernels_refuse_bad_arguments(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
