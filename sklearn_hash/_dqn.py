@@ -188,9 +188,9 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         One entry per epoch: ``train_loss``, ``pairwise_loss``,
         ``quantization_loss`` (from the second epoch) and ``dur`` (seconds).
     n_features_in_ : int
-        Number of features seen during :term:`fit`.
+        Number of features seen during ``fit``.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
-        Names of features seen during :term:`fit`. Defined only when `X`
+        Names of features seen during ``fit``. Defined only when `X`
         has feature names that are all strings.
 
     See Also
@@ -412,7 +412,7 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
 
         Returns
         -------
-        codes : ndarray of shape (n_samples, n_subspaces_)
+        codes : ndarray of shape (n_samples, n_subspaces)
             Codeword indices, ``uint8`` (``uint16`` when ``subspace_bits > 8``).
         """
         Z = self.embed(X)
@@ -428,7 +428,7 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
 
         Returns
         -------
-        tables : ndarray of shape (n_samples, n_subspaces_, 2**subspace_bits), dtype=float32
+        tables : ndarray of shape (n_samples, n_subspaces, 2**subspace_bits), dtype=float32
             Squared distances from each block of a row's embedding to every
             codeword of that block's codebook.
         """
@@ -440,7 +440,7 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
 
         Returns
         -------
-        tables : ndarray of shape (n_subspaces_, K, K), dtype=float32
+        tables : ndarray of shape (n_subspaces, K, K), dtype=float32
             See :meth:`ProductQuantizer.symmetric_distance_tables`.
         """
         check_is_fitted(self)

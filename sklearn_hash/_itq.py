@@ -45,9 +45,9 @@ class ITQ(BaseBinaryHasher):
         Quantization loss ``||B - V R||_F^2 / n_samples`` at the initial
         rotation and after each iteration; it never increases.
     n_features_in_ : int
-        Number of features seen during :term:`fit`.
+        Number of features seen during ``fit``.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
-        Names of features seen during :term:`fit`. Defined only when `X`
+        Names of features seen during ``fit``. Defined only when `X`
         has feature names that are all strings.
 
     See Also

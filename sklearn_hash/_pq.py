@@ -83,17 +83,17 @@ default="random"
         Number of codebooks, ``n_bits // subspace_bits``.
     n_codewords_ : int
         Codewords per codebook, ``2 ** subspace_bits``.
-    subspace_bounds_ : ndarray of shape (n_subspaces_ + 1,)
+    subspace_bounds_ : ndarray of shape (n_subspaces + 1,)
         Subspace m covers features ``subspace_bounds_[m]:subspace_bounds_[m + 1]``.
-    cluster_centers_ : ndarray of shape (n_subspaces_, n_codewords_, subspace_dim)
+    cluster_centers_ : ndarray of shape (n_subspaces, n_codewords, subspace_dim)
         The codebooks (faiss / nanopq layout). ``subspace_dim`` is the largest
         block; smaller blocks are padded with zeros.
-    inertia_ : ndarray of shape (n_subspaces_,)
+    inertia_ : ndarray of shape (n_subspaces,)
         k-means inertia of each codebook on its training rows.
     n_features_in_ : int
-        Number of features seen during :term:`fit`.
+        Number of features seen during ``fit``.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
-        Names of features seen during :term:`fit`. Defined only when `X`
+        Names of features seen during ``fit``. Defined only when `X`
         has feature names that are all strings.
 
     See Also
@@ -256,7 +256,7 @@ default="random"
 
         Returns
         -------
-        codes : ndarray of shape (n_samples, n_subspaces_)
+        codes : ndarray of shape (n_samples, n_subspaces)
             Codeword indices, ``uint8`` (``uint16`` when ``subspace_bits > 8``).
         """
         check_is_fitted(self)
@@ -273,12 +273,12 @@ default="random"
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_subspaces_)
+        X : array-like of shape (n_samples, n_subspaces)
             Codes from :meth:`transform`.
 
         Returns
         -------
-        X_reconstructed : ndarray of shape (n_samples, n_features_in_)
+        X_reconstructed : ndarray of shape (n_samples, n_features_in)
             The codewords of each code, concatenated.
         """
         check_is_fitted(self)
@@ -311,7 +311,7 @@ default="random"
 
         Returns
         -------
-        tables : ndarray of shape (n_samples, n_subspaces_, n_codewords_), dtype=float32
+        tables : ndarray of shape (n_samples, n_subspaces, n_codewords), dtype=float32
             ``tables[i, m, k]`` is the squared L2 distance between block m of
             row i and codeword k of codebook m. The ADC estimate of the
             squared distance to a code c is ``tables[i, arange(M), c].sum()``.
@@ -329,7 +329,7 @@ default="random"
 
         Returns
         -------
-        tables : ndarray of shape (n_subspaces_, n_codewords_, n_codewords_), dtype=float32
+        tables : ndarray of shape (n_subspaces, n_codewords, n_codewords), dtype=float32
             ``tables[m, a, b]`` is the squared distance between codewords a
             and b of codebook m; the SDC estimate between codes c and c' is
             ``tables[arange(M), c, c'].sum()``.

@@ -98,13 +98,21 @@ def load_retrieval_split(path=None, *, query_fold=1, random_state=0):
 
 
 def partial_labels(y, labelled_fraction, random_state=0):
-    """y with all but a stratified ``labelled_fraction`` of the rows set to -1."""
+    """y with all but a random ``labelled_fraction`` of the rows set to -1.
+
+    The labelled rows are a stratified sample (every class in proportion)
+    when there are at least as many of them as classes, a plain random
+    sample otherwise.
+    """
+    y = np.asarray(y)
     if labelled_fraction >= 1:
-        return np.asarray(y).copy()
-    rows, _ = train_test_split(np.arange(len(y)), train_size=labelled_fraction, stratify=y,
+        return y.copy()
+    n_labelled = max(2, int(round(labelled_fraction * len(y))))
+    stratify = y if n_labelled >= len(np.unique(y)) else None
+    rows, _ = train_test_split(np.arange(len(y)), train_size=n_labelled, stratify=stratify,
                                random_state=random_state)
-    y_partial = np.full(len(y), -1, dtype=np.asarray(y).dtype)
-    y_partial[rows] = np.asarray(y)[rows]
+    y_partial = np.full(len(y), -1, dtype=y.dtype)
+    y_partial[rows] = y[rows]
     return y_partial
 
 

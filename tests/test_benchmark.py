@@ -81,3 +81,11 @@ def test_dqn_row_with_partial_labels(monkeypatch, capsys):
     dqn = next(line for line in out.splitlines() if line.startswith("| DQN |"))
     assert 0 < float(dqn.strip("|").split("|")[1]) <= 1
     assert "DQN with 20% of the labels" in out
+
+
+def test_partial_labels_below_one_per_class_fall_back_to_random_rows():
+    y = np.repeat(np.arange(50), 32)
+    y_partial = benchmark.partial_labels(y, 0.01, random_state=0)
+    kept = y_partial != -1
+    assert kept.sum() == 16  # 1% of 1600: fewer than the 50 classes
+    np.testing.assert_array_equal(y_partial[kept], y[kept])
