@@ -6,9 +6,9 @@ from pathlib import Path
 from sklearn_hash.benchmark import load_retrieval_split
 
 
-def load(name="esc50_yamnet.npz", here=None):
+def load(name="esc50_yamnet.npz"):
     """Database and queries (centred, L2-normalised), and a description."""
-    root = Path(here).resolve().parents[1] if here else Path.cwd().parent
+    root = Path(__file__).resolve().parents[1]  # the checkout
     data_dir = Path(os.environ.get("SKLEARN_HASH_DATA", root.parent / "shared" / "data"))
     path = data_dir / name
     if path.is_file():

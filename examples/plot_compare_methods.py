@@ -19,7 +19,7 @@ from _data import load
 
 from sklearn_hash.benchmark import run
 
-X_db, y_db, X_q, y_q, title = load(here=__file__)
+X_db, y_db, X_q, y_q, title = load()
 
 # %%
 # One table

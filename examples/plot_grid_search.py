@@ -17,7 +17,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn_hash import AGH, ITQ, ProductQuantizer, QuantizedNeighbors, SpectralHashing
 from sklearn_hash.metrics import make_map_at_r_scorer
 
-X_db, y_db, _, _, title = load(here=__file__)
+X_db, y_db, _, _, title = load()
 bits = [8, 16, 32]
 methods = {
     "SH": SpectralHashing(),

@@ -18,7 +18,7 @@ from sklearn_hash import ITQ, DeepQuantizationNetwork, ProductQuantizer, Quantiz
 from sklearn_hash.benchmark import partial_labels
 from sklearn_hash.metrics import map_at_r_score
 
-X_db, y_db, X_q, y_q, title = load(here=__file__)
+X_db, y_db, X_q, y_q, title = load()
 R = 100
 
 

@@ -19,7 +19,7 @@ from sklearn_hash import ITQ, DeepQuantizationNetwork, ProductQuantizer, Quantiz
 from sklearn_hash.benchmark import partial_labels
 from sklearn_hash.metrics import map_at_r_score
 
-X_db, y_db, X_q, y_q, title = load(here=__file__)
+X_db, y_db, X_q, y_q, title = load()
 R_values = [5, 10, 20, 50, 100, 200]
 R_max = max(R_values)
 
