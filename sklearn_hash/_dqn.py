@@ -31,12 +31,21 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
 
-from ._pq import ProductQuantizer
+from ._pq import ProductQuantizer, _check_codebooks
 
 # Lloyd iterations of the warm-started codebook refit after each epoch, and of
 # the final fit on the trained embeddings.
 _EPOCH_KMEANS_ITER = 3
 _FINAL_KMEANS_ITER = 25
+
+
+def _torch_available():
+    """Whether the deep extra (torch and skorch) can be imported."""
+    try:
+        _import_torch()
+    except ImportError:
+        return False
+    return True
 
 
 def _import_torch():
@@ -274,22 +283,11 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
                 f"hidden_layer_sizes must be a sequence of positive ints; got "
                 f"{self.hidden_layer_sizes!r}."
             )
-        if self.n_bits % self.subspace_bits:
-            raise ValueError(
-                f"n_bits must be a multiple of subspace_bits; got n_bits={self.n_bits}, "
-                f"subspace_bits={self.subspace_bits}."
-            )
-        n_subspaces = self.n_bits // self.subspace_bits
+        n_subspaces, _ = _check_codebooks(self, n_samples)
         if n_subspaces > self.embedding_dim:
             raise ValueError(
                 f"embedding_dim must be at least the number of codebooks, n_bits // "
                 f"subspace_bits = {n_subspaces}; got embedding_dim={self.embedding_dim}."
-            )
-        if n_samples < 2**self.subspace_bits:
-            raise ValueError(
-                f"DeepQuantizationNetwork needs at least 2**subspace_bits = "
-                f"{2**self.subspace_bits} training rows for its codebooks; got "
-                f"n_samples={n_samples}. Use a smaller subspace_bits or more data."
             )
         return tuple(int(s) for s in sizes)
 

@@ -20,6 +20,28 @@ _CHUNK = 16384
 _MAX_SDC_CODEWORDS = 1024
 
 
+def _check_codebooks(estimator, n_samples):
+    """Number of codebooks and of codewords for ``n_bits`` and ``subspace_bits``.
+
+    Shared by the estimators that product-quantize: ``n_bits`` must be a
+    multiple of ``subspace_bits``, and k-means needs at least K rows.
+    """
+    n_bits, subspace_bits = estimator.n_bits, estimator.subspace_bits
+    if n_bits % subspace_bits:
+        raise ValueError(
+            f"n_bits must be a multiple of subspace_bits; got n_bits={n_bits}, "
+            f"subspace_bits={subspace_bits}."
+        )
+    n_codewords = 2**subspace_bits
+    if n_samples < n_codewords:
+        raise ValueError(
+            f"{type(estimator).__name__} needs at least 2**subspace_bits = {n_codewords} "
+            f"training rows for its k-means codebooks; got n_samples={n_samples}. "
+            f"Use a smaller subspace_bits or more data."
+        )
+    return n_bits // subspace_bits, n_codewords
+
+
 class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Product quantization: one k-means codebook per block of dimensions.
 
@@ -169,24 +191,12 @@ default="random"
         """
         X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
         n_samples, n_features = X.shape
-        if self.n_bits % self.subspace_bits:
-            raise ValueError(
-                f"n_bits must be a multiple of subspace_bits; got n_bits={self.n_bits}, "
-                f"subspace_bits={self.subspace_bits}."
-            )
-        n_subspaces = self.n_bits // self.subspace_bits
-        n_codewords = 2**self.subspace_bits
+        n_subspaces, n_codewords = _check_codebooks(self, n_samples)
         if n_subspaces > n_features:
             raise ValueError(
                 f"ProductQuantizer needs n_bits // subspace_bits <= n_features (one or "
                 f"more features per subspace); got {n_subspaces} subspaces for "
                 f"n_features={n_features}."
-            )
-        if n_samples < n_codewords:
-            raise ValueError(
-                f"ProductQuantizer needs at least 2**subspace_bits = {n_codewords} "
-                f"training rows for its k-means codebooks; got n_samples={n_samples}. "
-                f"Use a smaller subspace_bits or more data."
             )
         rng = check_random_state(self.random_state)
         max_train = 256 * n_codewords if self.max_train_samples is None else self.max_train_samples

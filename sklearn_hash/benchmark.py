@@ -30,6 +30,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from ._agh import AGH
 from ._dqn import DeepQuantizationNetwork
+from ._dqn import _torch_available as _has_torch
 from ._itq import ITQ
 from ._neighbors import QuantizedNeighbors
 from ._pq import ProductQuantizer
@@ -114,15 +115,6 @@ def partial_labels(y, labelled_fraction, random_state=0):
     y_partial = np.full(len(y), -1, dtype=y.dtype)
     y_partial[rows] = y[rows]
     return y_partial
-
-
-def _has_torch():
-    try:
-        import skorch  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def run(X_db, y_db, X_q, y_q, *, methods=None, bits=DEFAULT_BITS, R=100,

@@ -18,17 +18,12 @@ from sklearn_hash import (
     QuantizedNeighbors,
     SpectralHashing,
 )
+from sklearn_hash._dqn import _torch_available
 from sklearn_hash._kernels._adc import adc_kneighbors
 from sklearn_hash._kernels._hamming import hamming_kneighbors
 from sklearn_hash.metrics import map_at_r_score
 
-try:
-    import skorch  # noqa: F401
-    import torch  # noqa: F401
-
-    HAS_TORCH = True
-except ImportError:
-    HAS_TORCH = False
+HAS_TORCH = _torch_available()  # the deep model is tested where its extra is installed
 
 N, D = 80, 8
 rng = np.random.default_rng(0)

@@ -17,13 +17,9 @@ from sklearn_hash import (
     SpectralHashing,
 )
 
-try:  # the deep model is checked where its optional dependencies are installed
-    import skorch  # noqa: F401
-    import torch  # noqa: F401
+from sklearn_hash._dqn import _torch_available
 
-    HAS_TORCH = True
-except ImportError:
-    HAS_TORCH = False
+HAS_TORCH = _torch_available()  # the deep model is tested where its extra is installed
 
 # Small settings: the checks fit on tiny data sets (a few features, tens of rows).
 ESTIMATORS = [

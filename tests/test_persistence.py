@@ -19,6 +19,7 @@ from sklearn_hash import (
     SpectralHashing,
 )
 from sklearn_hash import _neighbors
+from sklearn_hash._dqn import _torch_available
 from sklearn_hash._kernels._adc import adc_kneighbors
 
 QUANTIZERS = [
@@ -28,14 +29,9 @@ QUANTIZERS = [
     AGH(n_bits=16, n_anchors=50, n_layers=2, random_state=0),
     ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),
 ]
-try:
-    import skorch  # noqa: F401
-    import torch  # noqa: F401
-
+if _torch_available():
     QUANTIZERS.append(DeepQuantizationNetwork(n_bits=16, subspace_bits=4, embedding_dim=8,
                                               max_epochs=3, random_state=0))
-except ImportError:
-    pass
 
 SEARCHERS = [
     QuantizedNeighbors(ITQ(n_bits=24, random_state=0), n_neighbors=5),
