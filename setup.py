@@ -7,6 +7,7 @@ Environment switches:
 - ``SKLEARN_HASH_DEBUG=1`` compiles the kernels with bounds checking on.
 """
 
+import glob
 import os
 import platform
 import sys
@@ -72,6 +73,7 @@ def _extensions():
             f"sklearn_hash._kernels.{name}",
             [f"sklearn_hash/_kernels/{name}.pyx"],
             include_dirs=["sklearn_hash/_kernels"],
+            depends=glob.glob("sklearn_hash/_kernels/*.h"),
             extra_compile_args=compile_args,
             extra_link_args=link_args,
         )

@@ -60,7 +60,7 @@ def check_hamming(case):
 
 @st.composite
 def adc_cases(draw):
-    M = draw(st.integers(1, 20))
+    M = draw(st.one_of(st.integers(1, 20), st.sampled_from([24, 32, 64])))
     K = draw(st.sampled_from([2, 3, 16, 256, 257, 1024]))
     n_db = draw(st.integers(0, 200))
     n_q = draw(st.integers(0, 6))

@@ -27,11 +27,12 @@ def adc_oracle(tables, codes, k, self_offset=-1):
     return np.take_along_axis(dist, order, axis=1), order
 
 
-@pytest.mark.parametrize("n_subspaces", [1, 3, 4, 8, 16, 17])
+# 4, 8, 16, 24 and 32 subspaces of 256 uint8 codewords have their own scan loops.
+@pytest.mark.parametrize("n_subspaces", [1, 3, 4, 8, 16, 17, 24, 32, 64])
+@pytest.mark.parametrize("K", [16, 256])
 @pytest.mark.parametrize("code_dtype", [np.uint8, np.uint16])
-def test_adc_kernel_matches_oracle_with_ties(n_subspaces, code_dtype):
+def test_adc_kernel_matches_oracle_with_ties(n_subspaces, K, code_dtype):
     rng = np.random.default_rng(n_subspaces)
-    K = 16
     codes = rng.integers(0, K, (700, n_subspaces)).astype(code_dtype)
     # Small integer entries: sums are exact in float32 and ties are frequent.
     tables = rng.integers(0, 4, (9, n_subspaces, K)).astype(np.float32)
