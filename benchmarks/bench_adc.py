@@ -5,8 +5,9 @@ subspaces (8 bits per subspace); 1,000 queries; k = 10 and 100; 1 and 2
 threads. Training uses 100,000 rows (faiss subsamples to 256 x K = 65,536
 rows, and so does ProductQuantizer by default). Data: Gaussian vectors with a
 decaying spectrum (a stand-in for embeddings). Recall@10 is measured against
-exact float search on the first 100 queries. faiss-cpu is required for its
-columns (``pip install faiss-cpu``).
+exact float search on the first 100 queries. Searches shorter than a second
+are timed as the best of up to 3 runs, for both libraries. faiss-cpu is
+required for its columns (``pip install faiss-cpu``).
 
     python benchmarks/bench_adc.py [--quick]
 """
@@ -24,6 +25,24 @@ def timed(fn):
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
+
+
+def timed_best(fn, budget=1.0, repeats=3):
+    """Best time of up to ``repeats`` runs, repeating only while under ``budget`` seconds.
+
+    Short searches are sensitive to the state the previous library left the
+    cores in (the other OpenMP runtime's threads still spinning); the best of
+    a few runs is applied to ours and faiss's alike.
+    """
+    out, best = timed(fn)
+    spent = best
+    for _ in range(repeats - 1):
+        if spent >= budget:
+            break
+        _, t = timed(fn)
+        spent += t
+        best = min(best, t)
+    return out, best
 
 
 def make_data(n, d, seed):
@@ -76,15 +95,15 @@ def main():
         for k in (10, 100):
             for threads in (1, 2):
                 faiss.omp_set_num_threads(threads)
-                (_, ours_ind), t_scan = timed(lambda: adc_kneighbors(tables, codes, k, n_threads=threads))
-                _, t_sdc = timed(lambda: adc_kneighbors(sdc_tables, codes, k, n_threads=threads))
+                (_, ours_ind), t_scan = timed_best(lambda: adc_kneighbors(tables, codes, k, n_threads=threads))
+                _, t_sdc = timed_best(lambda: adc_kneighbors(sdc_tables, codes, k, n_threads=threads))
                 index.search_type = faiss.IndexPQ.ST_PQ
-                (_, f_ind), f_adc = timed(lambda: index.search(X_q, k))
+                (_, f_ind), f_adc = timed_best(lambda: index.search(X_q, k))
                 index.search_type = faiss.IndexPQ.ST_SDC
-                _, f_sdc = timed(lambda: index.search(X_q, k))
+                _, f_sdc = timed_best(lambda: index.search(X_q, k))
                 # faiss builds its tables inside search: ours are timed with the
                 # scan (tables by numpy/BLAS, scan by the kernel).
-                _, t_tables = timed(lambda: pq.distance_tables(X_q))
+                _, t_tables = timed_best(lambda: pq.distance_tables(X_q))
                 t_adc = t_scan + t_tables
                 rec = f"{recall_at_10(ours_ind[:100], truth):.3f} / {recall_at_10(f_ind[:100], truth):.3f}"
                 print(f"| {n} x {d} | {M} | {k} | {threads} | {n_queries / t_adc:,.0f} "

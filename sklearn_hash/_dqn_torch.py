@@ -140,12 +140,13 @@ def fit_codebooks(quantizer, Z, previous=None):
     """A clone of ``quantizer`` fitted on Z, warm started from ``previous``'s codebooks.
 
     The quantization loss draws embeddings onto codewords, so a codeword can
-    end with no row; k-means then warns of fewer distinct clusters than
-    asked. That is expected here (the codeword is just unused) and silenced.
+    end with no row and the codebook with duplicate codewords, of which the
+    quantizer warns. That is expected here (the codeword is just unused) and
+    silenced.
     """
     init = "random" if previous is None else previous.cluster_centers_
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Number of distinct clusters",
+        warnings.filterwarnings("ignore", message="Number of distinct codewords",
                                 category=ConvergenceWarning)
         return clone(quantizer).set_params(init=init).fit(Z)
 

@@ -2,6 +2,8 @@
 
 from numbers import Integral
 
+import warnings
+
 import numpy as np
 from sklearn.base import (
     BaseEstimator,
@@ -9,12 +11,16 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
-from sklearn.cluster import KMeans
+from sklearn.cluster import kmeans_plusplus
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-# Rows encoded at a time, to bound the memory of the distance matrices.
+from ._kernels._nearest import accumulate, encode, nearest_codewords
+from ._kernels._openmp import effective_n_threads
+
+# Rows of distance tables computed at a time, to bound their memory.
 _CHUNK = 16384
 # Largest number of codewords for which K x K symmetric tables are built.
 _MAX_SDC_CODEWORDS = 1024
@@ -40,6 +46,54 @@ def _check_codebooks(estimator, n_samples):
             f"Use a smaller subspace_bits or more data."
         )
     return n_bits // subspace_bits, n_codewords
+
+
+def _kmeans(X, init, n_iter, n_threads):
+    """Lloyd's k-means in X's precision.
+
+    Each iteration assigns every row to its nearest center (a fused kernel,
+    no distance matrix) and moves each center to the mean of its rows; a
+    center left without rows takes the row farthest from its own center, as
+    scikit-learn's KMeans does. Stops after ``n_iter`` iterations or when no
+    assignment changes, then assigns once more for the inertia.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features), float32 or float64, C-contiguous
+    init : ndarray of shape (n_clusters, n_features)
+        Starting centers.
+    n_iter : int
+    n_threads : int
+        OpenMP threads of the assignment step; the result does not depend on it.
+
+    Returns
+    -------
+    centers : ndarray of shape (n_clusters, n_features), dtype of X
+    inertia : float
+        Sum of squared distances of the rows to their nearest center.
+    """
+    centers = np.array(init, dtype=X.dtype, order="C")
+    n_clusters = centers.shape[0]
+    previous = None
+    for _ in range(n_iter):
+        labels, sq_distances = nearest_codewords(X, centers, n_threads=n_threads)
+        if previous is not None and np.array_equal(labels, previous):
+            break
+        sums, counts = accumulate(X, labels, n_clusters)
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            # The farthest rows (ties: the first) become the empty centers.
+            far = np.argsort(-sq_distances, kind="stable")[: empty.size]
+            for cluster, row in zip(empty, far):
+                sums[labels[row]] -= X[row]
+                counts[labels[row]] -= 1
+                sums[cluster] = X[row]
+                counts[cluster] = 1
+        keep = counts > 0  # a center whose rows all moved away stays put
+        centers[keep] = sums[keep] / counts[keep, None]
+        previous = labels
+    _, sq_distances = nearest_codewords(X, centers, n_threads=n_threads)
+    return centers, float(sq_distances.sum(dtype=np.float64))
 
 
 class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -72,6 +126,15 @@ class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     ``n_subspaces``, the first ``n_features % n_subspaces`` blocks get one
     more dimension than the others (faiss refuses such splits); the split is
     in ``subspace_bounds_``.
+
+    **k-means.** Each codebook is trained by Lloyd's algorithm in the
+    input's precision (float32 stays float32), with a fused kernel that
+    finds each row's nearest codeword without building a distance matrix;
+    a codeword left without rows takes the row farthest from its own
+    codeword, as in scikit-learn's :class:`~sklearn.cluster.KMeans`, and
+    training stops early when no assignment changes. Encoding uses the same
+    kernel. Threads: all cores, or ``OMP_NUM_THREADS``; results do not
+    depend on the number.
 
     **Training size.** k-means needs at least K rows. With more than
     ``max_train_samples`` rows (default ``256 * K``, as faiss), k-means runs
@@ -214,19 +277,36 @@ default="random"
         self.n_codewords_ = n_codewords
         self.cluster_centers_ = np.zeros((n_subspaces, n_codewords, sizes.max()), dtype=X.dtype)
         self.inertia_ = np.zeros(n_subspaces)
+        n_threads = effective_n_threads()
         for m in range(n_subspaces):
             lo, hi = self.subspace_bounds_[m], self.subspace_bounds_[m + 1]
-            kmeans = KMeans(
-                n_clusters=n_codewords,
-                init=init if isinstance(init, str) else init[m, :, : hi - lo],
-                n_init=1,
-                max_iter=self.n_iter,
-                tol=0.0,
-                random_state=rng.randint(np.iinfo(np.int32).max),
-            ).fit(X_train[:, lo:hi])
-            self.cluster_centers_[m, :, : hi - lo] = kmeans.cluster_centers_
-            self.inertia_[m] = kmeans.inertia_
+            seed = rng.randint(np.iinfo(np.int32).max)
+            # A contiguous copy of the block: k-means reads it 2 * n_iter times.
+            block = np.ascontiguousarray(X_train[:, lo:hi])
+            if isinstance(init, str):
+                start = self._init_centers(block, n_codewords, seed)
+            else:
+                start = init[m, :, : hi - lo]
+            centers, self.inertia_[m] = _kmeans(block, start, self.n_iter, n_threads)
+            self.cluster_centers_[m, :, : hi - lo] = centers
+            n_distinct = len(np.unique(centers, axis=0))
+            if n_distinct < n_codewords:
+                warnings.warn(
+                    f"Number of distinct codewords ({n_distinct}) in codebook {m} is smaller "
+                    f"than 2**subspace_bits ({n_codewords}): the training rows have fewer "
+                    f"distinct values in features {lo}:{hi}. Some codes are never used.",
+                    ConvergenceWarning,
+                    stacklevel=2,
+                )
         return self
+
+    def _init_centers(self, X_block, n_codewords, seed):
+        """Starting codewords: K distinct training rows, or k-means++ seeding."""
+        if self.init == "k-means++":
+            centers, _ = kmeans_plusplus(X_block, n_codewords, random_state=seed)
+            return centers
+        rows = check_random_state(seed).choice(X_block.shape[0], n_codewords, replace=False)
+        return X_block[np.sort(rows)]
 
     def _check_init(self, n_subspaces, n_codewords, subspace_dim, dtype):
         if isinstance(self.init, str):
@@ -272,10 +352,8 @@ default="random"
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
         codes = np.empty((X.shape[0], self.n_subspaces_), dtype=self._code_dtype())
-        for start in range(0, X.shape[0], _CHUNK):
-            chunk = X[start : start + _CHUNK]
-            for m in range(self.n_subspaces_):
-                codes[start : start + _CHUNK, m] = np.argmin(self._subspace_distances(chunk, m), axis=1)
+        encode(X, self.subspace_bounds_.astype(np.intp), self.cluster_centers_, codes,
+               n_threads=effective_n_threads())
         return codes
 
     def inverse_transform(self, X):

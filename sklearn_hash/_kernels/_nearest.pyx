@@ -1,0 +1,262 @@
+"""Nearest codeword of each row, for k-means and product-quantization encoding.
+
+``nearest_codewords`` is the assignment step of Lloyd's k-means;
+``encode`` assigns every block of columns of every row (the PQ code);
+``accumulate`` is the update step's sums. Scores are computed in the input's
+precision (float32 or float64) by the fused kernel of ``_nearest.h``; rows
+are split over OpenMP threads, and no result depends on the thread count.
+"""
+
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
+from libc.stdlib cimport free, malloc
+
+import numpy as np
+
+cdef extern from "_nearest.h":
+    int sh_nearest_level() noexcept nogil
+    void sh_nearest_f32(
+        int level, const float* X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t d,
+        const float* CT, const float* bias, Py_ssize_t Kp, int32_t* labels, float* scores,
+    ) noexcept nogil
+    void sh_nearest_f64(
+        int level, const double* X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t d,
+        const double* CT, const double* bias, Py_ssize_t Kp, int32_t* labels, double* scores,
+    ) noexcept nogil
+
+ctypedef fused code_t:
+    uint8_t
+    uint16_t
+
+cdef enum:
+    # Rows per task: enough to amortise a call, few enough to balance threads.
+    ROW_BLOCK = 256
+    # Codewords are padded to a multiple of the widest vector (16 floats).
+    PAD = 16
+
+cdef int _level = -1
+
+
+def simd_level():
+    """Widest vector path of this processor: 2 AVX-512F, 1 AVX2 + FMA, 0 other."""
+    global _level
+    if _level < 0:
+        _level = sh_nearest_level()
+    return _level
+
+
+def _packed_codebooks(centers, dtype):
+    """Codebooks (M, K, d) as the kernel reads them.
+
+    Returns ``CT`` of shape (M, d, Kp), each codebook transposed with K padded
+    to Kp (a multiple of 16) by zero columns, and ``bias`` of shape (M, Kp),
+    ``-||c||^2 / 2`` with ``-inf`` in the padding.
+    """
+    centers = np.asarray(centers, dtype=dtype)
+    M, K, d = centers.shape
+    Kp = -(-K // PAD) * PAD
+    CT = np.zeros((M, d, Kp), dtype=dtype)
+    CT[:, :, :K] = centers.transpose(0, 2, 1)
+    bias = np.full((M, Kp), -np.inf, dtype=dtype)
+    bias[:, :K] = -0.5 * np.einsum("mkd,mkd->mk", centers, centers)
+    return CT, bias
+
+
+cdef inline void _nearest(
+    int level, const floating* X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t d,
+    const floating* CT, const floating* bias, Py_ssize_t Kp,
+    int32_t* labels, floating* scores,
+) noexcept nogil:
+    if floating is float:
+        sh_nearest_f32(level, X, ldx, n, d, CT, bias, Kp, labels, scores)
+    else:
+        sh_nearest_f64(level, X, ldx, n, d, CT, bias, Kp, labels, scores)
+
+
+def _check_level(simd):
+    return simd_level() if simd else 0
+
+
+def nearest_codewords(
+    const floating[:, ::1] X,   # IN (n_samples, n_features)
+    centers,                     # IN (n_codewords, n_features)
+    int n_threads=1,
+    bint simd=True,
+):
+    """Nearest codeword of every row (the assignment step of k-means).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features), dtype=float32 or float64
+        C-contiguous, finite.
+    centers : array-like of shape (n_codewords, n_features)
+        Codewords, converted to X's dtype.
+    n_threads : int, default=1
+        OpenMP threads.
+    simd : bool, default=True
+        Use the widest vector path of the processor; ``False`` forces the
+        portable 16-byte path.
+
+    Returns
+    -------
+    labels : ndarray of shape (n_samples,), dtype=int32
+        Index of the nearest codeword (ties: the smallest index).
+    sq_distances : ndarray of shape (n_samples,), dtype of X
+        Squared distance to it, ``||x||^2 - 2 max_c (x . c - ||c||^2 / 2)``,
+        clipped at 0.
+    """
+    cdef Py_ssize_t n = X.shape[0]
+    cdef Py_ssize_t d = X.shape[1]
+    dtype = np.float32 if floating is float else np.float64
+    centers = np.asarray(centers, dtype=dtype)
+    if centers.ndim != 2 or centers.shape[1] != d or centers.shape[0] < 1 or d < 1:
+        raise ValueError(f"centers must have shape (n_codewords >= 1, n_features = {d} >= 1); "
+                         f"got {centers.shape}.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    CT_all, bias_all = _packed_codebooks(centers[None], dtype)
+    cdef const floating[:, ::1] CT = CT_all[0]
+    cdef const floating[::1] bias = bias_all[0]
+    cdef Py_ssize_t Kp = CT.shape[1]
+    cdef int level = _check_level(simd)
+
+    labels = np.empty(n, dtype=np.int32)
+    scores = np.empty(n, dtype=dtype)
+    if n == 0:
+        return labels, scores
+    cdef int32_t[::1] lab = labels
+    cdef floating[::1] sc = scores
+    cdef Py_ssize_t n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+    cdef Py_ssize_t b, start, stop
+    with nogil:
+        for b in prange(n_blocks, schedule="static", num_threads=n_threads):
+            start = b * ROW_BLOCK
+            stop = min(start + ROW_BLOCK, n)
+            _nearest(level, &X[start, 0], d, stop - start, d,
+                     &CT[0, 0], &bias[0], Kp, &lab[start], &sc[start])
+    X_arr = np.asarray(X)
+    sq_distances = np.einsum("ij,ij->i", X_arr, X_arr) - 2 * scores
+    np.maximum(sq_distances, 0, out=sq_distances)
+    return labels, sq_distances
+
+
+def encode(
+    const floating[:, ::1] X,      # IN (n_samples, n_features)
+    const Py_ssize_t[::1] bounds,  # IN (n_subspaces + 1,)
+    centers,                        # IN (n_subspaces, K, subspace_dim)
+    code_t[:, ::1] codes,          # OUT (n_samples, n_subspaces)
+    int n_threads=1,
+    bint simd=True,
+):
+    """Product-quantization codes: the nearest codeword of every block.
+
+    Block m of row i is ``X[i, bounds[m]:bounds[m + 1]]``, compared with the
+    first ``bounds[m + 1] - bounds[m]`` coordinates of ``centers[m]``;
+    ``codes[i, m]`` receives the index of the nearest codeword (ties: the
+    smallest index).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features), dtype=float32 or float64
+        C-contiguous, finite.
+    bounds : ndarray of shape (n_subspaces + 1,), dtype=intp
+        Increasing, from 0 to at most n_features.
+    centers : array-like of shape (n_subspaces, n_codewords, subspace_dim)
+        Codebooks, converted to X's dtype.
+    codes : ndarray of shape (n_samples, n_subspaces), dtype=uint8 or uint16
+        Written in place; its dtype must hold ``n_codewords - 1``.
+    n_threads : int, default=1
+        OpenMP threads.
+    simd : bool, default=True
+        As in :func:`nearest_codewords`.
+    """
+    cdef Py_ssize_t n = X.shape[0]
+    cdef Py_ssize_t n_features = X.shape[1]
+    cdef Py_ssize_t M = bounds.shape[0] - 1
+    dtype = np.float32 if floating is float else np.float64
+    centers = np.asarray(centers, dtype=dtype)
+    if M < 1 or centers.ndim != 3 or centers.shape[0] != M:
+        raise ValueError(f"centers must have shape (n_subspaces={M}, n_codewords, "
+                         f"subspace_dim); got {centers.shape}.")
+    widths = np.diff(np.asarray(bounds))
+    if bounds[0] != 0 or bounds[M] > n_features or np.any(widths < 1) \
+            or widths.max() > centers.shape[2]:
+        raise ValueError(f"bounds must increase from 0 to at most n_features = {n_features}, "
+                         f"with blocks of at most subspace_dim = {centers.shape[2]} columns.")
+    if codes.shape[0] != n or codes.shape[1] != M:
+        raise ValueError(f"codes must have shape ({n}, {M}); got "
+                         f"({codes.shape[0]}, {codes.shape[1]}).")
+    if centers.shape[1] - 1 > np.iinfo(np.asarray(codes).dtype).max:
+        raise ValueError(f"codes of dtype {np.asarray(codes).dtype} cannot hold "
+                         f"{centers.shape[1]} codeword indices.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    # Coordinates past a block's width are not part of its codewords.
+    centers = np.where(np.arange(centers.shape[2]) < widths[:, None, None], centers, 0)
+    CT_all, bias_all = _packed_codebooks(centers, dtype)
+    cdef const floating[:, :, ::1] CT = CT_all
+    cdef const floating[:, ::1] bias = bias_all
+    cdef Py_ssize_t d_max = CT.shape[1]
+    cdef Py_ssize_t Kp = CT.shape[2]
+    cdef int level = _check_level(simd)
+    if n == 0:
+        return
+
+    cdef Py_ssize_t n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+    cdef Py_ssize_t b, m, i, start, stop
+    cdef int failed = 0
+    cdef int* failed_flag = &failed
+    cdef int32_t* lab
+    cdef floating* sc
+    with nogil, parallel(num_threads=n_threads):
+        lab = <int32_t*> malloc(ROW_BLOCK * sizeof(int32_t))
+        sc = <floating*> malloc(ROW_BLOCK * sizeof(floating))
+        if lab == NULL or sc == NULL:
+            failed_flag[0] = 1
+        else:
+            for b in prange(n_blocks, schedule="static"):
+                start = b * ROW_BLOCK
+                stop = min(start + ROW_BLOCK, n)
+                for m in range(M):
+                    _nearest(level, &X[start, bounds[m]], n_features, stop - start,
+                             bounds[m + 1] - bounds[m], &CT[m, 0, 0], &bias[m, 0], Kp, lab, sc)
+                    for i in range(stop - start):
+                        codes[start + i, m] = <code_t> lab[i]
+        free(lab)
+        free(sc)
+    if failed:
+        raise MemoryError("could not allocate the encoding buffers.")
+
+
+def accumulate(
+    const floating[:, ::1] X,        # IN (n_samples, n_features)
+    const int32_t[::1] labels,       # IN (n_samples,)
+    Py_ssize_t n_clusters,
+):
+    """Per-cluster sums of the rows of X and cluster sizes (the k-means update).
+
+    Returns
+    -------
+    sums : ndarray of shape (n_clusters, n_features), dtype=float64
+        Added in row order, so the result never depends on threads.
+    counts : ndarray of shape (n_clusters,), dtype=int64
+    """
+    cdef Py_ssize_t n = X.shape[0]
+    cdef Py_ssize_t d = X.shape[1]
+    if labels.shape[0] != n:
+        raise ValueError(f"labels has {labels.shape[0]} entries for {n} rows.")
+    if n and (np.min(labels) < 0 or np.max(labels) >= n_clusters):
+        raise ValueError(f"labels must be in [0, {n_clusters - 1}].")
+    sums = np.zeros((n_clusters, d), dtype=np.float64)
+    counts = np.zeros(n_clusters, dtype=np.int64)
+    cdef double[:, ::1] s = sums
+    cdef int64_t[::1] c = counts
+    cdef Py_ssize_t i, j, k
+    with nogil:
+        for i in range(n):
+            k = labels[i]
+            c[k] += 1
+            for j in range(d):
+                s[k, j] += X[i, j]
+    return sums, counts

@@ -1,0 +1,181 @@
+"""The nearest-codeword kernel (k-means assignment, PQ encoding) against numpy."""
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.datasets import make_blobs
+
+from sklearn_hash import ProductQuantizer
+from sklearn_hash._kernels._nearest import accumulate, encode, nearest_codewords, simd_level
+from sklearn_hash._pq import _kmeans
+
+SIMD = [True, False]  # the processor's widest path, and the portable one
+
+
+def oracle_sq_distances(X, centers):
+    """Squared distances (n, K) in float64."""
+    X = X.astype(np.float64)
+    centers = centers.astype(np.float64)
+    return ((X[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+
+
+def check_nearest(X, centers, labels, sq_distances, rtol):
+    """labels pick a nearest codeword up to float rounding of the inputs' dtype."""
+    d2 = oracle_sq_distances(X, centers)
+    best = d2.min(1)
+    scale = (X.astype(np.float64) ** 2).sum(1) + (centers.astype(np.float64) ** 2).sum(1).max()
+    tol = rtol * (scale + 1.0)
+    chosen = d2[np.arange(len(X)), labels]
+    assert np.all(chosen <= best + tol)
+    assert np.all(np.abs(sq_distances - best) <= tol)
+    # Where the nearest codeword is clear, it is exactly numpy's argmin.
+    gap = np.sort(d2, axis=1)[:, 1] - best if d2.shape[1] > 1 else np.full(len(X), np.inf)
+    clear = gap > 2 * tol
+    np.testing.assert_array_equal(labels[clear], d2.argmin(1)[clear])
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("n", [0, 1, 5, 257, 1000])
+@pytest.mark.parametrize("n_features", [1, 3, 8, 16, 33])
+@pytest.mark.parametrize("n_codewords", [1, 2, 15, 16, 17, 256, 300])
+def test_nearest_codewords_match_numpy(dtype, rtol, n, n_features, n_codewords):
+    rng = np.random.default_rng(n + 7 * n_features + 31 * n_codewords)
+    X = rng.standard_normal((n, n_features)).astype(dtype)
+    centers = rng.standard_normal((n_codewords, n_features)).astype(dtype)
+    for simd in SIMD:
+        for n_threads in (1, 2):
+            labels, sq = nearest_codewords(X, centers, n_threads=n_threads, simd=simd)
+            assert labels.dtype == np.int32 and sq.dtype == dtype and labels.shape == (n,)
+            check_nearest(X, centers, labels, sq, rtol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("simd", SIMD)
+def test_ties_go_to_the_smallest_index(dtype, simd):
+    # Small integers: every score is exact, so ties are exact.
+    rng = np.random.default_rng(0)
+    centers = rng.integers(-3, 4, (40, 5)).astype(dtype)
+    centers[[7, 19, 33]] = centers[2]  # duplicates of codeword 2
+    X = np.concatenate([centers, rng.integers(-3, 4, (500, 5))]).astype(dtype)
+    labels, sq = nearest_codewords(X, centers, simd=simd)
+    d2 = oracle_sq_distances(X, centers)
+    np.testing.assert_array_equal(labels, d2.argmin(1))  # numpy: first minimum
+    np.testing.assert_array_equal(sq, d2.min(1))
+    assert not np.isin(labels, [7, 19, 33]).any()
+
+
+def test_threads_and_paths_agree_exactly_on_one_machine():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((3001, 16)).astype(np.float32)
+    centers = rng.standard_normal((256, 16)).astype(np.float32)
+    ref = nearest_codewords(X, centers, n_threads=1)
+    for n_threads in (2, 3):
+        out = nearest_codewords(X, centers, n_threads=n_threads)
+        np.testing.assert_array_equal(out[0], ref[0])
+        np.testing.assert_array_equal(out[1], ref[1])
+    assert simd_level() in (0, 1, 2)
+
+
+@pytest.mark.parametrize("dtype, code_dtype, n_codewords", [
+    (np.float32, np.uint8, 256), (np.float64, np.uint8, 16), (np.float32, np.uint16, 300),
+])
+@pytest.mark.parametrize("simd", SIMD)
+def test_encode_is_the_nearest_codeword_of_each_block(dtype, code_dtype, n_codewords, simd):
+    rng = np.random.default_rng(2)
+    bounds = np.array([0, 4, 8, 11, 14], dtype=np.intp)  # uneven blocks
+    X = rng.standard_normal((999, 14)).astype(dtype)
+    centers = rng.standard_normal((4, n_codewords, 4)).astype(dtype)
+    codes = np.empty((999, 4), dtype=code_dtype)
+    encode(X, bounds, centers, codes, n_threads=2, simd=simd)
+    for m in range(4):
+        lo, hi = bounds[m], bounds[m + 1]
+        labels, _ = nearest_codewords(np.ascontiguousarray(X[:, lo:hi]),
+                                      centers[m, :, : hi - lo], simd=simd)
+        np.testing.assert_array_equal(codes[:, m], labels)
+        check_nearest(X[:, lo:hi], centers[m, :, : hi - lo], codes[:, m].astype(np.intp),
+                      oracle_sq_distances(X[:, lo:hi], centers[m, :, : hi - lo]).min(1),
+                      1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_accumulate_matches_numpy():
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((1000, 7)).astype(np.float32)
+    labels = rng.integers(0, 20, 1000).astype(np.int32)
+    labels[labels == 13] = 12  # an empty cluster
+    sums, counts = accumulate(X, labels, 20)
+    expected = np.zeros((20, 7))
+    np.add.at(expected, labels, X.astype(np.float64))
+    np.testing.assert_allclose(sums, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=20))
+    assert counts[13] == 0
+
+
+def test_kernel_arguments_are_checked():
+    X = np.zeros((5, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="centers must have shape"):
+        nearest_codewords(X, np.zeros((3, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match="centers must have shape"):
+        nearest_codewords(X, np.zeros((0, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="n_threads"):
+        nearest_codewords(X, np.zeros((3, 4), dtype=np.float32), n_threads=0)
+    with pytest.raises(ValueError, match="labels must be in"):
+        accumulate(X, np.array([0, 1, 2, 3, 9], dtype=np.int32), 4)
+    with pytest.raises(ValueError, match="labels has 2 entries"):
+        accumulate(X, np.array([0, 1], dtype=np.int32), 4)
+    bounds = np.array([0, 2, 4], dtype=np.intp)
+    with pytest.raises(ValueError, match="cannot hold 300"):
+        encode(X, bounds, np.zeros((2, 300, 2), dtype=np.float32), np.empty((5, 2), np.uint8))
+    with pytest.raises(ValueError, match="codes must have shape"):
+        encode(X, bounds, np.zeros((2, 16, 2), dtype=np.float32), np.empty((4, 2), np.uint8))
+    with pytest.raises(ValueError, match="bounds must increase"):
+        encode(X, np.array([0, 3, 4], dtype=np.intp), np.zeros((2, 16, 2), np.float32),
+               np.empty((5, 2), np.uint8))
+    with pytest.raises(ValueError, match="centers must have shape"):
+        encode(X, bounds, np.zeros((3, 16, 2), dtype=np.float32), np.empty((5, 2), np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kmeans_follows_scikit_learn_lloyd_from_the_same_start(dtype):
+    X, _ = make_blobs(n_samples=2000, n_features=6, centers=30, cluster_std=2.0, random_state=0)
+    X = X.astype(dtype)
+    init = X[np.random.default_rng(0).choice(2000, 24, replace=False)]
+    for n_iter in (1, 5, 30):
+        centers, inertia = _kmeans(X, init, n_iter, n_threads=2)
+        km = KMeans(24, init=init, n_init=1, max_iter=n_iter, tol=0, algorithm="lloyd").fit(X)
+        np.testing.assert_allclose(centers, km.cluster_centers_, rtol=1e-4, atol=1e-4)
+        assert inertia == pytest.approx(km.inertia_, rel=1e-4)
+
+
+def test_kmeans_refills_an_empty_cluster_with_the_farthest_row():
+    X, _ = make_blobs(n_samples=600, n_features=3, centers=6, random_state=1)
+    init = X[:8].copy()
+    init[5] = init[2]  # an exact duplicate never wins a row (ties: smallest index)
+    labels0, sq0 = nearest_codewords(X, init)
+    assert not np.any(labels0 == 5)
+    centers, _ = _kmeans(X, init, 1, n_threads=1)
+    np.testing.assert_array_equal(centers[5], X[np.argmax(sq0)])
+    labels, _ = nearest_codewords(X, centers)
+    assert len(np.unique(labels)) == 8
+
+
+def test_product_quantizer_training_does_not_depend_on_threads(monkeypatch):
+    X, _ = make_blobs(n_samples=3000, n_features=16, centers=40, random_state=0)
+    import sklearn_hash._pq as pq_module
+
+    fitted = []
+    for n_threads in (1, 2):
+        monkeypatch.setattr(pq_module, "effective_n_threads", lambda n_jobs=None, t=n_threads: t)
+        pq = ProductQuantizer(32, random_state=0).fit(X)
+        fitted.append((pq.cluster_centers_, pq.transform(X)))
+    np.testing.assert_array_equal(fitted[0][0], fitted[1][0])
+    np.testing.assert_array_equal(fitted[0][1], fitted[1][1])
+
+
+def test_fewer_distinct_rows_than_codewords_warns_and_still_encodes():
+    from sklearn.exceptions import ConvergenceWarning
+
+    rng = np.random.default_rng(4)
+    X = np.repeat(rng.standard_normal((10, 4)), 30, axis=0)  # 10 distinct rows, K = 16
+    with pytest.warns(ConvergenceWarning, match="Number of distinct codewords"):
+        pq = ProductQuantizer(4, subspace_bits=4, random_state=0).fit(X)
+    np.testing.assert_allclose(pq.inverse_transform(pq.transform(X)), X, atol=1e-12)
