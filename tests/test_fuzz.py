@@ -42,7 +42,8 @@ def hamming_cases(draw):
     q_bits = db_bits if exclude_self else pool[rng.integers(0, n_distinct, n_q)]
     n_candidates = n_db - 1 if exclude_self else n_db
     k = draw(st.integers(0, max(n_candidates, 0)))
-    return q_bits, db_bits, k, exclude_self, draw(st.integers(1, 4)), draw(st.booleans())
+    simd = draw(st.sampled_from([True, "avx2", False]))  # each popcount path
+    return q_bits, db_bits, k, exclude_self, draw(st.integers(1, 4)), simd
 
 
 def check_hamming(case):

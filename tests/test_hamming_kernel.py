@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sklearn_hash._codes import n_words, pack_bits
-from sklearn_hash._kernels._hamming import hamming_kneighbors
+from sklearn_hash._kernels._hamming import hamming_kneighbors, simd_path
 
 
 def oracle(query_bits, db_bits, k, exclude_self=False):
@@ -29,8 +29,9 @@ def random_codes(rng, n, n_bits, n_distinct=None):
     return pool[rng.integers(0, n_distinct, n)]
 
 
-@pytest.mark.parametrize("n_bits", [1, 7, 8, 31, 63, 64, 65, 100, 128, 129, 200, 256, 300])
-@pytest.mark.parametrize("simd", [True, False])
+# 1984 bits = 31 words (the AVX2 byte counters' limit), 2100 = 33 words (one flush).
+@pytest.mark.parametrize("n_bits", [1, 7, 8, 31, 63, 64, 65, 100, 128, 129, 200, 256, 300, 1984, 2100])
+@pytest.mark.parametrize("simd", [True, "avx2", False])
 def test_kernel_matches_oracle(n_bits, simd):
     rng = np.random.default_rng(n_bits)
     for n_distinct in (None, 3, 20):
@@ -47,7 +48,7 @@ def test_kernel_matches_oracle(n_bits, simd):
                 np.testing.assert_array_equal(dist, expected[0])
 
 
-@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("simd", [True, "avx2", False])
 def test_every_k_with_many_ties(simd):
     rng = np.random.default_rng(0)
     db = random_codes(rng, 40, 12, n_distinct=4)
@@ -59,7 +60,7 @@ def test_every_k_with_many_ties(simd):
         np.testing.assert_array_equal(dist, expected[0])
 
 
-@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("simd", [True, "avx2", False])
 def test_exclude_self(simd):
     rng = np.random.default_rng(1)
     db = random_codes(rng, 50, 70, n_distinct=5)  # duplicates: self ties with others
@@ -79,7 +80,7 @@ def test_large_database_crosses_blocks_and_buffer_compactions():
     db = random_codes(rng, 20000, 64, n_distinct=3000)
     queries = random_codes(rng, 40, 64)
     expected = oracle(queries, db, 30)
-    for simd in (True, False):
+    for simd in (True, "avx2", False):
         dist, ind = hamming_kneighbors(pack_bits(queries), pack_bits(db), 30, n_threads=2, simd=simd)
         np.testing.assert_array_equal(ind, expected[1])
         np.testing.assert_array_equal(dist, expected[0])
@@ -120,3 +121,27 @@ def test_pack_bits_layout():
     assert packed[0, 0] == (1 | (1 << 63)) and packed[0, 1] == (1 | (1 << 5))
     with pytest.raises(ValueError, match="only 0 and 1"):
         pack_bits([[0, 2]])
+
+
+def test_simd_paths_are_named_and_checked():
+    assert simd_path(False) == "portable"
+    assert simd_path("avx2") in {"avx2", "portable"}
+    assert simd_path(True) in {"avx512", "avx2", "portable"}
+    with pytest.raises(ValueError, match="simd must be True, False"):
+        hamming_kneighbors(np.zeros((1, 1), np.uint64), np.zeros((2, 1), np.uint64), 1, simd="sse")
+
+
+@pytest.mark.parametrize("simd", [True, "avx2", False])
+def test_distances_near_the_maximum_on_long_codes(simd):
+    # Every byte of every word differs in all 8 bits: the AVX2 path's byte
+    # counters would wrap after 32 words if not flushed in time.
+    rng = np.random.default_rng(0)
+    n_bits = 64 * 40
+    db = np.zeros((50, n_bits), dtype=np.uint8)
+    db[np.arange(50), rng.integers(0, n_bits, 50)] = 1  # one bit set per row
+    queries = np.ones((3, n_bits), dtype=np.uint8)
+    dist, ind = hamming_kneighbors(pack_bits(queries), pack_bits(db), 50, simd=simd)
+    expected = oracle(queries, db, 50)
+    np.testing.assert_array_equal(dist, expected[0])
+    np.testing.assert_array_equal(ind, expected[1])
+    assert dist.min() == n_bits - 1

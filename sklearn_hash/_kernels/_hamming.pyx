@@ -24,7 +24,7 @@ from libc.string cimport memset
 import numpy as np
 
 cdef extern from "_popcount.h":
-    int sh_detect_simd(int allow_simd) noexcept nogil
+    int sh_detect_simd(int max_level) noexcept nogil
     Py_ssize_t sh_block_candidates(
         int simd, const uint64_t* query, const uint64_t* block, Py_ssize_t n,
         Py_ssize_t n_words, int threshold, int32_t* pos, int32_t* dist,
@@ -104,13 +104,34 @@ cdef void _write_sorted(
         out_idx[pos] = t.idx[i]
 
 
+_PATHS = ("portable", "avx2", "avx512")
+
+
+def simd_path(simd=True):
+    """The popcount path a search runs for ``simd`` on this processor.
+
+    Returns ``"avx512"`` (AVX-512 VPOPCNTDQ), ``"avx2"`` or ``"portable"``.
+    """
+    return _PATHS[sh_detect_simd(_max_level(simd))]
+
+
+def _max_level(simd):
+    if simd is True or simd == "avx512":
+        return 2
+    if simd == "avx2":
+        return 1
+    if simd is False or simd == "portable":
+        return 0
+    raise ValueError(f"simd must be True, False, 'avx512', 'avx2' or 'portable'; got {simd!r}.")
+
+
 def hamming_kneighbors(
     const uint64_t[:, ::1] queries,   # IN (n_queries, n_words)
     const uint64_t[:, ::1] database,  # IN (n_database, n_words)
     Py_ssize_t k,
     bint exclude_self=False,
     int n_threads=1,
-    bint simd=True,
+    simd=True,
 ):
     """k nearest database codes of each query code, by Hamming distance.
 
@@ -127,9 +148,10 @@ def hamming_kneighbors(
         Query ``i`` is database row ``i`` and never its own neighbour.
     n_threads : int, default=1
         OpenMP threads.
-    simd : bool, default=True
-        Use the AVX-512 popcount path when the processor has it; ``False``
-        forces the portable path (same results).
+    simd : bool or {"avx512", "avx2", "portable"}, default=True
+        ``True`` runs the widest popcount path the processor has (AVX-512
+        VPOPCNTDQ, else AVX2, else portable C); a name caps the path at that
+        one, and ``False`` means ``"portable"``. All give the same results.
 
     Returns
     -------
@@ -177,7 +199,7 @@ def hamming_kneighbors(
     cdef const uint64_t* db = &database[0, 0]
     cdef const uint64_t* qs = &queries[0, 0]
 
-    cdef int use_simd = sh_detect_simd(simd)
+    cdef int use_simd = sh_detect_simd(_max_level(simd))
     cdef Py_ssize_t b, q, q0, q1, j, jb, j0, j1, w, c, n_found
     cdef int d
     cdef int failed = 0

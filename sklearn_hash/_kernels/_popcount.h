@@ -6,8 +6,11 @@
  * `threshold`, the row's offset and distance are written to `pos` and `dist`,
  * in ascending row order; the count is returned.
  *
- * Two versions give identical answers: AVX-512 VPOPCNTDQ (8 codes per
- * instruction), chosen at run time when the processor has it, and portable C.
+ * Three versions give identical answers, the widest the processor has being
+ * chosen at run time: AVX-512 VPOPCNTDQ (8 codes per instruction), AVX2
+ * (4 codes per register, popcount by nibble lookups with vpshufb, as in
+ * Mula, Kurz and Lemire, "Faster population counts using AVX2
+ * instructions", 2018) and portable C.
  */
 #ifndef SKLEARN_HASH_POPCOUNT_H
 #define SKLEARN_HASH_POPCOUNT_H
@@ -125,24 +128,88 @@ static ptrdiff_t sh_block_candidates_avx512(
     return count;
 }
 
-static int sh_have_avx512_popcount(void)
+/* Popcount of each 64-bit lane of x0 / x1, added in bytes to a0 / a1. */
+#define SH_AVX2_NIBBLE_COUNT(a, x)                                                \
+    a = _mm256_add_epi8(a, _mm256_add_epi8(                                      \
+        _mm256_shuffle_epi8(lut, _mm256_and_si256(x, low)),                      \
+        _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x, 4), low))))
+
+__attribute__((target("avx2")))
+static ptrdiff_t sh_block_candidates_avx2(
+    const uint64_t* query, const uint64_t* block, ptrdiff_t n, ptrdiff_t n_words,
+    int threshold, int32_t* pos, int32_t* dist)
+{
+    ptrdiff_t count = 0;
+    const ptrdiff_t n_groups = (n + 7) / 8;
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i zero = _mm256_setzero_si256();
+    const __m256i thr = _mm256_set1_epi64x(threshold);
+    for (ptrdiff_t g = 0; g < n_groups; ++g) {
+        const uint64_t* group = block + g * n_words * 8;
+        __m256i s0 = zero, s1 = zero;  /* 64-bit distances of rows 0-3, 4-7 */
+        /* Byte counters hold at most 8 per word: flush every 31 words. */
+        for (ptrdiff_t w0 = 0; w0 < n_words; w0 += 31) {
+            const ptrdiff_t w1 = n_words - w0 < 31 ? n_words : w0 + 31;
+            __m256i a0 = zero, a1 = zero;
+            for (ptrdiff_t w = w0; w < w1; ++w) {
+                const __m256i q = _mm256_set1_epi64x((long long)query[w]);
+                const __m256i x0 = _mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i*)(group + w * 8)), q);
+                const __m256i x1 = _mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i*)(group + w * 8 + 4)), q);
+                SH_AVX2_NIBBLE_COUNT(a0, x0);
+                SH_AVX2_NIBBLE_COUNT(a1, x1);
+            }
+            s0 = _mm256_add_epi64(s0, _mm256_sad_epu8(a0, zero));
+            s1 = _mm256_add_epi64(s1, _mm256_sad_epu8(a1, zero));
+        }
+        unsigned int mask =
+            (unsigned int)_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(thr, s0)))
+            | ((unsigned int)_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(thr, s1))) << 4);
+        if (n - g * 8 < 8)
+            mask &= (1u << (n - g * 8)) - 1u;  /* rows past n are padding */
+        if (mask) {
+            int64_t lanes[8];
+            _mm256_storeu_si256((__m256i*)lanes, s0);
+            _mm256_storeu_si256((__m256i*)(lanes + 4), s1);
+            while (mask) {
+                const int r = __builtin_ctz(mask);
+                mask &= mask - 1;
+                pos[count] = (int32_t)(g * 8 + r);
+                dist[count] = (int32_t)lanes[r];
+                ++count;
+            }
+        }
+    }
+    return count;
+}
+
+/* The widest version this processor runs: 2 AVX-512 VPOPCNTDQ, 1 AVX2, 0 C. */
+static int sh_cpu_simd_level(void)
 {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq"))
+        return 2;
+    if (__builtin_cpu_supports("avx2"))
+        return 1;
+    return 0;
 }
 #else
 #define SKLEARN_HASH_HAVE_AVX512 0
-static int sh_have_avx512_popcount(void) { return 0; }
+static int sh_cpu_simd_level(void) { return 0; }
 #endif
 
-/* Which version sh_block_candidates runs: 1 for AVX-512, 0 for portable C. */
 static int sh_simd_level = -1;
 
-static inline int sh_detect_simd(int allow_simd)
+/* The version sh_block_candidates runs: the widest the processor has, at
+ * most max_level (2 AVX-512, 1 AVX2, 0 portable C). */
+static inline int sh_detect_simd(int max_level)
 {
     if (sh_simd_level < 0)
-        sh_simd_level = sh_have_avx512_popcount();
-    return allow_simd ? sh_simd_level : 0;
+        sh_simd_level = sh_cpu_simd_level();
+    return sh_simd_level < max_level ? sh_simd_level : max_level;
 }
 
 static inline ptrdiff_t sh_block_candidates(
@@ -150,8 +217,10 @@ static inline ptrdiff_t sh_block_candidates(
     ptrdiff_t n_words, int threshold, int32_t* pos, int32_t* dist)
 {
 #if SKLEARN_HASH_HAVE_AVX512
-    if (simd)
+    if (simd >= 2)
         return sh_block_candidates_avx512(query, block, n, n_words, threshold, pos, dist);
+    if (simd == 1)
+        return sh_block_candidates_avx2(query, block, n, n_words, threshold, pos, dist);
 #endif
     switch (n_words) {
     case 1: return sh_block_candidates_scalar_1(query, block, n, threshold, pos, dist);
