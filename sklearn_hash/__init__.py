@@ -2,12 +2,15 @@
 
 Every method is a scikit-learn estimator whose ``transform`` gives compact
 codes; :class:`QuantizedNeighbors` indexes and searches them with exact,
-multi-threaded kernels; :mod:`sklearn_hash.metrics` scores the rankings.
+multi-threaded kernels, and :class:`IVFQuantizedNeighbors` searches product
+codes without scanning them all; :mod:`sklearn_hash.metrics` scores the
+rankings.
 """
 
 from ._agh import AGH
 from ._dqn import DeepQuantizationNetwork
 from ._itq import ITQ
+from ._ivf import IVFQuantizedNeighbors
 from ._neighbors import QuantizedNeighbors
 from ._pq import ProductQuantizer
 from ._spectral import SpectralHashing
@@ -18,6 +21,7 @@ __all__ = [
     "AGH",
     "DeepQuantizationNetwork",
     "ITQ",
+    "IVFQuantizedNeighbors",
     "ProductQuantizer",
     "QuantizedNeighbors",
     "SpectralHashing",

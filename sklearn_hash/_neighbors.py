@@ -46,7 +46,124 @@ _QUERY_CHUNK = 2048
 _INDEX_FORMAT = 1
 
 
-class QuantizedNeighbors(BaseEstimator):
+class _KNeighborsSearchMixin:
+    """kneighbors, kneighbors_graph and score over a fitted index.
+
+    The searcher provides ``_search(X, n_neighbors)`` (``X=None``: the
+    database items query the others), ``n_samples_fit_`` and ``_fit_y``.
+    """
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        """Find the nearest database items of each query.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Query vectors. ``None``: every database item queries the others,
+            never returning itself.
+        n_neighbors : int, default=None
+            Neighbours per query; ``None`` uses the constructor's value.
+        return_distance : bool, default=True
+            Whether to return the distances.
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries, n_neighbors)
+            Distances, ascending: Hamming distances (int32), or estimated
+            squared L2 distances (float32) for ADC and SDC. Only with
+            ``return_distance=True``.
+        neigh_ind : ndarray of shape (n_queries, n_neighbors), dtype=int64
+            Database indices of the neighbours; equal distances in ascending
+            index order.
+        """
+        check_is_fitted(self)
+        if n_neighbors is None:
+            n_neighbors = self.n_neighbors
+        elif not isinstance(n_neighbors, numbers.Integral) or isinstance(n_neighbors, bool):
+            raise TypeError(
+                f"n_neighbors does not take {type(n_neighbors)} value, enter integer value"
+            )
+        elif n_neighbors <= 0:
+            raise ValueError(f"Expected n_neighbors > 0. Got {n_neighbors}")
+        n_neighbors = int(n_neighbors)
+
+        query_is_train = X is None
+        if query_is_train:
+            n_queries = self.n_samples_fit_
+        else:
+            X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+            n_queries = X.shape[0]
+        # Leaving each indexed point out of its own answer needs one more item.
+        n_required = n_neighbors + 1 if query_is_train else n_neighbors
+        if n_required > self.n_samples_fit_:
+            raise ValueError(
+                f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {n_required}, "
+                f"n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}"
+            )
+        distances, indices = self._search(X, n_neighbors)
+        return (distances, indices) if return_distance else indices
+
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+        """Sparse graph of the k nearest database items of each query.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Query vectors; ``None`` as in :meth:`kneighbors`.
+        n_neighbors : int, default=None
+            Neighbours per query; ``None`` uses the constructor's value.
+        mode : {"connectivity", "distance"}, default="connectivity"
+            Entries of ones, or the distances to the neighbours.
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, n_samples_fit)
+            CSR matrix; ``A[i, j]`` is set when database item j is one of the
+            neighbours of query i.
+        """
+        check_is_fitted(self)
+        if mode == "connectivity":
+            indices = self.kneighbors(X, n_neighbors, return_distance=False)
+            data = np.ones(indices.size)
+        elif mode == "distance":
+            distances, indices = self.kneighbors(X, n_neighbors, return_distance=True)
+            data = distances.ravel().astype(np.float64)
+        else:
+            raise ValueError(
+                'Unsupported mode, must be one of "connectivity", '
+                f'or "distance" but got "{mode}" instead'
+            )
+        n_queries, k = indices.shape
+        indptr = np.arange(0, n_queries * k + 1, k)
+        return sparse.csr_matrix(
+            (data, indices.ravel(), indptr), shape=(n_queries, self.n_samples_fit_)
+        )
+
+    def score(self, X, y):
+        """mAP@R of the queries X against the database, with R = n_neighbors.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Query vectors.
+        y : array-like of shape (n_queries,) or (n_queries, n_labels)
+            Query labels, in the form of the labels given to :meth:`fit`.
+
+        Returns
+        -------
+        score : float
+            :func:`~sklearn_hash.metrics.map_at_r_score` of the ranking.
+        """
+        check_is_fitted(self)
+        if self._fit_y is None:
+            raise ValueError(
+                f"score needs the labels of the database: fit {type(self).__name__} with y."
+            )
+        indices = self.kneighbors(X, return_distance=False)
+        return map_at_r_score(y, self._fit_y, indices)
+
+
+class QuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
     """Nearest-neighbour search over the codes of a quantizer.
 
     ``fit`` learns the quantizer on the database and stores the database as
@@ -460,111 +577,3 @@ class QuantizedNeighbors(BaseEstimator):
             )
         return distances, indices
 
-    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
-        """Find the nearest database items of each query.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features), default=None
-            Query vectors. ``None``: every database item queries the others,
-            never returning itself.
-        n_neighbors : int, default=None
-            Neighbours per query; ``None`` uses the constructor's value.
-        return_distance : bool, default=True
-            Whether to return the distances.
-
-        Returns
-        -------
-        neigh_dist : ndarray of shape (n_queries, n_neighbors)
-            Distances, ascending: Hamming distances (int32), or estimated
-            squared L2 distances (float32) for ADC and SDC. Only with
-            ``return_distance=True``.
-        neigh_ind : ndarray of shape (n_queries, n_neighbors), dtype=int64
-            Database indices of the neighbours; equal distances in ascending
-            index order.
-        """
-        check_is_fitted(self)
-        if n_neighbors is None:
-            n_neighbors = self.n_neighbors
-        elif not isinstance(n_neighbors, numbers.Integral) or isinstance(n_neighbors, bool):
-            raise TypeError(
-                f"n_neighbors does not take {type(n_neighbors)} value, enter integer value"
-            )
-        elif n_neighbors <= 0:
-            raise ValueError(f"Expected n_neighbors > 0. Got {n_neighbors}")
-        n_neighbors = int(n_neighbors)
-
-        query_is_train = X is None
-        if query_is_train:
-            n_queries = self.n_samples_fit_
-        else:
-            X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
-            n_queries = X.shape[0]
-        # Leaving each indexed point out of its own answer needs one more item.
-        n_required = n_neighbors + 1 if query_is_train else n_neighbors
-        if n_required > self.n_samples_fit_:
-            raise ValueError(
-                f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {n_required}, "
-                f"n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}"
-            )
-        distances, indices = self._search(X, n_neighbors)
-        return (distances, indices) if return_distance else indices
-
-    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
-        """Sparse graph of the k nearest database items of each query.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features), default=None
-            Query vectors; ``None`` as in :meth:`kneighbors`.
-        n_neighbors : int, default=None
-            Neighbours per query; ``None`` uses the constructor's value.
-        mode : {"connectivity", "distance"}, default="connectivity"
-            Entries of ones, or the distances to the neighbours.
-
-        Returns
-        -------
-        A : sparse matrix of shape (n_queries, n_samples_fit)
-            CSR matrix; ``A[i, j]`` is set when database item j is one of the
-            neighbours of query i.
-        """
-        check_is_fitted(self)
-        if mode == "connectivity":
-            indices = self.kneighbors(X, n_neighbors, return_distance=False)
-            data = np.ones(indices.size)
-        elif mode == "distance":
-            distances, indices = self.kneighbors(X, n_neighbors, return_distance=True)
-            data = distances.ravel().astype(np.float64)
-        else:
-            raise ValueError(
-                'Unsupported mode, must be one of "connectivity", '
-                f'or "distance" but got "{mode}" instead'
-            )
-        n_queries, k = indices.shape
-        indptr = np.arange(0, n_queries * k + 1, k)
-        return sparse.csr_matrix(
-            (data, indices.ravel(), indptr), shape=(n_queries, self.n_samples_fit_)
-        )
-
-    def score(self, X, y):
-        """mAP@R of the queries X against the database, with R = n_neighbors.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features)
-            Query vectors.
-        y : array-like of shape (n_queries,) or (n_queries, n_labels)
-            Query labels, in the form of the labels given to :meth:`fit`.
-
-        Returns
-        -------
-        score : float
-            :func:`~sklearn_hash.metrics.map_at_r_score` of the ranking.
-        """
-        check_is_fitted(self)
-        if self._fit_y is None:
-            raise ValueError(
-                "score needs the labels of the database: fit QuantizedNeighbors with y."
-            )
-        indices = self.kneighbors(X, return_distance=False)
-        return map_at_r_score(y, self._fit_y, indices)

@@ -12,6 +12,7 @@ from sklearn_hash import (
     AGH,
     ITQ,
     DeepQuantizationNetwork,
+    IVFQuantizedNeighbors,
     ProductQuantizer,
     QuantizedNeighbors,
     SpectralHashing,
@@ -30,6 +31,8 @@ ESTIMATORS = [
     ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=5),
     QuantizedNeighbors(ITQ(n_bits=2, n_iter=5), n_neighbors=3),
     QuantizedNeighbors(ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=5), n_neighbors=3),
+    IVFQuantizedNeighbors(ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=5), n_lists=2,
+                          n_probe=1, n_neighbors=3, random_state=0),
 ]
 if HAS_TORCH:
     ESTIMATORS += [

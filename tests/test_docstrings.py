@@ -8,6 +8,7 @@ import pytest
 MODULES = [
     "sklearn_hash._agh",
     "sklearn_hash._itq",
+    "sklearn_hash._ivf",
     "sklearn_hash._spectral",
     "sklearn_hash._neighbors",
     "sklearn_hash._pq",

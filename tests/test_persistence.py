@@ -15,6 +15,7 @@ from sklearn_hash import (
     ITQ,
     DeepQuantizationNetwork,
     ProductQuantizer,
+    IVFQuantizedNeighbors,
     QuantizedNeighbors,
     SpectralHashing,
 )
@@ -38,6 +39,11 @@ SEARCHERS = [
     QuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0), n_neighbors=5),
     QuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),
                        n_neighbors=5, metric="sdc"),
+]
+# Searchers without add / save: pickled and searched from threads only.
+ALL_SEARCHERS = SEARCHERS + [
+    IVFQuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),
+                          n_lists=8, n_probe=2, n_neighbors=5, random_state=0),
 ]
 
 
@@ -63,7 +69,7 @@ def test_fitted_quantizers_roundtrip(quantizer, data):
         np.testing.assert_array_equal(copy_.transform(X_q), expected)
 
 
-@pytest.mark.parametrize("searcher", SEARCHERS, ids=repr)
+@pytest.mark.parametrize("searcher", ALL_SEARCHERS, ids=repr)
 def test_fitted_searchers_roundtrip(searcher, data):
     X_db, y_db, X_q, y_q = data
     fitted = clone(searcher).fit(X_db, y_db)
@@ -202,7 +208,7 @@ def test_chunked_encoding_widens_to_uint16_when_a_later_chunk_needs_it(monkeypat
 # ---------------------------------------------------------------- threads
 
 
-@pytest.mark.parametrize("searcher", SEARCHERS, ids=repr)
+@pytest.mark.parametrize("searcher", ALL_SEARCHERS, ids=repr)
 def test_concurrent_searches_equal_serial_ones(searcher, data):
     X_db, y_db, X_q, _ = data
     fitted = clone(searcher).set_params(n_jobs=2).fit(X_db, y_db)

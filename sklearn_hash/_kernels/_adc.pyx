@@ -13,7 +13,7 @@ database is scanned in cache-sized blocks shared by a block of queries.
 """
 
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, nextafterf
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
 
@@ -240,6 +240,175 @@ def adc_kneighbors(
         free(sizes)
         free(found_pos)
         free(found_dist)
+
+    if failed:
+        raise MemoryError("could not allocate the ADC search buffers.")
+    return distances, indices
+
+
+def ivf_adc_kneighbors(
+    const float[:, :, ::1] list_tables,   # IN (n_lists, n_subspaces, n_codewords)
+    const float[:, :, ::1] query_tables,  # IN (n_queries, n_subspaces, n_codewords)
+    const float[:, ::1] coarse,           # IN (n_queries, n_probe)
+    const int64_t[:, ::1] probes,         # IN (n_queries, n_probe)
+    const int64_t[::1] n_visit,           # IN (n_queries,)
+    const int64_t[::1] list_offsets,      # IN (n_lists + 1,)
+    const code_t[:, ::1] codes,           # IN (n_database, n_subspaces), grouped by list
+    const int64_t[::1] ids,               # IN (n_database,)
+    const int64_t[::1] exclude,           # IN (n_queries,)
+    Py_ssize_t k,
+    int n_threads=1,
+):
+    """k nearest database codes of each query over its probed inverted lists.
+
+    The database is grouped by inverted list: list l holds the rows
+    ``list_offsets[l]:list_offsets[l + 1]`` of ``codes``, whose database
+    indices are ``ids[...]``. Query q visits its first ``n_visit[q]`` lists
+    ``probes[q, :n_visit[q]]``. For probe p of query q (list l) the table is
+    built in float32 as ``t = list_tables[l] + query_tables[q]`` with
+    ``coarse[q, p]`` then added to row 0, and the distance of a code is
+    ``t[0, c[0]] + t[1, c[1]] + ...`` added in subspace order (IVFADC's
+    decomposition of the squared distance to centroid + residual codeword:
+    ``coarse`` is the squared distance to the centroid, ``list_tables`` the
+    codeword terms that depend on the list, ``query_tables`` those that
+    depend on the query). Ranking is by (distance, database index), so ties
+    go to the smaller index whatever the order of the lists.
+
+    Parameters
+    ----------
+    list_tables : ndarray of shape (n_lists, n_subspaces, n_codewords), dtype=float32
+    query_tables : ndarray of shape (n_queries, n_subspaces, n_codewords), dtype=float32
+    coarse : ndarray of shape (n_queries, n_probe), dtype=float32
+    probes : ndarray of shape (n_queries, n_probe), dtype=int64
+        List numbers, each in ``[0, n_lists)``, distinct within a row.
+    n_visit : ndarray of shape (n_queries,), dtype=int64
+        Lists visited per query, in ``[0, n_probe]``.
+    list_offsets : ndarray of shape (n_lists + 1,), dtype=int64
+        Non-decreasing, from 0 to ``n_database``.
+    codes : ndarray of shape (n_database, n_subspaces), dtype=uint8 or uint16
+    ids : ndarray of shape (n_database,), dtype=int64
+    exclude : ndarray of shape (n_queries,), dtype=int64
+        A database index never returned for the query (-1: none).
+    k : int
+        Neighbours; every query's visited lists must hold at least k items
+        besides its excluded one.
+    n_threads : int, default=1
+
+    Returns
+    -------
+    distances : ndarray of shape (n_queries, k), dtype=float32
+    indices : ndarray of shape (n_queries, k), dtype=int64
+    """
+    cdef Py_ssize_t n_lists = list_tables.shape[0]
+    cdef Py_ssize_t n_subspaces = list_tables.shape[1]
+    cdef Py_ssize_t n_codewords = list_tables.shape[2]
+    cdef Py_ssize_t n_queries = query_tables.shape[0]
+    cdef Py_ssize_t n_probe = probes.shape[1]
+    cdef Py_ssize_t n_database = codes.shape[0]
+    offsets = np.asarray(list_offsets)
+    if (query_tables.shape[1] != n_subspaces or query_tables.shape[2] != n_codewords
+            or codes.shape[1] != n_subspaces):
+        raise ValueError("list_tables, query_tables and codes must have the same subspaces "
+                         "and codewords.")
+    if (probes.shape[0] != n_queries or coarse.shape[0] != n_queries
+            or coarse.shape[1] != n_probe or n_visit.shape[0] != n_queries
+            or exclude.shape[0] != n_queries):
+        raise ValueError("probes and coarse must have shape (n_queries, n_probe) and n_visit, "
+                         "exclude shape (n_queries,).")
+    if (ids.shape[0] != n_database or offsets.shape[0] != n_lists + 1 or n_lists < 1
+            or offsets[0] != 0 or offsets[-1] != n_database or np.any(np.diff(offsets) < 0)):
+        raise ValueError("list_offsets must rise from 0 to n_database in n_lists + 1 steps, "
+                         "and ids hold one index per code.")
+    visit = np.asarray(n_visit)
+    if n_queries and (visit.min() < 0 or visit.max() > n_probe):
+        raise ValueError(f"n_visit must be in [0, {n_probe}].")
+    probe_arr = np.asarray(probes)
+    mask = np.arange(n_probe) < visit[:, None]
+    if np.any((probe_arr < 0) & mask) or np.any((probe_arr >= n_lists) & mask):
+        raise ValueError(f"probes must be list numbers in [0, {n_lists - 1}].")
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got k={k}.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    largest = int(np.asarray(codes).max()) if n_database and n_subspaces else -1
+    if largest >= n_codewords:
+        raise ValueError(f"codes hold codeword indices up to {largest} but the "
+                         f"tables have {n_codewords} codewords per subspace.")
+    sizes = np.diff(offsets)
+    held = np.where(mask, sizes[np.where(mask, probe_arr, 0)], 0).sum(axis=1)
+    if n_queries and np.any(held - (np.asarray(exclude) >= 0) < k):
+        raise ValueError(f"every query's visited lists must hold at least k={k} items.")
+
+    distances = np.zeros((n_queries, k), dtype=np.float32)
+    indices = np.zeros((n_queries, k), dtype=np.int64)
+    if n_queries == 0 or k == 0 or n_subspaces == 0:
+        return distances, indices
+
+    cdef float[:, ::1] out_dist = distances
+    cdef int64_t[:, ::1] out_idx = indices
+    cdef Py_ssize_t row_bytes = max(1, n_subspaces * sizeof(code_t))
+    cdef Py_ssize_t db_block = max(64, DB_BLOCK_BYTES // row_bytes)
+    cdef Py_ssize_t table_size = n_subspaces * n_codewords
+    cdef const code_t* cds = &codes[0, 0] if n_database else NULL
+
+    cdef Py_ssize_t q, p, lst, a, b, j0, j1, c, n_found, size, e
+    cdef int64_t j
+    cdef float d, threshold, base
+    cdef int failed = 0
+    cdef int* failed_flag = &failed
+    cdef int32_t* found_pos
+    cdef float* found_dist
+    cdef float* table
+    cdef const float* lt
+    cdef const float* qt
+    cdef float* hd
+    cdef int64_t* hi
+
+    with nogil, parallel(num_threads=n_threads):
+        found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
+        found_dist = <float*> malloc(db_block * sizeof(float))
+        table = <float*> malloc(table_size * sizeof(float))
+        if found_pos == NULL or found_dist == NULL or table == NULL:
+            failed_flag[0] = 1
+        else:
+            for q in prange(n_queries, schedule="dynamic"):
+                hd = &out_dist[q, 0]
+                hi = &out_idx[q, 0]
+                size = 0
+                qt = &query_tables[q, 0, 0]
+                for p in range(n_visit[q]):
+                    lst = probes[q, p]
+                    a = list_offsets[lst]
+                    b = list_offsets[lst + 1]
+                    if a == b:
+                        continue
+                    lt = &list_tables[lst, 0, 0]
+                    for e in range(table_size):
+                        table[e] = lt[e] + qt[e]
+                    base = coarse[q, p]
+                    for e in range(n_codewords):
+                        table[e] = table[e] + base
+                    j0 = a
+                    while j0 < b:
+                        j1 = min(j0 + db_block, b)
+                        # Lists are not in index order: a row at the heap's
+                        # worst distance may still enter on a smaller index.
+                        threshold = nextafterf(hd[0], INFINITY) if size == k else INFINITY
+                        n_found = _scan(table, cds + j0 * n_subspaces, j1 - j0, n_subspaces,
+                                        n_codewords, threshold, found_pos, found_dist)
+                        for c in range(n_found):
+                            d = found_dist[c]
+                            j = ids[j0 + found_pos[c]]
+                            if j == exclude[q]:
+                                continue
+                            if size == k and not _worse(hd[0], hi[0], d, j):
+                                continue
+                            _heap_push(hd, hi, &size, k, d, j)
+                        j0 = j1
+                _heap_sort(hd, hi, size)
+        free(found_pos)
+        free(found_dist)
+        free(table)
 
     if failed:
         raise MemoryError("could not allocate the ADC search buffers.")

@@ -1,0 +1,326 @@
+"""IVFQuantizedNeighbors: non-exhaustive search over an inverted file of PQ codes.
+
+The path of the data, from ``fit`` to ``kneighbors`` (IVFADC, Jégou, Douze
+and Schmid 2011, section IV):
+
+1. ``fit(X, y)`` learns ``n_lists`` coarse centroids by k-means, assigns
+   every item to its nearest one (its inverted list), fits a clone of the
+   product quantizer on the residuals ``x - centroid`` and stores the
+   residual codes grouped by list (``codes_``, ``ids_``, ``list_offsets_``).
+2. ``kneighbors(X)`` runs ``_search``: each query picks its ``n_probe``
+   nearest lists (``_probes``), gets one ADC table per probed list for its
+   residual to that list's centroid, and the kernel scans only those lists.
+"""
+
+from numbers import Integral
+
+import numpy as np
+from sklearn.base import BaseEstimator, _fit_context, clone
+from sklearn.utils import check_array, check_random_state
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
+
+from ._kernels._adc import ivf_adc_kneighbors
+from ._kernels._nearest import nearest_codewords
+from ._kernels._openmp import effective_n_threads
+from ._neighbors import _KNeighborsSearchMixin
+from ._pq import ProductQuantizer, _kmeans
+
+# Rows encoded at a time when indexing, to bound the memory of the residuals.
+_ENCODE_CHUNK = 65536
+# Bytes of query tables (float64 inner products) built at a time when searching.
+_TABLE_BYTES = 1 << 25
+
+
+class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
+    """Non-exhaustive search: an inverted file of residual product-quantization codes.
+
+    ``fit`` partitions the database into ``n_lists`` cells by k-means (the
+    coarse quantizer) and product-quantizes each item's residual to its
+    cell's centroid. A query visits only the ``n_probe`` cells whose
+    centroids are nearest, and ranks their items by asymmetric distance
+    (ADC) to its own residual. The squared distance to centroid c plus
+    residual codeword p splits as ``||x - c||^2 + (||p||^2 + 2 <c, p>)
+    - 2 <x, p>``: the middle term is tabulated per cell at ``fit``, the last
+    once per query, so each probed cell costs ``n_subspaces * K`` additions
+    to build its table and ``n_subspaces`` lookups per item. Per query that
+    is about ``n_lists * n_features + K * n_features + n_probe *
+    (n_subspaces * K + n_samples_fit / n_lists * n_subspaces)`` operations
+    instead of ``n_samples_fit * n_subspaces`` for
+    :class:`QuantizedNeighbors`. This is IVFADC (Jégou et al., 2011),
+    faiss's ``IndexIVFPQ`` with precomputed tables; the per-cell tables
+    take ``n_lists * n_subspaces * K`` floats (2 MiB for the defaults). Raising ``n_probe``
+    trades speed for recall; with ``n_probe = n_lists`` every item is ranked.
+
+    The interface is that of :class:`QuantizedNeighbors`: ``kneighbors``,
+    ``kneighbors_graph`` and ``score`` (mAP@R with ``R = n_neighbors``).
+
+    Read more in the :ref:`User Guide <ivf>`.
+
+    Parameters
+    ----------
+    quantizer : ProductQuantizer, default=None
+        Unfitted quantizer of the residuals; cloned in ``fit``. ``None``
+        means ``ProductQuantizer()`` (64 bits).
+    n_lists : int, default=256
+        Number of cells (coarse centroids). A common choice is about
+        ``sqrt(n_samples_fit)`` to ``4 * sqrt(n_samples_fit)``.
+    n_probe : int, default=8
+        Cells visited per query. When they hold fewer than ``n_neighbors``
+        items, the next nearest cells are visited too, so ``kneighbors``
+        always returns ``n_neighbors`` items.
+    n_neighbors : int, default=10
+        Neighbours returned by :meth:`kneighbors`, and ``R`` of :meth:`score`.
+    n_iter : int, default=25
+        Lloyd iterations of the coarse k-means.
+    max_train_samples : int, default=None
+        Rows the coarse k-means trains on (a random subsample); ``None`` means
+        ``256 * n_lists``, as faiss. The residual quantizer subsamples on its
+        own (``ProductQuantizer.max_train_samples``).
+    random_state : int, RandomState instance or None, default=None
+        Seeds the subsample and the coarse k-means initialisation.
+    n_jobs : int, default=None
+        OpenMP threads of the kernels. ``None`` uses the OpenMP default (all
+        cores, or ``OMP_NUM_THREADS``); ``-1`` all cores, ``-2`` all but one.
+        Results do not depend on it.
+
+    Attributes
+    ----------
+    coarse_centers_ : ndarray of shape (n_lists, n_features)
+        The cell centroids.
+    quantizer_ : ProductQuantizer
+        The fitted clone of ``quantizer``, trained on residuals.
+    codes_ : ndarray of shape (n_samples_fit, n_subspaces)
+        Residual codes, grouped by cell: cell l holds the rows
+        ``list_offsets_[l]:list_offsets_[l + 1]``.
+    ids_ : ndarray of shape (n_samples_fit,), dtype=int64
+        Database index of each row of ``codes_`` (ascending within a cell).
+    list_offsets_ : ndarray of shape (n_lists + 1,), dtype=int64
+        Where each cell starts in ``codes_``.
+    n_samples_fit_ : int
+        Number of database items.
+    n_features_in_ : int
+        Number of features seen during ``fit``.
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Names of features seen during ``fit``. Defined only when `X`
+        has feature names that are all strings.
+
+    See Also
+    --------
+    QuantizedNeighbors : Exhaustive search over the codes.
+    ProductQuantizer : The quantizer of the residuals.
+
+    Notes
+    -----
+    Distances estimate the squared distance from the query to each item's
+    reconstruction (centroid plus decoded residual), as float32 sums of
+    table entries in subspace order; items at equal distance are ranked by
+    ascending database index. With ``X=None`` (database items as queries)
+    only the codes are at hand, so each item queries with its
+    reconstruction (centroid plus decoded residual) and never finds itself.
+
+    References
+    ----------
+    .. [1] H. Jégou, M. Douze and C. Schmid, "Product Quantization for
+       Nearest Neighbor Search", IEEE TPAMI 33(1), 2011.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from sklearn_hash import IVFQuantizedNeighbors, ProductQuantizer
+    >>> X, y = load_digits(return_X_y=True)
+    >>> search = IVFQuantizedNeighbors(ProductQuantizer(n_bits=32, random_state=0),
+    ...                                n_lists=16, n_probe=4, random_state=0)
+    >>> search.fit(X[:1500], y[:1500]).list_offsets_.shape
+    (17,)
+    >>> distances, indices = search.kneighbors(X[1500:1502], n_neighbors=5)
+    >>> indices.shape, distances.dtype
+    ((2, 5), dtype('float32'))
+    >>> round(search.score(X[1500:], y[1500:]), 1) >= 0.8
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "quantizer": [ProductQuantizer, None],
+        "n_lists": [Interval(Integral, 1, None, closed="left")],
+        "n_probe": [Interval(Integral, 1, None, closed="left")],
+        "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "n_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "random_state": ["random_state"],
+        "n_jobs": [Integral, None],
+    }
+
+    def __init__(
+        self,
+        quantizer=None,
+        *,
+        n_lists=256,
+        n_probe=8,
+        n_neighbors=10,
+        n_iter=25,
+        max_train_samples=None,
+        random_state=None,
+        n_jobs=None,
+    ):
+        self.quantizer = quantizer
+        self.n_lists = n_lists
+        self.n_probe = n_probe
+        self.n_neighbors = n_neighbors
+        self.n_iter = n_iter
+        self.max_train_samples = max_train_samples
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    @_fit_context(prefer_skip_nested_validation=False)
+    def fit(self, X, y=None):
+        """Learn the cells and the residual quantizer, and index X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Database vectors.
+        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Database labels, kept for :meth:`score`.
+
+        Returns
+        -------
+        self : IVFQuantizedNeighbors
+            The fitted searcher.
+        """
+        n_threads = effective_n_threads(self.n_jobs)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
+        if y is not None:
+            y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
+            check_consistent_length(X, y)
+        n_samples = X.shape[0]
+        if self.n_lists > n_samples:
+            raise ValueError(
+                f"n_lists={self.n_lists} cells need at least as many rows; got "
+                f"n_samples={n_samples}. Use fewer lists."
+            )
+        rng = check_random_state(self.random_state)
+        max_train = 256 * self.n_lists if self.max_train_samples is None else self.max_train_samples
+        max_train = max(max_train, self.n_lists)
+        if n_samples > max_train:
+            X_train = X[np.sort(rng.choice(n_samples, max_train, replace=False))]
+        else:
+            X_train = X
+        start = X_train[np.sort(rng.choice(X_train.shape[0], self.n_lists, replace=False))]
+        self.coarse_centers_, _ = _kmeans(X_train, start, self.n_iter, n_threads)
+
+        quantizer = self.quantizer if self.quantizer is not None else ProductQuantizer()
+        self.quantizer_ = clone(quantizer).fit(self._residuals(X_train, n_threads)[0])
+
+        lists = np.empty(n_samples, dtype=np.int32)
+        codes = None
+        for begin in range(0, n_samples, _ENCODE_CHUNK):
+            end = min(begin + _ENCODE_CHUNK, n_samples)
+            residuals, lists[begin:end] = self._residuals(X[begin:end], n_threads)
+            chunk = self.quantizer_.transform(residuals)
+            if codes is None:
+                codes = np.empty((n_samples, chunk.shape[1]), dtype=chunk.dtype)
+            codes[begin:end] = chunk
+        order = np.argsort(lists, kind="stable")
+        self.codes_ = np.ascontiguousarray(codes[order])
+        self.ids_ = order.astype(np.int64)
+        counts = np.bincount(lists, minlength=self.n_lists)
+        self.list_offsets_ = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # The list terms of every probe's table: ||p||^2 + 2 <centroid, p>.
+        codewords = self.quantizer_.cluster_centers_.astype(np.float64)
+        self._list_tables = ((codewords**2).sum(axis=2)[None]
+                             + 2 * self._inner_products(self.coarse_centers_.astype(np.float64))
+                             ).astype(np.float32)
+        self.n_samples_fit_ = n_samples
+        self._fit_y = y
+        return self
+
+    def _inner_products(self, X):
+        """``<x_m, p_mk>`` for each row x, subspace m and codeword k: shape (n, M, K).
+
+        Computed in X's precision (float32 queries: float32 BLAS).
+        """
+        pq = self.quantizer_
+        bounds = pq.subspace_bounds_
+        out = np.empty((X.shape[0], pq.n_subspaces_, pq.n_codewords_), dtype=X.dtype)
+        for m in range(pq.n_subspaces_):
+            lo, hi = bounds[m], bounds[m + 1]
+            out[:, m] = X[:, lo:hi] @ pq.cluster_centers_[m, :, : hi - lo].T.astype(X.dtype)
+        return out
+
+    def _residuals(self, X, n_threads):
+        """Each row minus its nearest coarse centroid, and that centroid's number."""
+        lists, _ = nearest_codewords(X, self.coarse_centers_.astype(X.dtype, copy=False),
+                                     n_threads=n_threads)
+        return X - self.coarse_centers_[lists], lists
+
+    def _probes(self, X, n_required):
+        """The cells each query visits, nearest first, holding at least n_required items.
+
+        Returns ``probes`` of shape (n_queries, width), their squared
+        distances to the query (float32, same shape) and ``n_visit`` of shape
+        (n_queries,): query q visits ``probes[q, :n_visit[q]]``.
+        """
+        centers = self.coarse_centers_.astype(X.dtype)
+        d2 = X @ centers.T
+        d2 *= -2
+        d2 += (centers**2).sum(axis=1)[None, :]
+        d2 += (X**2).sum(axis=1)[:, None]
+        n_lists = centers.shape[0]
+        n_probe = min(self.n_probe, n_lists)
+        if n_probe < n_lists:
+            near = np.argpartition(d2, n_probe - 1, axis=1)[:, :n_probe]
+        else:
+            near = np.broadcast_to(np.arange(n_lists), d2.shape)
+        # Nearest first; equal distances by cell number.
+        near_d2 = np.take_along_axis(d2, near, axis=1)
+        order = np.lexsort((near, near_d2), axis=1)
+        probes = np.take_along_axis(near, order, axis=1)
+        n_visit = np.full(len(X), n_probe, dtype=np.int64)
+
+        sizes = np.diff(self.list_offsets_)
+        short = np.flatnonzero(sizes[probes].sum(axis=1) < n_required)
+        if short.size:
+            # Too few items in the probed cells: visit the next nearest too.
+            full = np.lexsort((np.broadcast_to(np.arange(n_lists), (short.size, n_lists)),
+                               d2[short]), axis=1)
+            needed = (np.cumsum(sizes[full], axis=1) < n_required).sum(axis=1) + 1
+            width = max(n_probe, int(needed.max()))
+            probes = np.pad(probes, ((0, 0), (0, width - n_probe)))
+            probes[short, :width] = full[:, :width]
+            n_visit[short] = needed
+        probes = np.ascontiguousarray(probes, dtype=np.int64)
+        coarse = np.maximum(np.take_along_axis(d2, probes, axis=1), 0).astype(np.float32)
+        return probes, coarse, n_visit
+
+    def _reconstruct(self, rows):
+        """Rows of ``codes_`` as the index holds them: centroid + decoded residual."""
+        lists = np.searchsorted(self.list_offsets_, rows, side="right") - 1
+        return self.coarse_centers_[lists] + self.quantizer_.inverse_transform(self.codes_[rows])
+
+    def _search(self, X, n_neighbors):
+        """Run the kernel for the queries X (None: the database, leaving each item out)."""
+        n_threads = effective_n_threads(self.n_jobs)
+        n_queries = self.n_samples_fit_ if X is None else X.shape[0]
+        n_required = n_neighbors + 1 if X is None else n_neighbors
+        chunk = max(1, _TABLE_BYTES // (8 * self.quantizer_.n_codewords_ * self.codes_.shape[1]))
+        if X is None:
+            row_of_id = np.empty(self.n_samples_fit_, dtype=np.int64)
+            row_of_id[self.ids_] = np.arange(self.n_samples_fit_)
+        distances = np.empty((n_queries, n_neighbors), dtype=np.float32)
+        indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
+        for begin in range(0, n_queries, chunk):
+            end = min(begin + chunk, n_queries)
+            if X is None:
+                own = np.arange(begin, end, dtype=np.int64)
+                queries = self._reconstruct(row_of_id[own])
+            else:
+                own = np.full(end - begin, -1, dtype=np.int64)
+                queries = X[begin:end]
+            probes, coarse, n_visit = self._probes(queries, n_required)
+            query_tables = (-2 * self._inner_products(queries)).astype(np.float32)
+            distances[begin:end], indices[begin:end] = ivf_adc_kneighbors(
+                self._list_tables, query_tables, coarse, probes, n_visit, self.list_offsets_,
+                self.codes_, self.ids_, own, n_neighbors, n_threads=n_threads,
+            )
+        return distances, indices

@@ -1,0 +1,183 @@
+"""IVFQuantizedNeighbors and its kernel: inverted lists of residual PQ codes."""
+
+import numpy as np
+import pytest
+
+from sklearn_hash._kernels._adc import ivf_adc_kneighbors
+
+
+def ivf_oracle(list_tables, query_tables, coarse, probes, n_visit, offsets, codes, ids,
+               exclude, k):
+    """float32 sums in subspace order over the visited lists; ranked by (distance, index)."""
+    n_q, M, _ = query_tables.shape
+    out_d = np.zeros((n_q, k), np.float32)
+    out_i = np.zeros((n_q, k), np.int64)
+    for q in range(n_q):
+        dist, idx = [], []
+        for p in range(n_visit[q]):
+            lst = probes[q, p]
+            table = list_tables[lst] + query_tables[q]
+            table[0] += coarse[q, p]
+            rows = np.arange(offsets[lst], offsets[lst + 1])
+            d = table[0, codes[rows, 0].astype(np.intp)]
+            for m in range(1, M):
+                d = d + table[m, codes[rows, m].astype(np.intp)]
+            dist.append(d)
+            idx.append(ids[rows])
+        dist, idx = np.concatenate(dist), np.concatenate(idx)
+        keep = idx != exclude[q]
+        dist, idx = dist[keep], idx[keep]
+        order = np.lexsort((idx, dist))[:k]
+        out_d[q], out_i[q] = dist[order], idx[order]
+    return out_d, out_i
+
+
+def random_index(rng, n, n_lists, M, K, code_dtype=np.uint8):
+    lists = rng.integers(0, n_lists, n)
+    order = np.argsort(lists, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=n_lists))]).astype(np.int64)
+    codes = rng.integers(0, K, (n, M)).astype(code_dtype)
+    return offsets, codes, order.astype(np.int64)
+
+
+@pytest.mark.parametrize("M, K, code_dtype", [(8, 256, np.uint8), (16, 256, np.uint8),
+                                               (3, 16, np.uint8), (4, 300, np.uint16)])
+def test_ivf_kernel_matches_the_oracle_with_ties(M, K, code_dtype):
+    rng = np.random.default_rng(M)
+    n, n_lists, n_q, n_probe = 900, 12, 7, 5
+    offsets, codes, ids = random_index(rng, n, n_lists, M, K, code_dtype)
+    # Small integers: exact sums, many ties across lists.
+    list_tables = rng.integers(0, 3, (n_lists, M, K)).astype(np.float32)
+    query_tables = rng.integers(-1, 2, (n_q, M, K)).astype(np.float32)
+    coarse = rng.integers(0, 3, (n_q, n_probe)).astype(np.float32)
+    tables = (list_tables, query_tables, coarse)
+    probes = np.stack([rng.permutation(n_lists)[:n_probe] for _ in range(n_q)]).astype(np.int64)
+    n_visit = np.array([5, 1, 2, 5, 3, 4, 5], dtype=np.int64)
+    exclude = np.array([-1, ids[offsets[probes[1, 0]]], -1, 5, -1, -1, ids[-1]], dtype=np.int64)
+    held = np.array([sum(offsets[l + 1] - offsets[l] for l in probes[q, :n_visit[q]])
+                     for q in range(n_q)])
+    for k in (1, 10, int(held.min()) - 1):
+        expected = ivf_oracle(*tables, probes, n_visit, offsets, codes, ids, exclude, k)
+        for n_threads in (1, 2):
+            dist, ind = ivf_adc_kneighbors(*tables, probes, n_visit, offsets, codes, ids,
+                                           exclude, k, n_threads=n_threads)
+            np.testing.assert_array_equal(ind, expected[1])
+            np.testing.assert_array_equal(dist, expected[0])
+
+
+def test_ivf_kernel_rejects_bad_arguments():
+    rng = np.random.default_rng(0)
+    offsets, codes, ids = random_index(rng, 100, 4, 2, 16)
+    lt = rng.random((4, 2, 16), dtype=np.float32)
+    qt = rng.random((2, 2, 16), dtype=np.float32)
+    coarse = rng.random((2, 2), dtype=np.float32)
+    probes = np.array([[0, 1], [2, 3]], dtype=np.int64)
+    visit = np.array([2, 2], dtype=np.int64)
+    none = np.array([-1, -1], dtype=np.int64)
+    ivf_adc_kneighbors(lt, qt, coarse, probes, visit, offsets, codes, ids, none, 3)
+    with pytest.raises(ValueError, match="probes must be list numbers"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes + 3, visit, offsets, codes, ids, none, 3)
+    with pytest.raises(ValueError, match="n_visit must be in"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes, visit + 1, offsets, codes, ids, none, 3)
+    with pytest.raises(ValueError, match="list_offsets must rise"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes, visit, offsets[::-1].copy(), codes, ids, none, 3)
+    with pytest.raises(ValueError, match="at least k=500 items"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes, visit, offsets, codes, ids, none, 500)
+    with pytest.raises(ValueError, match="same subspaces"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes, visit, offsets, codes[:, :1].copy(), ids, none, 3)
+    with pytest.raises(ValueError, match="coarse must have shape"):
+        ivf_adc_kneighbors(lt, qt, coarse[:, :1].copy(), probes, visit, offsets, codes, ids, none, 3)
+    with pytest.raises(ValueError, match="codeword indices up to"):
+        ivf_adc_kneighbors(lt[..., :4].copy(), qt[..., :4].copy(), coarse, probes, visit, offsets,
+                           codes, ids, none, 3)
+
+
+from sklearn.datasets import make_blobs  # noqa: E402
+from sklearn.exceptions import NotFittedError  # noqa: E402
+
+from sklearn_hash import ITQ, IVFQuantizedNeighbors, ProductQuantizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    X, y = make_blobs(n_samples=3000, n_features=16, centers=30, cluster_std=3.0, random_state=0)
+    Q, yq = make_blobs(n_samples=60, n_features=16, centers=30, cluster_std=3.0, random_state=0)
+    return X.astype(np.float32), y, (Q + 0.1).astype(np.float32), yq
+
+
+def test_probing_every_cell_ranks_by_distance_to_the_reconstructions(blobs):
+    X, y, Q, _ = blobs
+    search = IVFQuantizedNeighbors(ProductQuantizer(32, random_state=0), n_lists=12,
+                                   n_probe=12, random_state=0).fit(X, y)
+    assert search.list_offsets_[-1] == len(X)
+    np.testing.assert_array_equal(np.sort(search.ids_), np.arange(len(X)))
+    # Every item as the index holds it: its cell's centroid plus its decoded residual.
+    rebuilt = search._reconstruct(np.argsort(search.ids_)).astype(np.float64)
+    true = ((Q.astype(np.float64)[:, None, :] - rebuilt[None]) ** 2).sum(-1)
+    dist, ind = search.kneighbors(Q, n_neighbors=25)
+    scale = (Q.astype(np.float64) ** 2).sum(1)[:, None] + (rebuilt**2).sum(1).max()
+    tol = 1e-5 * scale
+    assert np.all(np.abs(dist - np.take_along_axis(true, ind, axis=1)) <= tol)
+    # Ranked as the true distances, wherever they are apart by more than the rounding.
+    best = np.sort(true, axis=1)[:, :26]
+    np.testing.assert_allclose(np.take_along_axis(true, ind, axis=1), best[:, :25],
+                               atol=2 * tol.max(), rtol=0)
+    clear = np.all(np.diff(best, axis=1) > 2 * tol, axis=1)
+    assert clear.mean() > 0.5
+    np.testing.assert_array_equal(ind[clear], np.argsort(true[clear], axis=1)[:, :25])
+
+
+def test_recall_grows_with_n_probe_and_threads_do_not_matter(blobs):
+    X, y, Q, _ = blobs
+    exact = np.argsort(((Q[:, None, :] - X[None]) ** 2).sum(-1), axis=1)[:, :10]
+    recalls = []
+    for n_probe in (1, 4, 32):
+        search = IVFQuantizedNeighbors(ProductQuantizer(64, random_state=0), n_lists=32,
+                                       n_probe=n_probe, random_state=0, n_jobs=1).fit(X, y)
+        ind = search.kneighbors(Q, return_distance=False)
+        recalls.append(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ind, exact)]))
+        np.testing.assert_array_equal(search.set_params(n_jobs=2).kneighbors(Q)[1], ind)
+    assert recalls[0] < recalls[1] <= recalls[2]
+    assert recalls[2] > 0.5
+
+
+def test_cells_with_too_few_items_are_topped_up(blobs):
+    X, y, Q, _ = blobs
+    search = IVFQuantizedNeighbors(ProductQuantizer(16, random_state=0), n_lists=300,
+                                   n_probe=1, random_state=0).fit(X, y)
+    assert np.diff(search.list_offsets_).max() < 200  # one cell cannot serve 200
+    dist, ind = search.kneighbors(Q, n_neighbors=200)
+    assert all(len(set(row)) == 200 for row in ind)
+    assert np.all(np.diff(dist, axis=1) >= 0)
+
+
+def test_database_as_queries_never_returns_itself(blobs):
+    X, y, _, _ = blobs
+    search = IVFQuantizedNeighbors(ProductQuantizer(32, random_state=0), n_lists=8,
+                                   n_probe=2, random_state=0).fit(X[:500], y[:500])
+    dist, ind = search.kneighbors(n_neighbors=5)
+    assert ind.shape == (500, 5)
+    assert not np.any(ind == np.arange(500)[:, None])
+    # The same as querying with the items' reconstructions, leaving each out.
+    row_of_id = np.argsort(search.ids_)
+    rebuilt = search._reconstruct(row_of_id[np.arange(500)])
+    _, ind6 = search.kneighbors(rebuilt, n_neighbors=6)
+    expected = np.array([[j for j in row if j != i][:5] for i, row in enumerate(ind6)])
+    np.testing.assert_array_equal(ind, expected)
+
+
+def test_score_is_map_at_r_and_bad_settings_are_refused(blobs):
+    X, y, Q, yq = blobs
+    search = IVFQuantizedNeighbors(ProductQuantizer(32, random_state=0), n_lists=8,
+                                   random_state=0)
+    with pytest.raises(NotFittedError):
+        search.kneighbors(Q)
+    assert search.fit(X, y).score(Q, yq) > 0.8
+    with pytest.raises(ValueError, match="n_lists=5000 cells need at least as many rows"):
+        IVFQuantizedNeighbors(n_lists=5000).fit(X)
+    with pytest.raises(ValueError, match="quantizer"):
+        IVFQuantizedNeighbors(ITQ(n_bits=8)).fit(X)
+    with pytest.raises(ValueError, match="n_neighbors <= n_samples_fit"):
+        search.kneighbors(Q, n_neighbors=3001)
+    with pytest.raises(ValueError, match="score needs the labels"):
+        IVFQuantizedNeighbors(n_lists=4, random_state=0).fit(X).score(Q, yq)
