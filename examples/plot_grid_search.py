@@ -10,7 +10,6 @@ parameter, so the grid is a list of one small grid per method.
 """
 
 import matplotlib.pyplot as plt
-import numpy as np
 from _data import load
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 

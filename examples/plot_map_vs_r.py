@@ -10,7 +10,6 @@ R, since the top R are a prefix of the top R_max.
 """
 
 import matplotlib.pyplot as plt
-import numpy as np
 from _data import load
 from sklearn.frozen import FrozenEstimator
 from sklearn.neighbors import NearestNeighbors

@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
+from sklearn.utils.validation import check_consistent_length, validate_data
 
 from ._kernels._adc import ivf_adc_kneighbors
 from ._kernels._nearest import nearest_codewords
@@ -53,7 +53,9 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
     trades speed for recall; with ``n_probe = n_lists`` every item is ranked.
 
     The interface is that of :class:`QuantizedNeighbors`: ``kneighbors``,
-    ``kneighbors_graph`` and ``score`` (mAP@R with ``R = n_neighbors``).
+    ``kneighbors_graph``, ``score`` (mAP@R with ``R = n_neighbors``), ``add``
+    / ``partial_fit`` to grow the index without refitting, and ``save`` /
+    ``load`` to a directory whose arrays are memory-mapped.
 
     Read more in the :ref:`User Guide <ivf>`.
 
@@ -140,6 +142,9 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
     True
     """
 
+    # Saved as .npy files by save and memory-mapped by load.
+    _SAVED_ARRAYS = {"codes": "codes_", "ids": "ids_", "list_offsets": "list_offsets_"}
+
     _parameter_constraints: dict = {
         "quantizer": [ProductQuantizer, None],
         "n_lists": [Interval(Integral, 1, None, closed="left")],
@@ -212,6 +217,52 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         quantizer = self.quantizer if self.quantizer is not None else ProductQuantizer()
         self.quantizer_ = clone(quantizer).fit(self._residuals(X_train, n_threads)[0])
 
+        codes, lists = self._encode(X, n_threads)
+        self._store(codes, lists, np.arange(n_samples, dtype=np.int64))
+        # The list terms of every probe's table: ||p||^2 + 2 <centroid, p>.
+        codewords = self.quantizer_.cluster_centers_.astype(np.float64)
+        self._list_tables = ((codewords**2).sum(axis=2)[None]
+                             + 2 * self._inner_products(self.coarse_centers_.astype(np.float64))
+                             ).astype(np.float32)
+        self._fit_y = y
+        return self
+
+    def add(self, X, y=None):
+        """Append items to the index: each goes to its nearest cell, as a residual code.
+
+        Neither the cells nor the quantizer are refitted: new items get the
+        indices ``n_samples_fit_, n_samples_fit_ + 1, ...`` and existing items
+        keep theirs. Refit when the new items differ much from those the
+        index was trained on.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to index.
+        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Their labels; required when the index was fitted with labels,
+            refused when it was not.
+
+        Returns
+        -------
+        self : IVFQuantizedNeighbors
+            The grown index.
+        """
+        X, y = self._check_new_items(X, y)
+        codes, lists = self._encode(X, effective_n_threads(self.n_jobs))
+        sizes = np.diff(self.list_offsets_)
+        old_lists = np.repeat(np.arange(len(sizes)), sizes)
+        new_ids = np.arange(self.n_samples_fit_, self.n_samples_fit_ + X.shape[0], dtype=np.int64)
+        # Old rows first: within a cell, indices stay ascending.
+        self._store(np.concatenate([self.codes_, codes]), np.concatenate([old_lists, lists]),
+                    np.concatenate([self.ids_, new_ids]))
+        if y is not None:
+            self._fit_y = np.concatenate([self._fit_y, y])
+        return self
+
+    def _encode(self, X, n_threads):
+        """Residual codes of the rows of X and their cells, a chunk of rows at a time."""
+        n_samples = X.shape[0]
         lists = np.empty(n_samples, dtype=np.int32)
         codes = None
         for begin in range(0, n_samples, _ENCODE_CHUNK):
@@ -221,19 +272,16 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
             if codes is None:
                 codes = np.empty((n_samples, chunk.shape[1]), dtype=chunk.dtype)
             codes[begin:end] = chunk
+        return codes, lists
+
+    def _store(self, codes, lists, ids):
+        """Group the rows by cell (stable: each cell keeps the rows' order)."""
         order = np.argsort(lists, kind="stable")
         self.codes_ = np.ascontiguousarray(codes[order])
-        self.ids_ = order.astype(np.int64)
+        self.ids_ = np.ascontiguousarray(ids[order], dtype=np.int64)
         counts = np.bincount(lists, minlength=self.n_lists)
         self.list_offsets_ = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        # The list terms of every probe's table: ||p||^2 + 2 <centroid, p>.
-        codewords = self.quantizer_.cluster_centers_.astype(np.float64)
-        self._list_tables = ((codewords**2).sum(axis=2)[None]
-                             + 2 * self._inner_products(self.coarse_centers_.astype(np.float64))
-                             ).astype(np.float32)
-        self.n_samples_fit_ = n_samples
-        self._fit_y = y
-        return self
+        self.n_samples_fit_ = len(ids)
 
     def _inner_products(self, X):
         """``<x_m, p_mk>`` for each row x, subspace m and codeword k: shape (n, M, K).

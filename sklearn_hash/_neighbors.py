@@ -47,11 +47,166 @@ _INDEX_FORMAT = 1
 
 
 class _KNeighborsSearchMixin:
-    """kneighbors, kneighbors_graph and score over a fitted index.
+    """kneighbors, kneighbors_graph, score, partial_fit, save and load over a fitted index.
 
     The searcher provides ``_search(X, n_neighbors)`` (``X=None``: the
-    database items query the others), ``n_samples_fit_`` and ``_fit_y``.
+    database items query the others), ``fit``, ``add``, ``n_samples_fit_``,
+    ``_fit_y``, and in ``_SAVED_ARRAYS`` the fitted arrays that ``save``
+    writes as ``.npy`` files and ``load`` memory-maps.
     """
+
+    _SAVED_ARRAYS: dict = {"codes": "codes_"}
+
+    def _check_new_items(self, X, y):
+        """Validate items to add: the fitted features, and labels iff fitted with labels."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        if (y is None) != (self._fit_y is None):
+            state = "with" if self._fit_y is not None else "without"
+            raise ValueError(
+                f"The index was fitted {state} labels: add items {state} y too."
+            )
+        if y is not None:
+            y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
+            check_consistent_length(X, y)
+            if y.shape[1:] != self._fit_y.shape[1:]:
+                expected = ("(n_samples,)" if self._fit_y.ndim == 1
+                            else f"(n_samples, {self._fit_y.shape[1]})")
+                raise ValueError(
+                    f"y must have the shape of the index's labels, {expected}; got "
+                    f"shape {y.shape}."
+                )
+        return X, y
+
+    def partial_fit(self, X, y=None):
+        """Fit on the first call, then :meth:`add` the items of later calls.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to index (and, on the first call, to fit the quantizer).
+        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Their labels.
+
+        Returns
+        -------
+        self : object
+            The fitted or grown index.
+        """
+        if not hasattr(self, "codes_"):
+            return self.fit(X, y)
+        return self.add(X, y)
+
+    def save(self, path):
+        """Save the index to a directory, the arrays as ``.npy`` files.
+
+        The directory gets ``codes.npy`` (the database codes; for
+        :class:`IVFQuantizedNeighbors` also ``ids.npy`` and
+        ``list_offsets.npy``), ``labels.npy`` (when fitted with labels),
+        ``searcher.pkl`` (this searcher with its fitted quantizer, without
+        those arrays) and ``index.json`` (format and sizes). :meth:`load`
+        memory-maps the arrays, so an index larger than memory can be
+        searched.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Directory; created if missing, files in it overwritten.
+
+        Returns
+        -------
+        path : pathlib.Path
+            The directory.
+        """
+        check_is_fitted(self)
+        if self._fit_y is not None and self._fit_y.dtype.kind == "O":
+            raise ValueError(
+                "Labels of dtype object cannot be stored as .npy without pickle; use "
+                "numeric or string labels (e.g. y.astype(str))."
+            )
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": _INDEX_FORMAT,
+            "sklearn_hash_version": __version__,
+            "searcher": type(self).__name__,
+            "n_samples": int(self.n_samples_fit_),
+            "labels": self._fit_y is not None,
+        }
+        shell = copy.copy(self)
+        for stem, attr in self._SAVED_ARRAYS.items():
+            array = getattr(self, attr)
+            np.save(path / f"{stem}.npy", array, allow_pickle=False)
+            meta[f"{stem}_shape"] = list(array.shape)
+            meta[f"{stem}_dtype"] = array.dtype.str
+            setattr(shell, attr, None)
+        if self._fit_y is not None:
+            np.save(path / "labels.npy", self._fit_y, allow_pickle=False)
+        elif (path / "labels.npy").exists():
+            (path / "labels.npy").unlink()
+        shell._fit_y = None
+        shell._drop_caches()
+        with open(path / "searcher.pkl", "wb") as f:
+            pickle.dump(shell, f, protocol=pickle.HIGHEST_PROTOCOL)
+        (path / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path, *, mmap_mode="r"):
+        """Load an index written by :meth:`save`.
+
+        ``searcher.pkl`` is unpickled: load only directories you trust.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Directory written by :meth:`save`.
+        mmap_mode : {"r", "c", None}, default="r"
+            ``"r"`` memory-maps the arrays read-only (searching reads them from
+            the files, sharing the page cache between processes); ``"c"``
+            copy-on-write; ``None`` reads them into memory. :meth:`add` works
+            in every mode and keeps the grown arrays in memory.
+
+        Returns
+        -------
+        searcher : object
+            The fitted searcher, of the class ``load`` is called on.
+        """
+        if mmap_mode not in ("r", "c", None):
+            raise ValueError(f"mmap_mode must be 'r', 'c' or None; got {mmap_mode!r}.")
+        path = Path(path)
+        meta_path = path / "index.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{path} holds no index.json: not a saved index.")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != _INDEX_FORMAT:
+            raise ValueError(
+                f"{path} holds index format {meta.get('format')!r}; this version of "
+                f"sklearn_hash reads format {_INDEX_FORMAT}."
+            )
+        with open(path / "searcher.pkl", "rb") as f:
+            searcher = pickle.load(f)
+        if not isinstance(searcher, cls):
+            raise ValueError(f"{path}/searcher.pkl holds a {type(searcher).__name__}, "
+                             f"not a {cls.__name__}.")
+        for stem, attr in cls._SAVED_ARRAYS.items():
+            array = np.load(path / f"{stem}.npy", mmap_mode=mmap_mode, allow_pickle=False)
+            if (list(array.shape) != meta[f"{stem}_shape"]
+                    or array.dtype.str != meta[f"{stem}_dtype"]):
+                raise ValueError(
+                    f"{path}/{stem}.npy has shape {array.shape} and dtype {array.dtype}; "
+                    f"index.json expects {tuple(meta[stem + '_shape'])} and "
+                    f"{meta[stem + '_dtype']}."
+                )
+            setattr(searcher, attr, array)
+        searcher._fit_y = (np.load(path / "labels.npy", allow_pickle=False)
+                           if meta["labels"] else None)
+        if searcher._fit_y is not None and len(searcher._fit_y) != meta["n_samples"]:
+            raise ValueError(f"{path}/labels.npy does not have one label per item.")
+        return searcher
+
+    def _drop_caches(self):
+        """Forget what is rebuilt on demand (nothing by default)."""
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
         """Find the nearest database items of each query.
@@ -325,23 +480,7 @@ class QuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         self : QuantizedNeighbors
             The grown index.
         """
-        check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
-        if (y is None) != (self._fit_y is None):
-            state = "with" if self._fit_y is not None else "without"
-            raise ValueError(
-                f"The index was fitted {state} labels: add items {state} y too."
-            )
-        if y is not None:
-            y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
-            check_consistent_length(X, y)
-            if y.shape[1:] != self._fit_y.shape[1:]:
-                expected = ("(n_samples,)" if self._fit_y.ndim == 1
-                            else f"(n_samples, {self._fit_y.shape[1]})")
-                raise ValueError(
-                    f"y must have the shape of the index's labels, {expected}; got "
-                    f"shape {y.shape}."
-                )
+        X, y = self._check_new_items(X, y)
         codes = self._encode_database(X)
         self.codes_ = np.ascontiguousarray(np.concatenate([self.codes_, codes]))
         if y is not None:
@@ -349,123 +488,8 @@ class QuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         self.n_samples_fit_ = self.codes_.shape[0]
         return self
 
-    def partial_fit(self, X, y=None):
-        """Fit on the first call, then :meth:`add` the items of later calls.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Vectors to index (and, on the first call, to fit the quantizer).
-        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
-            Their labels.
-
-        Returns
-        -------
-        self : QuantizedNeighbors
-            The fitted or grown index.
-        """
-        if not hasattr(self, "codes_"):
-            return self.fit(X, y)
-        return self.add(X, y)
-
-    def save(self, path):
-        """Save the index to a directory, the arrays as ``.npy`` files.
-
-        The directory gets ``codes.npy`` (the database codes), ``labels.npy``
-        (when fitted with labels), ``searcher.pkl`` (this searcher with its
-        fitted quantizer, without the arrays) and ``index.json`` (format and
-        sizes). :meth:`load` memory-maps the codes, so an index larger than
-        memory can be searched.
-
-        Parameters
-        ----------
-        path : str or os.PathLike
-            Directory; created if missing, files in it overwritten.
-
-        Returns
-        -------
-        path : pathlib.Path
-            The directory.
-        """
-        check_is_fitted(self)
-        if self._fit_y is not None and self._fit_y.dtype.kind == "O":
-            raise ValueError(
-                "Labels of dtype object cannot be stored as .npy without pickle; use "
-                "numeric or string labels (e.g. y.astype(str))."
-            )
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        np.save(path / "codes.npy", self.codes_, allow_pickle=False)
-        if self._fit_y is not None:
-            np.save(path / "labels.npy", self._fit_y, allow_pickle=False)
-        elif (path / "labels.npy").exists():
-            (path / "labels.npy").unlink()
-        shell = copy.copy(self)
-        shell.codes_, shell._fit_y, shell._sdc_tables = None, None, None
-        with open(path / "searcher.pkl", "wb") as f:
-            pickle.dump(shell, f, protocol=pickle.HIGHEST_PROTOCOL)
-        meta = {
-            "format": _INDEX_FORMAT,
-            "sklearn_hash_version": __version__,
-            "metric": self.metric_,
-            "n_samples": int(self.n_samples_fit_),
-            "codes_shape": list(self.codes_.shape),
-            "codes_dtype": self.codes_.dtype.str,
-            "labels": self._fit_y is not None,
-        }
-        (path / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path, *, mmap_mode="r"):
-        """Load an index written by :meth:`save`.
-
-        ``searcher.pkl`` is unpickled: load only directories you trust.
-
-        Parameters
-        ----------
-        path : str or os.PathLike
-            Directory written by :meth:`save`.
-        mmap_mode : {"r", "c", None}, default="r"
-            ``"r"`` memory-maps the codes read-only (searching reads them from
-            the file, sharing the page cache between processes); ``"c"``
-            copy-on-write; ``None`` reads them into memory. :meth:`add` works
-            in every mode and keeps the grown codes in memory.
-
-        Returns
-        -------
-        searcher : QuantizedNeighbors
-            The fitted searcher.
-        """
-        if mmap_mode not in ("r", "c", None):
-            raise ValueError(f"mmap_mode must be 'r', 'c' or None; got {mmap_mode!r}.")
-        path = Path(path)
-        meta_path = path / "index.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{path} holds no index.json: not a saved index.")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != _INDEX_FORMAT:
-            raise ValueError(
-                f"{path} holds index format {meta.get('format')!r}; this version of "
-                f"sklearn_hash reads format {_INDEX_FORMAT}."
-            )
-        with open(path / "searcher.pkl", "rb") as f:
-            searcher = pickle.load(f)
-        if not isinstance(searcher, cls):
-            raise ValueError(f"{path}/searcher.pkl holds a {type(searcher).__name__}, "
-                             f"not a {cls.__name__}.")
-        codes = np.load(path / "codes.npy", mmap_mode=mmap_mode, allow_pickle=False)
-        if list(codes.shape) != meta["codes_shape"] or codes.dtype.str != meta["codes_dtype"]:
-            raise ValueError(
-                f"{path}/codes.npy has shape {codes.shape} and dtype {codes.dtype}; "
-                f"index.json expects {tuple(meta['codes_shape'])} and {meta['codes_dtype']}."
-            )
-        searcher.codes_ = codes
-        searcher._fit_y = (np.load(path / "labels.npy", allow_pickle=False)
-                           if meta["labels"] else None)
-        if searcher._fit_y is not None and len(searcher._fit_y) != codes.shape[0]:
-            raise ValueError(f"{path}/labels.npy does not have one label per code.")
-        return searcher
+    def _drop_caches(self):
+        self._sdc_tables = None
 
     def _resolve_metric(self):
         has_tables = hasattr(self.quantizer_, "distance_tables")

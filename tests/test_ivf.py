@@ -1,8 +1,14 @@
 """IVFQuantizedNeighbors and its kernel: inverted lists of residual PQ codes."""
 
+import copy
+
 import numpy as np
 import pytest
+from sklearn.base import clone
+from sklearn.datasets import make_blobs
+from sklearn.exceptions import NotFittedError
 
+from sklearn_hash import ITQ, IVFQuantizedNeighbors, ProductQuantizer
 from sklearn_hash._kernels._adc import ivf_adc_kneighbors
 
 
@@ -92,11 +98,6 @@ def test_ivf_kernel_rejects_bad_arguments():
                            codes, ids, none, 3)
 
 
-from sklearn.datasets import make_blobs  # noqa: E402
-from sklearn.exceptions import NotFittedError  # noqa: E402
-
-from sklearn_hash import ITQ, IVFQuantizedNeighbors, ProductQuantizer  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def blobs():
@@ -181,3 +182,37 @@ def test_score_is_map_at_r_and_bad_settings_are_refused(blobs):
         search.kneighbors(Q, n_neighbors=3001)
     with pytest.raises(ValueError, match="score needs the labels"):
         IVFQuantizedNeighbors(n_lists=4, random_state=0).fit(X).score(Q, yq)
+
+
+def test_add_puts_new_items_in_their_cells_and_keeps_old_indices(blobs, tmp_path):
+    X, y, Q, yq = blobs
+    half = len(X) // 2
+    grown = IVFQuantizedNeighbors(ProductQuantizer(32, random_state=0), n_lists=16, n_probe=4,
+                                  random_state=0).fit(X[:half], y[:half])
+    before = copy.deepcopy(grown)
+    grown.add(X[half:], y[half:])
+    assert grown.n_samples_fit_ == len(X)
+    # The same index built in one go from the same cells and quantizer.
+    whole = copy.deepcopy(before)
+    codes, lists = whole._encode(X, n_threads=1)
+    whole._store(codes, lists, np.arange(len(X)))
+    whole._fit_y = y
+    for attr in ("codes_", "ids_", "list_offsets_"):
+        np.testing.assert_array_equal(getattr(grown, attr), getattr(whole, attr))
+    np.testing.assert_array_equal(grown.kneighbors(Q)[1], whole.kneighbors(Q)[1])
+    assert grown.score(Q, yq) == whole.score(Q, yq)
+    # Old items kept their indices and codes; every cell lists ascending indices.
+    old = np.isin(grown.ids_, np.arange(half))
+    np.testing.assert_array_equal(grown.codes_[old][np.argsort(grown.ids_[old])],
+                                  before.codes_[np.argsort(before.ids_)])
+    for cell in range(16):
+        ids = grown.ids_[grown.list_offsets_[cell]:grown.list_offsets_[cell + 1]]
+        assert np.all(np.diff(ids) > 0)
+    # partial_fit fits, then adds; a loaded, memory-mapped index grows in memory.
+    stepwise = clone(before).partial_fit(X[:half], y[:half]).partial_fit(X[half:], y[half:])
+    np.testing.assert_array_equal(stepwise.codes_, grown.codes_)
+    loaded = IVFQuantizedNeighbors.load(before.save(tmp_path / "index"))
+    loaded.add(X[half:], y[half:])
+    np.testing.assert_array_equal(loaded.kneighbors(Q)[1], grown.kneighbors(Q)[1])
+    with pytest.raises(ValueError, match="fitted with labels: add items with y"):
+        grown.add(X[:3])

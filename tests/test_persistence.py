@@ -40,7 +40,7 @@ SEARCHERS = [
     QuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),
                        n_neighbors=5, metric="sdc"),
 ]
-# Searchers without add / save: pickled and searched from threads only.
+# With the non-exhaustive searcher (its add is tested in test_ivf.py).
 ALL_SEARCHERS = SEARCHERS + [
     IVFQuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),
                           n_lists=8, n_probe=2, n_neighbors=5, random_state=0),
@@ -84,20 +84,26 @@ def test_fitted_searchers_roundtrip(searcher, data):
 # ---------------------------------------------------------------- save / load
 
 
-@pytest.mark.parametrize("searcher", SEARCHERS, ids=repr)
+@pytest.mark.parametrize("searcher", ALL_SEARCHERS, ids=repr)
 @pytest.mark.parametrize("mmap_mode", ["r", None])
 def test_save_and_load_a_directory(searcher, mmap_mode, data, tmp_path):
     X_db, y_db, X_q, y_q = data
     fitted = clone(searcher).fit(X_db, y_db)
     fitted.save(tmp_path / "index")
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
-        "codes.npy", "index.json", "labels.npy", "searcher.pkl"]
+    arrays = sorted(f"{stem}.npy" for stem in type(fitted)._SAVED_ARRAYS)
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(
+        arrays + ["index.json", "labels.npy", "searcher.pkl"])
     # The pickle holds the quantizer, not the database.
     assert (tmp_path / "index" / "searcher.pkl").stat().st_size < fitted.codes_.nbytes + 50_000
-    loaded = QuantizedNeighbors.load(tmp_path / "index", mmap_mode=mmap_mode)
-    assert isinstance(loaded.codes_, np.memmap) == (mmap_mode is not None)
-    if mmap_mode == "r":
-        assert not loaded.codes_.flags.writeable
+    loaded = type(fitted).load(tmp_path / "index", mmap_mode=mmap_mode)
+    for attr in type(fitted)._SAVED_ARRAYS.values():
+        array = getattr(loaded, attr)
+        assert isinstance(array, np.memmap) == (mmap_mode is not None)
+        if mmap_mode == "r":
+            assert not array.flags.writeable
+    with pytest.raises(ValueError, match="holds a"):
+        (QuantizedNeighbors if isinstance(fitted, IVFQuantizedNeighbors)
+         else IVFQuantizedNeighbors).load(tmp_path / "index")
     for X in (X_q, None):  # float queries, and the database querying itself
         np.testing.assert_array_equal(loaded.kneighbors(X)[1], fitted.kneighbors(X)[1])
         np.testing.assert_array_equal(loaded.kneighbors(X)[0], fitted.kneighbors(X)[0])
