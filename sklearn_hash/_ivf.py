@@ -351,7 +351,9 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         n_threads = effective_n_threads(self.n_jobs)
         n_queries = self.n_samples_fit_ if X is None else X.shape[0]
         n_required = n_neighbors + 1 if X is None else n_neighbors
-        chunk = max(1, _TABLE_BYTES // (8 * self.quantizer_.n_codewords_ * self.codes_.shape[1]))
+        # Per query: its tables (float64 while built) and its distances to the cells.
+        per_query = 8 * max(self.quantizer_.n_codewords_ * self.codes_.shape[1], self.n_lists)
+        chunk = max(1, _TABLE_BYTES // per_query)
         if X is None:
             row_of_id = np.empty(self.n_samples_fit_, dtype=np.int64)
             row_of_id[self.ids_] = np.arange(self.n_samples_fit_)

@@ -20,6 +20,7 @@ import copy
 import json
 import numbers
 import pickle
+import threading
 from numbers import Integral
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils import check_array
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
+from threadpoolctl import ThreadpoolController
 
 from ._codes import pack_bits
 from ._itq import ITQ
@@ -44,6 +46,50 @@ _ENCODE_CHUNK = 65536
 _QUERY_CHUNK = 2048
 # Version of the directory layout written by QuantizedNeighbors.save.
 _INDEX_FORMAT = 1
+
+
+class _SingleThreadedBlas:
+    """Context manager: BLAS on one thread while a search runs.
+
+    Searching mixes small matrix products (distance tables, coarse
+    distances) with the kernels' own OpenMP threads. OpenBLAS worker threads
+    keep spinning for a while after each product, and on few cores they
+    compete with the kernel: 300 queries to IVFQuantizedNeighbors took 8 ms
+    instead of 2 ms on 2 cores. The thread that sets the limit is the one
+    that restores it (searches nest, and run concurrently from several
+    threads: the others then search without the limit).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._owner = None
+        self._limit = None
+        self._controller = None
+
+    def __enter__(self):
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        if depth == 0:
+            with self._lock:
+                if self._owner is None:
+                    if self._controller is None:
+                        self._controller = ThreadpoolController()
+                    self._limit = self._controller.limit(limits=1, user_api="blas")
+                    self._owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._local.depth -= 1
+        if self._local.depth == 0:
+            with self._lock:
+                if self._owner == threading.get_ident():
+                    self._limit.restore_original_limits()
+                    self._limit = None
+                    self._owner = None
+
+
+_single_threaded_blas = _SingleThreadedBlas()
 
 
 class _KNeighborsSearchMixin:
@@ -255,7 +301,8 @@ class _KNeighborsSearchMixin:
                 f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {n_required}, "
                 f"n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}"
             )
-        distances, indices = self._search(X, n_neighbors)
+        with _single_threaded_blas:
+            distances, indices = self._search(X, n_neighbors)
         return (distances, indices) if return_distance else indices
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):

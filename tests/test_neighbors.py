@@ -7,7 +7,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from sklearn_hash import AGH, ITQ, QuantizedNeighbors, SpectralHashing
+from sklearn_hash import AGH, ITQ, ProductQuantizer, QuantizedNeighbors, SpectralHashing
 from sklearn_hash.metrics import make_map_at_r_scorer, map_at_r_score
 
 
@@ -217,3 +217,36 @@ def test_user_quantizer_with_binary_transform_plugs_in(digits):
 
     with pytest.raises(ValueError, match="only 0 and 1"):
         QuantizedNeighbors(NotBinary()).fit(X[:500])
+
+
+def test_searches_run_blas_on_one_thread_and_restore_it():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    from sklearn_hash._neighbors import _single_threaded_blas
+
+    def blas_threads():
+        return [m["num_threads"] for m in threadpool_info() if m["user_api"] == "blas"]
+
+    before = blas_threads()
+    seen = []
+
+    class Recording(ProductQuantizer):
+        def distance_tables(self, X):
+            seen.append(blas_threads())
+            return super().distance_tables(X)
+
+    X, y = load_digits(return_X_y=True)
+    search = QuantizedNeighbors(Recording(n_bits=16, random_state=0)).fit(X[:1000], y[:1000])
+    search.kneighbors(X[1000:1100])
+    assert seen == [[1] * len(before)]
+    assert blas_threads() == before
+    # Concurrent searches: whatever the interleaving, the setting is restored.
+    for _ in range(3):
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda i: search.kneighbors(X[1000 + 50 * i:1050 + 50 * i]), range(8)))
+        assert blas_threads() == before
+    with _single_threaded_blas, _single_threaded_blas:  # nested: the outer one restores
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before
