@@ -32,8 +32,8 @@ ctypedef fused code_t:
 cdef enum:
     # Rows per task: enough to amortise a call, few enough to balance threads.
     ROW_BLOCK = 256
-    # Codewords are padded to a multiple of the widest vector (16 floats).
-    PAD = 16
+    # Codewords are padded to a multiple of the widest step (4 vectors of 16 floats).
+    PAD = 64
 
 cdef int _level = -1
 
@@ -50,7 +50,7 @@ def _packed_codebooks(centers, dtype):
     """Codebooks (M, K, d) as the kernel reads them.
 
     Returns ``CT`` of shape (M, d, Kp), each codebook transposed with K padded
-    to Kp (a multiple of 16) by zero columns, and ``bias`` of shape (M, Kp),
+    to Kp (a multiple of 64) by zero columns, and ``bias`` of shape (M, Kp),
     ``-||c||^2 / 2`` with ``-inf`` in the padding.
     """
     centers = np.asarray(centers, dtype=dtype)
