@@ -24,7 +24,7 @@ from ._kernels._adc import ivf_adc_kneighbors
 from ._kernels._nearest import nearest_codewords
 from ._kernels._openmp import effective_n_threads
 from ._neighbors import _KNeighborsSearchMixin
-from ._pq import ProductQuantizer, _kmeans
+from ._pq import ProductQuantizer, _kmeans, _training_rows
 
 # Rows encoded at a time when indexing, to bound the memory of the residuals.
 _ENCODE_CHUNK = 65536
@@ -205,12 +205,7 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
                 f"n_samples={n_samples}. Use fewer lists."
             )
         rng = check_random_state(self.random_state)
-        max_train = 256 * self.n_lists if self.max_train_samples is None else self.max_train_samples
-        max_train = max(max_train, self.n_lists)
-        if n_samples > max_train:
-            X_train = X[np.sort(rng.choice(n_samples, max_train, replace=False))]
-        else:
-            X_train = X
+        X_train = _training_rows(X, self.max_train_samples, self.n_lists, rng)
         start = X_train[np.sort(rng.choice(X_train.shape[0], self.n_lists, replace=False))]
         self.coarse_centers_, _ = _kmeans(X_train, start, self.n_iter, n_threads)
 

@@ -48,6 +48,19 @@ def _check_codebooks(estimator, n_samples):
     return n_bits // subspace_bits, n_codewords
 
 
+def _training_rows(X, max_train_samples, n_clusters, rng):
+    """The rows k-means trains on: all, or a random subsample in row order.
+
+    ``max_train_samples=None`` means ``256 * n_clusters`` (faiss's default);
+    never fewer than ``n_clusters`` rows.
+    """
+    max_train = 256 * n_clusters if max_train_samples is None else max_train_samples
+    max_train = max(max_train, n_clusters)
+    if X.shape[0] <= max_train:
+        return X
+    return X[np.sort(rng.choice(X.shape[0], max_train, replace=False))]
+
+
 def _kmeans(X, init, n_iter, n_threads):
     """Lloyd's k-means in X's precision.
 
@@ -262,12 +275,7 @@ default="random"
                 f"n_features={n_features}."
             )
         rng = check_random_state(self.random_state)
-        max_train = 256 * n_codewords if self.max_train_samples is None else self.max_train_samples
-        max_train = max(max_train, n_codewords)
-        if n_samples > max_train:
-            X_train = X[np.sort(rng.choice(n_samples, max_train, replace=False))]
-        else:
-            X_train = X
+        X_train = _training_rows(X, self.max_train_samples, n_codewords, rng)
 
         sizes = np.full(n_subspaces, n_features // n_subspaces)
         sizes[: n_features % n_subspaces] += 1

@@ -9,7 +9,7 @@ from sklearn_hash import ProductQuantizer
 from sklearn_hash._kernels._nearest import accumulate, encode, nearest_codewords, simd_level
 from sklearn_hash._pq import _kmeans
 
-SIMD = [True, False]  # the processor's widest path, and the portable one
+SIMD = [True, "avx2", False]  # the widest path, AVX2 (where the processor has it), portable
 
 
 def oracle_sq_distances(X, centers):
@@ -118,6 +118,8 @@ def test_kernel_arguments_are_checked():
         nearest_codewords(X, np.zeros((0, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="n_threads"):
         nearest_codewords(X, np.zeros((3, 4), dtype=np.float32), n_threads=0)
+    with pytest.raises(ValueError, match="simd must be"):
+        nearest_codewords(X, np.zeros((3, 4), dtype=np.float32), simd="sse")
     with pytest.raises(ValueError, match="labels must be in"):
         accumulate(X, np.array([0, 1, 2, 3, 9], dtype=np.int32), 4)
     with pytest.raises(ValueError, match="labels has 2 entries"):

@@ -23,6 +23,8 @@ from libc.string cimport memset
 
 import numpy as np
 
+from ._simd import max_simd_level
+
 cdef extern from "_popcount.h":
     int sh_detect_simd(int max_level) noexcept nogil
     Py_ssize_t sh_block_candidates(
@@ -112,17 +114,7 @@ def simd_path(simd=True):
 
     Returns ``"avx512"`` (AVX-512 VPOPCNTDQ), ``"avx2"`` or ``"portable"``.
     """
-    return _PATHS[sh_detect_simd(_max_level(simd))]
-
-
-def _max_level(simd):
-    if simd is True or simd == "avx512":
-        return 2
-    if simd == "avx2":
-        return 1
-    if simd is False or simd == "portable":
-        return 0
-    raise ValueError(f"simd must be True, False, 'avx512', 'avx2' or 'portable'; got {simd!r}.")
+    return _PATHS[sh_detect_simd(max_simd_level(simd))]
 
 
 def hamming_kneighbors(
@@ -199,7 +191,7 @@ def hamming_kneighbors(
     cdef const uint64_t* db = &database[0, 0]
     cdef const uint64_t* qs = &queries[0, 0]
 
-    cdef int use_simd = sh_detect_simd(_max_level(simd))
+    cdef int use_simd = sh_detect_simd(max_simd_level(simd))
     cdef Py_ssize_t b, q, q0, q1, j, jb, j0, j1, w, c, n_found
     cdef int d
     cdef int failed = 0

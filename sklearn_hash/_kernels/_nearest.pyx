@@ -14,6 +14,8 @@ from libc.stdlib cimport free, malloc
 
 import numpy as np
 
+from ._simd import max_simd_level
+
 cdef extern from "_nearest.h":
     int sh_nearest_level() noexcept nogil
     void sh_nearest_f32(
@@ -75,14 +77,14 @@ cdef inline void _nearest(
 
 
 def _check_level(simd):
-    return simd_level() if simd else 0
+    return min(simd_level(), max_simd_level(simd))
 
 
 def nearest_codewords(
     const floating[:, ::1] X,   # IN (n_samples, n_features)
     centers,                     # IN (n_codewords, n_features)
     int n_threads=1,
-    bint simd=True,
+    simd=True,
 ):
     """Nearest codeword of every row (the assignment step of k-means).
 
@@ -94,9 +96,10 @@ def nearest_codewords(
         Codewords, converted to X's dtype.
     n_threads : int, default=1
         OpenMP threads.
-    simd : bool, default=True
-        Use the widest vector path of the processor; ``False`` forces the
-        portable 16-byte path.
+    simd : bool or {"avx512", "avx2", "portable"}, default=True
+        ``True`` runs the widest vector path of the processor (AVX-512,
+        else AVX2 + FMA, else portable 16-byte vectors); a name caps the
+        path at that one, and ``False`` means ``"portable"``.
 
     Returns
     -------
@@ -147,7 +150,7 @@ def encode(
     centers,                        # IN (n_subspaces, K, subspace_dim)
     code_t[:, ::1] codes,          # OUT (n_samples, n_subspaces)
     int n_threads=1,
-    bint simd=True,
+    simd=True,
 ):
     """Product-quantization codes: the nearest codeword of every block.
 
@@ -168,7 +171,7 @@ def encode(
         Written in place; its dtype must hold ``n_codewords - 1``.
     n_threads : int, default=1
         OpenMP threads.
-    simd : bool, default=True
+    simd : bool or {"avx512", "avx2", "portable"}, default=True
         As in :func:`nearest_codewords`.
     """
     cdef Py_ssize_t n = X.shape[0]
