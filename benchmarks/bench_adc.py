@@ -5,7 +5,7 @@ subspaces (8 bits per subspace); 1,000 queries; k = 10 and 100; 1 and 2
 threads. Training uses 100,000 rows (faiss subsamples to 256 x K = 65,536
 rows, and so does ProductQuantizer by default). Data: Gaussian vectors with a
 decaying spectrum (a stand-in for embeddings). Recall@10 is measured against
-exact float search on the first 100 queries. Searches shorter than a second
+exact float search over all 1,000 queries. Searches shorter than a second
 are timed as the best of up to 3 runs, for both libraries. faiss-cpu is
 required for its columns (``pip install faiss-cpu``).
 
@@ -51,9 +51,15 @@ def make_data(n, d, seed):
     return (rng.standard_normal((n, d), dtype=np.float32) * scale).astype(np.float32)
 
 
-def exact_top10(X_db, X_q):
-    d2 = (X_q**2).sum(1)[:, None] - 2 * X_q @ X_db.T + (X_db**2).sum(1)[None]
-    return np.argsort(d2, axis=1)[:, :10]
+def exact_top10(X_db, X_q, chunk=50):
+    """Exact 10 nearest neighbours by float32 search, a chunk of queries at a time."""
+    x2 = (X_db**2).sum(1)
+    out = []
+    for start in range(0, len(X_q), chunk):
+        d2 = x2[None] - 2 * X_q[start:start + chunk] @ X_db.T
+        part = np.argpartition(d2, 10, axis=1)[:, :10]
+        out.append(np.take_along_axis(part, np.argsort(np.take_along_axis(d2, part, 1), 1), 1))
+    return np.concatenate(out)
 
 
 def recall_at_10(found, truth):
@@ -91,7 +97,7 @@ def main():
         tables = pq.distance_tables(X_q)
         sdc = pq.symmetric_distance_tables()
         sdc_tables = np.ascontiguousarray(sdc[np.arange(M), pq.transform(X_q).astype(np.intp)])
-        truth = exact_top10(X, X_q[:100])
+        truth = exact_top10(X, X_q)
         for k in (10, 100):
             for threads in (1, 2):
                 faiss.omp_set_num_threads(threads)
@@ -105,7 +111,7 @@ def main():
                 # scan (tables by numpy/BLAS, scan by the kernel).
                 _, t_tables = timed_best(lambda: pq.distance_tables(X_q))
                 t_adc = t_scan + t_tables
-                rec = f"{recall_at_10(ours_ind[:100], truth):.3f} / {recall_at_10(f_ind[:100], truth):.3f}"
+                rec = f"{recall_at_10(ours_ind, truth):.3f} / {recall_at_10(f_ind, truth):.3f}"
                 print(f"| {n} x {d} | {M} | {k} | {threads} | {n_queries / t_adc:,.0f} "
                       f"(scan only {n_queries / t_scan:,.0f}) | "
                       f"{n_queries / f_adc:,.0f} | {f_adc / t_adc:.2f}x | "
