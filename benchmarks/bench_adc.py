@@ -13,57 +13,18 @@ required for its columns (``pip install faiss-cpu``).
 """
 
 import argparse
-import time
 
 import numpy as np
 
+from _common import exact_top10, recall_at_10, timed, timed_best
 from sklearn_hash import ProductQuantizer
 from sklearn_hash._kernels._adc import adc_kneighbors
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
-def timed_best(fn, budget=1.0, repeats=3):
-    """Best time of up to ``repeats`` runs, repeating only while under ``budget`` seconds.
-
-    Short searches are sensitive to the state the previous library left the
-    cores in (the other OpenMP runtime's threads still spinning); the best of
-    a few runs is applied to ours and faiss's alike.
-    """
-    out, best = timed(fn)
-    spent = best
-    for _ in range(repeats - 1):
-        if spent >= budget:
-            break
-        _, t = timed(fn)
-        spent += t
-        best = min(best, t)
-    return out, best
 
 
 def make_data(n, d, seed):
     rng = np.random.default_rng(seed)
     scale = 1.0 / np.sqrt(1.0 + np.arange(d))
     return (rng.standard_normal((n, d), dtype=np.float32) * scale).astype(np.float32)
-
-
-def exact_top10(X_db, X_q, chunk=50):
-    """Exact 10 nearest neighbours by float32 search, a chunk of queries at a time."""
-    x2 = (X_db**2).sum(1)
-    out = []
-    for start in range(0, len(X_q), chunk):
-        d2 = x2[None] - 2 * X_q[start:start + chunk] @ X_db.T
-        part = np.argpartition(d2, 10, axis=1)[:, :10]
-        out.append(np.take_along_axis(part, np.argsort(np.take_along_axis(d2, part, 1), 1), 1))
-    return np.concatenate(out)
-
-
-def recall_at_10(found, truth):
-    return np.mean([len(set(f[:10]) & set(t)) / 10 for f, t in zip(found, truth)])
 
 
 def main():

@@ -14,10 +14,10 @@ of the same length. faiss-cpu is required for its columns (``pip install faiss-c
 """
 
 import argparse
-import time
 
 import numpy as np
 
+from _common import exact_top10, recall_at_10, timed, timed_best
 from sklearn_hash import IVFQuantizedNeighbors, ProductQuantizer, QuantizedNeighbors
 
 
@@ -26,33 +26,6 @@ def make_data(n, d, n_clusters, seed):
     centers = np.random.default_rng(0).standard_normal((n_clusters, d), dtype=np.float32)
     labels = rng.integers(0, n_clusters, n)
     return (centers[labels] + 0.7 * rng.standard_normal((n, d), dtype=np.float32)).astype(np.float32)
-
-
-def exact_top10(X, Q, chunk=50):
-    x2 = (X**2).sum(1)
-    out = []
-    for start in range(0, len(Q), chunk):
-        d2 = x2[None] - 2 * Q[start:start + chunk] @ X.T
-        part = np.argpartition(d2, 10, axis=1)[:, :10]
-        out.append(np.take_along_axis(part, np.argsort(np.take_along_axis(d2, part, 1), 1), 1))
-    return np.concatenate(out)
-
-
-def recall_at_10(found, truth):
-    return np.mean([len(set(f[:10]) & set(t)) / 10 for f, t in zip(found, truth)])
-
-
-def best_time(fn, budget=1.0, repeats=3):
-    """Best of up to ``repeats`` runs, repeating only while under ``budget`` seconds."""
-    best, spent, out = np.inf, 0.0, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        t = time.perf_counter() - start
-        best, spent = min(best, t), spent + t
-        if spent >= budget:
-            break
-    return out, best
 
 
 def main():
@@ -71,12 +44,12 @@ def main():
 
     ours = IVFQuantizedNeighbors(ProductQuantizer(8 * M, random_state=0), n_lists=n_lists,
                                  max_train_samples=100_000, random_state=0, n_jobs=args.threads)
-    _, t_fit = best_time(lambda: ours.fit(X), repeats=1)
+    _, t_fit = timed(lambda: ours.fit(X))
     index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, n_lists, M, 8)
     index.cp.niter = 25
     index.pq.cp.niter = 25
-    _, f_train = best_time(lambda: index.train(X_train), repeats=1)
-    _, f_add = best_time(lambda: index.add(X), repeats=1)
+    _, f_train = timed(lambda: index.train(X_train))
+    _, f_add = timed(lambda: index.add(X))
     print(f"# faiss {faiss.__version__}; {args.n} x {d}, {n_lists} lists, {8 * M}-bit residual "
           f"codes, {n_q} queries, {args.threads} threads")
     print(f"# training on 100,000 rows and adding all: ours {t_fit:.2f} s, faiss "
@@ -86,12 +59,12 @@ def main():
     for n_probe in (1, 4, 16, 64):
         ours.set_params(n_probe=n_probe)
         index.nprobe = n_probe
-        ind, t_ours = best_time(lambda: ours.kneighbors(Q, return_distance=False))
-        (_, f_ind), t_faiss = best_time(lambda: index.search(Q, 10))
+        ind, t_ours = timed_best(lambda: ours.kneighbors(Q, return_distance=False))
+        (_, f_ind), t_faiss = timed_best(lambda: index.search(Q, 10))
         print(f"| {n_probe} | {n_q / t_ours:,.0f} | {n_q / t_faiss:,.0f} | {t_faiss / t_ours:.2f}x | "
               f"{recall_at_10(ind, truth):.3f} | {recall_at_10(f_ind, truth):.3f} |", flush=True)
     flat = QuantizedNeighbors(ProductQuantizer(8 * M, random_state=0), n_jobs=args.threads).fit(X)
-    ind, t_flat = best_time(lambda: flat.kneighbors(Q, return_distance=False))
+    ind, t_flat = timed_best(lambda: flat.kneighbors(Q, return_distance=False))
     print(f"| all (QuantizedNeighbors, exhaustive PQ) | {n_q / t_flat:,.0f} | | | "
           f"{recall_at_10(ind, truth):.3f} | |")
 
