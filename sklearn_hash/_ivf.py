@@ -30,6 +30,8 @@ from ._pq import ProductQuantizer, _kmeans, _training_rows
 _ENCODE_CHUNK = 65536
 # Bytes of query tables (float64 inner products) built at a time when searching.
 _TABLE_BYTES = 1 << 25
+# Largest per-cell tables kept from fit; beyond, each query chunk builds those it visits.
+_MAX_CELL_TABLE_BYTES = 1 << 28
 
 
 class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
@@ -49,7 +51,9 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
     instead of ``n_samples_fit * n_subspaces`` for
     :class:`QuantizedNeighbors`. This is IVFADC (Jégou et al., 2011),
     faiss's ``IndexIVFPQ`` with precomputed tables; the per-cell tables
-    take ``n_lists * n_subspaces * K`` floats (2 MiB for the defaults). Raising ``n_probe``
+    take ``n_lists * n_subspaces * K`` floats (2 MiB for the defaults) and
+    are kept up to 256 MiB; beyond, each chunk of queries builds the tables
+    of the cells it visits. Raising ``n_probe``
     trades speed for recall; with ``n_probe = n_lists`` every item is ranked.
 
     The interface is that of :class:`QuantizedNeighbors`: ``kneighbors``,
@@ -214,11 +218,9 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
 
         codes, lists = self._encode(X, n_threads)
         self._store(codes, lists, np.arange(n_samples, dtype=np.int64))
-        # The list terms of every probe's table: ||p||^2 + 2 <centroid, p>.
-        codewords = self.quantizer_.cluster_centers_.astype(np.float64)
-        self._list_tables = ((codewords**2).sum(axis=2)[None]
-                             + 2 * self._inner_products(self.coarse_centers_.astype(np.float64))
-                             ).astype(np.float32)
+        table_bytes = 4 * self.n_lists * self.quantizer_.n_subspaces_ * self.quantizer_.n_codewords_
+        self._list_tables = (self._cell_tables(np.arange(self.n_lists))
+                             if table_bytes <= _MAX_CELL_TABLE_BYTES else None)
         self._fit_y = y
         return self
 
@@ -278,17 +280,26 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         self.list_offsets_ = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n_samples_fit_ = len(ids)
 
+    def _cell_tables(self, cells):
+        """The cells' terms of a probe's table, ``||p||^2 + 2 <centroid, p>``: (n_cells, M, K) float32."""
+        codewords = self.quantizer_.cluster_centers_.astype(np.float64)
+        return ((codewords**2).sum(axis=2)[None]
+                + 2 * self._inner_products(self.coarse_centers_[cells])).astype(np.float32)
+
     def _inner_products(self, X):
         """``<x_m, p_mk>`` for each row x, subspace m and codeword k: shape (n, M, K).
 
-        Computed in X's precision (float32 queries: float32 BLAS).
+        In float64: BLAS rounds differently with the shape of the product, and
+        float64 differences vanish when the tables are rounded to float32, so a
+        query gets the same answer whichever queries it is searched with.
         """
         pq = self.quantizer_
         bounds = pq.subspace_bounds_
-        out = np.empty((X.shape[0], pq.n_subspaces_, pq.n_codewords_), dtype=X.dtype)
+        X = np.asarray(X, dtype=np.float64)
+        out = np.empty((X.shape[0], pq.n_subspaces_, pq.n_codewords_))
         for m in range(pq.n_subspaces_):
             lo, hi = bounds[m], bounds[m + 1]
-            out[:, m] = X[:, lo:hi] @ pq.cluster_centers_[m, :, : hi - lo].T.astype(X.dtype)
+            out[:, m] = X[:, lo:hi] @ pq.cluster_centers_[m, :, : hi - lo].T.astype(np.float64)
         return out
 
     def _residuals(self, X, n_threads):
@@ -304,7 +315,8 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         distances to the query (float32, same shape) and ``n_visit`` of shape
         (n_queries,): query q visits ``probes[q, :n_visit[q]]``.
         """
-        centers = self.coarse_centers_.astype(X.dtype)
+        centers = self.coarse_centers_.astype(np.float64)
+        X = np.asarray(X, dtype=np.float64)
         d2 = X @ centers.T
         d2 *= -2
         d2 += (centers**2).sum(axis=1)[None, :]
@@ -364,8 +376,14 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
                 queries = X[begin:end]
             probes, coarse, n_visit = self._probes(queries, n_required)
             query_tables = (-2 * self._inner_products(queries)).astype(np.float32)
+            if self._list_tables is not None:
+                cell_tables, rows = self._list_tables, probes
+            else:  # too many cells to keep all their tables: build those visited
+                cells, rows = np.unique(probes, return_inverse=True)
+                cell_tables = self._cell_tables(cells)
+                rows = np.ascontiguousarray(rows.reshape(probes.shape), dtype=np.int64)
             distances[begin:end], indices[begin:end] = ivf_adc_kneighbors(
-                self._list_tables, query_tables, coarse, probes, n_visit, self.list_offsets_,
+                cell_tables, query_tables, coarse, probes, rows, n_visit, self.list_offsets_,
                 self.codes_, self.ids_, own, n_neighbors, n_threads=n_threads,
             )
         return distances, indices

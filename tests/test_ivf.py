@@ -12,8 +12,8 @@ from sklearn_hash import ITQ, IVFQuantizedNeighbors, ProductQuantizer
 from sklearn_hash._kernels._adc import ivf_adc_kneighbors
 
 
-def ivf_oracle(list_tables, query_tables, coarse, probes, n_visit, offsets, codes, ids,
-               exclude, k):
+def ivf_oracle(list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets, codes,
+               ids, exclude, k):
     """float32 sums in subspace order over the visited lists; ranked by (distance, index)."""
     n_q, M, _ = query_tables.shape
     out_d = np.zeros((n_q, k), np.float32)
@@ -22,7 +22,7 @@ def ivf_oracle(list_tables, query_tables, coarse, probes, n_visit, offsets, code
         dist, idx = [], []
         for p in range(n_visit[q]):
             lst = probes[q, p]
-            table = list_tables[lst] + query_tables[q]
+            table = list_tables[table_rows[q, p]] + query_tables[q]
             table[0] += coarse[q, p]
             rows = np.arange(offsets[lst], offsets[lst + 1])
             d = table[0, codes[rows, 0].astype(np.intp)]
@@ -53,6 +53,7 @@ def test_ivf_kernel_matches_the_oracle_with_ties(M, K, code_dtype):
     n, n_lists, n_q, n_probe = 900, 12, 7, 5
     offsets, codes, ids = random_index(rng, n, n_lists, M, K, code_dtype)
     # Small integers: exact sums, many ties across lists.
+    # Tables in another order than the lists: row n_lists - 1 - l serves list l.
     list_tables = rng.integers(0, 3, (n_lists, M, K)).astype(np.float32)
     query_tables = rng.integers(-1, 2, (n_q, M, K)).astype(np.float32)
     coarse = rng.integers(0, 3, (n_q, n_probe)).astype(np.float32)
@@ -63,9 +64,10 @@ def test_ivf_kernel_matches_the_oracle_with_ties(M, K, code_dtype):
     held = np.array([sum(offsets[l + 1] - offsets[l] for l in probes[q, :n_visit[q]])
                      for q in range(n_q)])
     for k in (1, 10, int(held.min()) - 1):
-        expected = ivf_oracle(*tables, probes, n_visit, offsets, codes, ids, exclude, k)
+        rows = n_lists - 1 - probes
+        expected = ivf_oracle(*tables, probes, rows, n_visit, offsets, codes, ids, exclude, k)
         for n_threads in (1, 2):
-            dist, ind = ivf_adc_kneighbors(*tables, probes, n_visit, offsets, codes, ids,
+            dist, ind = ivf_adc_kneighbors(*tables, probes, rows, n_visit, offsets, codes, ids,
                                            exclude, k, n_threads=n_threads)
             np.testing.assert_array_equal(ind, expected[1])
             np.testing.assert_array_equal(dist, expected[0])
@@ -80,22 +82,28 @@ def test_ivf_kernel_rejects_bad_arguments():
     probes = np.array([[0, 1], [2, 3]], dtype=np.int64)
     visit = np.array([2, 2], dtype=np.int64)
     none = np.array([-1, -1], dtype=np.int64)
-    ivf_adc_kneighbors(lt, qt, coarse, probes, visit, offsets, codes, ids, none, 3)
+    ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, offsets, codes, ids, none, 3)
     with pytest.raises(ValueError, match="probes must be list numbers"):
-        ivf_adc_kneighbors(lt, qt, coarse, probes + 3, visit, offsets, codes, ids, none, 3)
+        ivf_adc_kneighbors(lt, qt, coarse, probes + 3, probes, visit, offsets, codes, ids, none, 3)
     with pytest.raises(ValueError, match="n_visit must be in"):
-        ivf_adc_kneighbors(lt, qt, coarse, probes, visit + 1, offsets, codes, ids, none, 3)
+        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit + 1, offsets, codes, ids, none, 3)
     with pytest.raises(ValueError, match="list_offsets must rise"):
-        ivf_adc_kneighbors(lt, qt, coarse, probes, visit, offsets[::-1].copy(), codes, ids, none, 3)
+        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, offsets[::-1].copy(), codes, ids,
+                           none, 3)
     with pytest.raises(ValueError, match="at least k=500 items"):
-        ivf_adc_kneighbors(lt, qt, coarse, probes, visit, offsets, codes, ids, none, 500)
+        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, offsets, codes, ids, none, 500)
     with pytest.raises(ValueError, match="same subspaces"):
-        ivf_adc_kneighbors(lt, qt, coarse, probes, visit, offsets, codes[:, :1].copy(), ids, none, 3)
+        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, offsets, codes[:, :1].copy(), ids,
+                           none, 3)
     with pytest.raises(ValueError, match="coarse must have shape"):
-        ivf_adc_kneighbors(lt, qt, coarse[:, :1].copy(), probes, visit, offsets, codes, ids, none, 3)
+        ivf_adc_kneighbors(lt, qt, coarse[:, :1].copy(), probes, probes, visit, offsets, codes, ids,
+                           none, 3)
     with pytest.raises(ValueError, match="codeword indices up to"):
-        ivf_adc_kneighbors(lt[..., :4].copy(), qt[..., :4].copy(), coarse, probes, visit, offsets,
-                           codes, ids, none, 3)
+        ivf_adc_kneighbors(lt[..., :4].copy(), qt[..., :4].copy(), coarse, probes, probes, visit,
+                           offsets, codes, ids, none, 3)
+    with pytest.raises(ValueError, match="table_rows must be rows of list_tables"):
+        ivf_adc_kneighbors(lt[:2].copy(), qt, coarse, probes, probes, visit, offsets, codes, ids,
+                           none, 3)
 
 
 
@@ -216,3 +224,23 @@ def test_add_puts_new_items_in_their_cells_and_keeps_old_indices(blobs, tmp_path
     np.testing.assert_array_equal(loaded.kneighbors(Q)[1], grown.kneighbors(Q)[1])
     with pytest.raises(ValueError, match="fitted with labels: add items with y"):
         grown.add(X[:3])
+
+
+def test_cells_beyond_the_table_budget_build_their_tables_per_query_chunk(blobs, monkeypatch):
+    import sklearn_hash._ivf as ivf_module
+
+    # Tables are computed in float64 and rounded to float32, so neither the
+    # cells built together nor the queries searched together change them.
+    X, y, Q, _ = blobs
+    search = IVFQuantizedNeighbors(ProductQuantizer(32, random_state=0), n_lists=40, n_probe=3,
+                                   random_state=0)
+    kept = search.fit(X, y).kneighbors(Q, n_neighbors=20)
+    assert search._list_tables is not None
+    monkeypatch.setattr(ivf_module, "_MAX_CELL_TABLE_BYTES", 0)
+    monkeypatch.setattr(ivf_module, "_TABLE_BYTES", 1)  # one query per chunk
+    built = clone(search).fit(X, y)
+    assert built._list_tables is None
+    for got, expected in zip(built.kneighbors(Q, n_neighbors=20), kept):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(built.kneighbors(n_neighbors=5)[1],
+                                  search.kneighbors(n_neighbors=5)[1])

@@ -247,10 +247,11 @@ def adc_kneighbors(
 
 
 def ivf_adc_kneighbors(
-    const float[:, :, ::1] list_tables,   # IN (n_lists, n_subspaces, n_codewords)
+    const float[:, :, ::1] list_tables,   # IN (n_tables, n_subspaces, n_codewords)
     const float[:, :, ::1] query_tables,  # IN (n_queries, n_subspaces, n_codewords)
     const float[:, ::1] coarse,           # IN (n_queries, n_probe)
     const int64_t[:, ::1] probes,         # IN (n_queries, n_probe)
+    const int64_t[:, ::1] table_rows,     # IN (n_queries, n_probe)
     const int64_t[::1] n_visit,           # IN (n_queries,)
     const int64_t[::1] list_offsets,      # IN (n_lists + 1,)
     const code_t[:, ::1] codes,           # IN (n_database, n_subspaces), grouped by list
@@ -264,9 +265,10 @@ def ivf_adc_kneighbors(
     The database is grouped by inverted list: list l holds the rows
     ``list_offsets[l]:list_offsets[l + 1]`` of ``codes``, whose database
     indices are ``ids[...]``. Query q visits its first ``n_visit[q]`` lists
-    ``probes[q, :n_visit[q]]``. For probe p of query q (list l) the table is
-    built in float32 as ``t = list_tables[l] + query_tables[q]`` with
-    ``coarse[q, p]`` then added to row 0, and the distance of a code is
+    ``probes[q, :n_visit[q]]``. For probe p of query q the table is built
+    in float32 as ``t = list_tables[table_rows[q, p]] + query_tables[q]``
+    with ``coarse[q, p]`` then added to row 0 (``table_rows`` is ``probes``
+    when every list has its row in ``list_tables``), and the distance of a code is
     ``t[0, c[0]] + t[1, c[1]] + ...`` added in subspace order (IVFADC's
     decomposition of the squared distance to centroid + residual codeword:
     ``coarse`` is the squared distance to the centroid, ``list_tables`` the
@@ -276,11 +278,13 @@ def ivf_adc_kneighbors(
 
     Parameters
     ----------
-    list_tables : ndarray of shape (n_lists, n_subspaces, n_codewords), dtype=float32
+    list_tables : ndarray of shape (n_tables, n_subspaces, n_codewords), dtype=float32
     query_tables : ndarray of shape (n_queries, n_subspaces, n_codewords), dtype=float32
     coarse : ndarray of shape (n_queries, n_probe), dtype=float32
     probes : ndarray of shape (n_queries, n_probe), dtype=int64
         List numbers, each in ``[0, n_lists)``, distinct within a row.
+    table_rows : ndarray of shape (n_queries, n_probe), dtype=int64
+        Row of ``list_tables`` for each probe, in ``[0, n_tables)``.
     n_visit : ndarray of shape (n_queries,), dtype=int64
         Lists visited per query, in ``[0, n_probe]``.
     list_offsets : ndarray of shape (n_lists + 1,), dtype=int64
@@ -299,7 +303,8 @@ def ivf_adc_kneighbors(
     distances : ndarray of shape (n_queries, k), dtype=float32
     indices : ndarray of shape (n_queries, k), dtype=int64
     """
-    cdef Py_ssize_t n_lists = list_tables.shape[0]
+    cdef Py_ssize_t n_tables = list_tables.shape[0]
+    cdef Py_ssize_t n_lists = list_offsets.shape[0] - 1
     cdef Py_ssize_t n_subspaces = list_tables.shape[1]
     cdef Py_ssize_t n_codewords = list_tables.shape[2]
     cdef Py_ssize_t n_queries = query_tables.shape[0]
@@ -311,14 +316,15 @@ def ivf_adc_kneighbors(
         raise ValueError("list_tables, query_tables and codes must have the same subspaces "
                          "and codewords.")
     if (probes.shape[0] != n_queries or coarse.shape[0] != n_queries
-            or coarse.shape[1] != n_probe or n_visit.shape[0] != n_queries
+            or coarse.shape[1] != n_probe or table_rows.shape[0] != n_queries
+            or table_rows.shape[1] != n_probe or n_visit.shape[0] != n_queries
             or exclude.shape[0] != n_queries):
-        raise ValueError("probes and coarse must have shape (n_queries, n_probe) and n_visit, "
-                         "exclude shape (n_queries,).")
-    if (ids.shape[0] != n_database or offsets.shape[0] != n_lists + 1 or n_lists < 1
+        raise ValueError("probes, table_rows and coarse must have shape (n_queries, n_probe) "
+                         "and n_visit, exclude shape (n_queries,).")
+    if (ids.shape[0] != n_database or n_lists < 1
             or offsets[0] != 0 or offsets[-1] != n_database or np.any(np.diff(offsets) < 0)):
-        raise ValueError("list_offsets must rise from 0 to n_database in n_lists + 1 steps, "
-                         "and ids hold one index per code.")
+        raise ValueError("list_offsets must rise from 0 to n_database, and ids hold one "
+                         "index per code.")
     visit = np.asarray(n_visit)
     if n_queries and (visit.min() < 0 or visit.max() > n_probe):
         raise ValueError(f"n_visit must be in [0, {n_probe}].")
@@ -326,6 +332,9 @@ def ivf_adc_kneighbors(
     mask = np.arange(n_probe) < visit[:, None]
     if np.any((probe_arr < 0) & mask) or np.any((probe_arr >= n_lists) & mask):
         raise ValueError(f"probes must be list numbers in [0, {n_lists - 1}].")
+    rows_arr = np.asarray(table_rows)
+    if np.any((rows_arr < 0) & mask) or np.any((rows_arr >= n_tables) & mask):
+        raise ValueError(f"table_rows must be rows of list_tables, in [0, {n_tables - 1}].")
     if k < 0:
         raise ValueError(f"k must be >= 0; got k={k}.")
     if n_threads < 1:
@@ -382,7 +391,7 @@ def ivf_adc_kneighbors(
                     b = list_offsets[lst + 1]
                     if a == b:
                         continue
-                    lt = &list_tables[lst, 0, 0]
+                    lt = &list_tables[table_rows[q, p], 0, 0]
                     for e in range(table_size):
                         table[e] = lt[e] + qt[e]
                     base = coarse[q, p]
