@@ -21,7 +21,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_consistent_length, validate_data
 
 from ._kernels._adc import ivf_adc_kneighbors
-from ._kernels._nearest import nearest_codewords
+from ._kernels._nearest import codeword_scores, nearest_codewords
 from ._kernels._openmp import effective_n_threads
 from ._neighbors import _KNeighborsSearchMixin
 from ._pq import ProductQuantizer, _kmeans, _training_rows
@@ -219,7 +219,7 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         codes, lists = self._encode(X, n_threads)
         self._store(codes, lists, np.arange(n_samples, dtype=np.int64))
         table_bytes = 4 * self.n_lists * self.quantizer_.n_subspaces_ * self.quantizer_.n_codewords_
-        self._list_tables = (self._cell_tables(np.arange(self.n_lists))
+        self._list_tables = (self._cell_tables(np.arange(self.n_lists), n_threads)
                              if table_bytes <= _MAX_CELL_TABLE_BYTES else None)
         self._fit_y = y
         return self
@@ -280,26 +280,28 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         self.list_offsets_ = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n_samples_fit_ = len(ids)
 
-    def _cell_tables(self, cells):
+    def _cell_tables(self, cells, n_threads=1):
         """The cells' terms of a probe's table, ``||p||^2 + 2 <centroid, p>``: (n_cells, M, K) float32."""
         codewords = self.quantizer_.cluster_centers_.astype(np.float64)
+        centroids = self.coarse_centers_[cells].astype(np.float64)
         return ((codewords**2).sum(axis=2)[None]
-                + 2 * self._inner_products(self.coarse_centers_[cells])).astype(np.float32)
+                + 2 * self._inner_products(centroids, n_threads)).astype(np.float32)
 
-    def _inner_products(self, X):
+    def _inner_products(self, X, n_threads):
         """``<x_m, p_mk>`` for each row x, subspace m and codeword k: shape (n, M, K).
 
-        In float64: BLAS rounds differently with the shape of the product, and
-        float64 differences vanish when the tables are rounded to float32, so a
-        query gets the same answer whichever queries it is searched with.
+        In X's precision, by the codeword kernel rather than BLAS: each row is
+        computed on its own, so a query gets the same answer whichever
+        queries it is searched with (BLAS rounds differently with the shape
+        of the product).
         """
         pq = self.quantizer_
         bounds = pq.subspace_bounds_
-        X = np.asarray(X, dtype=np.float64)
-        out = np.empty((X.shape[0], pq.n_subspaces_, pq.n_codewords_))
+        out = np.empty((X.shape[0], pq.n_subspaces_, pq.n_codewords_), dtype=X.dtype)
         for m in range(pq.n_subspaces_):
             lo, hi = bounds[m], bounds[m + 1]
-            out[:, m] = X[:, lo:hi] @ pq.cluster_centers_[m, :, : hi - lo].T.astype(np.float64)
+            out[:, m] = codeword_scores(np.ascontiguousarray(X[:, lo:hi]),
+                                        pq.cluster_centers_[m, :, : hi - lo], n_threads=n_threads)
         return out
 
     def _residuals(self, X, n_threads):
@@ -308,19 +310,19 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
                                      n_threads=n_threads)
         return X - self.coarse_centers_[lists], lists
 
-    def _probes(self, X, n_required):
+    def _probes(self, X, n_required, n_threads):
         """The cells each query visits, nearest first, holding at least n_required items.
 
         Returns ``probes`` of shape (n_queries, width), their squared
         distances to the query (float32, same shape) and ``n_visit`` of shape
         (n_queries,): query q visits ``probes[q, :n_visit[q]]``.
         """
-        centers = self.coarse_centers_.astype(np.float64)
-        X = np.asarray(X, dtype=np.float64)
-        d2 = X @ centers.T
+        centers = self.coarse_centers_.astype(X.dtype)
+        # ||x - c||^2 = ||x||^2 - 2 (x.c - ||c||^2 / 2), each row on its own.
+        d2 = codeword_scores(X, centers, -0.5 * np.einsum("ij,ij->i", centers, centers),
+                             n_threads=n_threads)
         d2 *= -2
-        d2 += (centers**2).sum(axis=1)[None, :]
-        d2 += (X**2).sum(axis=1)[:, None]
+        d2 += np.einsum("ij,ij->i", X, X)[:, None]
         n_lists = centers.shape[0]
         n_probe = min(self.n_probe, n_lists)
         if n_probe < n_lists:
@@ -374,13 +376,13 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
             else:
                 own = np.full(end - begin, -1, dtype=np.int64)
                 queries = X[begin:end]
-            probes, coarse, n_visit = self._probes(queries, n_required)
-            query_tables = (-2 * self._inner_products(queries)).astype(np.float32)
+            probes, coarse, n_visit = self._probes(queries, n_required, n_threads)
+            query_tables = (-2 * self._inner_products(queries, n_threads)).astype(np.float32)
             if self._list_tables is not None:
                 cell_tables, rows = self._list_tables, probes
             else:  # too many cells to keep all their tables: build those visited
                 cells, rows = np.unique(probes, return_inverse=True)
-                cell_tables = self._cell_tables(cells)
+                cell_tables = self._cell_tables(cells, n_threads)
                 rows = np.ascontiguousarray(rows.reshape(probes.shape), dtype=np.int64)
             distances[begin:end], indices[begin:end] = ivf_adc_kneighbors(
                 cell_tables, query_tables, coarse, probes, rows, n_visit, self.list_offsets_,

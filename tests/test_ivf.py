@@ -229,8 +229,8 @@ def test_add_puts_new_items_in_their_cells_and_keeps_old_indices(blobs, tmp_path
 def test_cells_beyond_the_table_budget_build_their_tables_per_query_chunk(blobs, monkeypatch):
     import sklearn_hash._ivf as ivf_module
 
-    # Tables are computed in float64 and rounded to float32, so neither the
-    # cells built together nor the queries searched together change them.
+    # Every table row is computed on its own, so neither the cells built
+    # together nor the queries searched together change it.
     X, y, Q, _ = blobs
     search = IVFQuantizedNeighbors(ProductQuantizer(32, random_state=0), n_lists=40, n_probe=3,
                                    random_state=0)

@@ -6,7 +6,13 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
 from sklearn_hash import ProductQuantizer
-from sklearn_hash._kernels._nearest import accumulate, encode, nearest_codewords, simd_level
+from sklearn_hash._kernels._nearest import (
+    accumulate,
+    codeword_scores,
+    encode,
+    nearest_codewords,
+    simd_level,
+)
 from sklearn_hash._pq import _kmeans
 
 SIMD = [True, "avx2", False]  # the widest path, AVX2 (where the processor has it), portable
@@ -181,3 +187,26 @@ def test_fewer_distinct_rows_than_codewords_warns_and_still_encodes():
     with pytest.warns(ConvergenceWarning, match="Number of distinct codewords"):
         pq = ProductQuantizer(4, subspace_bits=4, random_state=0).fit(X)
     np.testing.assert_allclose(pq.inverse_transform(pq.transform(X)), X, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("n_codewords", [1, 17, 64, 300])
+@pytest.mark.parametrize("simd", SIMD)
+def test_codeword_scores_match_numpy_and_do_not_depend_on_the_batch(dtype, rtol, n_codewords,
+                                                                    simd):
+    rng = np.random.default_rng(n_codewords)
+    X = rng.standard_normal((261, 9)).astype(dtype)
+    centers = rng.standard_normal((n_codewords, 9)).astype(dtype)
+    bias = rng.standard_normal(n_codewords).astype(dtype)
+    scores = codeword_scores(X, centers, bias, n_threads=2, simd=simd)
+    assert scores.shape == (261, n_codewords) and scores.dtype == dtype
+    expected = X.astype(np.float64) @ centers.T.astype(np.float64) + bias
+    np.testing.assert_allclose(scores, expected, rtol=rtol, atol=rtol * 10)
+    np.testing.assert_allclose(codeword_scores(X, centers, simd=simd), expected - bias,
+                               rtol=rtol, atol=rtol * 10)
+    # Each row on its own: the same bits alone, in any batch, with any threads.
+    for rows in (slice(0, 1), slice(5, 12), slice(250, 261)):
+        np.testing.assert_array_equal(
+            codeword_scores(np.ascontiguousarray(X[rows]), centers, bias, simd=simd), scores[rows])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        codeword_scores(X, centers, bias[:-1] if n_codewords > 1 else np.zeros(2))

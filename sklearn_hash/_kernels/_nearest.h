@@ -52,7 +52,7 @@ typedef int64_t sh_i64x2 __attribute__((vector_size(16)));
 #define SH_NEAREST_VECTOR(NAME, T, VT, VI, L, C, ATTR)                            \
 ATTR static void NAME(const T* X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t d,        \
                       const T* CT, const T* bias, ptrdiff_t Kp,                  \
-                      int32_t* labels, T* scores)                                \
+                      int32_t* labels, T* scores, T* out)                        \
 {                                                                                \
     VI lane;                                                                     \
     for (int l = 0; l < (L); ++l) lane[l] = l;                                   \
@@ -84,6 +84,12 @@ ATTR static void NAME(const T* X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t d,      
                     for (int b = 0; b < (C); ++b) acc[p][b] += xv * w[b];        \
                 }                                                                \
             }                                                                    \
+            if (out) { /* every score, row i + p at out + (i + p) * Kp */        \
+                for (ptrdiff_t p = 0; p < rows; ++p)                             \
+                    for (int b = 0; b < (C); ++b)                                \
+                        memcpy(out + (i + p) * Kp + c + b * (L), &acc[p][b], sizeof(VT)); \
+                continue;                                                        \
+            }                                                                    \
             for (int b = 0; b < (C); ++b, index += (L)) {                        \
                 for (int p = 0; p < SH_NEAREST_ROWS; ++p) {                      \
                     const VI better = acc[p][b] > best[p];                       \
@@ -92,6 +98,7 @@ ATTR static void NAME(const T* X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t d,      
                 }                                                                \
             }                                                                    \
         }                                                                        \
+        if (out) continue;                                                       \
         for (ptrdiff_t p = 0; p < rows; ++p) {                                   \
             T s = best[p][0];                                                    \
             int32_t k = (int32_t)arg[p][0];                                      \
@@ -131,7 +138,7 @@ SH_NEAREST_VECTOR(sh_nearest_f64_avx512, double, sh_f64x8, sh_i64x8, 8, 4,
 #define SH_NEAREST_PLAIN(NAME, T)                                                 \
 static void NAME(const T* X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t d,             \
                  const T* CT, const T* bias, ptrdiff_t Kp,                       \
-                 int32_t* labels, T* scores)                                     \
+                 int32_t* labels, T* scores, T* out)                             \
 {                                                                                \
     for (ptrdiff_t i = 0; i < n; ++i) {                                          \
         const T* x = X + i * ldx;                                                \
@@ -140,10 +147,10 @@ static void NAME(const T* X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t d,           
         for (ptrdiff_t c = 0; c < Kp; ++c) {                                     \
             T acc = bias[c];                                                     \
             for (ptrdiff_t j = 0; j < d; ++j) acc += x[j] * CT[j * Kp + c];      \
+            if (out) out[i * Kp + c] = acc;                                      \
             if (acc > s) { s = acc; k = (int32_t)c; }                            \
         }                                                                        \
-        labels[i] = k;                                                           \
-        scores[i] = s;                                                           \
+        if (!out) { labels[i] = k; scores[i] = s; }                              \
     }                                                                            \
 }
 SH_NEAREST_PLAIN(sh_nearest_f32_v4, float)
@@ -163,28 +170,31 @@ static int sh_nearest_level(void)
     return 0;
 }
 
+/* With out == NULL: the best codeword of each row into labels / scores.
+ * Otherwise: every score into out (n x Kp, row-major); labels and scores
+ * are not touched. */
 static inline void sh_nearest_f32(int level, const float* X, ptrdiff_t ldx, ptrdiff_t n,
                                   ptrdiff_t d, const float* CT, const float* bias,
-                                  ptrdiff_t Kp, int32_t* labels, float* scores)
+                                  ptrdiff_t Kp, int32_t* labels, float* scores, float* out)
 {
 #if SH_NEAREST_X86
-    if (level >= 2) { sh_nearest_f32_avx512(X, ldx, n, d, CT, bias, Kp, labels, scores); return; }
-    if (level == 1) { sh_nearest_f32_avx2(X, ldx, n, d, CT, bias, Kp, labels, scores); return; }
+    if (level >= 2) { sh_nearest_f32_avx512(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
+    if (level == 1) { sh_nearest_f32_avx2(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
 #endif
     (void)level;
-    sh_nearest_f32_v4(X, ldx, n, d, CT, bias, Kp, labels, scores);
+    sh_nearest_f32_v4(X, ldx, n, d, CT, bias, Kp, labels, scores, out);
 }
 
 static inline void sh_nearest_f64(int level, const double* X, ptrdiff_t ldx, ptrdiff_t n,
                                   ptrdiff_t d, const double* CT, const double* bias,
-                                  ptrdiff_t Kp, int32_t* labels, double* scores)
+                                  ptrdiff_t Kp, int32_t* labels, double* scores, double* out)
 {
 #if SH_NEAREST_X86
-    if (level >= 2) { sh_nearest_f64_avx512(X, ldx, n, d, CT, bias, Kp, labels, scores); return; }
-    if (level == 1) { sh_nearest_f64_avx2(X, ldx, n, d, CT, bias, Kp, labels, scores); return; }
+    if (level >= 2) { sh_nearest_f64_avx512(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
+    if (level == 1) { sh_nearest_f64_avx2(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
 #endif
     (void)level;
-    sh_nearest_f64_v2(X, ldx, n, d, CT, bias, Kp, labels, scores);
+    sh_nearest_f64_v2(X, ldx, n, d, CT, bias, Kp, labels, scores, out);
 }
 
 #endif /* SKLEARN_HASH_NEAREST_H */

@@ -21,10 +21,12 @@ cdef extern from "_nearest.h":
     void sh_nearest_f32(
         int level, const float* X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t d,
         const float* CT, const float* bias, Py_ssize_t Kp, int32_t* labels, float* scores,
+        float* out,
     ) noexcept nogil
     void sh_nearest_f64(
         int level, const double* X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t d,
         const double* CT, const double* bias, Py_ssize_t Kp, int32_t* labels, double* scores,
+        double* out,
     ) noexcept nogil
 
 ctypedef fused code_t:
@@ -68,12 +70,12 @@ def _packed_codebooks(centers, dtype):
 cdef inline void _nearest(
     int level, const floating* X, Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t d,
     const floating* CT, const floating* bias, Py_ssize_t Kp,
-    int32_t* labels, floating* scores,
+    int32_t* labels, floating* scores, floating* out,
 ) noexcept nogil:
     if floating is float:
-        sh_nearest_f32(level, X, ldx, n, d, CT, bias, Kp, labels, scores)
+        sh_nearest_f32(level, X, ldx, n, d, CT, bias, Kp, labels, scores, out)
     else:
-        sh_nearest_f64(level, X, ldx, n, d, CT, bias, Kp, labels, scores)
+        sh_nearest_f64(level, X, ldx, n, d, CT, bias, Kp, labels, scores, out)
 
 
 def _check_level(simd):
@@ -137,11 +139,78 @@ def nearest_codewords(
             start = b * ROW_BLOCK
             stop = min(start + ROW_BLOCK, n)
             _nearest(level, &X[start, 0], d, stop - start, d,
-                     &CT[0, 0], &bias[0], Kp, &lab[start], &sc[start])
+                     &CT[0, 0], &bias[0], Kp, &lab[start], &sc[start], NULL)
     X_arr = np.asarray(X)
     sq_distances = np.einsum("ij,ij->i", X_arr, X_arr) - 2 * scores
     np.maximum(sq_distances, 0, out=sq_distances)
     return labels, sq_distances
+
+
+def codeword_scores(
+    const floating[:, ::1] X,   # IN (n_samples, n_features)
+    centers,                     # IN (n_codewords, n_features)
+    bias=None,                   # IN (n_codewords,)
+    int n_threads=1,
+    simd=True,
+):
+    """Every score ``x . c + bias[c]`` of every row against every codeword.
+
+    The products of :func:`nearest_codewords` without the argmax: each row is
+    computed on its own in a fixed order, so a row's scores do not depend on
+    the other rows (unlike a BLAS product, whose rounding changes with the
+    shape of the matrices).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features), dtype=float32 or float64
+        C-contiguous, finite.
+    centers : array-like of shape (n_codewords, n_features)
+        Codewords, converted to X's dtype.
+    bias : array-like of shape (n_codewords,), default=None
+        Added to each codeword's score; ``None`` means zeros.
+    n_threads : int, default=1
+        OpenMP threads.
+    simd : bool or {"avx512", "avx2", "portable"}, default=True
+        As in :func:`nearest_codewords`.
+
+    Returns
+    -------
+    scores : ndarray of shape (n_samples, n_codewords), dtype of X
+    """
+    cdef Py_ssize_t n = X.shape[0]
+    cdef Py_ssize_t d = X.shape[1]
+    dtype = np.float32 if floating is float else np.float64
+    centers = np.asarray(centers, dtype=dtype)
+    if centers.ndim != 2 or centers.shape[1] != d or centers.shape[0] < 1 or d < 1:
+        raise ValueError(f"centers must have shape (n_codewords >= 1, n_features = {d} >= 1); "
+                         f"got {centers.shape}.")
+    K = centers.shape[0]
+    bias = np.zeros(K, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype)
+    if bias.shape != (K,):
+        raise ValueError(f"bias must have shape ({K},); got {bias.shape}.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    CT_all, _ = _packed_codebooks(centers[None], dtype)
+    cdef const floating[:, ::1] CT = CT_all[0]
+    cdef Py_ssize_t Kp = CT.shape[1]
+    padded_bias = np.zeros(Kp, dtype=dtype)
+    padded_bias[:K] = bias
+    cdef const floating[::1] b = padded_bias
+    cdef int level = _check_level(simd)
+
+    out = np.empty((n, Kp), dtype=dtype)
+    if n == 0:
+        return out[:, :K]
+    cdef floating[:, ::1] o = out
+    cdef Py_ssize_t n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+    cdef Py_ssize_t blk, start, stop
+    with nogil:
+        for blk in prange(n_blocks, schedule="static", num_threads=n_threads):
+            start = blk * ROW_BLOCK
+            stop = min(start + ROW_BLOCK, n)
+            _nearest(level, &X[start, 0], d, stop - start, d,
+                     &CT[0, 0], &b[0], Kp, NULL, NULL, &o[start, 0])
+    return out[:, :K]
 
 
 def encode(
@@ -223,7 +292,8 @@ def encode(
                 stop = min(start + ROW_BLOCK, n)
                 for m in range(M):
                     _nearest(level, &X[start, bounds[m]], n_features, stop - start,
-                             bounds[m + 1] - bounds[m], &CT[m, 0, 0], &bias[m, 0], Kp, lab, sc)
+                             bounds[m + 1] - bounds[m], &CT[m, 0, 0], &bias[m, 0], Kp, lab, sc,
+                             NULL)
                     for i in range(stop - start):
                         codes[start + i, m] = <code_t> lab[i]
         free(lab)
