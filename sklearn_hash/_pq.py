@@ -87,11 +87,13 @@ def _kmeans(X, init, n_iter, n_threads):
     """
     centers = np.array(init, dtype=X.dtype, order="C")
     n_clusters = centers.shape[0]
+    sq_norms = np.einsum("ij,ij->i", X, X)  # the rows' norms, once for every assignment
     previous = None
     for _ in range(n_iter):
-        labels, sq_distances = nearest_codewords(X, centers, n_threads=n_threads)
+        labels, sq_distances = nearest_codewords(X, centers, n_threads=n_threads,
+                                                 sq_norms=sq_norms)
         if previous is not None and np.array_equal(labels, previous):
-            break
+            break  # the centers are the means of these labels: sq_distances are final
         sums, counts = accumulate(X, labels, n_clusters)
         empty = np.flatnonzero(counts == 0)
         if empty.size:
@@ -105,7 +107,8 @@ def _kmeans(X, init, n_iter, n_threads):
         keep = counts > 0  # a center whose rows all moved away stays put
         centers[keep] = sums[keep] / counts[keep, None]
         previous = labels
-    _, sq_distances = nearest_codewords(X, centers, n_threads=n_threads)
+    else:  # the centers moved after the last assignment
+        _, sq_distances = nearest_codewords(X, centers, n_threads=n_threads, sq_norms=sq_norms)
     return centers, float(sq_distances.sum(dtype=np.float64))
 
 

@@ -96,6 +96,20 @@ cdef void _heap_push(
         _sift_down(dist, idx, k, 0)
 
 
+cdef inline void _offer(
+    float* dist,       # IN/OUT (k,) max-heap, worst on top
+    int64_t* idx,      # IN/OUT (k,)
+    Py_ssize_t* size,  # IN/OUT
+    Py_ssize_t k,
+    float d,
+    int64_t j,
+) noexcept nogil:
+    """Push (d, j) if the heap has room or (d, j) ranks before the worst kept."""
+    if size[0] == k and not _worse(dist[0], idx[0], d, j):
+        return
+    _heap_push(dist, idx, size, k, d, j)
+
+
 cdef void _heap_sort(float* dist, int64_t* idx, Py_ssize_t size) noexcept nogil:
     """Sort a max-heap in place into ascending (distance, index) order."""
     cdef Py_ssize_t end
@@ -231,10 +245,7 @@ def adc_kneighbors(
                             j = j0 + found_pos[c]
                             if j == own:
                                 continue
-                            # Later rows lose ties, so only a smaller distance enters.
-                            if sizes[q - q0] == k and not d < hd[0]:
-                                continue
-                            _heap_push(hd, hi, &sizes[q - q0], k, d, j)
+                            _offer(hd, hi, &sizes[q - q0], k, d, j)
                 for q in range(q0, q1):
                     _heap_sort(&out_dist[q, 0], &out_idx[q, 0], sizes[q - q0])
         free(sizes)
@@ -410,9 +421,7 @@ def ivf_adc_kneighbors(
                             j = ids[j0 + found_pos[c]]
                             if j == exclude[q]:
                                 continue
-                            if size == k and not _worse(hd[0], hi[0], d, j):
-                                continue
-                            _heap_push(hd, hi, &size, k, d, j)
+                            _offer(hd, hi, &size, k, d, j)
                         j0 = j1
                 _heap_sort(hd, hi, size)
         free(found_pos)

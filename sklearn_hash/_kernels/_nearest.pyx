@@ -78,6 +78,18 @@ cdef inline void _nearest(
         sh_nearest_f64(level, X, ldx, n, d, CT, bias, Kp, labels, scores, out)
 
 
+def _check_centers(centers, n_features, dtype, n_threads):
+    """Codewords as an (n_codewords, n_features) array of dtype; also checks n_threads."""
+    centers = np.asarray(centers, dtype=dtype)
+    if (centers.ndim != 2 or centers.shape[1] != n_features or centers.shape[0] < 1
+            or n_features < 1):
+        raise ValueError(f"centers must have shape (n_codewords >= 1, n_features = "
+                         f"{n_features} >= 1); got {centers.shape}.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    return centers
+
+
 def _check_level(simd):
     return min(simd_level(), max_simd_level(simd))
 
@@ -87,6 +99,7 @@ def nearest_codewords(
     centers,                     # IN (n_codewords, n_features)
     int n_threads=1,
     simd=True,
+    sq_norms=None,               # IN (n_samples,)
 ):
     """Nearest codeword of every row (the assignment step of k-means).
 
@@ -102,6 +115,9 @@ def nearest_codewords(
         ``True`` runs the widest vector path of the processor (AVX-512,
         else AVX2 + FMA, else portable 16-byte vectors); a name caps the
         path at that one, and ``False`` means ``"portable"``.
+    sq_norms : ndarray of shape (n_samples,), default=None
+        ``||x||^2`` of each row, when the caller has them (k-means assigns
+        the same rows many times); ``None`` computes them.
 
     Returns
     -------
@@ -114,12 +130,7 @@ def nearest_codewords(
     cdef Py_ssize_t n = X.shape[0]
     cdef Py_ssize_t d = X.shape[1]
     dtype = np.float32 if floating is float else np.float64
-    centers = np.asarray(centers, dtype=dtype)
-    if centers.ndim != 2 or centers.shape[1] != d or centers.shape[0] < 1 or d < 1:
-        raise ValueError(f"centers must have shape (n_codewords >= 1, n_features = {d} >= 1); "
-                         f"got {centers.shape}.")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    centers = _check_centers(centers, d, dtype, n_threads)
     CT_all, bias_all = _packed_codebooks(centers[None], dtype)
     cdef const floating[:, ::1] CT = CT_all[0]
     cdef const floating[::1] bias = bias_all[0]
@@ -140,8 +151,10 @@ def nearest_codewords(
             stop = min(start + ROW_BLOCK, n)
             _nearest(level, &X[start, 0], d, stop - start, d,
                      &CT[0, 0], &bias[0], Kp, &lab[start], &sc[start], NULL)
-    X_arr = np.asarray(X)
-    sq_distances = np.einsum("ij,ij->i", X_arr, X_arr) - 2 * scores
+    if sq_norms is None:
+        X_arr = np.asarray(X)
+        sq_norms = np.einsum("ij,ij->i", X_arr, X_arr)
+    sq_distances = sq_norms - 2 * scores
     np.maximum(sq_distances, 0, out=sq_distances)
     return labels, sq_distances
 
@@ -180,16 +193,11 @@ def codeword_scores(
     cdef Py_ssize_t n = X.shape[0]
     cdef Py_ssize_t d = X.shape[1]
     dtype = np.float32 if floating is float else np.float64
-    centers = np.asarray(centers, dtype=dtype)
-    if centers.ndim != 2 or centers.shape[1] != d or centers.shape[0] < 1 or d < 1:
-        raise ValueError(f"centers must have shape (n_codewords >= 1, n_features = {d} >= 1); "
-                         f"got {centers.shape}.")
+    centers = _check_centers(centers, d, dtype, n_threads)
     K = centers.shape[0]
     bias = np.zeros(K, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype)
     if bias.shape != (K,):
         raise ValueError(f"bias must have shape ({K},); got {bias.shape}.")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
     CT_all, _ = _packed_codebooks(centers[None], dtype)
     cdef const floating[:, ::1] CT = CT_all[0]
     cdef Py_ssize_t Kp = CT.shape[1]
