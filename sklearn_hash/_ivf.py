@@ -24,7 +24,8 @@ from ._kernels._adc import ivf_adc_kneighbors
 from ._kernels._nearest import codeword_scores, nearest_codewords
 from ._kernels._openmp import effective_n_threads
 from ._neighbors import _KNeighborsSearchMixin
-from ._pq import ProductQuantizer, _kmeans, _training_rows
+from ._kmeans import kmeans, training_rows
+from ._pq import ProductQuantizer
 
 # Rows encoded at a time when indexing, to bound the memory of the residuals.
 _ENCODE_CHUNK = 65536
@@ -209,9 +210,9 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
                 f"n_samples={n_samples}. Use fewer lists."
             )
         rng = check_random_state(self.random_state)
-        X_train = _training_rows(X, self.max_train_samples, self.n_lists, rng)
+        X_train = training_rows(X, self.max_train_samples, self.n_lists, rng)
         start = X_train[np.sort(rng.choice(X_train.shape[0], self.n_lists, replace=False))]
-        self.coarse_centers_, _ = _kmeans(X_train, start, self.n_iter, n_threads)
+        self.coarse_centers_, _ = kmeans(X_train, start, self.n_iter, n_threads)
 
         quantizer = self.quantizer if self.quantizer is not None else ProductQuantizer()
         self.quantizer_ = clone(quantizer).fit(self._residuals(X_train, n_threads)[0])

@@ -17,8 +17,9 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._kernels._nearest import accumulate, encode, nearest_codewords
+from ._kernels._nearest import encode, nearest_codewords
 from ._kernels._openmp import effective_n_threads
+from ._kmeans import kmeans, training_rows
 
 # Rows of distance tables computed at a time, to bound their memory.
 _CHUNK = 16384
@@ -46,70 +47,6 @@ def _check_codebooks(estimator, n_samples):
             f"Use a smaller subspace_bits or more data."
         )
     return n_bits // subspace_bits, n_codewords
-
-
-def _training_rows(X, max_train_samples, n_clusters, rng):
-    """The rows k-means trains on: all, or a random subsample in row order.
-
-    ``max_train_samples=None`` means ``256 * n_clusters`` (faiss's default);
-    never fewer than ``n_clusters`` rows.
-    """
-    max_train = 256 * n_clusters if max_train_samples is None else max_train_samples
-    max_train = max(max_train, n_clusters)
-    if X.shape[0] <= max_train:
-        return X
-    return X[np.sort(rng.choice(X.shape[0], max_train, replace=False))]
-
-
-def _kmeans(X, init, n_iter, n_threads):
-    """Lloyd's k-means in X's precision.
-
-    Each iteration assigns every row to its nearest center (a fused kernel,
-    no distance matrix) and moves each center to the mean of its rows; a
-    center left without rows takes the row farthest from its own center, as
-    scikit-learn's KMeans does. Stops after ``n_iter`` iterations or when no
-    assignment changes, then assigns once more for the inertia.
-
-    Parameters
-    ----------
-    X : ndarray of shape (n_samples, n_features), float32 or float64, C-contiguous
-    init : ndarray of shape (n_clusters, n_features)
-        Starting centers.
-    n_iter : int
-    n_threads : int
-        OpenMP threads of the assignment step; the result does not depend on it.
-
-    Returns
-    -------
-    centers : ndarray of shape (n_clusters, n_features), dtype of X
-    inertia : float
-        Sum of squared distances of the rows to their nearest center.
-    """
-    centers = np.array(init, dtype=X.dtype, order="C")
-    n_clusters = centers.shape[0]
-    sq_norms = np.einsum("ij,ij->i", X, X)  # the rows' norms, once for every assignment
-    previous = None
-    for _ in range(n_iter):
-        labels, sq_distances = nearest_codewords(X, centers, n_threads=n_threads,
-                                                 sq_norms=sq_norms)
-        if previous is not None and np.array_equal(labels, previous):
-            break  # the centers are the means of these labels: sq_distances are final
-        sums, counts = accumulate(X, labels, n_clusters)
-        empty = np.flatnonzero(counts == 0)
-        if empty.size:
-            # The farthest rows (ties: the first) become the empty centers.
-            far = np.argsort(-sq_distances, kind="stable")[: empty.size]
-            for cluster, row in zip(empty, far):
-                sums[labels[row]] -= X[row]
-                counts[labels[row]] -= 1
-                sums[cluster] = X[row]
-                counts[cluster] = 1
-        keep = counts > 0  # a center whose rows all moved away stays put
-        centers[keep] = sums[keep] / counts[keep, None]
-        previous = labels
-    else:  # the centers moved after the last assignment
-        _, sq_distances = nearest_codewords(X, centers, n_threads=n_threads, sq_norms=sq_norms)
-    return centers, float(sq_distances.sum(dtype=np.float64))
 
 
 class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -278,7 +215,7 @@ default="random"
                 f"n_features={n_features}."
             )
         rng = check_random_state(self.random_state)
-        X_train = _training_rows(X, self.max_train_samples, n_codewords, rng)
+        X_train = training_rows(X, self.max_train_samples, n_codewords, rng)
 
         sizes = np.full(n_subspaces, n_features // n_subspaces)
         sizes[: n_features % n_subspaces] += 1
@@ -298,7 +235,7 @@ default="random"
                 start = self._init_centers(block, n_codewords, seed)
             else:
                 start = init[m, :, : hi - lo]
-            centers, self.inertia_[m] = _kmeans(block, start, self.n_iter, n_threads)
+            centers, self.inertia_[m] = kmeans(block, start, self.n_iter, n_threads)
             self.cluster_centers_[m, :, : hi - lo] = centers
             n_distinct = len(np.unique(centers, axis=0))
             if n_distinct < n_codewords:

@@ -13,7 +13,7 @@ from sklearn_hash._kernels._nearest import (
     nearest_codewords,
     simd_level,
 )
-from sklearn_hash._pq import _kmeans
+from sklearn_hash._kmeans import kmeans as _kmeans
 
 SIMD = [True, "avx2", False]  # the widest path, AVX2 (where the processor has it), portable
 
