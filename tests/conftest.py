@@ -10,20 +10,52 @@ DATA_DIR = Path(
 )
 
 
+def _in_ci():
+    """Whether the CI environment variable is set (to anything but empty, 0, false or no)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_shared_data(name, data_dir=None):
+    """Path of a file of the real data, or skip the test; FAIL it when CI is set.
+
+    A CI run without ../shared/data must not stay green by skipping the tests
+    on real data: with CI set, a missing file fails the test that needs it.
+    """
+    path = Path(DATA_DIR if data_dir is None else data_dir) / name
+    if not path.is_file():
+        message = f"real data not found at {path} (set SKLEARN_HASH_DATA to its folder)"
+        if _in_ci():
+            pytest.fail(f"{message}; CI is set, so the tests that need it fail instead of "
+                        f"skipping", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """``shared_data(name)``: path of a file of ../shared/data (skips, or fails in CI)."""
+    return require_shared_data
+
+
 @pytest.fixture(scope="session")
 def esc50_yamnet():
     """ESC-50 YAMNet split: database folds 2-5, queries fold 1, centred and L2-normalised."""
-    path = DATA_DIR / "esc50_yamnet.npz"
-    if not path.exists():
-        pytest.skip(f"real data not found at {path}")
-    from sklearn_hash.benchmark import load_retrieval_split
+    from sklearn_hash.datasets import load_retrieval_split
 
-    return load_retrieval_split(path, query_fold=1)[:4]
+    return load_retrieval_split(require_shared_data("esc50_yamnet.npz"), query_fold=1)[:4]
+
+
+@pytest.fixture(scope="session")
+def esc10():
+    """The ESC-10 Bunch shipped with the package (always available)."""
+    from sklearn_hash.datasets import load_esc10
+
+    return load_esc10()
 
 
 @pytest.fixture(scope="session")
 def digits_split():
-    from sklearn_hash.benchmark import load_retrieval_split
+    from sklearn_hash.datasets import load_retrieval_split
 
     return load_retrieval_split(None)[:4]
 
