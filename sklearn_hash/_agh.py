@@ -5,13 +5,15 @@ from numbers import Integral
 import numpy as np
 from scipy import sparse
 from sklearn.base import _fit_context
-from sklearn.cluster import KMeans
+from sklearn.cluster import kmeans_plusplus
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.extmath import row_norms
 from sklearn.utils.validation import validate_data
 
 from ._base import BaseBinaryHasher
+from ._kernels._openmp import effective_n_threads
+from ._kmeans import kmeans, training_rows
 
 # Lloyd iterations for the k-means anchors (the reference uses 5: anchors
 # need only cover the data, not converge).
@@ -25,7 +27,10 @@ _CHUNK = 8192
 class AGH(BaseBinaryHasher):
     """Anchor Graph Hashing: spectral hashing on a low-rank anchor graph.
 
-    ``n_anchors`` anchors are found by k-means. Each point is linked to its
+    ``n_anchors`` anchors are found by k-means (k-means++ seeding, then
+    a few Lloyd iterations of the package's k-means, whose result does not
+    depend on the number of threads; at most ``256 * n_anchors`` rows,
+    a random subsample beyond). Each point is linked to its
     ``n_nearest_anchors`` nearest anchors with weights
     ``exp(-d^2 / sigma^2)``, normalised to sum to one per row, where
     ``sigma`` is the mean distance of the training points to their
@@ -162,13 +167,13 @@ class AGH(BaseBinaryHasher):
         n_eig = self.n_bits // self.n_layers
         rng = check_random_state(self.random_state)
 
-        kmeans = KMeans(
-            n_clusters=self.n_anchors,
-            n_init=1,
-            max_iter=_KMEANS_ITER,
-            random_state=rng.randint(np.iinfo(np.int32).max),
-        ).fit(X)
-        self.anchors_ = kmeans.cluster_centers_.astype(np.float64)
+        # The package's k-means (as PQ's): its result does not depend on the
+        # number of threads, unlike scikit-learn's KMeans, whose reductions do.
+        X_train = training_rows(X, None, self.n_anchors, rng)
+        seed = rng.randint(np.iinfo(np.int32).max)
+        init, _ = kmeans_plusplus(X_train, self.n_anchors, random_state=seed)
+        anchors, _ = kmeans(X_train, init, _KMEANS_ITER, effective_n_threads())
+        self.anchors_ = anchors.astype(np.float64)
         sq_dist, nearest = self._nearest_anchors(X)
         # Bandwidth: mean distance to the s-th nearest anchor.
         self.sigma_ = float(np.mean(np.sqrt(sq_dist[:, -1])))
