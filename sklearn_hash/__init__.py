@@ -14,6 +14,7 @@ from ._ivf import IVFQuantizedNeighbors
 from ._neighbors import QuantizedNeighbors
 from ._pq import ProductQuantizer
 from ._spectral import SpectralHashing
+from ._transformer import QuantizedNeighborsTransformer
 from ._version import __version__
 
 
@@ -24,6 +25,7 @@ __all__ = [
     "IVFQuantizedNeighbors",
     "ProductQuantizer",
     "QuantizedNeighbors",
+    "QuantizedNeighborsTransformer",
     "SpectralHashing",
     "__version__",
 ]
