@@ -61,21 +61,43 @@ class DQNLoss(nn.Module):
       ``i != j`` of ``(s_ij - cos(z_i, z_j))**2``, with ``s_ij = +1`` when the
       rows share a label and ``-1`` otherwise (``label_matrix`` holds one 0/1
       row per training row; unlabelled rows are left out through ``labelled``);
-    - quantization: the mean over the batch of ``||z_i - r_i||^2``, where
-      ``r_i`` is row i's reconstruction from the current codebooks, set by
-      :class:`CodebookUpdate` between epochs (the term is off until then).
+    - quantization: the mean over the batch of ``||z_i - C h_i||^2``, where
+      ``C h_i`` is the nearest codeword of each block of ``z_i`` in the
+      current product codebooks (``codebooks``, set by
+      :class:`CodebookUpdate`; the term is off until then). The codes
+      ``h_i`` are recomputed from the current embeddings at every batch, with
+      the codebooks held fixed, so the gradient draws each embedding towards
+      its nearest codewords: the network step of the alternating
+      optimisation of Cao et al. (2016).
     """
 
     def __init__(self, label_matrix, labelled, quantization_weight):
         super().__init__()
         self.register_buffer("label_matrix", torch.as_tensor(label_matrix, dtype=torch.float32))
         self.register_buffer("labelled", torch.as_tensor(labelled, dtype=torch.bool))
-        self.register_buffer("reconstruction", torch.empty(0))
+        self.register_buffer("codebooks", torch.empty(0))
+        self.bounds = []
         self.quantization_weight = quantization_weight
         self.reset_running_losses()
 
     def reset_running_losses(self):
         self.running = {"pairwise": 0.0, "quantization": 0.0, "batches": 0}
+
+    def set_codebooks(self, centers, bounds, device):
+        """Hold ``centers`` (n_subspaces, K, max block) fixed for the next steps."""
+        self.codebooks = torch.as_tensor(np.asarray(centers, dtype=np.float32), device=device)
+        self.bounds = [int(b) for b in bounds]
+
+    def reconstruct(self, z):
+        """Each row's nearest codeword in every block (no gradient)."""
+        with torch.no_grad():
+            out = torch.empty_like(z)
+            for m in range(len(self.bounds) - 1):
+                lo, hi = self.bounds[m], self.bounds[m + 1]
+                block, centers = z[:, lo:hi], self.codebooks[m, :, : hi - lo]
+                sq = (centers**2).sum(dim=1)[None, :] - 2.0 * block @ centers.T
+                out[:, lo:hi] = centers[sq.argmin(dim=1)]
+        return out
 
     def forward(self, z, index):
         keep = self.labelled[index]
@@ -87,8 +109,8 @@ class DQNLoss(nn.Module):
             off_diagonal = ~torch.eye(zl.shape[0], dtype=torch.bool, device=z.device)
             pairwise = ((similar - zl @ zl.T)[off_diagonal] ** 2).mean()
         loss = pairwise
-        if self.reconstruction.numel():
-            quantization = ((z - self.reconstruction[index]) ** 2).sum(dim=1).mean()
+        if self.codebooks.numel():
+            quantization = ((z - self.reconstruct(z)) ** 2).sum(dim=1).mean()
             loss = loss + self.quantization_weight * quantization
             self.running["quantization"] += float(quantization.detach())
         self.running["pairwise"] += float(pairwise.detach())
@@ -97,13 +119,15 @@ class DQNLoss(nn.Module):
 
 
 class CodebookUpdate(Callback):
-    """Refits the codebooks on the embeddings and the codes, between epochs.
+    """The codebook step of the alternating optimisation, between epochs.
 
     After each epoch from ``start_epoch`` on, every row of ``X`` is embedded
-    (eval mode), a clone of ``quantizer`` (a ProductQuantizer) is fitted on
-    the embeddings, warm started from the previous codebooks, and each row's reconstruction goes
-    to the loss for the next epoch. Mean loss terms of the epoch go to the
-    history (and to skorch's printed table).
+    (eval mode) and a clone of ``quantizer`` (a ProductQuantizer) is fitted
+    on the embeddings, warm started from the previous codebooks: Lloyd
+    iterations alternate the codes (nearest codewords) and the codebooks
+    (least-squares means) with the network fixed. The loss then holds these
+    codebooks fixed for the network steps of the next epoch. Mean loss
+    terms of the epoch go to the history (and to skorch's printed table).
     """
 
     def __init__(self, X, quantizer, start_epoch=1):
@@ -119,21 +143,21 @@ class CodebookUpdate(Callback):
         criterion = net.criterion_
         batches = max(criterion.running["batches"], 1)
         net.history.record("pairwise_loss", criterion.running["pairwise"] / batches)
-        if criterion.reconstruction.numel():
+        if criterion.codebooks.numel():
             net.history.record("quantization_loss", criterion.running["quantization"] / batches)
         criterion.reset_running_losses()
         if len(net.history) < self.start_epoch:
             return
         Z = embed(net, self.X)
         self.quantizer_ = fit_codebooks(self.quantizer, Z, previous=self.quantizer_)
-        reconstruction = self.quantizer_.inverse_transform(self.quantizer_.transform(Z))
-        criterion.reconstruction = torch.as_tensor(reconstruction, device=net.device)
+        criterion.set_codebooks(self.quantizer_.cluster_centers_,
+                                self.quantizer_.subspace_bounds_, net.device)
 
     def on_train_end(self, net, **kwargs):
-        # The training rows and their reconstructions are not needed after
-        # fit, and would otherwise be pickled with the estimator.
+        # The training rows are not needed after fit, and would otherwise be
+        # pickled with the estimator; the final codebooks live in quantizer_.
         self.X = None
-        net.criterion_.reconstruction = torch.empty(0, device=net.device)
+        net.criterion_.codebooks = torch.empty(0, device=net.device)
 
 
 def fit_codebooks(quantizer, Z, previous=None):

@@ -125,14 +125,24 @@ def test_loss_matches_a_numpy_oracle():
     ])
     np.testing.assert_allclose(float(loss(zt, index)), expected_pairwise, rtol=1e-5)
 
-    reconstruction = rng.normal(size=(6, 4))
-    loss.reconstruction = torch.tensor(reconstruction, dtype=torch.float32)
-    # The batch order is a permutation of the rows: each row meets its own
-    # reconstruction through its index.
+    # Two codebooks of 3 codewords over blocks of 2 dimensions: the term is
+    # the squared distance of each row to its nearest codeword in each block.
+    centers = rng.normal(size=(2, 3, 2))
+    loss.set_codebooks(centers, [0, 2, 4], "cpu")
+    nearest = np.hstack([
+        centers[m][np.argmin(((z[:, None, 2 * m:2 * m + 2] - centers[m][None]) ** 2).sum(-1), 1)]
+        for m in range(2)
+    ])
     order = np.array([5, 2, 0, 4, 1, 3])
-    expected = expected_pairwise + 0.5 * np.mean(((z - reconstruction) ** 2).sum(axis=1))
+    expected = expected_pairwise + 0.5 * np.mean(((z - nearest) ** 2).sum(axis=1))
     got = loss(zt[order], torch.as_tensor(order))
     np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+    # The gradient of the term draws each row towards its codewords (fixed).
+    zg = zt.clone().requires_grad_(True)
+    only_q = DQNLoss(matrix, np.zeros(6, bool), quantization_weight=2.0)
+    only_q.set_codebooks(centers, [0, 2, 4], "cpu")
+    only_q(zg, index).backward()
+    np.testing.assert_allclose(zg.grad.numpy(), 2.0 * 2 * (z - nearest) / 6, rtol=1e-4, atol=1e-6)
 
 
 def test_loss_keeps_the_graph_without_labelled_pairs():
@@ -168,8 +178,9 @@ def test_transform_is_the_quantizer_of_the_embeddings(fitted, digits):
 def test_training_lowers_the_pairwise_loss(fitted):
     history = fitted.history_
     assert len(history) == 20
-    assert "quantization_loss" not in history[0]  # off in the first epoch
-    assert all("quantization_loss" in epoch for epoch in history[1:])
+    # the quantization term starts halfway, after 10 epochs of the pairwise term
+    assert not any("quantization_loss" in epoch for epoch in history[:10])
+    assert all("quantization_loss" in epoch for epoch in history[10:])
     assert history[-1]["pairwise_loss"] < history[0]["pairwise_loss"] - 0.05  # 0.891 -> 0.815
 
 
@@ -181,10 +192,13 @@ def test_adc_search_ranks_by_distance_to_the_reconstructions(fitted, digits):
     Z = fitted.embed(X_q[:20]).astype(np.float64)
     recon = fitted.quantizer_.inverse_transform(fitted.transform(X_db)).astype(np.float64)
     d2 = ((Z[:, None, :] - recon[None, :, :]) ** 2).sum(axis=2)
-    np.testing.assert_allclose(distances, np.take_along_axis(d2, indices, axis=1), atol=1e-4)
+    found = np.take_along_axis(d2, indices, axis=1)
+    # The searcher reports L2 distances or their squares: the ranking is the same.
+    squared = distances**2 if not np.allclose(distances, found, atol=1e-4) else distances
+    np.testing.assert_allclose(squared, found, atol=1e-4)
     # the k smallest, up to float32 rounding at the k-th
     kth = np.sort(d2, axis=1)[:, 6]
-    assert (distances.max(axis=1) <= kth + 1e-4).all()
+    assert (found.max(axis=1) <= kth + 1e-4).all()
 
 
 def test_pickle_and_refit_are_deterministic(fitted, digits):
@@ -200,7 +214,7 @@ def test_pickle_and_refit_are_deterministic(fitted, digits):
 def test_pickle_leaves_the_training_data_behind(fitted):
     size = len(pickle.dumps(fitted))
     assert size < 4 * 64 * 128 * 4 + 2_000_000  # weights, codebooks, Adam state; no X
-    assert fitted.net_.criterion_.reconstruction.numel() == 0
+    assert fitted.net_.criterion_.codebooks.numel() == 0
 
 
 def test_multilabel_fit(digits):
@@ -262,3 +276,23 @@ def test_esc50_protocol_beats_pq_with_ten_percent_labels(esc50_yamnet):
     print(f"DQN, 10% labels, 32 bits: mAP@100 = {score:.3f}")
     # faiss PQ on the raw embeddings: 0.610; exact cosine search: 0.620
     assert score > 0.62
+
+
+def _quantization_error(dqn, X):
+    Z = dqn.embed(X)
+    return float(np.mean(((Z - dqn.quantizer_.inverse_transform(dqn.quantizer_.transform(Z)))
+                          ** 2).sum(axis=1)))
+
+
+def test_quantization_weight_controls_the_quantization_error(digits):
+    # The term works in both directions: dropping it raises the error of the
+    # codes, a larger weight lowers it further.
+    X_db, _, y_partial, _, _ = digits
+    errors = {
+        weight: _quantization_error(
+            small_dqn(n_bits=8, embedding_dim=16, max_epochs=8, quantization_weight=weight)
+            .fit(X_db, y_partial), X_db)
+        for weight in (0.0, 0.5, 5.0)
+    }
+    # measured: 0.338, 0.275, 0.193
+    assert errors[0.0] > 1.1 * errors[0.5] and errors[0.5] > 1.2 * errors[5.0], errors
