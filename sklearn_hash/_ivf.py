@@ -7,35 +7,39 @@ and Schmid 2011, section IV):
    every item to its nearest one (its inverted list), fits a clone of the
    product quantizer on the residuals ``x - centroid`` and stores the
    residual codes grouped by list (``codes_``, ``ids_``, ``list_offsets_``).
-2. ``kneighbors(X)`` runs ``_search``: each query picks its ``n_probe``
-   nearest lists (``_probes``), gets one ADC table per probed list for its
-   residual to that list's centroid, and the kernel scans only those lists.
+   in the back-end :class:`~sklearn_hash._backends.InvertedLists`, whose
+   lists grow by chunks (adding never re-sorts what is indexed).
+2. ``kneighbors(X)`` (in :class:`~sklearn_hash._index.IndexMixin`, with
+   ``allowed`` and removals folded into one mask) runs ``_search``: each
+   query picks its ``n_probe`` nearest lists holding enough searchable
+   items (``_probes``), gets one ADC table per probed list for its residual
+   to that list's centroid, and the back-end's kernel scans only those
+   lists.
 """
 
 from numbers import Integral
 
 import numpy as np
+from sklearn import config_context
 from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_consistent_length, validate_data
 
-from ._kernels._adc import ivf_adc_kneighbors
+from ._backends import InvertedLists
+from ._index import IndexMixin
 from ._kernels._nearest import codeword_scores, nearest_codewords
-from ._kernels._openmp import effective_n_threads
-from ._neighbors import _KNeighborsSearchMixin
 from ._kmeans import kmeans, training_rows
 from ._pq import ProductQuantizer
+from ._threads import effective_n_threads
 
-# Rows encoded at a time when indexing, to bound the memory of the residuals.
-_ENCODE_CHUNK = 65536
 # Bytes of query tables (float64 inner products) built at a time when searching.
 _TABLE_BYTES = 1 << 25
 # Largest per-cell tables kept from fit; beyond, each query chunk builds those it visits.
 _MAX_CELL_TABLE_BYTES = 1 << 28
 
 
-class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
+class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     """Non-exhaustive search: an inverted file of residual product-quantization codes.
 
     ``fit`` partitions the database into ``n_lists`` cells by k-means (the
@@ -73,9 +77,10 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         Number of cells (coarse centroids). A common choice is about
         ``sqrt(n_samples_fit)`` to ``4 * sqrt(n_samples_fit)``.
     n_probe : int, default=8
-        Cells visited per query. When they hold fewer than ``n_neighbors``
-        items, the next nearest cells are visited too, so ``kneighbors``
-        always returns ``n_neighbors`` items.
+        Cells visited per query (``kneighbors(..., n_probe=...)`` changes it
+        for one call). When they hold fewer than ``n_neighbors`` searchable
+        items (live, and allowed by ``allowed=``), the next nearest cells are
+        visited too, so ``kneighbors`` always returns ``n_neighbors`` items.
     n_neighbors : int, default=10
         Neighbours returned by :meth:`kneighbors`, and ``R`` of :meth:`score`.
     n_iter : int, default=25
@@ -99,13 +104,18 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         The fitted clone of ``quantizer``, trained on residuals.
     codes_ : ndarray of shape (n_samples_fit, n_subspaces)
         Residual codes, grouped by cell: cell l holds the rows
-        ``list_offsets_[l]:list_offsets_[l + 1]``.
+        ``list_offsets_[l]:list_offsets_[l + 1]``. Built on access from the
+        cells' lists, which the index keeps separately so that they grow
+        without a global re-sort.
     ids_ : ndarray of shape (n_samples_fit,), dtype=int64
         Database index of each row of ``codes_`` (ascending within a cell).
     list_offsets_ : ndarray of shape (n_lists + 1,), dtype=int64
         Where each cell starts in ``codes_``.
     n_samples_fit_ : int
-        Number of database items.
+        Number of database items (removed ones included until
+        :meth:`compact`).
+    n_removed_ : int
+        Number of removed items not yet reclaimed by :meth:`compact`.
     n_features_in_ : int
         Number of features seen during ``fit``.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -142,13 +152,13 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
     (17,)
     >>> distances, indices = search.kneighbors(X[1500:1502], n_neighbors=5)
     >>> indices.shape, distances.dtype
-    ((2, 5), dtype('float32'))
+    ((2, 5), dtype('float64'))
     >>> round(search.score(X[1500:], y[1500:]), 1) >= 0.8
     True
     """
 
-    # Saved as .npy files by save and memory-mapped by load.
-    _SAVED_ARRAYS = {"codes": "codes_", "ids": "ids_", "list_offsets": "list_offsets_"}
+    _TRANSIENT = (*IndexMixin._TRANSIENT, "_list_tables")
+    _SEARCH_PARAMS = {"n_probe": [Interval(Integral, 1, None, closed="left")]}
 
     _parameter_constraints: dict = {
         "quantizer": [ProductQuantizer, None],
@@ -215,71 +225,54 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         self.coarse_centers_, _ = kmeans(X_train, start, self.n_iter, n_threads)
 
         quantizer = self.quantizer if self.quantizer is not None else ProductQuantizer()
-        self.quantizer_ = clone(quantizer).fit(self._residuals(X_train, n_threads)[0])
-
-        codes, lists = self._encode(X, n_threads)
-        self._store(codes, lists, np.arange(n_samples, dtype=np.int64))
-        table_bytes = 4 * self.n_lists * self.quantizer_.n_subspaces_ * self.quantizer_.n_codewords_
-        self._list_tables = (self._cell_tables(np.arange(self.n_lists), n_threads)
-                             if table_bytes <= _MAX_CELL_TABLE_BYTES else None)
-        self._fit_y = y
+        with config_context(transform_output="default"):
+            self.quantizer_ = clone(quantizer).fit(self._residuals(X_train, n_threads)[0])
+            self._after_load()
+            self._start_index(y)
+            self._append(X, y)
         return self
 
-    def add(self, X, y=None):
-        """Append items to the index: each goes to its nearest cell, as a residual code.
+    def _new_index(self):
+        return InvertedLists(self.n_lists, self.quantizer_.n_subspaces_,
+                             self.quantizer_.n_codewords_)
 
-        Neither the cells nor the quantizer are refitted: new items get the
-        indices ``n_samples_fit_, n_samples_fit_ + 1, ...`` and existing items
-        keep theirs. Refit when the new items differ much from those the
-        index was trained on.
+    def _after_load(self):
+        """Rebuild the per-cell tables (a cache, not saved)."""
+        pq = self.quantizer_
+        table_bytes = 4 * self.n_lists * pq.n_subspaces_ * pq.n_codewords_
+        self._list_tables = (
+            self._cell_tables(np.arange(self.n_lists), effective_n_threads(self.n_jobs))
+            if table_bytes <= _MAX_CELL_TABLE_BYTES else None
+        )
 
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Vectors to index.
-        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
-            Their labels; required when the index was fitted with labels,
-            refused when it was not.
+    def _append(self, X, y):
+        with config_context(transform_output="default"):
+            super()._append(X, y)
 
-        Returns
-        -------
-        self : IVFQuantizedNeighbors
-            The grown index.
-        """
-        X, y = self._check_new_items(X, y)
-        codes, lists = self._encode(X, effective_n_threads(self.n_jobs))
-        sizes = np.diff(self.list_offsets_)
-        old_lists = np.repeat(np.arange(len(sizes)), sizes)
-        new_ids = np.arange(self.n_samples_fit_, self.n_samples_fit_ + X.shape[0], dtype=np.int64)
-        # Old rows first: within a cell, indices stay ascending.
-        self._store(np.concatenate([self.codes_, codes]), np.concatenate([old_lists, lists]),
-                    np.concatenate([self.ids_, new_ids]))
-        if y is not None:
-            self._fit_y = np.concatenate([self._fit_y, y])
-        return self
+    def _index_items(self, X):
+        """Residual codes of the rows of X, appended to their cells' lists."""
+        residuals, lists = self._residuals(X, effective_n_threads(self.n_jobs))
+        self._index.add(self.quantizer_.transform(residuals), lists)
 
-    def _encode(self, X, n_threads):
-        """Residual codes of the rows of X and their cells, a chunk of rows at a time."""
-        n_samples = X.shape[0]
-        lists = np.empty(n_samples, dtype=np.int32)
-        codes = None
-        for begin in range(0, n_samples, _ENCODE_CHUNK):
-            end = min(begin + _ENCODE_CHUNK, n_samples)
-            residuals, lists[begin:end] = self._residuals(X[begin:end], n_threads)
-            chunk = self.quantizer_.transform(residuals)
-            if codes is None:
-                codes = np.empty((n_samples, chunk.shape[1]), dtype=chunk.dtype)
-            codes[begin:end] = chunk
-        return codes, lists
+    def _grouped(self):
+        index = self._index
+        codes = [c for cell in range(self.n_lists) for c in index.codes[cell].chunks()]
+        ids = [i for cell in range(self.n_lists) for i in index.ids[cell].chunks()]
+        return (np.concatenate(codes) if codes else np.empty((0, index.n_subspaces),
+                                                              index.code_dtype),
+                np.concatenate(ids) if ids else np.empty(0, np.int64))
 
-    def _store(self, codes, lists, ids):
-        """Group the rows by cell (stable: each cell keeps the rows' order)."""
-        order = np.argsort(lists, kind="stable")
-        self.codes_ = np.ascontiguousarray(codes[order])
-        self.ids_ = np.ascontiguousarray(ids[order], dtype=np.int64)
-        counts = np.bincount(lists, minlength=self.n_lists)
-        self.list_offsets_ = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.n_samples_fit_ = len(ids)
+    @property
+    def codes_(self):
+        return self._grouped()[0]
+
+    @property
+    def ids_(self):
+        return self._grouped()[1]
+
+    @property
+    def list_offsets_(self):
+        return np.concatenate([[0], np.cumsum(self._index.sizes)]).astype(np.int64)
 
     def _cell_tables(self, cells, n_threads=1):
         """The cells' terms of a probe's table, ``||p||^2 + 2 <centroid, p>``: (n_cells, M, K) float32."""
@@ -311,11 +304,12 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
                                      n_threads=n_threads)
         return X - self.coarse_centers_[lists], lists
 
-    def _probes(self, X, n_required, n_threads):
+    def _probes(self, X, n_probe, sizes, n_required, n_threads):
         """The cells each query visits, nearest first, holding at least n_required items.
 
-        Returns ``probes`` of shape (n_queries, width), their squared
-        distances to the query (float32, same shape) and ``n_visit`` of shape
+        ``sizes`` counts the searchable items of each cell. Returns
+        ``probes`` of shape (n_queries, width), their squared distances to
+        the query (float32, same shape) and ``n_visit`` of shape
         (n_queries,): query q visits ``probes[q, :n_visit[q]]``.
         """
         centers = self.coarse_centers_.astype(X.dtype)
@@ -325,7 +319,7 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         d2 *= -2
         d2 += np.einsum("ij,ij->i", X, X)[:, None]
         n_lists = centers.shape[0]
-        n_probe = min(self.n_probe, n_lists)
+        n_probe = min(n_probe, n_lists)
         if n_probe < n_lists:
             near = np.argpartition(d2, n_probe - 1, axis=1)[:, :n_probe]
         else:
@@ -336,7 +330,6 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         probes = np.take_along_axis(near, order, axis=1)
         n_visit = np.full(len(X), n_probe, dtype=np.int64)
 
-        sizes = np.diff(self.list_offsets_)
         short = np.flatnonzero(sizes[probes].sum(axis=1) < n_required)
         if short.size:
             # Too few items in the probed cells: visit the next nearest too.
@@ -351,33 +344,43 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         coarse = np.maximum(np.take_along_axis(d2, probes, axis=1), 0).astype(np.float32)
         return probes, coarse, n_visit
 
-    def _reconstruct(self, rows):
-        """Rows of ``codes_`` as the index holds them: centroid + decoded residual."""
-        lists = np.searchsorted(self.list_offsets_, rows, side="right") - 1
-        return self.coarse_centers_[lists] + self.quantizer_.inverse_transform(self.codes_[rows])
+    def _reconstruct(self, indices):
+        """Items as the index holds them: centroid + decoded residual."""
+        codes, lists = self._index.rows(indices)
+        return self.coarse_centers_[lists] + self.quantizer_.inverse_transform(codes)
 
-    def _search(self, X, n_neighbors):
-        """Run the kernel for the queries X (None: the database, leaving each item out)."""
+    def _searchable_sizes(self, allowed):
+        """Searchable items per cell for the search's mask."""
+        index = self._index
+        if allowed is None:
+            return index.sizes
+        if self._live is not None and allowed is self._live.array:
+            return index.live_sizes
+        return np.bincount(index.list_of.array[allowed.view(bool)],
+                           minlength=self.n_lists).astype(np.int64)
+
+    def _search(self, X, n_neighbors, allowed, params):
+        """Run the back-end for the queries X (None: the database, leaving each item out)."""
         n_threads = effective_n_threads(self.n_jobs)
         n_queries = self.n_samples_fit_ if X is None else X.shape[0]
         n_required = n_neighbors + 1 if X is None else n_neighbors
+        sizes = self._searchable_sizes(allowed)
         # Per query: its tables (float64 while built) and its distances to the cells.
-        per_query = 8 * max(self.quantizer_.n_codewords_ * self.codes_.shape[1], self.n_lists)
+        per_query = 8 * max(self.quantizer_.n_codewords_ * self.quantizer_.n_subspaces_,
+                            self.n_lists)
         chunk = max(1, _TABLE_BYTES // per_query)
-        if X is None:
-            row_of_id = np.empty(self.n_samples_fit_, dtype=np.int64)
-            row_of_id[self.ids_] = np.arange(self.n_samples_fit_)
-        distances = np.empty((n_queries, n_neighbors), dtype=np.float32)
+        distances = np.empty((n_queries, n_neighbors), dtype=np.float64)
         indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
         for begin in range(0, n_queries, chunk):
             end = min(begin + chunk, n_queries)
             if X is None:
                 own = np.arange(begin, end, dtype=np.int64)
-                queries = self._reconstruct(row_of_id[own])
+                queries = self._reconstruct(own)
             else:
                 own = np.full(end - begin, -1, dtype=np.int64)
                 queries = X[begin:end]
-            probes, coarse, n_visit = self._probes(queries, n_required, n_threads)
+            probes, coarse, n_visit = self._probes(queries, params["n_probe"], sizes,
+                                                   n_required, n_threads)
             query_tables = (-2 * self._inner_products(queries, n_threads)).astype(np.float32)
             if self._list_tables is not None:
                 cell_tables, rows = self._list_tables, probes
@@ -385,8 +388,10 @@ class IVFQuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
                 cells, rows = np.unique(probes, return_inverse=True)
                 cell_tables = self._cell_tables(cells, n_threads)
                 rows = np.ascontiguousarray(rows.reshape(probes.shape), dtype=np.int64)
-            distances[begin:end], indices[begin:end] = ivf_adc_kneighbors(
-                cell_tables, query_tables, coarse, probes, rows, n_visit, self.list_offsets_,
-                self.codes_, self.ids_, own, n_neighbors, n_threads=n_threads,
+            d, indices[begin:end] = self._index.search(
+                cell_tables, query_tables, coarse, probes, rows, n_visit, n_neighbors,
+                allowed=allowed, exclude=own, n_threads=n_threads,
             )
+            # Ranked by the squared estimate; returned in L2 units.
+            distances[begin:end] = np.sqrt(np.maximum(d, 0, dtype=np.float64))
         return distances, indices

@@ -3,369 +3,45 @@
 The path of the data, from ``fit`` to ``kneighbors``:
 
 1. ``fit(X, y)`` fits a clone of the quantizer on X (y passed through),
-   picks the metric from what the quantizer offers (``_resolve_metric``),
-   encodes X chunk by chunk into the database the kernel reads
-   (``_encode_database``: packed bits, or codeword indices) and keeps y as
-   the database labels.
-2. ``kneighbors(X)`` runs ``_search``: the queries become what the kernel
-   needs (``_encode_queries``: packed bits for the Hamming kernel, distance
-   tables for the ADC kernel, a chunk of queries at a time) and the kernel
-   returns exact distances and int64 indices, ties ranked by database index.
+   picks the metric from what the quantizer offers (``_resolve_metric``)
+   and the back-end that stores and scans such codes (``_new_index``:
+   :class:`~sklearn_hash._backends.HammingScan` for packed bits,
+   :class:`~sklearn_hash._backends.TableScan` for codeword indices), then
+   encodes X chunk by chunk into it (``_index_items``) and keeps y as the
+   database labels.
+2. ``kneighbors(X)`` (in :class:`~sklearn_hash._index.IndexMixin`, with
+   ``allowed`` and removals folded into one mask) runs ``_search``: the
+   queries become what the back-end reads (``_encode_queries``: packed bits,
+   or distance tables a chunk of queries at a time) and the back-end's
+   kernel returns exact distances and int64 indices, ties ranked by
+   database index.
 
 The quantizer protocol (how a quantizer tells the searcher how to search it)
 is described in the class docstring.
 """
 
-import copy
-import json
-import numbers
-import pickle
-import threading
 from numbers import Integral
-from pathlib import Path
 
 import numpy as np
-from scipy import sparse
+from sklearn import config_context
 from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils import check_array
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
-from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
-from threadpoolctl import ThreadpoolController
+from sklearn.utils.validation import check_consistent_length, validate_data
 
+from ._backends import HammingScan, TableScan, check_codeword_indices
 from ._codes import pack_bits
+from ._index import IndexMixin
 from ._itq import ITQ
-from ._kernels._adc import adc_kneighbors
-from ._kernels._hamming import hamming_kneighbors
-from ._kernels._openmp import effective_n_threads
-from ._version import __version__
-from .metrics import map_at_r_score
+from ._threads import effective_n_threads
 
-# Rows encoded at a time when indexing, to bound the memory beyond the codes.
-_ENCODE_CHUNK = 65536
 # Queries whose distance tables are built and searched at a time.
 _QUERY_CHUNK = 2048
-# Version of the directory layout written by QuantizedNeighbors.save.
-_INDEX_FORMAT = 1
+# Largest number of codewords for which K x K symmetric tables are cached.
+_MAX_SDC_CODEWORDS = 1024
 
 
-class _SingleThreadedBlas:
-    """Context manager: BLAS on one thread while a search runs.
-
-    Searching mixes small matrix products (distance tables, coarse
-    distances) with the kernels' own OpenMP threads. OpenBLAS worker threads
-    keep spinning for a while after each product, and on few cores they
-    compete with the kernel: 300 queries to IVFQuantizedNeighbors took 8 ms
-    instead of 2 ms on 2 cores. The thread that sets the limit is the one
-    that restores it (searches nest, and run concurrently from several
-    threads: the others then search without the limit).
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._owner = None
-        self._limit = None
-        self._controller = None
-
-    def __enter__(self):
-        depth = getattr(self._local, "depth", 0)
-        self._local.depth = depth + 1
-        if depth == 0:
-            with self._lock:
-                if self._owner is None:
-                    if self._controller is None:
-                        self._controller = ThreadpoolController()
-                    self._limit = self._controller.limit(limits=1, user_api="blas")
-                    self._owner = threading.get_ident()
-        return self
-
-    def __exit__(self, *exc_info):
-        self._local.depth -= 1
-        if self._local.depth == 0:
-            with self._lock:
-                if self._owner == threading.get_ident():
-                    self._limit.restore_original_limits()
-                    self._limit = None
-                    self._owner = None
-
-
-_single_threaded_blas = _SingleThreadedBlas()
-
-
-class _KNeighborsSearchMixin:
-    """kneighbors, kneighbors_graph, score, partial_fit, save and load over a fitted index.
-
-    The searcher provides ``_search(X, n_neighbors)`` (``X=None``: the
-    database items query the others), ``fit``, ``add``, ``n_samples_fit_``,
-    ``_fit_y``, and in ``_SAVED_ARRAYS`` the fitted arrays that ``save``
-    writes as ``.npy`` files and ``load`` memory-maps.
-    """
-
-    _SAVED_ARRAYS: dict = {"codes": "codes_"}
-
-    def _check_new_items(self, X, y):
-        """Validate items to add: the fitted features, and labels iff fitted with labels."""
-        check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
-        if (y is None) != (self._fit_y is None):
-            state = "with" if self._fit_y is not None else "without"
-            raise ValueError(
-                f"The index was fitted {state} labels: add items {state} y too."
-            )
-        if y is not None:
-            y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
-            check_consistent_length(X, y)
-            if y.shape[1:] != self._fit_y.shape[1:]:
-                expected = ("(n_samples,)" if self._fit_y.ndim == 1
-                            else f"(n_samples, {self._fit_y.shape[1]})")
-                raise ValueError(
-                    f"y must have the shape of the index's labels, {expected}; got "
-                    f"shape {y.shape}."
-                )
-        return X, y
-
-    def partial_fit(self, X, y=None):
-        """Fit on the first call, then :meth:`add` the items of later calls.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Vectors to index (and, on the first call, to fit the quantizer).
-        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
-            Their labels.
-
-        Returns
-        -------
-        self : object
-            The fitted or grown index.
-        """
-        if not hasattr(self, "codes_"):
-            return self.fit(X, y)
-        return self.add(X, y)
-
-    def save(self, path):
-        """Save the index to a directory, the arrays as ``.npy`` files.
-
-        The directory gets ``codes.npy`` (the database codes; for
-        :class:`IVFQuantizedNeighbors` also ``ids.npy`` and
-        ``list_offsets.npy``), ``labels.npy`` (when fitted with labels),
-        ``searcher.pkl`` (this searcher with its fitted quantizer, without
-        those arrays) and ``index.json`` (format and sizes). :meth:`load`
-        memory-maps the arrays, so an index larger than memory can be
-        searched.
-
-        Parameters
-        ----------
-        path : str or os.PathLike
-            Directory; created if missing, files in it overwritten.
-
-        Returns
-        -------
-        path : pathlib.Path
-            The directory.
-        """
-        check_is_fitted(self)
-        if self._fit_y is not None and self._fit_y.dtype.kind == "O":
-            raise ValueError(
-                "Labels of dtype object cannot be stored as .npy without pickle; use "
-                "numeric or string labels (e.g. y.astype(str))."
-            )
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": _INDEX_FORMAT,
-            "sklearn_hash_version": __version__,
-            "searcher": type(self).__name__,
-            "n_samples": int(self.n_samples_fit_),
-            "labels": self._fit_y is not None,
-        }
-        shell = copy.copy(self)
-        for stem, attr in self._SAVED_ARRAYS.items():
-            array = getattr(self, attr)
-            np.save(path / f"{stem}.npy", array, allow_pickle=False)
-            meta[f"{stem}_shape"] = list(array.shape)
-            meta[f"{stem}_dtype"] = array.dtype.str
-            setattr(shell, attr, None)
-        if self._fit_y is not None:
-            np.save(path / "labels.npy", self._fit_y, allow_pickle=False)
-        elif (path / "labels.npy").exists():
-            (path / "labels.npy").unlink()
-        shell._fit_y = None
-        shell._drop_caches()
-        with open(path / "searcher.pkl", "wb") as f:
-            pickle.dump(shell, f, protocol=pickle.HIGHEST_PROTOCOL)
-        (path / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path, *, mmap_mode="r"):
-        """Load an index written by :meth:`save`.
-
-        ``searcher.pkl`` is unpickled: load only directories you trust.
-
-        Parameters
-        ----------
-        path : str or os.PathLike
-            Directory written by :meth:`save`.
-        mmap_mode : {"r", "c", None}, default="r"
-            ``"r"`` memory-maps the arrays read-only (searching reads them from
-            the files, sharing the page cache between processes); ``"c"``
-            copy-on-write; ``None`` reads them into memory. :meth:`add` works
-            in every mode and keeps the grown arrays in memory.
-
-        Returns
-        -------
-        searcher : object
-            The fitted searcher, of the class ``load`` is called on.
-        """
-        if mmap_mode not in ("r", "c", None):
-            raise ValueError(f"mmap_mode must be 'r', 'c' or None; got {mmap_mode!r}.")
-        path = Path(path)
-        meta_path = path / "index.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{path} holds no index.json: not a saved index.")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != _INDEX_FORMAT:
-            raise ValueError(
-                f"{path} holds index format {meta.get('format')!r}; this version of "
-                f"sklearn_hash reads format {_INDEX_FORMAT}."
-            )
-        with open(path / "searcher.pkl", "rb") as f:
-            searcher = pickle.load(f)
-        if not isinstance(searcher, cls):
-            raise ValueError(f"{path}/searcher.pkl holds a {type(searcher).__name__}, "
-                             f"not a {cls.__name__}.")
-        for stem, attr in cls._SAVED_ARRAYS.items():
-            array = np.load(path / f"{stem}.npy", mmap_mode=mmap_mode, allow_pickle=False)
-            if (list(array.shape) != meta[f"{stem}_shape"]
-                    or array.dtype.str != meta[f"{stem}_dtype"]):
-                raise ValueError(
-                    f"{path}/{stem}.npy has shape {array.shape} and dtype {array.dtype}; "
-                    f"index.json expects {tuple(meta[stem + '_shape'])} and "
-                    f"{meta[stem + '_dtype']}."
-                )
-            setattr(searcher, attr, array)
-        searcher._fit_y = (np.load(path / "labels.npy", allow_pickle=False)
-                           if meta["labels"] else None)
-        if searcher._fit_y is not None and len(searcher._fit_y) != meta["n_samples"]:
-            raise ValueError(f"{path}/labels.npy does not have one label per item.")
-        return searcher
-
-    def _drop_caches(self):
-        """Forget what is rebuilt on demand (nothing by default)."""
-
-    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
-        """Find the nearest database items of each query.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features), default=None
-            Query vectors. ``None``: every database item queries the others,
-            never returning itself.
-        n_neighbors : int, default=None
-            Neighbours per query; ``None`` uses the constructor's value.
-        return_distance : bool, default=True
-            Whether to return the distances.
-
-        Returns
-        -------
-        neigh_dist : ndarray of shape (n_queries, n_neighbors)
-            Distances, ascending: Hamming distances (int32), or estimated
-            squared L2 distances (float32) for ADC and SDC. Only with
-            ``return_distance=True``.
-        neigh_ind : ndarray of shape (n_queries, n_neighbors), dtype=int64
-            Database indices of the neighbours; equal distances in ascending
-            index order.
-        """
-        check_is_fitted(self)
-        if n_neighbors is None:
-            n_neighbors = self.n_neighbors
-        elif not isinstance(n_neighbors, numbers.Integral) or isinstance(n_neighbors, bool):
-            raise TypeError(
-                f"n_neighbors does not take {type(n_neighbors)} value, enter integer value"
-            )
-        elif n_neighbors <= 0:
-            raise ValueError(f"Expected n_neighbors > 0. Got {n_neighbors}")
-        n_neighbors = int(n_neighbors)
-
-        query_is_train = X is None
-        if query_is_train:
-            n_queries = self.n_samples_fit_
-        else:
-            X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
-            n_queries = X.shape[0]
-        # Leaving each indexed point out of its own answer needs one more item.
-        n_required = n_neighbors + 1 if query_is_train else n_neighbors
-        if n_required > self.n_samples_fit_:
-            raise ValueError(
-                f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {n_required}, "
-                f"n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}"
-            )
-        with _single_threaded_blas:
-            distances, indices = self._search(X, n_neighbors)
-        return (distances, indices) if return_distance else indices
-
-    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
-        """Sparse graph of the k nearest database items of each query.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features), default=None
-            Query vectors; ``None`` as in :meth:`kneighbors`.
-        n_neighbors : int, default=None
-            Neighbours per query; ``None`` uses the constructor's value.
-        mode : {"connectivity", "distance"}, default="connectivity"
-            Entries of ones, or the distances to the neighbours.
-
-        Returns
-        -------
-        A : sparse matrix of shape (n_queries, n_samples_fit)
-            CSR matrix; ``A[i, j]`` is set when database item j is one of the
-            neighbours of query i.
-        """
-        check_is_fitted(self)
-        if mode == "connectivity":
-            indices = self.kneighbors(X, n_neighbors, return_distance=False)
-            data = np.ones(indices.size)
-        elif mode == "distance":
-            distances, indices = self.kneighbors(X, n_neighbors, return_distance=True)
-            data = distances.ravel().astype(np.float64)
-        else:
-            raise ValueError(
-                'Unsupported mode, must be one of "connectivity", '
-                f'or "distance" but got "{mode}" instead'
-            )
-        n_queries, k = indices.shape
-        indptr = np.arange(0, n_queries * k + 1, k)
-        return sparse.csr_matrix(
-            (data, indices.ravel(), indptr), shape=(n_queries, self.n_samples_fit_)
-        )
-
-    def score(self, X, y):
-        """mAP@R of the queries X against the database, with R = n_neighbors.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features)
-            Query vectors.
-        y : array-like of shape (n_queries,) or (n_queries, n_labels)
-            Query labels, in the form of the labels given to :meth:`fit`.
-
-        Returns
-        -------
-        score : float
-            :func:`~sklearn_hash.metrics.map_at_r_score` of the ranking.
-        """
-        check_is_fitted(self)
-        if self._fit_y is None:
-            raise ValueError(
-                f"score needs the labels of the database: fit {type(self).__name__} with y."
-            )
-        indices = self.kneighbors(X, return_distance=False)
-        return map_at_r_score(y, self._fit_y, indices)
-
-
-class QuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
+class QuantizedNeighbors(IndexMixin, BaseEstimator):
     """Nearest-neighbour search over the codes of a quantizer.
 
     ``fit`` learns the quantizer on the database and stores the database as
@@ -405,9 +81,15 @@ class QuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
     codes_ : ndarray of shape (n_samples_fit, n_words) or (n_samples_fit, n_subspaces)
         The database as the kernel reads it: for Hamming, each code packed in
         ``n_words = ceil(n_bits / 64)`` uint64 words; for ADC and SDC, the
-        codeword indices (uint8, or uint16 above 256 codewords).
+        codeword indices (uint8, or uint16 above 256 codewords). Removed
+        items keep their rows until :meth:`compact`. (A view when the codes
+        sit in one chunk; an index grown by :meth:`add` after :meth:`load`
+        holds several and this builds their concatenation.)
     n_samples_fit_ : int
-        Number of database items.
+        Number of database items (removed ones included until
+        :meth:`compact`).
+    n_removed_ : int
+        Number of removed items not yet reclaimed by :meth:`compact`.
     n_features_in_ : int
         Number of features seen during ``fit``.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -436,14 +118,20 @@ class QuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
       distance to a code is the sum of one table entry per subspace.
       :class:`~sklearn_hash.ProductQuantizer` is such a quantizer.
 
-    With ``X=None`` (database items as queries) only the codes are at hand,
-    so codebook quantizers are searched symmetrically (SDC) there.
+    With ``X=None`` (database items as queries) only the codes are at hand:
+    with ADC each item queries with its reconstruction (the tables of the
+    decoded code, built a chunk of items at a time), which ranks as SDC
+    does; the metric stays ADC.
 
     **Exactness and ties.** The search is exhaustive and exact for the
     distance it computes: Hamming distances are integers (int32); ADC/SDC
-    distances are float32 sums of table entries, added in subspace order.
+    rank by float32 sums of table entries (estimated squared L2 distances),
+    added in subspace order, and return their square roots (float64), in
+    scikit-learn's units.
     Items at equal distance are ranked by ascending database index, so the
-    result is the same for any ``n_jobs``. Cost per query: Hamming
+    result is the same for any ``n_jobs``. ``allowed=`` restricts a search
+    to a subset, :meth:`remove` takes items out for good, :meth:`save`
+    writes JSON and ``.npy`` files (never a pickle) atomically. Cost per query: Hamming
     ``O(n_samples_fit * n_words)`` word operations; ADC
     ``O(n_samples_fit * n_subspaces + n_codewords * n_features)``.
 
@@ -468,6 +156,8 @@ class QuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         "metric": [StrOptions({"auto", "hamming", "adc", "sdc"})],
         "n_jobs": [Integral, None],
     }
+
+    _TRANSIENT = (*IndexMixin._TRANSIENT, "_sdc_tables")
 
     def __init__(self, quantizer=None, *, n_neighbors=10, metric="auto", n_jobs=None):
         self.quantizer = quantizer
@@ -497,46 +187,19 @@ class QuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
         if y is not None:
             y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
             check_consistent_length(X, y)
-        self.quantizer_ = clone(self.quantizer) if self.quantizer is not None else ITQ()
-        self.quantizer_.fit(X, y)
-        self.metric_ = self._resolve_metric()
-        self._sdc_tables = None
-        self.codes_ = self._encode_database(X)
-        self.n_samples_fit_ = X.shape[0]
-        self._fit_y = y
+        with config_context(transform_output="default"):
+            self.quantizer_ = clone(self.quantizer) if self.quantizer is not None else ITQ()
+            self.quantizer_.fit(X, y)
+            self.metric_ = self._resolve_metric()
+            self.code_shape_ = self._code_shape(X[:1])
+            self._sdc_tables = None
+            self._start_index(y)
+            self._append(X, y)
         return self
 
-    def add(self, X, y=None):
-        """Append items to the index, encoded by the fitted quantizer.
-
-        The quantizer is not refitted: new items get the indices
-        ``n_samples_fit_, n_samples_fit_ + 1, ...`` and existing items keep
-        theirs, so results stored elsewhere stay valid. Refit when the new
-        items differ much from those the quantizer was trained on.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Vectors to index.
-        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
-            Their labels; required when the index was fitted with labels,
-            refused when it was not.
-
-        Returns
-        -------
-        self : QuantizedNeighbors
-            The grown index.
-        """
-        X, y = self._check_new_items(X, y)
-        codes = self._encode_database(X)
-        self.codes_ = np.ascontiguousarray(np.concatenate([self.codes_, codes]))
-        if y is not None:
-            self._fit_y = np.concatenate([self._fit_y, y])
-        self.n_samples_fit_ = self.codes_.shape[0]
-        return self
-
-    def _drop_caches(self):
-        self._sdc_tables = None
+    def _append(self, X, y):
+        with config_context(transform_output="default"):
+            super()._append(X, y)
 
     def _resolve_metric(self):
         has_tables = hasattr(self.quantizer_, "distance_tables")
@@ -554,46 +217,59 @@ class QuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
                 f"ProductQuantizer); {type(self.quantizer_).__name__} gives binary codes: "
                 f"use metric='hamming' (or 'auto')."
             )
+        if self.metric == "sdc" and not hasattr(self.quantizer_, "symmetric_distance_tables"):
+            raise ValueError(
+                f"metric='sdc' needs a quantizer with symmetric_distance_tables; "
+                f"{type(self.quantizer_).__name__} has none: use metric='adc'."
+            )
         return self.metric
 
-    def _encode_database(self, X):
-        """Database codes as the kernel stores them, encoded chunk by chunk.
-
-        The output is allocated once, after the first chunk gives its width,
-        and filled in place: the memory beyond X and the codes is one chunk's
-        worth of the quantizer's working arrays.
-        """
-        codes = None
-        for start in range(0, X.shape[0], _ENCODE_CHUNK):
-            chunk = self.quantizer_.transform(X[start : start + _ENCODE_CHUNK])
-            if self.metric_ == "hamming":
-                chunk = pack_bits(chunk)
-            else:
-                chunk = self._check_codeword_indices(chunk)
-            if codes is None:
-                codes = np.empty((X.shape[0], chunk.shape[1]), dtype=chunk.dtype)
-            elif chunk.shape[1] != codes.shape[1]:
+    def _code_shape(self, X_one):
+        """(n_bits,) for binary codes, (n_subspaces, n_codewords) for codebook codes."""
+        if self.metric_ == "hamming":
+            bits = np.asarray(self.quantizer_.transform(X_one))
+            if bits.ndim != 2 or bits.shape[1] < 1:
+                raise ValueError("a binary quantizer's transform must return a 2-D array "
+                                 "with one 0/1 column per bit.")
+            return (int(bits.shape[1]),)
+        tables = np.asarray(self.quantizer_.distance_tables(X_one))
+        if tables.ndim != 3 or tables.shape[0] != 1:
+            raise ValueError("distance_tables(X) must return an array of shape (n_samples, "
+                             f"n_subspaces, n_codewords); got shape {tables.shape}.")
+        if self.metric_ == "sdc":
+            n_codewords = tables.shape[2]
+            if n_codewords > _MAX_SDC_CODEWORDS:
                 raise ValueError(
-                    f"The quantizer encoded rows with {chunk.shape[1]} columns after "
-                    f"{codes.shape[1]}; codes must have a fixed width."
+                    f"metric='sdc' keeps n_subspaces x K x K tables in memory, allowed up to "
+                    f"K = {_MAX_SDC_CODEWORDS} codewords; this quantizer has K = "
+                    f"{n_codewords}. Use metric='adc', which builds one K-entry table per "
+                    f"subspace and query."
                 )
-            elif chunk.dtype.itemsize > codes.dtype.itemsize:  # uint16 indices appeared
-                codes = codes.astype(chunk.dtype)
-            codes[start : start + chunk.shape[0]] = chunk
-        return codes
+        return (int(tables.shape[1]), int(tables.shape[2]))
 
-    @staticmethod
-    def _check_codeword_indices(codes):
-        codes = np.asarray(codes)
-        if codes.ndim != 2 or codes.dtype.kind not in "iu":
-            raise ValueError(
-                "a quantizer searched by distance tables must transform to a 2-D array "
-                f"of integer codeword indices; got {codes.ndim}-D {codes.dtype}."
-            )
-        if codes.size and codes.min() < 0:
-            raise ValueError("codeword indices must be non-negative.")
-        dtype = np.uint8 if not codes.size or codes.max() < 256 else np.uint16
-        return np.ascontiguousarray(codes, dtype=dtype)
+    def _new_index(self):
+        if self.metric_ == "hamming":
+            return HammingScan(self.code_shape_[0])
+        return TableScan(*self.code_shape_)
+
+    def _after_load(self):
+        self._sdc_tables = None
+
+    def _index_items(self, X):
+        codes = self.quantizer_.transform(X)
+        if self.metric_ == "hamming":
+            codes = np.asarray(codes)
+            if codes.ndim != 2 or codes.shape[1] != self.code_shape_[0]:
+                raise ValueError(
+                    f"The quantizer encoded rows with {codes.shape[1:]} columns after "
+                    f"{self.code_shape_[0]}; codes must have a fixed width."
+                )
+            codes = pack_bits(codes)
+        self._index.add(codes)
+
+    @property
+    def codes_(self):
+        return self._index.codes.to_array()
 
     def _symmetric_tables(self):
         if getattr(self, "_sdc_tables", None) is None:
@@ -602,49 +278,86 @@ class QuantizedNeighbors(_KNeighborsSearchMixin, BaseEstimator):
             )
         return self._sdc_tables
 
-    def _tables_from_codes(self, codes):
-        """SDC tables of quantized queries: row m of codeword codes[:, m]."""
+    def _tables_of_codes(self, codes):
+        """Tables of database items querying with their own codes (X=None).
+
+        SDC: rows of the symmetric tables. ADC: the tables of the decoded
+        codes (the same distances, computed a chunk at a time so that no
+        K x K table is needed), or the symmetric tables where the quantizer
+        cannot decode.
+        """
+        if self.metric_ == "adc" and hasattr(self.quantizer_, "inverse_transform"):
+            return self._check_tables(
+                self.quantizer_.distance_tables(self.quantizer_.inverse_transform(codes)))
+        if not hasattr(self.quantizer_, "symmetric_distance_tables"):
+            raise ValueError(
+                f"kneighbors() without X needs the database items' own distance tables, but "
+                f"{type(self.quantizer_).__name__} has neither inverse_transform nor "
+                f"symmetric_distance_tables; pass the query vectors X."
+            )
+        if self.code_shape_[1] > _MAX_SDC_CODEWORDS:
+            raise ValueError(
+                f"kneighbors() without X would need n_subspaces x K x K symmetric tables with "
+                f"K = {self.code_shape_[1]} codewords (more than {_MAX_SDC_CODEWORDS}), and "
+                f"{type(self.quantizer_).__name__} cannot decode its codes; pass the query "
+                f"vectors X."
+            )
         sdc = self._symmetric_tables()
         return np.ascontiguousarray(sdc[np.arange(sdc.shape[0]), codes.astype(np.intp)])
 
-    def _encode_queries(self, X):
-        """Queries in the form the kernel reads."""
-        if self.metric_ == "hamming":
-            queries = pack_bits(self.quantizer_.transform(X))
-        elif self.metric_ == "adc":
-            queries = np.ascontiguousarray(self.quantizer_.distance_tables(X), dtype=np.float32)
-        else:
-            queries = self._tables_from_codes(self._check_codeword_indices(self.quantizer_.transform(X)))
-        if queries.shape[1] != self.codes_.shape[1]:
+    def _check_tables(self, tables):
+        tables = np.ascontiguousarray(tables, dtype=np.float32)
+        if tables.ndim != 3 or tables.shape[1:] != tuple(self.code_shape_):
             raise ValueError(
-                f"The quantizer encoded the queries with {queries.shape[1]} words or "
-                f"subspaces but the database with {self.codes_.shape[1]}."
+                f"The quantizer's distance tables have shape {tables.shape[1:]} per query; "
+                f"the index expects {tuple(self.code_shape_)} (n_subspaces, n_codewords)."
             )
-        if self.metric_ != "hamming" and not np.isfinite(queries).all():
+        if not np.isfinite(tables).all():
             raise ValueError("the quantizer's distance tables hold NaN or infinity.")
-        return queries
+        return tables
 
-    def _search(self, X, n_neighbors):
-        """Run the kernel for the queries X (None: the database, leaving each item out)."""
-        n_threads = effective_n_threads(self.n_jobs)
+    def _encode_queries(self, X):
+        """Queries in the form the back-end reads."""
         if self.metric_ == "hamming":
-            queries = self.codes_ if X is None else self._encode_queries(X)
-            return hamming_kneighbors(queries, self.codes_, n_neighbors,
-                                      exclude_self=X is None, n_threads=n_threads)
-        # Distance tables take n_subspaces * n_codewords floats per query:
-        # they are built and searched a chunk of queries at a time.
-        n_queries = self.n_samples_fit_ if X is None else X.shape[0]
-        distances = np.empty((n_queries, n_neighbors), dtype=np.float32)
-        indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
-        for start in range(0, n_queries, _QUERY_CHUNK):
-            stop = min(start + _QUERY_CHUNK, n_queries)
-            if X is None:
-                tables = self._tables_from_codes(self.codes_[start:stop])
-            else:
-                tables = self._encode_queries(X[start:stop])
-            distances[start:stop], indices[start:stop] = adc_kneighbors(
-                tables, self.codes_, n_neighbors,
-                self_offset=start if X is None else -1, n_threads=n_threads,
-            )
-        return distances, indices
+            bits = np.asarray(self.quantizer_.transform(X))
+            if bits.ndim != 2 or bits.shape[1] != self.code_shape_[0]:
+                raise ValueError(
+                    f"The quantizer encoded the queries with {bits.shape[1:]} bits but the "
+                    f"database with {self.code_shape_[0]}."
+                )
+            return pack_bits(bits)
+        if self.metric_ == "adc":
+            return self._check_tables(self.quantizer_.distance_tables(X))
+        codes = check_codeword_indices(self.quantizer_.transform(X), self.code_shape_[0],
+                                       self.code_shape_[1], np.intp)
+        return self._tables_of_codes(codes)
 
+    def _search(self, X, n_neighbors, allowed, params):
+        """Run the back-end for the queries X (None: the database, leaving each item out)."""
+        n_threads = effective_n_threads(self.n_jobs)
+        with config_context(transform_output="default"):
+            if self.metric_ == "hamming":
+                if X is None:
+                    queries = self._index.codes.to_array()
+                    exclude = np.arange(len(queries), dtype=np.int64)
+                else:
+                    queries, exclude = self._encode_queries(X), None
+                return self._index.search(queries, n_neighbors, allowed=allowed,
+                                          exclude=exclude, n_threads=n_threads)
+            # Distance tables take n_subspaces * n_codewords floats per query:
+            # they are built and searched a chunk of queries at a time.
+            n_queries = self.n_samples_fit_ if X is None else X.shape[0]
+            distances = np.empty((n_queries, n_neighbors), dtype=np.float64)
+            indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
+            for start in range(0, n_queries, _QUERY_CHUNK):
+                stop = min(start + _QUERY_CHUNK, n_queries)
+                if X is None:
+                    tables = self._tables_of_codes(self._index.codes.slice(start, stop))
+                    exclude = np.arange(start, stop, dtype=np.int64)
+                else:
+                    tables, exclude = self._encode_queries(X[start:stop]), None
+                d, indices[start:stop] = self._index.search(
+                    tables, n_neighbors, allowed=allowed, exclude=exclude, n_threads=n_threads)
+                # Ranked by the squared estimate; returned in L2 units.
+                distances[start:stop] = np.sqrt(np.maximum(d, 0, dtype=np.float64))
+            return distances, indices

@@ -103,14 +103,30 @@ def test_empty_queries_and_zero_k():
 
 def test_kernel_rejects_bad_arguments():
     db = pack_bits(np.ones((3, 10)))
-    with pytest.raises(ValueError, match="k must be in"):
-        hamming_kneighbors(db, db, 4)
-    with pytest.raises(ValueError, match="k must be in"):
-        hamming_kneighbors(db, db, 3, exclude_self=True)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        hamming_kneighbors(db, db, -1)
+    with pytest.raises(ValueError, match="exclude_self=True means query i is database row i"):
+        hamming_kneighbors(pack_bits(np.ones((4, 10))), db, 1, exclude_self=True)
     with pytest.raises(ValueError, match="words per code"):
         hamming_kneighbors(pack_bits(np.ones((1, 70))), db, 1)
     with pytest.raises(ValueError, match="n_threads"):
         hamming_kneighbors(db, db, 1, n_threads=0)
+
+
+def test_kernel_pads_when_fewer_candidates_than_k_and_honours_allowed_and_exclude():
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2, size=(40, 70))
+    db, queries = pack_bits(bits[:30]), pack_bits(bits[30:])
+    allowed = (rng.random(30) < 0.3).astype(np.uint8)
+    exclude = rng.integers(-1, 30, size=10)
+    dist, ind = hamming_kneighbors(queries, db, 35, n_threads=2, exclude=exclude, allowed=allowed)
+    full = (bits[30:, None, :] != bits[None, :30, :]).sum(axis=2)
+    for q in range(10):
+        ok = np.flatnonzero(allowed.astype(bool) & (np.arange(30) != exclude[q]))
+        order = ok[np.lexsort((ok, full[q, ok]))]
+        np.testing.assert_array_equal(ind[q, : ok.size], order)
+        np.testing.assert_array_equal(dist[q, : ok.size], full[q, order])
+        assert np.all(ind[q, ok.size :] == -1) and np.all(dist[q, ok.size :] == 2**31 - 1)
 
 
 def test_pack_bits_layout():

@@ -13,13 +13,13 @@ from sklearn_hash._kernels._adc import ivf_adc_kneighbors
 
 
 def ivf_oracle(list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets, codes,
-               ids, exclude, k):
+               ids, exclude, k, allowed=None):
     """float32 sums in subspace order over the visited lists; ranked by (distance, index)."""
     n_q, M, _ = query_tables.shape
-    out_d = np.zeros((n_q, k), np.float32)
-    out_i = np.zeros((n_q, k), np.int64)
+    out_d = np.full((n_q, k), np.inf, np.float32)
+    out_i = np.full((n_q, k), -1, np.int64)
     for q in range(n_q):
-        dist, idx = [], []
+        dist, idx = [np.empty(0, np.float32)], [np.empty(0, np.int64)]
         for p in range(n_visit[q]):
             lst = probes[q, p]
             table = list_tables[table_rows[q, p]] + query_tables[q]
@@ -32,10 +32,36 @@ def ivf_oracle(list_tables, query_tables, coarse, probes, table_rows, n_visit, o
             idx.append(ids[rows])
         dist, idx = np.concatenate(dist), np.concatenate(idx)
         keep = idx != exclude[q]
+        if allowed is not None:
+            keep &= allowed[idx].astype(bool)
         dist, idx = dist[keep], idx[keep]
         order = np.lexsort((idx, dist))[:k]
-        out_d[q], out_i[q] = dist[order], idx[order]
+        out_d[q, : order.size], out_i[q, : order.size] = dist[order], idx[order]
     return out_d, out_i
+
+
+def chunked(offsets, codes, ids, split=True):
+    """The kernel's chunk layout of lists stored as one grouped array: each list cut in two."""
+    chunk_offsets, codes_at, ids_at, sizes, keep = [0], [], [], [], []
+    for lst in range(len(offsets) - 1):
+        a, b = offsets[lst], offsets[lst + 1]
+        cuts = [a, (a + b) // 2, b] if split else [a, b]
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            c, i = np.ascontiguousarray(codes[lo:hi]), np.ascontiguousarray(ids[lo:hi])
+            keep += [c, i]
+            codes_at.append(c.ctypes.data if hi > lo else 0)
+            ids_at.append(i.ctypes.data if hi > lo else 0)
+            sizes.append(hi - lo)
+        chunk_offsets.append(len(sizes))
+    return (np.array(chunk_offsets, np.int64), np.array(codes_at, np.intp),
+            np.array(ids_at, np.intp), np.array(sizes, np.int64), codes.dtype.itemsize, keep)
+
+
+def kernel(list_tables, query_tables, coarse, probes, rows, n_visit, offsets, codes, ids, exclude,
+           k, allowed=None, n_threads=1, split=True):
+    *layout, keep = chunked(offsets, codes, ids, split)
+    return ivf_adc_kneighbors(list_tables, query_tables, coarse, probes, rows, n_visit, *layout,
+                              exclude, k, allowed=allowed, n_threads=n_threads)
 
 
 def random_index(rng, n, n_lists, M, K, code_dtype=np.uint8):
@@ -63,14 +89,18 @@ def test_ivf_kernel_matches_the_oracle_with_ties(M, K, code_dtype):
     exclude = np.array([-1, ids[offsets[probes[1, 0]]], -1, 5, -1, -1, ids[-1]], dtype=np.int64)
     held = np.array([sum(offsets[l + 1] - offsets[l] for l in probes[q, :n_visit[q]])
                      for q in range(n_q)])
-    for k in (1, 10, int(held.min()) - 1):
-        rows = n_lists - 1 - probes
-        expected = ivf_oracle(*tables, probes, rows, n_visit, offsets, codes, ids, exclude, k)
-        for n_threads in (1, 2):
-            dist, ind = ivf_adc_kneighbors(*tables, probes, rows, n_visit, offsets, codes, ids,
-                                           exclude, k, n_threads=n_threads)
-            np.testing.assert_array_equal(ind, expected[1])
-            np.testing.assert_array_equal(dist, expected[0])
+    allowed = (rng.random(n) < 0.4).astype(np.uint8)
+    rows = n_lists - 1 - probes
+    for k in (1, 10, int(held.min()) - 1, int(held.max()) + 3):
+        for mask in (None, allowed):
+            expected = ivf_oracle(*tables, probes, rows, n_visit, offsets, codes, ids, exclude, k,
+                                  mask)
+            for n_threads in (1, 2):
+                for split in (False, True):
+                    dist, ind = kernel(*tables, probes, rows, n_visit, offsets, codes, ids,
+                                       exclude, k, mask, n_threads, split)
+                    np.testing.assert_array_equal(ind, expected[1])
+                    np.testing.assert_array_equal(dist, expected[0])
 
 
 def test_ivf_kernel_rejects_bad_arguments():
@@ -82,28 +112,24 @@ def test_ivf_kernel_rejects_bad_arguments():
     probes = np.array([[0, 1], [2, 3]], dtype=np.int64)
     visit = np.array([2, 2], dtype=np.int64)
     none = np.array([-1, -1], dtype=np.int64)
-    ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, offsets, codes, ids, none, 3)
+    *layout, keep = chunked(offsets, codes, ids)
+    ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, *layout, none, 3)
     with pytest.raises(ValueError, match="probes must be list numbers"):
-        ivf_adc_kneighbors(lt, qt, coarse, probes + 3, probes, visit, offsets, codes, ids, none, 3)
+        ivf_adc_kneighbors(lt, qt, coarse, probes + 3, probes, visit, *layout, none, 3)
     with pytest.raises(ValueError, match="n_visit must be in"):
-        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit + 1, offsets, codes, ids, none, 3)
-    with pytest.raises(ValueError, match="list_offsets must rise"):
-        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, offsets[::-1].copy(), codes, ids,
-                           none, 3)
-    with pytest.raises(ValueError, match="at least k=500 items"):
-        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, offsets, codes, ids, none, 500)
+        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit + 1, *layout, none, 3)
+    with pytest.raises(ValueError, match="chunk_offsets must rise"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, layout[0][::-1].copy(),
+                           *layout[1:], none, 3)
+    with pytest.raises(ValueError, match="code_bytes must be 1 or 2"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, *layout[:4], 4, none, 3)
     with pytest.raises(ValueError, match="same subspaces"):
-        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, offsets, codes[:, :1].copy(), ids,
-                           none, 3)
+        ivf_adc_kneighbors(lt, qt[:, :1].copy(), coarse, probes, probes, visit, *layout, none, 3)
     with pytest.raises(ValueError, match="coarse must have shape"):
-        ivf_adc_kneighbors(lt, qt, coarse[:, :1].copy(), probes, probes, visit, offsets, codes, ids,
-                           none, 3)
-    with pytest.raises(ValueError, match="codeword indices up to"):
-        ivf_adc_kneighbors(lt[..., :4].copy(), qt[..., :4].copy(), coarse, probes, probes, visit,
-                           offsets, codes, ids, none, 3)
-    with pytest.raises(ValueError, match="table_rows must be rows of list_tables"):
-        ivf_adc_kneighbors(lt[:2].copy(), qt, coarse, probes, probes, visit, offsets, codes, ids,
-                           none, 3)
+        ivf_adc_kneighbors(lt, qt, coarse[:, :1].copy(), probes, probes, visit, *layout, none, 3)
+    with pytest.raises(ValueError, match="need addresses"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, layout[0],
+                           np.zeros_like(layout[1]), *layout[2:], none, 3)
 
 
 
@@ -121,9 +147,11 @@ def test_probing_every_cell_ranks_by_distance_to_the_reconstructions(blobs):
     assert search.list_offsets_[-1] == len(X)
     np.testing.assert_array_equal(np.sort(search.ids_), np.arange(len(X)))
     # Every item as the index holds it: its cell's centroid plus its decoded residual.
-    rebuilt = search._reconstruct(np.argsort(search.ids_)).astype(np.float64)
+    rebuilt = search._reconstruct(np.arange(len(X))).astype(np.float64)
     true = ((Q.astype(np.float64)[:, None, :] - rebuilt[None]) ** 2).sum(-1)
     dist, ind = search.kneighbors(Q, n_neighbors=25)
+    assert dist.dtype == np.float64
+    dist = dist**2  # returned in L2 units, ranked by the squared estimate
     scale = (Q.astype(np.float64) ** 2).sum(1)[:, None] + (rebuilt**2).sum(1).max()
     tol = 1e-5 * scale
     assert np.all(np.abs(dist - np.take_along_axis(true, ind, axis=1)) <= tol)
@@ -168,8 +196,7 @@ def test_database_as_queries_never_returns_itself(blobs):
     assert ind.shape == (500, 5)
     assert not np.any(ind == np.arange(500)[:, None])
     # The same as querying with the items' reconstructions, leaving each out.
-    row_of_id = np.argsort(search.ids_)
-    rebuilt = search._reconstruct(row_of_id[np.arange(500)])
+    rebuilt = search._reconstruct(np.arange(500))
     _, ind6 = search.kneighbors(rebuilt, n_neighbors=6)
     expected = np.array([[j for j in row if j != i][:5] for i, row in enumerate(ind6)])
     np.testing.assert_array_equal(ind, expected)
@@ -202,9 +229,8 @@ def test_add_puts_new_items_in_their_cells_and_keeps_old_indices(blobs, tmp_path
     assert grown.n_samples_fit_ == len(X)
     # The same index built in one go from the same cells and quantizer.
     whole = copy.deepcopy(before)
-    codes, lists = whole._encode(X, n_threads=1)
-    whole._store(codes, lists, np.arange(len(X)))
-    whole._fit_y = y
+    whole._start_index(y)
+    whole._append(X, y)
     for attr in ("codes_", "ids_", "list_offsets_"):
         np.testing.assert_array_equal(getattr(grown, attr), getattr(whole, attr))
     np.testing.assert_array_equal(grown.kneighbors(Q)[1], whole.kneighbors(Q)[1])

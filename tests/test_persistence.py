@@ -19,7 +19,7 @@ from sklearn_hash import (
     QuantizedNeighbors,
     SpectralHashing,
 )
-from sklearn_hash import _neighbors
+from sklearn_hash import _index
 from sklearn_hash._dqn import _torch_available
 from sklearn_hash._kernels._adc import adc_kneighbors
 
@@ -90,15 +90,19 @@ def test_save_and_load_a_directory(searcher, mmap_mode, data, tmp_path):
     X_db, y_db, X_q, y_q = data
     fitted = clone(searcher).fit(X_db, y_db)
     fitted.save(tmp_path / "index")
-    arrays = sorted(f"{stem}.npy" for stem in type(fitted)._SAVED_ARRAYS)
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(
-        arrays + ["index.json", "labels.npy", "searcher.pkl"])
-    # The pickle holds the quantizer, not the database.
-    assert (tmp_path / "index" / "searcher.pkl").stat().st_size < fitted.codes_.nbytes + 50_000
+    names = sorted(p.name.split("-")[0] for p in (tmp_path / "index").iterdir())
+    assert names == ["index.json", "seg", "state"]  # no pickle
     loaded = type(fitted).load(tmp_path / "index", mmap_mode=mmap_mode)
-    for attr in type(fitted)._SAVED_ARRAYS.values():
-        array = getattr(loaded, attr)
-        assert isinstance(array, np.memmap) == (mmap_mode is not None)
+    index = loaded._index
+    chunks = ([c for lst in index.codes for c in lst.chunks()]
+              if isinstance(fitted, IVFQuantizedNeighbors) else index.codes.chunks())
+    def mapped(array):
+        while array is not None and not isinstance(array, np.memmap):
+            array = array.base if isinstance(array, np.ndarray) else None
+        return array is not None
+
+    for array in chunks:
+        assert mapped(array) == (mmap_mode is not None)
         if mmap_mode == "r":
             assert not array.flags.writeable
     with pytest.raises(ValueError, match="holds a"):
@@ -116,12 +120,13 @@ def test_save_without_labels_and_refusals(data, tmp_path):
     loaded = QuantizedNeighbors.load(fitted.save(tmp_path / "a"))
     assert loaded._fit_y is None
     np.testing.assert_array_equal(loaded.kneighbors(X_q)[1], fitted.kneighbors(X_q)[1])
-    with pytest.raises(FileNotFoundError, match="not a saved index"):
+    with pytest.raises(ValueError, match="index.json not found"):
         QuantizedNeighbors.load(tmp_path / "missing")
     with pytest.raises(ValueError, match="mmap_mode must be"):
         QuantizedNeighbors.load(tmp_path / "a", mmap_mode="w+")
-    np.save(tmp_path / "a" / "codes.npy", fitted.codes_[:-1])  # truncated codes
-    with pytest.raises(ValueError, match="index.json expects"):
+    (segment,) = (tmp_path / "a").glob("seg-*")
+    np.save(segment / "codes.npy", fitted.codes_[:-1])  # one row short
+    with pytest.raises(ValueError, match="the manifest expects"):
         QuantizedNeighbors.load(tmp_path / "a")
     objects = QuantizedNeighbors(ITQ(n_bits=8)).fit(X_db, np.array(["a"] * len(X_db), dtype=object))
     with pytest.raises(ValueError, match="dtype object"):
@@ -185,13 +190,13 @@ def test_chunked_encoding_matches_one_pass(data, monkeypatch):
     X_db, y_db, X_q, _ = data
     pq = ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0)
     whole = QuantizedNeighbors(pq).fit(X_db, y_db)
-    monkeypatch.setattr(_neighbors, "_ENCODE_CHUNK", 7)
+    monkeypatch.setattr(_index, "ENCODE_CHUNK", 7)
     chunked = QuantizedNeighbors(pq).fit(X_db, y_db)
     np.testing.assert_array_equal(chunked.codes_, whole.codes_)
     assert chunked.codes_.dtype == np.uint8 and chunked.codes_.flags.c_contiguous
 
 
-def test_chunked_encoding_widens_to_uint16_when_a_later_chunk_needs_it(monkeypatch):
+def test_codes_are_uint16_when_the_tables_have_more_than_256_codewords(monkeypatch):
     class Growing(BaseEstimator):
         def fit(self, X, y=None):
             return self
@@ -204,11 +209,13 @@ def test_chunked_encoding_widens_to_uint16_when_a_later_chunk_needs_it(monkeypat
 
     X = np.zeros((10, 2))
     X[8:] = 1.0  # only the last chunk holds index 300
-    monkeypatch.setattr(_neighbors, "_ENCODE_CHUNK", 4)
+    monkeypatch.setattr(_index, "ENCODE_CHUNK", 4)
     search = QuantizedNeighbors(Growing())
     search.fit(X)
     assert search.codes_.dtype == np.uint16
     np.testing.assert_array_equal(search.codes_[:, 0], [0] * 8 + [300] * 2)
+    with pytest.raises(ValueError, match=r"codeword indices must be in \[0, 300\]"):
+        search.add(np.full((1, 2), 2.0))  # index 600: beyond the tables
 
 
 # ---------------------------------------------------------------- threads

@@ -61,8 +61,13 @@ def test_adc_kernel_real_valued_tables_and_self_exclusion():
 def test_adc_kernel_rejects_bad_arguments():
     codes = np.zeros((5, 2), dtype=np.uint8)
     tables = np.zeros((1, 2, 4), dtype=np.float32)
-    with pytest.raises(ValueError, match="k must be in"):
-        adc_kneighbors(tables, codes, 6)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        adc_kneighbors(tables, codes, -1)
+    # More neighbours than rows: the last columns are padding.
+    dist, ind = adc_kneighbors(tables, codes, 7, allowed=np.array([1, 0, 1, 1, 0], np.uint8),
+                               exclude=np.array([2], np.int64))
+    np.testing.assert_array_equal(ind, [[0, 3, -1, -1, -1, -1, -1]])
+    assert np.isinf(dist[0, 2:]).all()
     with pytest.raises(ValueError, match="subspaces"):
         adc_kneighbors(np.zeros((1, 3, 4), dtype=np.float32), codes, 1)
     with pytest.raises(ValueError, match="codeword indices up to 9"):
@@ -150,12 +155,13 @@ def test_searcher_matches_the_oracle_and_metric_errors(data):
     dist, ind = search.kneighbors(X[2500:2540])
     expected = adc_oracle(search.quantizer_.distance_tables(X[2500:2540]), search.codes_, 15)
     np.testing.assert_array_equal(ind, expected[1])
-    np.testing.assert_allclose(dist, expected[0], rtol=1e-6)
-    # X=None: database codes query the others symmetrically, never themselves.
+    # Ranked by the squared estimate, returned in L2 units (float64).
+    assert dist.dtype == np.float64
+    np.testing.assert_allclose(dist, np.sqrt(expected[0]), rtol=1e-6)
+    # X=None: each item queries with its reconstruction (ADC), never itself.
     _, own = search.kneighbors(n_neighbors=5)
     assert not np.any(own == np.arange(2500)[:, None])
-    sdc = search.quantizer_.symmetric_distance_tables()
-    tables = sdc[np.arange(4), search.codes_[:30].astype(np.intp)]
+    tables = search.quantizer_.distance_tables(search.quantizer_.inverse_transform(search.codes_[:30]))
     np.testing.assert_array_equal(own[:30], adc_oracle(tables, search.codes_, 5, self_offset=0)[1])
     with pytest.raises(ValueError, match="metric='hamming' compares binary codes"):
         QuantizedNeighbors(ProductQuantizer(32), metric="hamming").fit(X)

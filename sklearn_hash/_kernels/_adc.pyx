@@ -14,7 +14,7 @@ database is scanned in cache-sized blocks shared by a block of queries.
 
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, nextafterf
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
+from libc.stdint cimport int32_t, int64_t, intptr_t, uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
 
 import numpy as np
@@ -137,6 +137,9 @@ def adc_kneighbors(
     Py_ssize_t k,
     Py_ssize_t self_offset=-1,
     int n_threads=1,
+    const int64_t[::1] exclude=None,  # IN (n_queries,) or None
+    const uint8_t[::1] allowed=None,  # IN (n_database,) or None
+    bint check_codes=True,
 ):
     """k nearest database codes of each query by table lookups.
 
@@ -147,49 +150,63 @@ def adc_kneighbors(
     codes : ndarray of shape (n_database, n_subspaces), dtype=uint8 or uint16
         Database codeword indices, each below ``n_codewords``.
     k : int
-        Number of neighbours, ``0 <= k <= n_database`` (one less when
-        queries are database rows).
+        Number of neighbours, ``k >= 0``.
     self_offset : int, default=-1
         When ``>= 0``, query ``i`` is database row ``self_offset + i`` and is
         never its own neighbour.
     n_threads : int, default=1
         OpenMP threads.
+    exclude : ndarray of shape (n_queries,), dtype=int64, default=None
+        A database row never returned for each query (-1: none).
+    allowed : ndarray of shape (n_database,), dtype=uint8, default=None
+        When given, only rows whose entry is non-zero are candidates, tested
+        while scanning: the result is the exact search over those rows.
+    check_codes : bool, default=True
+        Check that every codeword index is below ``n_codewords`` (one pass
+        over the codes). An index whose codes were checked when they entered
+        it passes False, so a search reads only the codes it scans.
 
     Returns
     -------
     distances : ndarray of shape (n_queries, k), dtype=float32
     indices : ndarray of shape (n_queries, k), dtype=int64
-        Ranked by ascending distance, then ascending database index.
+        Ranked by ascending distance, then ascending database index. A query
+        with fewer than k candidates gets its last columns padded with
+        distance ``inf`` and index -1.
     """
     cdef Py_ssize_t n_queries = tables.shape[0]
     cdef Py_ssize_t n_subspaces = tables.shape[1]
     cdef Py_ssize_t n_codewords = tables.shape[2]
     cdef Py_ssize_t n_database = codes.shape[0]
     cdef bint exclude_self = self_offset >= 0
-    cdef Py_ssize_t n_candidates = n_database
-    if exclude_self and 0 <= self_offset < n_database:
-        n_candidates = n_database - 1
 
     if codes.shape[1] != n_subspaces:
         raise ValueError(
             f"tables have {n_subspaces} subspaces but codes have {codes.shape[1]}; "
             f"they must come from the same quantizer."
         )
-    if k < 0 or k > n_candidates:
-        raise ValueError(f"k must be in [0, {n_candidates}]; got k={k}.")
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got k={k}.")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
-    # One pass over the codes keeps every table lookup in bounds.
-    largest = int(np.asarray(codes).max()) if n_database and n_subspaces else -1
-    if largest >= n_codewords:
-        raise ValueError(
-            f"codes hold codeword indices up to {largest} but the "
-            f"tables have {n_codewords} codewords per subspace."
-        )
+    if exclude is not None and exclude.shape[0] != n_queries:
+        raise ValueError(f"exclude must have one entry per query ({n_queries}); "
+                         f"got {exclude.shape[0]}.")
+    if allowed is not None and allowed.shape[0] != n_database:
+        raise ValueError(f"allowed must have one entry per database row ({n_database}); "
+                         f"got {allowed.shape[0]}.")
+    if check_codes:
+        # One pass over the codes keeps every table lookup in bounds.
+        largest = int(np.asarray(codes).max()) if n_database and n_subspaces else -1
+        if largest >= n_codewords:
+            raise ValueError(
+                f"codes hold codeword indices up to {largest} but the "
+                f"tables have {n_codewords} codewords per subspace."
+            )
 
-    distances = np.zeros((n_queries, k), dtype=np.float32)
-    indices = np.zeros((n_queries, k), dtype=np.int64)
-    if n_queries == 0 or k == 0:
+    distances = np.full((n_queries, k), np.inf, dtype=np.float32)
+    indices = np.full((n_queries, k), -1, dtype=np.int64)
+    if n_queries == 0 or k == 0 or n_database == 0:
         return distances, indices
 
     cdef float[:, ::1] out_dist = distances
@@ -204,6 +221,8 @@ def adc_kneighbors(
     cdef Py_ssize_t table_size = n_subspaces * n_codewords
     cdef const float* tab = &tables[0, 0, 0]
     cdef const code_t* cds = &codes[0, 0] if n_database else NULL
+    cdef const int64_t* excl = &exclude[0] if exclude is not None and n_queries else NULL
+    cdef const uint8_t* allow = &allowed[0] if allowed is not None else NULL
 
     cdef Py_ssize_t b, q, q0, q1, jb, j0, j1, c, n_found, own
     cdef int64_t j
@@ -243,7 +262,9 @@ def adc_kneighbors(
                         for c in range(n_found):
                             d = found_dist[c]
                             j = j0 + found_pos[c]
-                            if j == own:
+                            if j == own or (excl != NULL and j == excl[q]):
+                                continue
+                            if allow != NULL and not allow[j]:
                                 continue
                             _offer(hd, hi, &sizes[q - q0], k, d, j)
                 for q in range(q0, q1):
@@ -264,28 +285,34 @@ def ivf_adc_kneighbors(
     const int64_t[:, ::1] probes,         # IN (n_queries, n_probe)
     const int64_t[:, ::1] table_rows,     # IN (n_queries, n_probe)
     const int64_t[::1] n_visit,           # IN (n_queries,)
-    const int64_t[::1] list_offsets,      # IN (n_lists + 1,)
-    const code_t[:, ::1] codes,           # IN (n_database, n_subspaces), grouped by list
-    const int64_t[::1] ids,               # IN (n_database,)
+    const int64_t[::1] chunk_offsets,     # IN (n_lists + 1,)
+    const intptr_t[::1] chunk_codes,      # IN (n_chunks,) addresses of code arrays
+    const intptr_t[::1] chunk_ids,        # IN (n_chunks,) addresses of int64 id arrays
+    const int64_t[::1] chunk_sizes,       # IN (n_chunks,)
+    int code_bytes,
     const int64_t[::1] exclude,           # IN (n_queries,)
     Py_ssize_t k,
+    const uint8_t[::1] allowed=None,      # IN (n_ids,) or None
     int n_threads=1,
 ):
     """k nearest database codes of each query over its probed inverted lists.
 
-    The database is grouped by inverted list: list l holds the rows
-    ``list_offsets[l]:list_offsets[l + 1]`` of ``codes``, whose database
-    indices are ``ids[...]``. Query q visits its first ``n_visit[q]`` lists
-    ``probes[q, :n_visit[q]]``. For probe p of query q the table is built
-    in float32 as ``t = list_tables[table_rows[q, p]] + query_tables[q]``
-    with ``coarse[q, p]`` then added to row 0 (``table_rows`` is ``probes``
-    when every list has its row in ``list_tables``), and the distance of a code is
-    ``t[0, c[0]] + t[1, c[1]] + ...`` added in subspace order (IVFADC's
-    decomposition of the squared distance to centroid + residual codeword:
-    ``coarse`` is the squared distance to the centroid, ``list_tables`` the
-    codeword terms that depend on the list, ``query_tables`` those that
-    depend on the query). Ranking is by (distance, database index), so ties
-    go to the smaller index whatever the order of the lists.
+    Inverted list l is stored as the chunks ``chunk_offsets[l]:chunk_offsets[l
+    + 1]``; chunk c holds ``chunk_sizes[c]`` codes (C-contiguous, ``n_subspaces``
+    codeword indices of ``code_bytes`` bytes each, at address
+    ``chunk_codes[c]``) and their database indices (int64, at
+    ``chunk_ids[c]``). Lists grow by chunks, so adding items never moves the
+    others; the caller keeps the arrays alive during the call and checked
+    every codeword index when the codes entered the index.
+
+    Query q visits its first ``n_visit[q]`` lists ``probes[q, :n_visit[q]]``.
+    For probe p of query q the table is built in float32 as ``t =
+    list_tables[table_rows[q, p]] + query_tables[q]`` with ``coarse[q, p]``
+    then added to row 0, and the distance of a code is ``t[0, c[0]] + t[1,
+    c[1]] + ...`` added in subspace order (IVFADC's decomposition of the
+    squared distance to centroid + residual codeword). Ranking is by
+    (distance, database index), so ties go to the smaller index whatever the
+    order of the lists and chunks.
 
     Parameters
     ----------
@@ -298,33 +325,37 @@ def ivf_adc_kneighbors(
         Row of ``list_tables`` for each probe, in ``[0, n_tables)``.
     n_visit : ndarray of shape (n_queries,), dtype=int64
         Lists visited per query, in ``[0, n_probe]``.
-    list_offsets : ndarray of shape (n_lists + 1,), dtype=int64
-        Non-decreasing, from 0 to ``n_database``.
-    codes : ndarray of shape (n_database, n_subspaces), dtype=uint8 or uint16
-    ids : ndarray of shape (n_database,), dtype=int64
+    chunk_offsets : ndarray of shape (n_lists + 1,), dtype=int64
+    chunk_codes, chunk_ids : ndarray of shape (n_chunks,), dtype=intp
+    chunk_sizes : ndarray of shape (n_chunks,), dtype=int64
+    code_bytes : {1, 2}
+        Bytes per codeword index (uint8 or uint16 codes).
     exclude : ndarray of shape (n_queries,), dtype=int64
         A database index never returned for the query (-1: none).
     k : int
-        Neighbours; every query's visited lists must hold at least k items
-        besides its excluded one.
+        Neighbours per query.
+    allowed : ndarray of shape (n_ids,), dtype=uint8, default=None
+        When given, only items whose database index ``i`` has ``allowed[i]``
+        non-zero are candidates, tested while scanning; every index in the
+        lists must be below ``n_ids``.
     n_threads : int, default=1
 
     Returns
     -------
     distances : ndarray of shape (n_queries, k), dtype=float32
     indices : ndarray of shape (n_queries, k), dtype=int64
+        A query whose visited lists hold fewer than k candidates gets its
+        last columns padded with distance ``inf`` and index -1.
     """
     cdef Py_ssize_t n_tables = list_tables.shape[0]
-    cdef Py_ssize_t n_lists = list_offsets.shape[0] - 1
+    cdef Py_ssize_t n_lists = chunk_offsets.shape[0] - 1
     cdef Py_ssize_t n_subspaces = list_tables.shape[1]
     cdef Py_ssize_t n_codewords = list_tables.shape[2]
     cdef Py_ssize_t n_queries = query_tables.shape[0]
     cdef Py_ssize_t n_probe = probes.shape[1]
-    cdef Py_ssize_t n_database = codes.shape[0]
-    offsets = np.asarray(list_offsets)
-    if (query_tables.shape[1] != n_subspaces or query_tables.shape[2] != n_codewords
-            or codes.shape[1] != n_subspaces):
-        raise ValueError("list_tables, query_tables and codes must have the same subspaces "
+    cdef Py_ssize_t n_chunks = chunk_sizes.shape[0]
+    if (query_tables.shape[1] != n_subspaces or query_tables.shape[2] != n_codewords):
+        raise ValueError("list_tables and query_tables must have the same subspaces "
                          "and codewords.")
     if (probes.shape[0] != n_queries or coarse.shape[0] != n_queries
             or coarse.shape[1] != n_probe or table_rows.shape[0] != n_queries
@@ -332,10 +363,18 @@ def ivf_adc_kneighbors(
             or exclude.shape[0] != n_queries):
         raise ValueError("probes, table_rows and coarse must have shape (n_queries, n_probe) "
                          "and n_visit, exclude shape (n_queries,).")
-    if (ids.shape[0] != n_database or n_lists < 1
-            or offsets[0] != 0 or offsets[-1] != n_database or np.any(np.diff(offsets) < 0)):
-        raise ValueError("list_offsets must rise from 0 to n_database, and ids hold one "
-                         "index per code.")
+    offsets = np.asarray(chunk_offsets)
+    if (n_lists < 1 or offsets[0] != 0 or offsets[-1] != n_chunks
+            or np.any(np.diff(offsets) < 0) or chunk_codes.shape[0] != n_chunks
+            or chunk_ids.shape[0] != n_chunks):
+        raise ValueError("chunk_offsets must rise from 0 to n_chunks, and chunk_codes, "
+                         "chunk_ids and chunk_sizes hold one entry per chunk.")
+    if n_chunks and (np.asarray(chunk_sizes).min() < 0
+                     or np.any((np.asarray(chunk_sizes) > 0)
+                               & ((np.asarray(chunk_codes) == 0) | (np.asarray(chunk_ids) == 0)))):
+        raise ValueError("chunk sizes must be >= 0 and non-empty chunks need addresses.")
+    if code_bytes != 1 and code_bytes != 2:
+        raise ValueError(f"code_bytes must be 1 or 2; got {code_bytes}.")
     visit = np.asarray(n_visit)
     if n_queries and (visit.min() < 0 or visit.max() > n_probe):
         raise ValueError(f"n_visit must be in [0, {n_probe}].")
@@ -350,28 +389,20 @@ def ivf_adc_kneighbors(
         raise ValueError(f"k must be >= 0; got k={k}.")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
-    largest = int(np.asarray(codes).max()) if n_database and n_subspaces else -1
-    if largest >= n_codewords:
-        raise ValueError(f"codes hold codeword indices up to {largest} but the "
-                         f"tables have {n_codewords} codewords per subspace.")
-    sizes = np.diff(offsets)
-    held = np.where(mask, sizes[np.where(mask, probe_arr, 0)], 0).sum(axis=1)
-    if n_queries and np.any(held - (np.asarray(exclude) >= 0) < k):
-        raise ValueError(f"every query's visited lists must hold at least k={k} items.")
 
-    distances = np.zeros((n_queries, k), dtype=np.float32)
-    indices = np.zeros((n_queries, k), dtype=np.int64)
+    distances = np.full((n_queries, k), np.inf, dtype=np.float32)
+    indices = np.full((n_queries, k), -1, dtype=np.int64)
     if n_queries == 0 or k == 0 or n_subspaces == 0:
         return distances, indices
 
     cdef float[:, ::1] out_dist = distances
     cdef int64_t[:, ::1] out_idx = indices
-    cdef Py_ssize_t row_bytes = max(1, n_subspaces * sizeof(code_t))
+    cdef Py_ssize_t row_bytes = max(1, n_subspaces * code_bytes)
     cdef Py_ssize_t db_block = max(64, DB_BLOCK_BYTES // row_bytes)
     cdef Py_ssize_t table_size = n_subspaces * n_codewords
-    cdef const code_t* cds = &codes[0, 0] if n_database else NULL
+    cdef const uint8_t* allow = &allowed[0] if allowed is not None and allowed.shape[0] else NULL
 
-    cdef Py_ssize_t q, p, lst, a, b, j0, j1, c, n_found, size, e
+    cdef Py_ssize_t q, p, lst, ch, n_rows, j0, j1, c, n_found, size, e
     cdef int64_t j
     cdef float d, threshold, base
     cdef int failed = 0
@@ -381,6 +412,8 @@ def ivf_adc_kneighbors(
     cdef float* table
     cdef const float* lt
     cdef const float* qt
+    cdef const int64_t* ids
+    cdef intptr_t codes_at
     cdef float* hd
     cdef int64_t* hi
 
@@ -398,9 +431,7 @@ def ivf_adc_kneighbors(
                 qt = &query_tables[q, 0, 0]
                 for p in range(n_visit[q]):
                     lst = probes[q, p]
-                    a = list_offsets[lst]
-                    b = list_offsets[lst + 1]
-                    if a == b:
+                    if chunk_offsets[lst] == chunk_offsets[lst + 1]:
                         continue
                     lt = &list_tables[table_rows[q, p], 0, 0]
                     for e in range(table_size):
@@ -408,21 +439,31 @@ def ivf_adc_kneighbors(
                     base = coarse[q, p]
                     for e in range(n_codewords):
                         table[e] = table[e] + base
-                    j0 = a
-                    while j0 < b:
-                        j1 = min(j0 + db_block, b)
-                        # Lists are not in index order: a row at the heap's
-                        # worst distance may still enter on a smaller index.
-                        threshold = nextafterf(hd[0], INFINITY) if size == k else INFINITY
-                        n_found = _scan(table, cds + j0 * n_subspaces, j1 - j0, n_subspaces,
-                                        n_codewords, threshold, found_pos, found_dist)
-                        for c in range(n_found):
-                            d = found_dist[c]
-                            j = ids[j0 + found_pos[c]]
-                            if j == exclude[q]:
-                                continue
-                            _offer(hd, hi, &size, k, d, j)
-                        j0 = j1
+                    for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
+                        n_rows = chunk_sizes[ch]
+                        codes_at = chunk_codes[ch]
+                        ids = <const int64_t*> chunk_ids[ch]
+                        j0 = 0
+                        while j0 < n_rows:
+                            j1 = min(j0 + db_block, n_rows)
+                            # Lists are not in index order: a row at the heap's
+                            # worst distance may still enter on a smaller index.
+                            threshold = nextafterf(hd[0], INFINITY) if size == k else INFINITY
+                            if code_bytes == 1:
+                                n_found = _scan(table, <const uint8_t*> codes_at + j0 * n_subspaces,
+                                                j1 - j0, n_subspaces, n_codewords, threshold,
+                                                found_pos, found_dist)
+                            else:
+                                n_found = _scan(table, <const uint16_t*> codes_at + j0 * n_subspaces,
+                                                j1 - j0, n_subspaces, n_codewords, threshold,
+                                                found_pos, found_dist)
+                            for c in range(n_found):
+                                d = found_dist[c]
+                                j = ids[j0 + found_pos[c]]
+                                if j == exclude[q] or (allow != NULL and not allow[j]):
+                                    continue
+                                _offer(hd, hi, &size, k, d, j)
+                            j0 = j1
                 _heap_sort(hd, hi, size)
         free(found_pos)
         free(found_dist)

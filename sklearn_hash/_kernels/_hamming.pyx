@@ -17,7 +17,7 @@ blocks that stay in cache while a block of queries is compared with them.
 """
 
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -124,6 +124,8 @@ def hamming_kneighbors(
     bint exclude_self=False,
     int n_threads=1,
     simd=True,
+    const int64_t[::1] exclude=None,  # IN (n_queries,) or None
+    const uint8_t[::1] allowed=None,  # IN (n_database,) or None
 ):
     """k nearest database codes of each query code, by Hamming distance.
 
@@ -134,8 +136,7 @@ def hamming_kneighbors(
     database : ndarray of shape (n_database, n_words), dtype=uint64
         Packed database codes, C-contiguous.
     k : int
-        Number of neighbours, ``0 <= k <= n_database`` (``n_database - 1``
-        with ``exclude_self``).
+        Number of neighbours, ``k >= 0``.
     exclude_self : bool, default=False
         Query ``i`` is database row ``i`` and never its own neighbour.
     n_threads : int, default=1
@@ -145,16 +146,25 @@ def hamming_kneighbors(
         VPOPCNTDQ, else AVX2, else portable C); a name caps the path at that
         one, and ``False`` means ``"portable"``. All give the same results.
 
+    exclude : ndarray of shape (n_queries,), dtype=int64, default=None
+        A database row never returned for each query (-1 or any value
+        outside ``[0, n_database)``: none). Combines with ``exclude_self``.
+    allowed : ndarray of shape (n_database,), dtype=uint8, default=None
+        When given, only rows whose entry is non-zero are candidates; the
+        test is made while scanning, so the result is the exact search over
+        the allowed rows.
+
     Returns
     -------
     distances : ndarray of shape (n_queries, k), dtype=int32
     indices : ndarray of shape (n_queries, k), dtype=int64
-        Ranked by ascending distance, then ascending database index.
+        Ranked by ascending distance, then ascending database index. A query
+        with fewer than k candidates gets its last columns padded with
+        distance ``2**31 - 1`` and index -1.
     """
     cdef Py_ssize_t n_queries = queries.shape[0]
     cdef Py_ssize_t n_database = database.shape[0]
     cdef Py_ssize_t n_words = database.shape[1]
-    cdef Py_ssize_t n_candidates = n_database - (1 if exclude_self else 0)
 
     if queries.shape[1] != n_words:
         raise ValueError(
@@ -163,24 +173,33 @@ def hamming_kneighbors(
         )
     if n_words < 1:
         raise ValueError("codes must have at least one 64-bit word.")
-    if k < 0 or k > max(n_candidates, 0):
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got k={k}.")
+    if exclude_self and n_queries > n_database:
         raise ValueError(
-            f"k must be in [0, {max(n_candidates, 0)}] for a database of "
-            f"{n_database} codes{' searched by itself' if exclude_self else ''}; "
-            f"got k={k}."
+            f"exclude_self=True means query i is database row i, but there are "
+            f"{n_queries} queries for {n_database} rows."
         )
+    if exclude is not None and exclude.shape[0] != n_queries:
+        raise ValueError(f"exclude must have one entry per query ({n_queries}); "
+                         f"got {exclude.shape[0]}.")
+    if allowed is not None and allowed.shape[0] != n_database:
+        raise ValueError(f"allowed must have one entry per database row ({n_database}); "
+                         f"got {allowed.shape[0]}.")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
 
-    distances = np.zeros((n_queries, k), dtype=np.int32)
-    indices = np.zeros((n_queries, k), dtype=np.int64)
-    if n_queries == 0 or k == 0:
+    distances = np.full((n_queries, k), INT32_MAX, dtype=np.int32)
+    indices = np.full((n_queries, k), -1, dtype=np.int64)
+    if n_queries == 0 or k == 0 or n_database == 0:
         return distances, indices
 
     cdef int32_t[:, ::1] out_dist = distances
     cdef int64_t[:, ::1] out_idx = indices
     cdef int max_distance = <int>(64 * n_words)
-    cdef Py_ssize_t capacity = min(2 * k + 32, n_database)
+    cdef Py_ssize_t capacity = max(k, min(2 * k + 32, n_database))
+    cdef const int64_t* excl = &exclude[0] if exclude is not None and n_queries else NULL
+    cdef const uint8_t* allow = &allowed[0] if allowed is not None else NULL
     cdef Py_ssize_t query_block = min(
         MAX_QUERY_BLOCK, (n_queries + n_threads - 1) // n_threads
     )
@@ -245,6 +264,8 @@ def hamming_kneighbors(
                             d = found_dist[c]
                             j = j0 + found_pos[c]
                             if d >= t.threshold or (exclude_self and j == q):
+                                continue
+                            if (excl != NULL and j == excl[q]) or (allow != NULL and not allow[j]):
                                 continue
                             if t.size == capacity:
                                 _compact(t, k, hist, max_distance)

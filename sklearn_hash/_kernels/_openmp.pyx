@@ -13,10 +13,13 @@ def openmp_enabled():
 def effective_n_threads(n_jobs=None):
     """Number of OpenMP threads a kernel uses for ``n_jobs``.
 
-    ``None`` means the OpenMP default (all cores, or ``OMP_NUM_THREADS``),
-    a positive integer that many threads, and a negative integer counts
-    back from the number of cores as in joblib (-1 is all cores, -2 all but
-    one). ``0`` is not allowed. Without OpenMP the answer is always 1.
+    ``None`` means ``OMP_NUM_THREADS`` when it is set, else the number of
+    CPUs this process may use: the cores it is allowed to run on, capped by
+    a container's CPU quota (cgroups), as ``joblib.cpu_count()`` counts
+    them. A positive integer means that many threads, and a negative integer
+    counts back from that number of CPUs as in joblib (-1 is all of them,
+    -2 all but one). ``0`` is not allowed. Without OpenMP the answer is
+    always 1.
     """
     if n_jobs == 0:
         raise ValueError("n_jobs == 0 has no meaning; use None, a positive "
@@ -24,9 +27,12 @@ def effective_n_threads(n_jobs=None):
                          "number of cores (-1 for all).")
     if not SKLEARN_HASH_OPENMP_ENABLED:
         return 1
-    max_threads = omp_get_max_threads()
+    from joblib import cpu_count
+
     if n_jobs is None:
-        return max_threads
+        if os.environ.get("OMP_NUM_THREADS", "").strip():
+            return max(1, omp_get_max_threads())
+        return max(1, min(omp_get_max_threads(), cpu_count()))
     if n_jobs < 0:
-        return max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+        return max(1, cpu_count() + 1 + n_jobs)
     return n_jobs

@@ -1,0 +1,324 @@
+"""Back-ends: each way of searching owns its stored codes and its kernel calls.
+
+A searcher (:class:`~sklearn_hash.QuantizedNeighbors`,
+:class:`~sklearn_hash.IVFQuantizedNeighbors`) turns its queries into what a
+back-end reads (packed bits, distance tables) and hands them over with the
+restriction of the search: ``allowed``, a uint8 mask over database indices
+(removed items and the caller's filter folded in; ``None``: every item),
+and ``exclude``, one database index per query never returned (the query
+itself when the database queries itself). The back-end runs its kernel and
+returns exact ``(distances, indices)``, ties by ascending index, padded
+with distance ``inf`` (``2**31 - 1`` for Hamming) and index -1 where fewer
+candidates exist.
+
+Codes are checked once, when they enter the back-end (``add``, and
+``add_segment`` when an index is loaded), never when searching: a search
+reads only the codes it scans.
+
+- :class:`HammingScan`: packed binary codes, exhaustive popcount scan.
+- :class:`TableScan`: codeword indices, exhaustive scan by table lookups
+  (ADC or SDC: the searcher builds the tables).
+- :class:`InvertedLists`: residual codeword indices grouped by coarse cell
+  (IVFADC), each cell's list growing by chunks.
+"""
+
+import numpy as np
+
+from ._kernels._adc import adc_kneighbors, ivf_adc_kneighbors
+from ._kernels._hamming import hamming_kneighbors
+from ._storage import ChunkedRows, GrowableArray
+
+
+def _merge(parts, k):
+    """Merge per-chunk top-k results (global indices) into one top-k, ties by index."""
+    if len(parts) == 1:
+        return parts[0]
+    distances = np.concatenate([d for d, _ in parts], axis=1)
+    indices = np.concatenate([i for _, i in parts], axis=1)
+    order = np.lexsort((indices, indices < 0, distances), axis=1)[:, :k]
+    return (np.take_along_axis(distances, order, axis=1),
+            np.take_along_axis(indices, order, axis=1))
+
+
+class _FlatScan:
+    """Codes in database order (chunked); searched chunk by chunk, merged exactly."""
+
+    def __init__(self, width, dtype):
+        self.codes = ChunkedRows((width,), dtype)
+
+    def __len__(self):
+        return len(self.codes)
+
+    def add(self, codes):
+        codes = self._check(codes)
+        self.codes.append(codes)
+
+    def add_segment(self, arrays):
+        codes = self._check(arrays["codes"])
+        self.codes = ChunkedRows(self.codes.row_shape, self.codes.dtype,
+                                 [*self.codes.chunks(), codes])
+
+    def segment_arrays(self, start, stop):
+        return {"codes": self.codes.slice(start, stop)}
+
+    def compact(self, keep):
+        codes = self.codes.to_array()[keep]
+        self.codes = ChunkedRows(self.codes.row_shape, self.codes.dtype)
+        self.codes.append(codes)
+
+    def on_remove(self, indices):
+        pass
+
+    def search(self, queries, k, *, allowed=None, exclude=None, n_threads=1):
+        parts, offset = [], 0
+        for chunk in self.codes.chunks():
+            n = len(chunk)
+            sub_allowed = None if allowed is None else allowed[offset : offset + n]
+            sub_exclude = None
+            if exclude is not None:
+                inside = (exclude >= offset) & (exclude < offset + n)
+                sub_exclude = np.where(inside, exclude - offset, -1).astype(np.int64)
+            d, i = self._kernel(queries, chunk, k, sub_allowed, sub_exclude, n_threads)
+            i[i >= 0] += offset
+            parts.append((d, i))
+            offset += n
+        if not parts:
+            return self._kernel(queries, self.codes.to_array(), k, None, None, n_threads)
+        return _merge(parts, k)
+
+
+class HammingScan(_FlatScan):
+    """Binary codes packed in uint64 words, searched by Hamming distance.
+
+    Parameters
+    ----------
+    n_bits : int
+        Bits per code; the unused high bits of the last word must be zero.
+    simd : bool or str
+        Popcount path of the kernel (see ``hamming_kneighbors``).
+    """
+
+    def __init__(self, n_bits, simd=True):
+        self.n_bits = n_bits
+        self.simd = simd
+        super().__init__((n_bits + 63) // 64, np.uint64)
+
+    def _check(self, codes):
+        codes = np.asarray(codes)
+        n_words = self.codes.row_shape[0]
+        if codes.ndim != 2 or codes.shape[1] != n_words or codes.dtype != np.uint64:
+            raise ValueError(f"packed binary codes must be a (n, {n_words}) uint64 array; got "
+                             f"{codes.ndim}-D {codes.dtype} of shape {codes.shape}.")
+        spare = 64 * n_words - self.n_bits
+        if spare and len(codes):
+            high = ~np.uint64(0) << np.uint64(64 - spare)
+            if np.any(codes[:, -1] & high):
+                raise ValueError(f"packed {self.n_bits}-bit codes have bits set beyond bit "
+                                 f"{self.n_bits}; they are not codes of this index.")
+        return np.ascontiguousarray(codes)
+
+    def _kernel(self, queries, chunk, k, allowed, exclude, n_threads):
+        return hamming_kneighbors(queries, chunk, k, n_threads=n_threads, simd=self.simd,
+                                  exclude=exclude, allowed=allowed)
+
+
+class TableScan(_FlatScan):
+    """Codeword indices (uint8 or uint16), searched by sums of table entries.
+
+    Parameters
+    ----------
+    n_subspaces, n_codewords : int
+        Shape of a query's table; every codeword index is below ``n_codewords``.
+    """
+
+    def __init__(self, n_subspaces, n_codewords):
+        self.n_subspaces = n_subspaces
+        self.n_codewords = n_codewords
+        super().__init__(n_subspaces, np.uint8 if n_codewords <= 256 else np.uint16)
+
+    def _check(self, codes):
+        return check_codeword_indices(codes, self.n_subspaces, self.n_codewords,
+                                      self.codes.dtype)
+
+    def _kernel(self, tables, chunk, k, allowed, exclude, n_threads):
+        return adc_kneighbors(tables, chunk, k, n_threads=n_threads, exclude=exclude,
+                              allowed=allowed, check_codes=False)
+
+
+def check_codeword_indices(codes, n_subspaces, n_codewords, dtype):
+    """Codes as ``dtype``, after checking their shape and range (once, on entry)."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.dtype.kind not in "iu" or codes.shape[1] != n_subspaces:
+        raise ValueError(
+            f"codes must be a 2-D array of integer codeword indices with {n_subspaces} "
+            f"columns (one per subspace); got {codes.ndim}-D {codes.dtype} of shape "
+            f"{codes.shape}."
+        )
+    if codes.size:
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= n_codewords:
+            raise ValueError(f"codeword indices must be in [0, {n_codewords - 1}]; got "
+                             f"values in [{low}, {high}].")
+    return np.ascontiguousarray(codes, dtype=dtype)
+
+
+class InvertedLists:
+    """Residual codes grouped by coarse cell; each cell's list grows by chunks.
+
+    Adding a batch appends each item to its cell's list (O(batch), no global
+    re-sort); an item's database index never changes. Within a list the
+    indices ascend, because items are appended in index order.
+
+    Parameters
+    ----------
+    n_lists, n_subspaces, n_codewords : int
+    """
+
+    def __init__(self, n_lists, n_subspaces, n_codewords):
+        self.n_lists = n_lists
+        self.n_subspaces = n_subspaces
+        self.n_codewords = n_codewords
+        self.code_dtype = np.dtype(np.uint8 if n_codewords <= 256 else np.uint16)
+        self.codes = [ChunkedRows((n_subspaces,), self.code_dtype) for _ in range(n_lists)]
+        self.ids = [ChunkedRows((), np.int64) for _ in range(n_lists)]
+        self.list_of = GrowableArray((), np.int32)  # the cell of each database index
+        self.sizes = np.zeros(n_lists, dtype=np.int64)
+        self.live_sizes = np.zeros(n_lists, dtype=np.int64)
+        self._layout = None
+
+    def __len__(self):
+        return len(self.list_of)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_layout"] = None  # addresses of this process's arrays
+        return state
+
+    def add(self, codes, lists):
+        """Append items (the next database indices) with their cells."""
+        codes = check_codeword_indices(codes, self.n_subspaces, self.n_codewords,
+                                       self.code_dtype)
+        lists = np.asarray(lists, dtype=np.int64)
+        if lists.shape != (codes.shape[0],) or (
+                lists.size and (lists.min() < 0 or lists.max() >= self.n_lists)):
+            raise ValueError(f"cells must be one number in [0, {self.n_lists - 1}] per code.")
+        first = len(self.list_of)
+        ids = np.arange(first, first + len(codes), dtype=np.int64)
+        order = np.argsort(lists, kind="stable")  # ids stay ascending within a cell
+        counts = np.bincount(lists, minlength=self.n_lists)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        for cell in np.flatnonzero(counts):
+            rows = order[bounds[cell] : bounds[cell + 1]]
+            self.codes[cell].append(codes[rows])
+            self.ids[cell].append(ids[rows])
+        self.list_of.append(lists.astype(np.int32))
+        self.sizes += counts
+        self.live_sizes += counts
+        self._layout = None
+
+    def add_segment(self, arrays):
+        """Add a saved segment: codes grouped by cell, their ids and the cells' offsets."""
+        codes, ids, offsets = arrays["codes"], arrays["ids"], arrays["offsets"]
+        codes = check_codeword_indices(codes, self.n_subspaces, self.n_codewords,
+                                       self.code_dtype)
+        first = len(self.list_of)
+        offsets = np.asarray(offsets)
+        if (offsets.shape != (self.n_lists + 1,) or offsets[0] != 0
+                or offsets[-1] != len(codes) or np.any(np.diff(offsets) < 0)
+                or ids.shape != (len(codes),)):
+            raise ValueError(f"a segment's offsets must rise from 0 to its {len(codes)} codes "
+                             f"over {self.n_lists} cells, with one id per code.")
+        lists = np.repeat(np.arange(self.n_lists, dtype=np.int32), np.diff(offsets))
+        list_of = np.empty(len(codes), dtype=np.int32)
+        local = np.asarray(ids) - first
+        if len(ids) and (local.min() < 0 or local.max() >= len(ids)
+                         or np.bincount(local, minlength=len(ids)).max() > 1):
+            raise ValueError(f"a segment's ids must be the indices {first} to "
+                             f"{first + len(ids) - 1}, each once.")
+        list_of[local] = lists
+        for cell in np.flatnonzero(np.diff(offsets)):
+            a, b = offsets[cell], offsets[cell + 1]
+            if np.any(np.diff(ids[a:b]) <= 0):
+                raise ValueError("a segment's ids must ascend within each cell.")
+            self.codes[cell] = ChunkedRows((self.n_subspaces,), self.code_dtype,
+                                           [*self.codes[cell].chunks(), codes[a:b]])
+            self.ids[cell] = ChunkedRows((), np.int64, [*self.ids[cell].chunks(), ids[a:b]])
+        self.list_of.append(list_of)
+        counts = np.diff(offsets)
+        self.sizes += counts
+        self.live_sizes += counts
+        self._layout = None
+
+    def segment_arrays(self, start, stop):
+        """Items ``start:stop`` (the last ones added) grouped by cell, as a segment."""
+        counts = np.bincount(self.list_of.array[start:stop], minlength=self.n_lists)
+        codes, ids = [], []
+        for cell in np.flatnonzero(counts):
+            n = len(self.ids[cell])
+            codes.append(self.codes[cell].slice(n - counts[cell], n))
+            ids.append(self.ids[cell].slice(n - counts[cell], n))
+        empty = np.empty((0, self.n_subspaces), dtype=self.code_dtype)
+        return {
+            "codes": np.concatenate(codes) if codes else empty,
+            "ids": np.concatenate(ids) if ids else np.empty(0, dtype=np.int64),
+            "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        }
+
+    def on_remove(self, indices):
+        np.subtract.at(self.live_sizes, self.list_of.array[indices], 1)
+
+    def compact(self, keep):
+        """Keep the items where ``keep`` is True, renumbered in order."""
+        new_id = np.cumsum(keep) - 1
+        old = [(self.codes[c].to_array(), self.ids[c].to_array()) for c in range(self.n_lists)]
+        list_of = self.list_of.array[keep]
+        self.__init__(self.n_lists, self.n_subspaces, self.n_codewords)
+        for cell, (codes, ids) in enumerate(old):
+            kept = keep[ids]
+            if kept.any():
+                self.codes[cell].append(codes[kept])
+                self.ids[cell].append(new_id[ids[kept]])
+        self.list_of.append(list_of)
+        self.sizes = np.bincount(list_of, minlength=self.n_lists).astype(np.int64)
+        self.live_sizes = self.sizes.copy()
+
+    def rows(self, indices):
+        """Codes and cells of the items with the given database indices."""
+        lists = self.list_of.array[indices]
+        codes = np.empty((len(indices), self.n_subspaces), dtype=self.code_dtype)
+        for cell in np.unique(lists):
+            at = np.flatnonzero(lists == cell)
+            ids = self.ids[cell].to_array()
+            codes[at] = self.codes[cell].to_array()[np.searchsorted(ids, indices[at])]
+        return codes, lists
+
+    def _chunk_layout(self):
+        """Addresses of every list's chunks, for the kernel (rebuilt after an add)."""
+        if self._layout is None:
+            keep, codes_at, ids_at, sizes, offsets = [], [], [], [], [0]
+            for cell in range(self.n_lists):
+                for codes, ids in zip(self.codes[cell].chunks(), self.ids[cell].chunks()):
+                    keep.extend((codes, ids))
+                    codes_at.append(codes.ctypes.data)
+                    ids_at.append(ids.ctypes.data)
+                    sizes.append(len(codes))
+                offsets.append(len(sizes))
+            self._layout = (np.array(offsets, dtype=np.int64),
+                            np.array(codes_at, dtype=np.intp),
+                            np.array(ids_at, dtype=np.intp),
+                            np.array(sizes, dtype=np.int64), keep)
+        return self._layout
+
+    def search(self, list_tables, query_tables, coarse, probes, table_rows, n_visit, k, *,
+               allowed=None, exclude=None, n_threads=1):
+        """Scan each query's probed lists (see ``ivf_adc_kneighbors``)."""
+        offsets, codes_at, ids_at, sizes, keep = self._chunk_layout()
+        if exclude is None:
+            exclude = np.full(len(query_tables), -1, dtype=np.int64)
+        result = ivf_adc_kneighbors(
+            list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
+            codes_at, ids_at, sizes, self.code_dtype.itemsize, exclude, k,
+            allowed=allowed, n_threads=n_threads,
+        )
+        del keep  # the chunks stayed alive, referenced by the layout, during the scan
+        return result

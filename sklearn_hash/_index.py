@@ -1,0 +1,486 @@
+"""What every searcher shares: growing, removing, filtered search, persistence.
+
+A searcher subclasses :class:`IndexMixin` and provides:
+
+- ``fit``, which sets the fitted state and calls ``_start_index(n_features)``;
+- ``_new_index()``: an empty back-end (:mod:`sklearn_hash._backends`) for
+  the fitted state;
+- ``_index_items(X)``: encodes rows and appends them to the back-end;
+- ``_search(X, n_neighbors, allowed, exclude_self, params)``: the queries
+  turned into what the back-end reads, searched (``X=None``: the database
+  items query the others);
+- ``_SEARCH_PARAMS``: keywords of ``kneighbors`` that change one search
+  (e.g. ``n_probe``), with their validation.
+
+Items get the indices ``0, 1, ...`` in the order they are indexed and keep
+them: ``remove`` marks items as removed (never returned again) without
+renumbering; ``compact`` reclaims their memory and renumbers, returning the
+old-to-new mapping.
+"""
+
+import numbers
+
+import numpy as np
+from scipy import sparse
+from sklearn.utils import check_array
+from sklearn.utils._param_validation import validate_parameter_constraints
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
+
+from ._storage import ChunkedRows, GrowableArray
+from ._threads import single_threaded_blas
+from .metrics import map_at_r_score
+
+# Rows encoded at a time when indexing, to bound the memory beyond the codes.
+ENCODE_CHUNK = 65536
+
+
+class IndexMixin:
+    """Growth, removal, filtered kNN search, scoring and persistence of a fitted index."""
+
+    # Attributes that hold storage or caches: never part of the saved state.
+    _TRANSIENT = ("_index", "_labels", "_live", "_n_removed", "_saved", "_fit_y_cache")
+    # Per-call search settings accepted by kneighbors: name -> constraints.
+    _SEARCH_PARAMS: dict = {}
+
+    # ------------------------------------------------------------------ storage
+    def _start_index(self, y):
+        """Empty storage for a fitted searcher, labels kept iff y is given."""
+        self._index = self._new_index()
+        self._labels = None if y is None else ChunkedRows(y.shape[1:], y.dtype)
+        self._live = None  # uint8 per item once something is removed
+        self._n_removed = 0
+        self._saved = None
+        self._fit_y_cache = None
+        self.n_samples_fit_ = 0
+
+    def _append(self, X, y):
+        """Encode and append rows (and labels), a chunk at a time."""
+        n_new = X.shape[0]
+        for start in range(0, n_new, ENCODE_CHUNK):
+            self._index_items(X[start : start + ENCODE_CHUNK])
+        if y is not None:
+            self._append_labels(y)
+        if self._live is not None:
+            self._live.append(np.ones(n_new, dtype=np.uint8))
+        self.n_samples_fit_ += n_new
+        self._fit_y_cache = None
+
+    def _append_labels(self, y):
+        labels = self._labels
+        dtype = np.result_type(labels.dtype, y.dtype) if labels.dtype.kind in "US" else labels.dtype
+        if dtype != labels.dtype:  # longer strings: one copy with the wider dtype
+            self._labels = ChunkedRows(labels.row_shape, dtype, [labels.to_array().astype(dtype)])
+        elif not np.can_cast(y.dtype, labels.dtype, casting="same_kind"):
+            raise ValueError(f"y of dtype {y.dtype} cannot join the index's labels of dtype "
+                             f"{labels.dtype}.")
+        self._labels.append(y)
+
+    @property
+    def _fit_y(self):
+        """The database labels as one array (``None`` without labels)."""
+        if getattr(self, "_labels", None) is None:
+            return None
+        if self._fit_y_cache is None:
+            self._fit_y_cache = self._labels.to_array()
+        return self._fit_y_cache
+
+    def _check_new_items(self, X, y):
+        """Validate items to add: the fitted features, and labels iff fitted with labels."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        if (y is None) != (self._labels is None):
+            state = "with" if self._labels is not None else "without"
+            raise ValueError(
+                f"The index was fitted {state} labels: add items {state} y too."
+            )
+        if y is not None:
+            y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
+            check_consistent_length(X, y)
+            if y.shape[1:] != self._labels.row_shape:
+                expected = ("(n_samples,)" if not self._labels.row_shape
+                            else f"(n_samples, {self._labels.row_shape[0]})")
+                raise ValueError(
+                    f"y must have the shape of the index's labels, {expected}; got "
+                    f"shape {y.shape}."
+                )
+        return X, y
+
+    def add(self, X, y=None):
+        """Append items to the index, encoded by the fitted quantizer.
+
+        Nothing is refitted: new items get the indices ``n_samples_fit_,
+        n_samples_fit_ + 1, ...`` and existing items keep theirs, so results
+        stored elsewhere stay valid. Adding k items costs O(k) amortised:
+        codes and labels grow in chunks whose capacity doubles, and nothing
+        already indexed is copied. Refit when the new items differ much from
+        those the quantizer was trained on.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to index.
+        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Their labels; required when the index was fitted with labels,
+            refused when it was not.
+
+        Returns
+        -------
+        self : object
+            The grown index.
+        """
+        X, y = self._check_new_items(X, y)
+        self._append(X, y)
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Fit on the first call, then :meth:`add` the items of later calls.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to index (and, on the first call, to fit the quantizer).
+        y : array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Their labels.
+
+        Returns
+        -------
+        self : object
+            The fitted or grown index.
+        """
+        if not hasattr(self, "_index"):
+            return self.fit(X, y)
+        return self.add(X, y)
+
+    # ----------------------------------------------------------------- removal
+    @property
+    def n_removed_(self):
+        """Number of items removed and not yet reclaimed by :meth:`compact`."""
+        check_is_fitted(self)
+        return self._n_removed
+
+    def remove(self, indices):
+        """Remove items: no search returns them again; the others keep their indices.
+
+        Removed items keep their storage (and their index numbers stay
+        taken) until :meth:`compact`; :meth:`save` writes the removals and
+        :meth:`load` restores them.
+
+        Parameters
+        ----------
+        indices : array-like of int
+            Database indices of live items, each at most once.
+
+        Returns
+        -------
+        self : object
+            The index.
+        """
+        check_is_fitted(self)
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
+            raise TypeError(f"indices must be a 1-D array of integer database indices; got "
+                            f"{indices.ndim}-D {indices.dtype}.")
+        indices = indices.astype(np.int64)
+        n = self.n_samples_fit_
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            bad = indices[(indices < 0) | (indices >= n)][0]
+            raise ValueError(f"indices must be in [0, {n - 1}] (the index holds {n} items); "
+                             f"got {bad}.")
+        if np.unique(indices).size != indices.size:
+            raise ValueError("indices must be distinct; got a repeated index.")
+        live = self._live_mask()
+        if indices.size and not live[indices].all():
+            gone = indices[live[indices] == 0][0]
+            raise ValueError(f"item {gone} was already removed.")
+        if self._live is None:
+            self._live = GrowableArray((), np.uint8, np.ones(n, dtype=np.uint8))
+        self._live.array[indices] = 0
+        self._n_removed += indices.size
+        self._index.on_remove(indices)
+        return self
+
+    def _live_mask(self):
+        if self._live is None:
+            return np.ones(self.n_samples_fit_, dtype=np.uint8)
+        return self._live.array
+
+    def compact(self):
+        """Reclaim the memory of removed items, renumbering the others.
+
+        Live items keep their order; their indices close the gaps left by
+        the removed ones.
+
+        Returns
+        -------
+        mapping : ndarray of shape (n_samples_fit_ before the call,), dtype=int64
+            The new index of each old index, -1 for removed items.
+        """
+        check_is_fitted(self)
+        keep = self._live_mask().astype(bool)
+        mapping = np.where(keep, np.cumsum(keep) - 1, -1).astype(np.int64)
+        if self._n_removed:
+            self._index.compact(keep)
+            if self._labels is not None:
+                labels = self._fit_y[keep]
+                self._labels = ChunkedRows(labels.shape[1:], labels.dtype)
+                self._labels.append(labels)
+            self.n_samples_fit_ = int(keep.sum())
+            self._live = None
+            self._n_removed = 0
+            self._saved = None  # the saved segments hold the old numbering
+            self._fit_y_cache = None
+        return mapping
+
+    # ------------------------------------------------------------------ search
+    def _check_allowed(self, allowed):
+        """The uint8 mask of searchable items: live, and allowed by the caller."""
+        n = self.n_samples_fit_
+        if allowed is None:
+            return None if self._live is None else self._live.array
+        allowed = np.asarray(allowed)
+        if allowed.dtype == bool:
+            if allowed.shape != (n,):
+                raise ValueError(f"allowed as a boolean mask must have shape ({n},) "
+                                 f"(n_samples_fit_); got shape {allowed.shape}.")
+            mask = allowed.view(np.uint8)
+        elif allowed.dtype.kind in "iu" and allowed.ndim == 1:
+            if allowed.size and (allowed.min() < 0 or allowed.max() >= n):
+                raise ValueError(f"allowed indices must be in [0, {n - 1}]; got values in "
+                                 f"[{allowed.min()}, {allowed.max()}].")
+            mask = np.zeros(n, dtype=np.uint8)
+            mask[allowed] = 1
+        else:
+            raise TypeError(f"allowed must be a boolean mask of shape ({n},) or a 1-D array "
+                            f"of integer database indices; got {allowed.ndim}-D "
+                            f"{allowed.dtype}.")
+        if self._live is not None:
+            mask = mask & self._live.array
+        return np.ascontiguousarray(mask, dtype=np.uint8)
+
+    def _check_search_params(self, params):
+        unknown = set(params) - set(self._SEARCH_PARAMS)
+        if unknown:
+            allowed = sorted(self._SEARCH_PARAMS) or "none"
+            raise TypeError(f"{type(self).__name__}.kneighbors got an unexpected keyword "
+                            f"argument {sorted(unknown)[0]!r}; its per-call search settings: "
+                            f"{allowed}.")
+        params = {k: v for k, v in params.items() if v is not None}
+        validate_parameter_constraints(
+            {k: self._SEARCH_PARAMS[k] for k in params}, params, caller_name="kneighbors")
+        return {name: params.get(name, getattr(self, name)) for name in self._SEARCH_PARAMS}
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True, *, allowed=None,
+                   **search_params):
+        """Find the nearest database items of each query.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Query vectors. ``None``: every database item queries the others,
+            never returning itself (not available after :meth:`remove`
+            until :meth:`compact`).
+        n_neighbors : int, default=None
+            Neighbours per query; ``None`` uses the constructor's value.
+        return_distance : bool, default=True
+            Whether to return the distances.
+        allowed : array-like of bool of shape (n_samples_fit_,) or of int, default=None
+            Restricts the search to these database items (a mask, or their
+            indices). The restriction is applied by the kernel while it
+            scans, so the result is the search over the allowed items alone,
+            ties by index. ``None``: every live item.
+        **search_params
+            Per-call search settings, which leave the estimator unchanged
+            (:class:`IVFQuantizedNeighbors`: ``n_probe``); ``None`` means
+            the estimator's value.
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries, n_neighbors)
+            Distances, ascending: Hamming distances as counts of differing
+            bits (int32; scikit-learn's ``"hamming"`` would be that count
+            divided by the number of bits), or estimated L2 distances
+            (float64, the square root of the estimated squared distance) for
+            product codes. Only with ``return_distance=True``.
+        neigh_ind : ndarray of shape (n_queries, n_neighbors), dtype=int64
+            Database indices of the neighbours; equal distances in ascending
+            index order.
+        """
+        check_is_fitted(self)
+        params = self._check_search_params(search_params)
+        if n_neighbors is None:
+            n_neighbors = self.n_neighbors
+        elif not isinstance(n_neighbors, numbers.Integral) or isinstance(n_neighbors, bool):
+            raise TypeError(
+                f"n_neighbors does not take {type(n_neighbors)} value, enter integer value"
+            )
+        elif n_neighbors <= 0:
+            raise ValueError(f"Expected n_neighbors > 0. Got {n_neighbors}")
+        n_neighbors = int(n_neighbors)
+
+        query_is_train = X is None
+        if query_is_train:
+            if self._n_removed:
+                raise ValueError(
+                    f"kneighbors() without X queries every indexed item, but "
+                    f"{self._n_removed} items are removed; call compact() first, or pass "
+                    f"the query vectors."
+                )
+            n_queries = self.n_samples_fit_
+        else:
+            X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+            n_queries = X.shape[0]
+        mask = self._check_allowed(allowed)
+        n_candidates = (self.n_samples_fit_ - self._n_removed if allowed is None
+                        else int(np.count_nonzero(mask)))
+        if allowed is not None and n_candidates == 0:
+            raise ValueError("allowed selects no live item; at least one is needed.")
+        # Leaving each indexed point out of its own answer needs one more item.
+        n_required = n_neighbors + 1 if query_is_train else n_neighbors
+        if n_required > n_candidates:
+            if allowed is not None or self._n_removed:
+                raise ValueError(
+                    f"Expected n_neighbors <= the number of searchable items, but "
+                    f"n_neighbors = {n_neighbors} and only {n_candidates} live items "
+                    f"{'are allowed' if allowed is not None else 'remain'}."
+                )
+            raise ValueError(
+                f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {n_required}, "
+                f"n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}"
+            )
+        with single_threaded_blas:
+            distances, indices = self._search(X, n_neighbors, mask, params)
+        return (distances, indices) if return_distance else indices
+
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity", *, allowed=None,
+                         **search_params):
+        """Sparse graph of the k nearest database items of each query.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Query vectors; ``None`` as in :meth:`kneighbors`.
+        n_neighbors : int, default=None
+            Neighbours per query; ``None`` uses the constructor's value.
+        mode : {"connectivity", "distance"}, default="connectivity"
+            Entries of ones, or the distances to the neighbours (float64;
+            Hamming distances as counts of bits).
+        allowed : array-like, default=None
+            Restricts the search as in :meth:`kneighbors`.
+        **search_params
+            Per-call search settings, as in :meth:`kneighbors`.
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, n_samples_fit)
+            CSR matrix; ``A[i, j]`` is set when database item j is one of the
+            neighbours of query i.
+        """
+        check_is_fitted(self)
+        if mode == "connectivity":
+            indices = self.kneighbors(X, n_neighbors, return_distance=False, allowed=allowed,
+                                      **search_params)
+            data = np.ones(indices.size)
+        elif mode == "distance":
+            distances, indices = self.kneighbors(X, n_neighbors, return_distance=True,
+                                                 allowed=allowed, **search_params)
+            data = distances.ravel().astype(np.float64)
+        else:
+            raise ValueError(
+                'Unsupported mode, must be one of "connectivity", '
+                f'or "distance" but got "{mode}" instead'
+            )
+        n_queries, k = indices.shape
+        indptr = np.arange(0, n_queries * k + 1, k)
+        return sparse.csr_matrix(
+            (data, indices.ravel(), indptr), shape=(n_queries, self.n_samples_fit_)
+        )
+
+    def score(self, X, y):
+        """mAP@R of the queries X against the database, with R = n_neighbors.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Query vectors.
+        y : array-like of shape (n_queries,) or (n_queries, n_labels)
+            Query labels, in the form of the labels given to :meth:`fit`.
+
+        Returns
+        -------
+        score : float
+            :func:`~sklearn_hash.metrics.map_at_r_score` of the ranking.
+        """
+        check_is_fitted(self)
+        if self._labels is None:
+            raise ValueError(
+                f"score needs the labels of the database: fit {type(self).__name__} with y."
+            )
+        indices = self.kneighbors(X, return_distance=False)
+        return map_at_r_score(y, self._fit_y, indices)
+
+    # -------------------------------------------------------------- persistence
+    def save(self, path):
+        """Save the index to a directory: JSON and ``.npy`` files, no pickle.
+
+        ``index.json`` holds the parameters, the fitted state of the searcher
+        and its quantizer (their arrays as ``.npy`` files) and the list of
+        segments; each segment holds the codes (and labels) of the items
+        added between two saves. The save is atomic: the files are written
+        under new names and ``index.json`` is replaced last, in one rename,
+        so an interrupted save leaves the previous index loadable. Saving
+        onto the directory the index was loaded from (or last saved to)
+        writes only what was added since, and works while that directory
+        is memory-mapped. Removed items are saved as removed (their codes
+        stay until :meth:`compact`).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Directory; created if missing. An existing directory must be an
+            index written by ``save`` (or empty).
+
+        Returns
+        -------
+        path : pathlib.Path
+            The directory.
+        """
+        from ._persistence import save_index
+
+        check_is_fitted(self)
+        return save_index(self, path)
+
+    @classmethod
+    def load(cls, path, *, mmap_mode="r"):
+        """Load an index written by :meth:`save`; nothing is unpickled.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Directory written by :meth:`save`.
+        mmap_mode : {"r", "c", None}, default="r"
+            ``"r"`` memory-maps the codes read-only (searching reads them
+            from the files, sharing the page cache between processes);
+            ``"c"`` copy-on-write; ``None`` reads them into memory.
+            :meth:`add` works in every mode and keeps new items in memory.
+
+        Returns
+        -------
+        searcher : object
+            The fitted searcher, of the class ``load`` is called on.
+        """
+        from ._persistence import load_index
+
+        if mmap_mode not in ("r", "c", None):
+            raise ValueError(f"mmap_mode must be 'r', 'c' or None; got {mmap_mode!r}.")
+        return load_index(cls, path, mmap_mode)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # object.__getstate__ gives __dict__ itself
+        state.pop("_fit_y_cache", None)
+        state.pop("_saved", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._fit_y_cache = None
+        self._saved = None
