@@ -473,6 +473,44 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         check_is_fitted(self)
         return self.quantizer_.symmetric_distance_tables()
 
+    def _get_persistent_state(self):
+        """Fitted state as plain values and arrays, for saving an index without pickle.
+
+        The network is kept as its module's constructor arguments and its
+        weights (a state dict of numpy arrays); see ``sklearn_hash._persistence``.
+        """
+        params = self.get_params(deep=False)
+        state = {k: v for k, v in vars(self).items()
+                 if k not in params and k != "net_" and not k.startswith("__")}
+        if not hasattr(self, "net_"):  # unfitted
+            return state
+        state["module_args_"] = {k[len("module__"):]: v for k, v in self.net_.get_params().items()
+                                 if k.startswith("module__")}
+        state["module_weights_"] = {name: tensor.detach().cpu().numpy()
+                                    for name, tensor in self.net_.module_.state_dict().items()}
+        return state
+
+    def _set_persistent_state(self, state):
+        """Rebuild the network from :meth:`_get_persistent_state`'s values (CPU)."""
+        if "module_args_" not in state:  # unfitted
+            vars(self).update(state)
+            return
+        dqn_torch = _import_torch()
+        import torch
+        from skorch import NeuralNet
+
+        state = dict(state)
+        module_args = state.pop("module_args_")
+        weights = state.pop("module_weights_")
+        net = NeuralNet(module=dqn_torch.DQNModule, criterion=torch.nn.MSELoss, device="cpu",
+                        **{f"module__{k}": v for k, v in module_args.items()})
+        net.initialize()
+        net.module_.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()},
+                                    strict=True)
+        net.module_.eval()
+        vars(self).update(state)
+        self.net_ = net
+
     @property
     def _n_features_out(self):
         return self.n_bits // self.subspace_bits

@@ -1,0 +1,470 @@
+"""The index as a user lives with it: filters, removal, growth, safe persistence."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn import config_context
+from sklearn.base import clone
+from sklearn.frozen import FrozenEstimator
+
+from sklearn_hash import (
+    AGH,
+    ITQ,
+    DeepQuantizationNetwork,
+    IVFQuantizedNeighbors,
+    ProductQuantizer,
+    QuantizedNeighbors,
+    SpectralHashing,
+)
+from sklearn_hash import _storage
+from sklearn_hash._codes import pack_bits
+from sklearn_hash._dqn import _torch_available
+from sklearn_hash._kernels._openmp import effective_n_threads
+
+HAMMING = QuantizedNeighbors(ITQ(n_bits=24, random_state=0), n_neighbors=5)
+ADC = QuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),
+                         n_neighbors=5)
+SDC = QuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),
+                         n_neighbors=5, metric="sdc")
+IVF = IVFQuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),
+                            n_lists=8, n_probe=2, n_neighbors=5, random_state=0)
+SEARCHERS = [HAMMING, ADC, SDC, IVF]
+
+QUANTIZERS = [
+    SpectralHashing(n_bits=16),
+    ITQ(n_bits=16, random_state=0),
+    AGH(n_bits=16, n_anchors=50, random_state=0),
+    AGH(n_bits=16, n_anchors=50, n_layers=2, random_state=0),
+    ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),
+]
+if _torch_available():
+    QUANTIZERS.append(DeepQuantizationNetwork(n_bits=16, subspace_bits=4, embedding_dim=8,
+                                              max_epochs=3, random_state=0))
+
+
+@pytest.fixture(scope="module")
+def data(digits_split):
+    return digits_split
+
+
+def exact_distances(searcher, X):
+    """Every query's distance to every database item, as the searcher's kernel computes it."""
+    if searcher.metric_ == "hamming":
+        q = searcher.quantizer_.transform(X).astype(bool)
+        db = np.unpackbits(searcher.codes_.view(np.uint8), axis=1, bitorder="little")
+        db = db[:, : q.shape[1]].astype(bool)
+        return (q[:, None, :] != db[None]).sum(axis=2).astype(np.float64)
+    if searcher.metric_ == "adc":
+        tables = searcher.quantizer_.distance_tables(X).astype(np.float32)
+    else:
+        sdc = searcher.quantizer_.symmetric_distance_tables().astype(np.float32)
+        codes = searcher.quantizer_.transform(X).astype(np.intp)
+        tables = sdc[np.arange(sdc.shape[0]), codes]
+    codes = searcher.codes_.astype(np.intp)
+    d = tables[:, 0, codes[:, 0]]
+    for m in range(1, codes.shape[1]):
+        d = d + tables[:, m, codes[:, m]]
+    return np.sqrt(d.astype(np.float64))
+
+
+def oracle(distances, allowed, k):
+    """Top k of each row over the allowed columns, ties by index."""
+    cols = np.flatnonzero(allowed)
+    order = np.lexsort((np.broadcast_to(cols, (len(distances), cols.size)),
+                        distances[:, cols]), axis=1)[:, :k]
+    return np.take_along_axis(distances[:, cols], order, axis=1), cols[order]
+
+
+def ivf_distances(searcher, X):
+    rebuilt = searcher._reconstruct(np.arange(searcher.n_samples_fit_)).astype(np.float64)
+    return ((X[:, None, :] - rebuilt[None]) ** 2).sum(-1)
+
+
+# ---------------------------------------------------------------- filtered search
+
+
+@pytest.mark.parametrize("searcher", [HAMMING, ADC, SDC], ids=["hamming", "adc", "sdc"])
+def test_filtered_search_equals_exact_search_over_the_allowed_items(searcher, data):
+    X_db, y_db, X_q, _ = data
+    fitted = clone(searcher).fit(X_db, y_db)
+    rng = np.random.default_rng(0)
+    full = exact_distances(fitted, X_q[:40])
+    for share in (0.02, 0.3, 1.0):
+        mask = rng.random(len(X_db)) < share
+        for allowed in (mask, np.flatnonzero(mask)):
+            dist, ind = fitted.kneighbors(X_q[:40], n_neighbors=7, allowed=allowed)
+            exp_d, exp_i = oracle(full, mask, 7)
+            np.testing.assert_array_equal(ind, exp_i)
+            np.testing.assert_allclose(dist, exp_d, rtol=1e-6)
+    graph = fitted.kneighbors_graph(X_q[:5], 3, mode="distance", allowed=np.arange(10, 30))
+    assert graph.shape == (5, len(X_db)) and set(graph.indices) <= set(range(10, 30))
+
+
+def test_ivf_filtered_search_probing_every_cell_equals_the_oracle(data):
+    X_db, y_db, X_q, _ = data
+    fitted = clone(IVF).set_params(n_probe=8).fit(X_db, y_db)
+    full = ivf_distances(fitted, X_q[:30].astype(np.float64))
+    mask = np.random.default_rng(1).random(len(X_db)) < 0.1
+    dist, ind = fitted.kneighbors(X_q[:30], n_neighbors=6, allowed=mask)
+    assert mask[ind].all()
+    # Ranked as the distances to the reconstructions, up to float32 rounding.
+    exp_d, exp_i = oracle(full, mask, 6)
+    np.testing.assert_allclose(dist**2, exp_d, rtol=2e-4, atol=1e-3)
+    clear = np.all(np.diff(np.sort(full[:, mask], axis=1)[:, :7], axis=1) > 1e-2, axis=1)
+    np.testing.assert_array_equal(ind[clear], exp_i[clear])
+
+
+def test_ivf_tops_up_cells_when_the_probed_ones_hold_too_few_allowed_items(data):
+    X_db, y_db, X_q, _ = data
+    fitted = clone(IVF).set_params(n_probe=1).fit(X_db, y_db)
+    allowed = np.zeros(len(X_db), dtype=bool)
+    allowed[:9] = True  # a handful of items, in few cells
+    ind = fitted.kneighbors(X_q, n_neighbors=9, allowed=allowed, return_distance=False)
+    np.testing.assert_array_equal(np.sort(ind, axis=1), np.tile(np.arange(9), (len(X_q), 1)))
+
+
+def test_n_probe_per_call_leaves_the_estimator_unchanged(data):
+    X_db, y_db, X_q, _ = data
+    fitted = clone(IVF).fit(X_db, y_db)
+    wide = fitted.kneighbors(X_q, n_probe=8)
+    assert fitted.n_probe == 2
+    np.testing.assert_array_equal(wide[1], fitted.set_params(n_probe=8).kneighbors(X_q)[1])
+    assert fitted.kneighbors_graph(X_q, n_probe=1).shape == (len(X_q), len(X_db))
+    with pytest.raises(ValueError, match="n_probe"):
+        fitted.kneighbors(X_q, n_probe=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_probe'"):
+        clone(ADC).fit(X_db).kneighbors(X_q, n_probe=3)
+
+
+@pytest.mark.parametrize("searcher", SEARCHERS, ids=["hamming", "adc", "sdc", "ivf"])
+def test_bad_filters_and_removals_are_refused_and_change_nothing(searcher, data):
+    X_db, y_db, X_q, _ = data
+    fitted = clone(searcher).fit(X_db, y_db)
+    n = len(X_db)
+    before = fitted.kneighbors(X_q)
+    cases = [
+        (dict(allowed=np.ones(n - 1, dtype=bool)), ValueError, r"shape \(%d,\)" % n),
+        (dict(allowed=np.ones(n, dtype=np.float64)), TypeError, "boolean mask"),
+        (dict(allowed=np.array([-1, 3])), ValueError, "must be in"),
+        (dict(allowed=np.array([n])), ValueError, "must be in"),
+        (dict(allowed=np.zeros(n, dtype=bool)), ValueError, "selects no live item"),
+        (dict(allowed=np.arange(3)), ValueError, "only 3 live items are allowed"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            fitted.kneighbors(X_q, **kwargs)
+    for indices, error, match in [
+        ([n], ValueError, "must be in"), ([-1], ValueError, "must be in"),
+        ([3, 3], ValueError, "distinct"), ([[1, 2]], TypeError, "1-D"),
+        ([0.5], TypeError, "integer"),
+    ]:
+        with pytest.raises(error, match=match):
+            fitted.remove(indices)
+    fitted.remove([4])
+    with pytest.raises(ValueError, match="item 4 was already removed"):
+        fitted.remove([5, 4])
+    assert fitted.n_removed_ == 1  # the refused call removed nothing, not even 5
+    with pytest.raises(ValueError, match="call compact"):
+        fitted.kneighbors()
+    fitted.compact()
+    assert fitted.n_samples_fit_ == n - 1
+    fitted = clone(searcher).fit(X_db, y_db)
+    np.testing.assert_array_equal(fitted.kneighbors(X_q)[1], before[1])
+
+
+# ---------------------------------------------------------------- removal
+
+
+@pytest.mark.parametrize("searcher", SEARCHERS, ids=["hamming", "adc", "sdc", "ivf"])
+def test_removed_items_are_never_returned_and_removal_survives_save_load(searcher, data,
+                                                                        tmp_path):
+    X_db, y_db, X_q, y_q = data
+    fitted = clone(searcher).fit(X_db, y_db)
+    first = fitted.kneighbors(X_q, n_neighbors=10, return_distance=False)
+    gone = np.unique(first[:, :3])
+    fitted.remove(gone)
+    assert fitted.n_removed_ == gone.size
+    dist, ind = fitted.kneighbors(X_q, n_neighbors=10)
+    assert not np.isin(ind, gone).any()
+    live = np.ones(len(X_db), dtype=bool)
+    live[gone] = False
+    if not isinstance(fitted, IVFQuantizedNeighbors):
+        # Removal is the same as allowing every other item.
+        np.testing.assert_array_equal(ind, clone(searcher).fit(X_db, y_db).kneighbors(
+            X_q, n_neighbors=10, allowed=live)[1])
+    graph = fitted.kneighbors_graph(X_q, 10)
+    assert not np.isin(graph.indices, gone).any()
+    fitted.score(X_q, y_q)
+    loaded = type(fitted).load(fitted.save(tmp_path / "index"))
+    assert loaded.n_removed_ == gone.size
+    np.testing.assert_array_equal(loaded.kneighbors(X_q, n_neighbors=10)[1], ind)
+    # compact renumbers the live items in order and says how.
+    mapping = fitted.compact()
+    assert (mapping[gone] == -1).all() and fitted.n_samples_fit_ == live.sum()
+    np.testing.assert_array_equal(mapping[live], np.arange(live.sum()))
+    dist2, ind2 = fitted.kneighbors(X_q, n_neighbors=10)
+    np.testing.assert_array_equal(ind2, mapping[ind])
+    np.testing.assert_array_equal(dist2, dist)
+    np.testing.assert_array_equal(fitted._fit_y, y_db[live])
+    # After compact the database may query itself again, and save starts afresh.
+    assert fitted.kneighbors(n_neighbors=2)[1].shape == (live.sum(), 2)
+    again = type(fitted).load(fitted.save(tmp_path / "index"))
+    np.testing.assert_array_equal(again.kneighbors(X_q, n_neighbors=10)[1], ind2)
+
+
+# ---------------------------------------------------------------- growth
+
+
+def test_add_grows_in_chunks_without_copying_what_is_indexed(data):
+    X_db, y_db, X_q, _ = data
+    searcher = clone(HAMMING).fit(X_db[:100], y_db[:100])
+    buffer = searcher._index.codes._tail._buffer
+    capacity = buffer.shape[0]
+    searcher.add(X_db[100:101], y_db[100:101])  # within capacity: same buffer
+    assert searcher._index.codes._tail._buffer is buffer or capacity <= 100
+    copies = 0
+    for start in range(101, len(X_db), 50):
+        old = searcher._index.codes._tail._buffer
+        searcher.add(X_db[start : start + 50], y_db[start : start + 50])
+        copies += searcher._index.codes._tail._buffer is not old
+    assert copies <= int(np.log2(len(X_db) / 100)) + 2  # doublings only
+    whole = clone(HAMMING).set_params(quantizer=FrozenEstimator(searcher.quantizer_))
+    whole.fit(X_db, y_db)
+    np.testing.assert_array_equal(searcher.kneighbors(X_q)[1], whole.kneighbors(X_q)[1])
+
+
+def test_ivf_add_appends_to_cells_and_keeps_indices(data, tmp_path):
+    X_db, y_db, X_q, _ = data
+    fitted = clone(IVF).fit(X_db[:700], y_db[:700])
+    loaded = IVFQuantizedNeighbors.load(fitted.save(tmp_path / "index"))
+    sealed = [lst.chunks()[0] for lst in loaded._index.codes if len(lst)]
+    loaded.add(X_db[700:], y_db[700:])
+    # The loaded (memory-mapped) cells stay as they are: new items go to new chunks.
+    after = [lst.chunks()[0] for lst in loaded._index.codes if len(lst)]
+    assert all(a is b for a, b in zip(sealed, after))
+    whole = clone(IVF)
+    whole.fit(X_db[:700], y_db[:700])
+    whole._start_index(y_db)
+    whole._append(X_db, y_db)
+    fitted.add(X_db[700:], y_db[700:])
+    for grown in (fitted, loaded):
+        np.testing.assert_array_equal(grown.kneighbors(X_q)[1], whole.kneighbors(X_q)[1])
+        np.testing.assert_array_equal(grown.codes_, whole.codes_)
+        np.testing.assert_array_equal(grown.ids_, whole.ids_)
+
+
+# ---------------------------------------------------------------- persistence
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS, ids=repr)
+def test_every_estimator_kind_saves_and_loads_with_identical_answers(quantizer, data, tmp_path):
+    X_db, y_db, X_q, y_q = data
+    y_fit = y_db.copy()
+    y_fit[::3] = -1  # the deep model learns from some labels only
+    searcher = QuantizedNeighbors(clone(quantizer), n_neighbors=5)
+    searcher.fit(X_db, y_fit if isinstance(quantizer, DeepQuantizationNetwork) else y_db)
+    loaded = QuantizedNeighbors.load(searcher.save(tmp_path / "index"))
+    np.testing.assert_array_equal(loaded.quantizer_.transform(X_q),
+                                  searcher.quantizer_.transform(X_q))
+    for X in (X_q, None):
+        d1, i1 = searcher.kneighbors(X)
+        d2, i2 = loaded.kneighbors(X)
+        np.testing.assert_array_equal(i2, i1)
+        np.testing.assert_array_equal(d2, d1)
+    assert loaded.get_params()["quantizer"].get_params() == quantizer.get_params()
+
+
+def test_loading_never_unpickles(data, tmp_path):
+    X_db, y_db, X_q, _ = data
+    for i, searcher in enumerate(SEARCHERS):
+        clone(searcher).fit(X_db, y_db).save(tmp_path / str(i))
+    script = f"""
+import sys, pickle, numpy as np
+def hook(event, args):
+    if event == "pickle.find_class":
+        raise RuntimeError(f"unpickling {{args}}")
+sys.addaudithook(hook)
+from sklearn_hash import QuantizedNeighbors, IVFQuantizedNeighbors
+X = np.load({str(tmp_path / "q.npy")!r})
+for i, cls in enumerate([QuantizedNeighbors] * 3 + [IVFQuantizedNeighbors]):
+    cls.load({str(tmp_path)!r} + "/" + str(i)).kneighbors(X)
+try:
+    pickle.loads(pickle.dumps(np.float64))
+except RuntimeError:
+    print("hook works")
+"""
+    np.save(tmp_path / "q.npy", X_q)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "hook works"
+
+
+@pytest.mark.parametrize("searcher", [HAMMING, IVF], ids=["hamming", "ivf"])
+def test_an_interrupted_save_leaves_the_previous_index_loadable(searcher, data, tmp_path,
+                                                                 monkeypatch):
+    X_db, y_db, X_q, _ = data
+    old = clone(searcher).fit(X_db[:600], y_db[:600])
+    old.save(tmp_path / "index")
+    expected = old.kneighbors(X_q)
+    new = clone(searcher).fit(X_db, y_db)
+    calls = []
+
+    def failing(path, array):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(path, array)
+
+    real = _storage.write_array
+    monkeypatch.setattr(_storage, "write_array", failing)
+    with pytest.raises(OSError, match="disk full"):
+        new.save(tmp_path / "index")
+    monkeypatch.undo()
+    loaded = type(old).load(tmp_path / "index")
+    np.testing.assert_array_equal(loaded.kneighbors(X_q)[1], expected[1])
+    # The next save succeeds and clears the half-written files.
+    new.save(tmp_path / "index")
+    np.testing.assert_array_equal(type(new).load(tmp_path / "index").kneighbors(X_q)[1],
+                                  new.kneighbors(X_q)[1])
+    assert len(list((tmp_path / "index").glob("seg-*"))) == 1
+
+
+@pytest.mark.parametrize("searcher", SEARCHERS, ids=["hamming", "adc", "sdc", "ivf"])
+def test_saving_onto_the_loaded_memory_mapped_directory(searcher, data, tmp_path):
+    X_db, y_db, X_q, _ = data
+    path = tmp_path / "index"
+    clone(searcher).fit(X_db[:800], y_db[:800]).save(path)
+    loaded = type(searcher).load(path)
+    loaded.save(path)  # nothing new: the segment is kept
+    assert len(list(path.glob("seg-*"))) == 1
+    loaded.add(X_db[800:], y_db[800:])
+    loaded.save(path)  # only the new items are written, as a second segment
+    assert len(list(path.glob("seg-*"))) == 2
+    np.testing.assert_array_equal(type(searcher).load(path).kneighbors(X_q)[1],
+                                  loaded.kneighbors(X_q)[1])
+    grown = type(searcher).load(path)
+    grown.add(X_db[:10], y_db[:10])
+    grown.save(path)
+    assert type(searcher).load(path).n_samples_fit_ == len(X_db) + 10
+
+
+def test_damaged_foreign_and_newer_directories_are_refused(data, tmp_path):
+    X_db, y_db, _, _ = data
+    path = tmp_path / "index"
+    clone(ADC).fit(X_db, y_db).save(path)
+    manifest = json.loads((path / "index.json").read_text())
+    (segment,) = path.glob("seg-*")
+
+    def expect(match, cls=QuantizedNeighbors):
+        with pytest.raises(ValueError, match=match):
+            cls.load(path)
+
+    expect("use QuantizedNeighbors.load", IVFQuantizedNeighbors)
+    newer = dict(manifest, format=99)
+    (path / "index.json").write_text(json.dumps(newer))
+    expect("format 99, written by a newer sklearn_hash")
+    (path / "index.json").write_text("{not json")
+    expect("not valid JSON")
+    (path / "index.json").write_text(json.dumps(dict(manifest, n_samples=5)))
+    expect("declares 5 items")
+    foreign = json.loads(json.dumps(manifest))
+    foreign["estimator"]["value"]["params"]["quantizer"]["value"]["class"] = "os.system"
+    (path / "index.json").write_text(json.dumps(foreign))
+    expect("not one of sklearn_hash's")
+    (path / "index.json").write_text(json.dumps(manifest))
+    labels = np.load(segment / "labels.npy")
+    np.save(segment / "labels.npy", labels[:-1])
+    expect("labels.npy has shape")
+    np.save(segment / "labels.npy", labels)
+    codes_bytes = (segment / "codes.npy").read_bytes()
+    (segment / "codes.npy").write_bytes(codes_bytes[: len(codes_bytes) // 2])
+    expect("truncated or damaged")
+    (segment / "codes.npy").unlink()
+    expect("codes.npy is missing")
+    (segment / "codes.npy").write_bytes(codes_bytes)
+    QuantizedNeighbors.load(path)  # whole again
+    # An old pickle-based directory, and a non-index directory.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "searcher.pkl").write_bytes(pickle.dumps(0))
+    with pytest.raises(ValueError, match="never loads"):
+        QuantizedNeighbors.load(tmp_path / "old")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing to write"):
+        clone(ADC).fit(X_db).save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_codes_are_checked_where_they_enter_the_index(data, tmp_path):
+    X_db, y_db, _, _ = data
+    path = tmp_path / "index"
+    clone(ADC).fit(X_db, y_db).save(path)
+    (segment,) = path.glob("seg-*")
+    codes = np.load(segment / "codes.npy")
+    codes[3, 1] = 16  # beyond the 16 codewords of 4-bit subspaces
+    np.save(segment / "codes.npy", codes)
+    with pytest.raises(ValueError, match=r"codeword indices must be in \[0, 15\]"):
+        QuantizedNeighbors.load(path)
+    path2 = tmp_path / "hamming"
+    clone(HAMMING).fit(X_db, y_db).save(path2)
+    (segment,) = path2.glob("seg-*")
+    packed = np.load(segment / "codes.npy")
+    packed[0, 0] |= np.uint64(1) << np.uint64(40)  # a bit beyond the 24 of the codes
+    np.save(segment / "codes.npy", packed)
+    with pytest.raises(ValueError, match="bits set beyond bit 24"):
+        QuantizedNeighbors.load(path2)
+
+
+# ---------------------------------------------------------------- smaller defects
+
+
+def test_fit_and_search_under_pandas_output(data):
+    X_db, y_db, X_q, _ = data
+    with config_context(transform_output="pandas"):
+        for searcher in SEARCHERS:
+            fitted = clone(searcher).fit(X_db, y_db)
+            fitted.add(X_q[:5], np.zeros(5, dtype=y_db.dtype))
+            assert fitted.kneighbors(X_q)[1].shape == (len(X_q), 5)
+
+
+def test_database_queries_itself_by_adc_for_wide_codebooks(data):
+    """kneighbors() without X stays ADC (from the reconstructions): no K x K tables."""
+    X_db, _, _, _ = data
+    pq = ProductQuantizer(n_bits=22, subspace_bits=11, random_state=0, n_iter=2)
+    rng = np.random.default_rng(0)  # 2**11 codewords need 2048 distinct rows
+    X = np.repeat(X_db, 2, axis=0) + rng.normal(scale=0.01, size=(2 * len(X_db), X_db.shape[1]))
+    fitted = QuantizedNeighbors(pq, n_neighbors=3).fit(X[:2048])
+    dist, ind = fitted.kneighbors()
+    assert fitted.metric_ == "adc" and ind.shape == (2048, 3)
+    recon = fitted.quantizer_.inverse_transform(fitted.codes_[:5])
+    np.testing.assert_array_equal(
+        ind[:5], [[j for j in row if j != i][:3]
+                  for i, row in enumerate(fitted.kneighbors(recon, n_neighbors=4)[1])])
+    with pytest.raises(ValueError, match="allowed up to K = 1024 codewords"):
+        QuantizedNeighbors(pq, metric="sdc").fit(X[:2048])
+
+
+def test_default_thread_count_follows_the_cpus_this_process_may_use(monkeypatch):
+    import joblib
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(joblib, "cpu_count", lambda *a, **k: 1)
+    assert effective_n_threads(None) == 1
+    assert effective_n_threads(-1) == 1
+    assert effective_n_threads(3) == 3
+
+
+def test_packed_codes_round_trip_through_the_hamming_back_end():
+    from sklearn_hash._backends import HammingScan
+
+    scan = HammingScan(70)
+    bits = np.random.default_rng(0).integers(0, 2, (20, 70))
+    scan.add(pack_bits(bits))
+    scan.add(pack_bits(bits[:3]))
+    dist, ind = scan.search(pack_bits(bits[:2]), 2)
+    np.testing.assert_array_equal(ind, [[0, 20], [1, 21]])
+    np.testing.assert_array_equal(dist, [[0, 0], [0, 0]])
