@@ -51,8 +51,12 @@ from ._itq import ITQ
 from ._neighbors import QuantizedNeighbors
 from ._pq import ProductQuantizer
 from ._spectral import SpectralHashing
-from .datasets import load_esc10, load_npz, retrieval_split
-from .datasets import load_retrieval_split  # noqa: F401  (kept importable from here)
+from .datasets import (
+    load_esc10,
+    load_npz,
+    load_retrieval_split,  # noqa: F401  (kept importable from here)
+    retrieval_split,
+)
 from .metrics import map_at_r_score
 
 #: Methods of the table: name -> factory(n_bits, random_state) of a quantizer.

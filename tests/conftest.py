@@ -68,8 +68,9 @@ def random_hyperplanes_map():
 
 def _random_hyperplanes_map(X_db, y_db, X_q, y_q, n_bits, R, seeds=range(5)):
     """mAP@R of sign random projections (the LSH baseline), averaged over seeds."""
-    from sklearn_hash._codes import pack_bits
     from sklearn_hash._kernels._hamming import hamming_kneighbors
+
+    from sklearn_hash._codes import pack_bits
     from sklearn_hash.metrics import map_at_r_score
 
     scores = []

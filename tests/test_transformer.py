@@ -16,8 +16,12 @@ from sklearn.model_selection import PredefinedSplit, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsTransformer
 from sklearn.pipeline import Pipeline, make_pipeline
 
-from sklearn_hash import ITQ, ProductQuantizer, QuantizedNeighborsTransformer
-from sklearn_hash import _transformer
+from sklearn_hash import (
+    ITQ,
+    ProductQuantizer,
+    QuantizedNeighborsTransformer,
+    _transformer,
+)
 
 
 @pytest.fixture(scope="module")
