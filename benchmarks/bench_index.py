@@ -105,7 +105,7 @@ def main():
     print(f"save {t_save:.2f} s, load (memory-mapped) {t_load:.2f} s, add {args.batch:,} "
           f"{t_add:.2f} s, save onto the same directory {t_resave:.2f} s (new segment only); "
           f"answers after reload identical: {same}")
-    del flat, ivf, loaded, ref
+    flat = ivf = loaded = ref = None  # free the memory before the latency runs
 
     print(f"\n## Single-query latency, n_probe=1, 1 thread, median of {len(Q):,} calls")
     print("\n| items | IVFQuantizedNeighbors | faiss IndexIVFPQ |")
@@ -127,7 +127,7 @@ def main():
         theirs = latency(lambda q: ref.search(q, 10), Q)
         rows[n] = ours
         print(f"| {ivf.n_samples_fit_:,} | {ours * 1e6:.0f} us | {theirs * 1e6:.0f} us |")
-        del ivf, ref
+        ivf = ref = None
     ratio = rows[args.large] / rows[args.small]
     print(f"\nlatency at {args.large:,} / at {args.small:,}: {ratio:.2f}x "
           f"({'within' if ratio <= 2 else 'NOT within'} 2x)")

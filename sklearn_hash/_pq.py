@@ -17,7 +17,7 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._kernels._nearest import encode, nearest_codewords
+from ._kernels._nearest import encode
 from ._kernels._openmp import effective_n_threads
 from ._kmeans import kmeans, training_rows
 
