@@ -24,8 +24,8 @@ reads only the codes it scans.
 
 import numpy as np
 
-from ._kernels._adc import adc_kneighbors, ivf_adc_kneighbors
-from ._kernels._hamming import hamming_kneighbors
+from ._kernels._adc import adc_kneighbors, adc_radius, ivf_adc_kneighbors
+from ._kernels._hamming import hamming_kneighbors, hamming_radius
 from ._storage import ChunkedRows, GrowableArray
 
 
@@ -86,6 +86,34 @@ class _FlatScan:
             return self._kernel(queries, self.codes.to_array(), k, None, None, n_threads)
         return _merge(parts, k)
 
+    def radius(self, queries, threshold, *, allowed=None, exclude=None, n_threads=1):
+        """Every item within ``threshold`` of each query, as CSR (offsets, distances, indices).
+
+        Each query's items come in ascending index order.
+        """
+        parts, offset = [], 0
+        for chunk in self.codes.chunks():
+            n = len(chunk)
+            sub_allowed = None if allowed is None else allowed[offset : offset + n]
+            sub_exclude = None
+            if exclude is not None:
+                inside = (exclude >= offset) & (exclude < offset + n)
+                sub_exclude = np.where(inside, exclude - offset, -1).astype(np.int64)
+            offsets, d, i = self._radius_kernel(queries, chunk, threshold, sub_allowed,
+                                                sub_exclude, n_threads)
+            parts.append((offsets, d, i + offset))
+            offset += n
+        if len(parts) == 1:
+            return parts[0]
+        n_queries = len(queries)
+        counts = sum(np.diff(o) for o, _, _ in parts) if parts else np.zeros(n_queries, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # Chunk by chunk within each query: ascending indices.
+        rows = np.concatenate([np.repeat(np.arange(n_queries), np.diff(o)) for o, _, _ in parts])
+        order = np.argsort(rows, kind="stable")
+        return (offsets, np.concatenate([d for _, d, _ in parts])[order],
+                np.concatenate([i for _, _, i in parts])[order])
+
 
 class HammingScan(_FlatScan):
     """Binary codes packed in uint64 words, searched by Hamming distance.
@@ -121,6 +149,11 @@ class HammingScan(_FlatScan):
         return hamming_kneighbors(queries, chunk, k, n_threads=n_threads, simd=self.simd,
                                   exclude=exclude, allowed=allowed)
 
+    def _radius_kernel(self, queries, chunk, threshold, allowed, exclude, n_threads):
+        # threshold: largest distance returned, in bits.
+        return hamming_radius(queries, chunk, threshold, n_threads=n_threads, simd=self.simd,
+                              exclude=exclude, allowed=allowed)
+
 
 class TableScan(_FlatScan):
     """Codeword indices (uint8 or uint16), searched by sums of table entries.
@@ -143,6 +176,11 @@ class TableScan(_FlatScan):
     def _kernel(self, tables, chunk, k, allowed, exclude, n_threads):
         return adc_kneighbors(tables, chunk, k, n_threads=n_threads, exclude=exclude,
                               allowed=allowed, check_codes=False)
+
+    def _radius_kernel(self, tables, chunk, threshold, allowed, exclude, n_threads):
+        # threshold: table sums strictly below it are returned.
+        return adc_radius(tables, chunk, threshold, n_threads=n_threads, exclude=exclude,
+                          allowed=allowed)
 
 
 def check_codeword_indices(codes, n_subspaces, n_codewords, dtype):

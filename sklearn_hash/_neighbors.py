@@ -20,20 +20,21 @@ The quantizer protocol (how a quantizer tells the searcher how to search it)
 is described in the class docstring.
 """
 
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
+from scipy import sparse
 from sklearn import config_context
 from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils import check_array
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
-from sklearn.utils.validation import check_consistent_length, validate_data
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
 
 from ._backends import HammingScan, TableScan, check_codeword_indices
 from ._codes import pack_bits
 from ._index import IndexMixin
 from ._itq import ITQ
-from ._threads import effective_n_threads
+from ._threads import effective_n_threads, single_threaded_blas
 
 # Queries whose distance tables are built and searched at a time.
 _QUERY_CHUNK = 2048
@@ -67,6 +68,9 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         the database codes through its distance tables; ``"sdc"`` (symmetric
         distance) quantizes the query too. ``"auto"`` picks ``"adc"`` for
         quantizers with distance tables and ``"hamming"`` otherwise.
+    radius : float, default=1.0
+        Range of :meth:`radius_neighbors`, in the units of the distances:
+        bits for Hamming distances, L2 for product codes.
     n_jobs : int, default=None
         OpenMP threads of the search kernel. ``None`` uses the OpenMP default
         (all cores, or ``OMP_NUM_THREADS``); ``-1`` all cores, ``-2`` all but
@@ -154,14 +158,17 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         "quantizer": [HasMethods(["fit", "transform"]), None],
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "metric": [StrOptions({"auto", "hamming", "adc", "sdc"})],
+        "radius": [Interval(Real, 0, None, closed="left")],
         "n_jobs": [Integral, None],
     }
 
     _TRANSIENT = (*IndexMixin._TRANSIENT, "_sdc_tables")
 
-    def __init__(self, quantizer=None, *, n_neighbors=10, metric="auto", n_jobs=None):
+    def __init__(self, quantizer=None, *, n_neighbors=10, radius=1.0, metric="auto",
+                 n_jobs=None):
         self.quantizer = quantizer
         self.n_neighbors = n_neighbors
+        self.radius = radius
         self.metric = metric
         self.n_jobs = n_jobs
 
@@ -361,3 +368,142 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
                 # Ranked by the squared estimate; returned in L2 units.
                 distances[start:stop] = np.sqrt(np.maximum(d, 0, dtype=np.float64))
             return distances, indices
+
+    # ------------------------------------------------------------ radius search
+    def _threshold(self, radius):
+        """The kernel's threshold for a radius in the distances' units."""
+        if self.metric_ == "hamming":
+            return int(np.floor(radius))  # counts of bits: d <= radius
+        # Table sums t (float32) are returned as sqrt(t) in float64; a sum is
+        # kept iff sqrt(t) <= radius, and the kernel keeps t < threshold.
+        t = np.float32(min(radius * radius, float(np.finfo(np.float32).max)))
+        while t > 0 and np.sqrt(np.float64(t)) > radius:
+            t = np.nextafter(t, np.float32(-np.inf))
+        while np.isfinite(t) and np.sqrt(np.float64(np.nextafter(t, np.float32(np.inf)))) <= radius:
+            t = np.nextafter(t, np.float32(np.inf))
+        return float(np.nextafter(t, np.float32(np.inf)))
+
+    def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False,
+                         *, allowed=None):
+        """Every database item within ``radius`` of each query, exactly.
+
+        The scan is exhaustive and exact for the distances
+        :meth:`kneighbors` returns: Hamming distances in bits (a Hamming
+        ball), or L2 estimates for product codes; items at distance exactly
+        ``radius`` are included.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Query vectors. ``None``: every database item queries the others,
+            never returning itself.
+        radius : float, default=None
+            Range; ``None`` uses the constructor's value.
+        return_distance : bool, default=True
+            Whether to return the distances.
+        sort_results : bool, default=False
+            Sort each query's items by distance (ties by index); otherwise
+            they come in ascending index order. Needs ``return_distance``.
+        allowed : array-like, default=None
+            Restricts the search as in :meth:`kneighbors`.
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries,), dtype=object
+            One array of distances per query (int32 bits for Hamming,
+            float64 L2 for product codes). Only with ``return_distance=True``.
+        neigh_ind : ndarray of shape (n_queries,), dtype=object
+            One int64 array of database indices per query.
+        """
+        check_is_fitted(self)
+        if sort_results and not return_distance:
+            raise ValueError("return_distance must be True if sort_results is True.")
+        radius = self.radius if radius is None else radius
+        if not isinstance(radius, Real) or isinstance(radius, bool) or not np.isfinite(radius) \
+                or radius < 0:
+            raise ValueError(f"radius must be a finite number >= 0; got {radius!r}.")
+        if X is None:
+            if self._n_removed:
+                raise ValueError(
+                    f"radius_neighbors() without X queries every indexed item, but "
+                    f"{self._n_removed} items are removed; call compact() first, or pass "
+                    f"the query vectors."
+                )
+        else:
+            X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        mask = self._check_allowed(allowed)
+        threshold = self._threshold(float(radius))
+        n_threads = effective_n_threads(self.n_jobs)
+        parts = []
+        with single_threaded_blas, config_context(transform_output="default"):
+            n_queries = self.n_samples_fit_ if X is None else X.shape[0]
+            step = n_queries if self.metric_ == "hamming" else _QUERY_CHUNK
+            for start in range(0, max(n_queries, 1), step):
+                stop = min(start + step, n_queries)
+                if X is None:
+                    codes = self._index.codes.slice(start, stop)
+                    queries = (codes if self.metric_ == "hamming"
+                               else self._tables_of_codes(codes))
+                    exclude = np.arange(start, stop, dtype=np.int64)
+                else:
+                    queries, exclude = self._encode_queries(X[start:stop]), None
+                parts.append(self._index.radius(queries, threshold, allowed=mask,
+                                                exclude=exclude, n_threads=n_threads))
+        neigh_dist = np.empty(n_queries, dtype=object)
+        neigh_ind = np.empty(n_queries, dtype=object)
+        q = 0
+        for offsets, distances, indices in parts:
+            if self.metric_ != "hamming":
+                distances = np.sqrt(np.maximum(distances, 0, dtype=np.float64))
+            for a, b in zip(offsets[:-1], offsets[1:]):
+                d, i = distances[a:b], indices[a:b]
+                if sort_results:
+                    order = np.lexsort((i, d))
+                    d, i = d[order], i[order]
+                neigh_dist[q], neigh_ind[q] = d, i
+                q += 1
+        return (neigh_dist, neigh_ind) if return_distance else neigh_ind
+
+    def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity",
+                               sort_results=False, *, allowed=None):
+        """Sparse graph of the database items within ``radius`` of each query.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Query vectors; ``None`` as in :meth:`radius_neighbors`.
+        radius : float, default=None
+            Range; ``None`` uses the constructor's value.
+        mode : {"connectivity", "distance"}, default="connectivity"
+            Entries of ones, or the distances (float64; Hamming in bits).
+        sort_results : bool, default=False
+            Sort each row's entries by distance (``mode="distance"`` only).
+        allowed : array-like, default=None
+            Restricts the search as in :meth:`kneighbors`.
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, n_samples_fit)
+            CSR matrix.
+        """
+        check_is_fitted(self)
+        if mode == "connectivity":
+            indices = self.radius_neighbors(X, radius, return_distance=False, allowed=allowed)
+            data = None
+        elif mode == "distance":
+            distances, indices = self.radius_neighbors(X, radius, return_distance=True,
+                                                       sort_results=sort_results,
+                                                       allowed=allowed)
+            data = (np.concatenate(list(distances)).astype(np.float64) if len(distances)
+                    else np.empty(0))
+        else:
+            raise ValueError(
+                'Unsupported mode, must be one of "connectivity", '
+                f'or "distance" but got "{mode}" instead'
+            )
+        counts = np.array([len(i) for i in indices], dtype=np.int64)
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        flat = np.concatenate(list(indices)) if len(indices) else np.empty(0, np.int64)
+        if data is None:
+            data = np.ones(flat.size)
+        return sparse.csr_matrix((data, flat, indptr), shape=(len(indices), self.n_samples_fit_))

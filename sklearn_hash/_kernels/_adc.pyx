@@ -472,3 +472,106 @@ def ivf_adc_kneighbors(
     if failed:
         raise MemoryError("could not allocate the ADC search buffers.")
     return distances, indices
+
+
+def adc_radius(
+    const float[:, :, ::1] tables,  # IN (n_queries, n_subspaces, n_codewords)
+    const code_t[:, ::1] codes,      # IN (n_database, n_subspaces)
+    float threshold,
+    int n_threads=1,
+    const int64_t[::1] exclude=None,  # IN (n_queries,) or None
+    const uint8_t[::1] allowed=None,  # IN (n_database,) or None
+):
+    """Every database code whose table distance is below ``threshold``.
+
+    Distances are the float32 sums of the k-nearest-neighbour kernel; a code
+    is returned when its sum is strictly below ``threshold`` (pass the next
+    float above a radius to include it). Two passes: the first counts each
+    query's matches, the second writes them. The caller has checked the
+    codeword indices against the tables when they entered its index.
+
+    Returns
+    -------
+    offsets : ndarray of shape (n_queries + 1,), dtype=int64
+    distances : ndarray of shape (offsets[-1],), dtype=float32
+    indices : ndarray of shape (offsets[-1],), dtype=int64
+        In ascending database order within each query.
+    """
+    cdef Py_ssize_t n_queries = tables.shape[0]
+    cdef Py_ssize_t n_subspaces = tables.shape[1]
+    cdef Py_ssize_t n_codewords = tables.shape[2]
+    cdef Py_ssize_t n_database = codes.shape[0]
+    if codes.shape[1] != n_subspaces:
+        raise ValueError(
+            f"tables have {n_subspaces} subspaces but codes have {codes.shape[1]}; "
+            f"they must come from the same quantizer."
+        )
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    if exclude is not None and exclude.shape[0] != n_queries:
+        raise ValueError(f"exclude must have one entry per query ({n_queries}); "
+                         f"got {exclude.shape[0]}.")
+    if allowed is not None and allowed.shape[0] != n_database:
+        raise ValueError(f"allowed must have one entry per database row ({n_database}); "
+                         f"got {allowed.shape[0]}.")
+    counts = np.zeros(n_queries + 1, dtype=np.int64)
+    if n_queries == 0 or n_database == 0:
+        return counts, np.empty(0, np.float32), np.empty(0, np.int64)
+    cdef Py_ssize_t row_bytes = max(1, n_subspaces * sizeof(code_t))
+    cdef Py_ssize_t db_block = max(64, DB_BLOCK_BYTES // row_bytes)
+    cdef Py_ssize_t n_db_blocks = (n_database + db_block - 1) // db_block
+    cdef Py_ssize_t table_size = n_subspaces * n_codewords
+    cdef const float* tab = &tables[0, 0, 0]
+    cdef const code_t* cds = &codes[0, 0]
+    cdef const int64_t* excl = &exclude[0] if exclude is not None else NULL
+    cdef const uint8_t* allow = &allowed[0] if allowed is not None else NULL
+    cdef int64_t[::1] cnt = counts
+    cdef int64_t[::1] offs
+    cdef float[::1] out_dist
+    cdef int64_t[::1] out_idx
+    cdef Py_ssize_t q, j, jb, j0, j1, c, n_found, at, p
+    cdef int failed = 0
+    cdef int* failed_flag = &failed
+    cdef int32_t* found_pos
+    cdef float* found_dist
+    distances = np.empty(0, np.float32)
+    indices = np.empty(0, np.int64)
+    for p in range(2):
+        if p == 1:
+            counts = np.cumsum(counts)
+            offsets = counts[:-1].copy()  # write positions, advanced while filling
+            offs = offsets
+            total = int(counts[-1])
+            distances = np.empty(total, np.float32)
+            indices = np.empty(total, np.int64)
+            out_dist = distances
+            out_idx = indices
+        with nogil, parallel(num_threads=n_threads):
+            found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
+            found_dist = <float*> malloc(db_block * sizeof(float))
+            if found_pos == NULL or found_dist == NULL:
+                failed_flag[0] = 1
+            else:
+                for q in prange(n_queries, schedule="static"):
+                    for jb in range(n_db_blocks):
+                        j0 = jb * db_block
+                        j1 = min(j0 + db_block, n_database)
+                        n_found = _scan(tab + q * table_size, cds + j0 * n_subspaces, j1 - j0,
+                                        n_subspaces, n_codewords, threshold, found_pos,
+                                        found_dist)
+                        for c in range(n_found):
+                            j = j0 + found_pos[c]
+                            if (excl != NULL and j == excl[q]) or (allow != NULL and not allow[j]):
+                                continue
+                            if p == 0:
+                                cnt[q + 1] += 1
+                            else:
+                                at = offs[q]
+                                out_dist[at] = found_dist[c]
+                                out_idx[at] = j
+                                offs[q] = at + 1
+            free(found_pos)
+            free(found_dist)
+        if failed:
+            raise MemoryError("could not allocate the ADC search buffers.")
+    return counts, distances, indices

@@ -288,3 +288,131 @@ def hamming_kneighbors(
     if failed:
         raise MemoryError("could not allocate the Hamming search buffers.")
     return distances, indices
+
+
+def hamming_radius(
+    const uint64_t[:, ::1] queries,   # IN (n_queries, n_words)
+    const uint64_t[:, ::1] database,  # IN (n_database, n_words)
+    int radius,
+    int n_threads=1,
+    simd=True,
+    const int64_t[::1] exclude=None,  # IN (n_queries,) or None
+    const uint8_t[::1] allowed=None,  # IN (n_database,) or None
+):
+    """Every database code within Hamming distance ``radius`` of each query.
+
+    Two passes over the database: the first counts each query's matches,
+    the second writes them, so the output is allocated once and exactly.
+
+    Parameters
+    ----------
+    queries, database : ndarray of dtype uint64, C-contiguous
+        Packed codes of the same number of words.
+    radius : int
+        Largest distance returned (inclusive), ``>= 0``.
+    n_threads : int, default=1
+    simd : bool or str, default=True
+        Popcount path, as in :func:`hamming_kneighbors`.
+    exclude : ndarray of shape (n_queries,), dtype=int64, default=None
+        A database row never returned for each query (-1: none).
+    allowed : ndarray of shape (n_database,), dtype=uint8, default=None
+        Only rows whose entry is non-zero are returned.
+
+    Returns
+    -------
+    offsets : ndarray of shape (n_queries + 1,), dtype=int64
+        Query q's matches are ``indices[offsets[q]:offsets[q + 1]]``.
+    distances : ndarray of shape (offsets[-1],), dtype=int32
+    indices : ndarray of shape (offsets[-1],), dtype=int64
+        In ascending database order within each query.
+    """
+    cdef Py_ssize_t n_queries = queries.shape[0]
+    cdef Py_ssize_t n_database = database.shape[0]
+    cdef Py_ssize_t n_words = database.shape[1]
+    if queries.shape[1] != n_words:
+        raise ValueError(
+            f"queries have {queries.shape[1]} words per code but the database "
+            f"has {n_words}; both must be packed from the same number of bits."
+        )
+    if n_words < 1:
+        raise ValueError("codes must have at least one 64-bit word.")
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0; got {radius}.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    if exclude is not None and exclude.shape[0] != n_queries:
+        raise ValueError(f"exclude must have one entry per query ({n_queries}); "
+                         f"got {exclude.shape[0]}.")
+    if allowed is not None and allowed.shape[0] != n_database:
+        raise ValueError(f"allowed must have one entry per database row ({n_database}); "
+                         f"got {allowed.shape[0]}.")
+    counts = np.zeros(n_queries + 1, dtype=np.int64)
+    if n_queries == 0 or n_database == 0:
+        return counts, np.empty(0, np.int32), np.empty(0, np.int64)
+    cdef int threshold = min(radius, <int>(64 * n_words)) + 1
+    cdef Py_ssize_t db_block = max(8, (DB_BLOCK_BYTES // (8 * n_words)) // 8 * 8)
+    cdef Py_ssize_t n_db_blocks = (n_database + db_block - 1) // db_block
+    cdef const uint64_t* db = &database[0, 0]
+    cdef const uint64_t* qs = &queries[0, 0]
+    cdef const int64_t* excl = &exclude[0] if exclude is not None else NULL
+    cdef const uint8_t* allow = &allowed[0] if allowed is not None else NULL
+    cdef int use_simd = sh_detect_simd(max_simd_level(simd))
+    cdef int64_t[::1] cnt = counts
+    cdef int64_t[::1] offs
+    cdef int32_t[::1] out_dist
+    cdef int64_t[::1] out_idx
+    cdef Py_ssize_t q, j, jb, j0, j1, w, c, n_found, at, p
+    cdef int failed = 0
+    cdef int* failed_flag = &failed
+    cdef int32_t* found_pos
+    cdef int32_t* found_dist
+    # The database interleaved once by groups of 8 rows, as the popcount helper reads it.
+    cdef Py_ssize_t n_groups = (n_database + 7) // 8
+    interleaved = np.zeros(n_groups * n_words * 8, dtype=np.uint64)
+    cdef uint64_t[::1] inter = interleaved
+    with nogil:
+        for j in range(n_database):
+            for w in range(n_words):
+                inter[((j // 8) * n_words + w) * 8 + j % 8] = db[j * n_words + w]
+    cdef const uint64_t* blocks = &inter[0]
+    distances = np.empty(0, np.int32)
+    indices = np.empty(0, np.int64)
+    for p in range(2):
+        if p == 1:
+            counts = np.cumsum(counts)
+            offsets = counts[:-1].copy()  # write positions, advanced while filling
+            offs = offsets
+            total = int(counts[-1])
+            distances = np.empty(total, np.int32)
+            indices = np.empty(total, np.int64)
+            out_dist = distances
+            out_idx = indices
+        with nogil, parallel(num_threads=n_threads):
+            found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
+            found_dist = <int32_t*> malloc(db_block * sizeof(int32_t))
+            if found_pos == NULL or found_dist == NULL:
+                failed_flag[0] = 1
+            else:
+                for q in prange(n_queries, schedule="static"):
+                    for jb in range(n_db_blocks):
+                        j0 = jb * db_block
+                        j1 = min(j0 + db_block, n_database)
+                        n_found = sh_block_candidates(use_simd, qs + q * n_words,
+                                                      blocks + j0 * n_words, j1 - j0,
+                                                      n_words, threshold, found_pos, found_dist)
+                        for c in range(n_found):
+                            j = j0 + found_pos[c]
+                            if (excl != NULL and j == excl[q]) or (allow != NULL and not allow[j]):
+                                continue
+                            if p == 0:
+                                cnt[q + 1] += 1
+                            else:
+                                at = offs[q]
+                                out_dist[at] = found_dist[c]
+                                out_idx[at] = j
+                                offs[q] = at + 1
+            free(found_pos)
+            free(found_dist)
+        if failed:
+            raise MemoryError("could not allocate the Hamming search buffers.")
+    return counts, distances, indices
