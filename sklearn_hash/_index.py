@@ -56,8 +56,12 @@ class IndexMixin:
     def _append(self, X, y):
         """Encode and append rows (and labels), a chunk at a time."""
         n_new = X.shape[0]
+        verbose = getattr(self, "verbose", 0)
         for start in range(0, n_new, ENCODE_CHUNK):
             self._index_items(X[start : start + ENCODE_CHUNK])
+            if verbose:
+                print(f"[{type(self).__name__}] indexed {min(start + ENCODE_CHUNK, n_new):,}"
+                      f"/{n_new:,} rows.")
         if y is not None:
             self._append_labels(y)
         if self._live is not None:

@@ -91,6 +91,10 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         own (``ProductQuantizer.max_train_samples``).
     random_state : int, RandomState instance or None, default=None
         Seeds the subsample and the coarse k-means initialisation.
+    verbose : int, default=0
+        When positive, ``fit`` prints the coarse k-means progress, and
+        ``fit`` and ``add`` print how many rows are indexed, a chunk of
+        65,536 at a time (the residual quantizer has its own ``verbose``).
     n_jobs : int, default=None
         OpenMP threads of the kernels. ``None`` uses the OpenMP default (all
         cores, or ``OMP_NUM_THREADS``); ``-1`` all cores, ``-2`` all but one.
@@ -169,6 +173,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
         "random_state": ["random_state"],
         "n_jobs": [Integral, None],
+        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -182,6 +187,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         max_train_samples=None,
         random_state=None,
         n_jobs=None,
+        verbose=0,
     ):
         self.quantizer = quantizer
         self.n_lists = n_lists
@@ -191,6 +197,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         self.max_train_samples = max_train_samples
         self.random_state = random_state
         self.n_jobs = n_jobs
+        self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y=None):
@@ -222,7 +229,8 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         rng = check_random_state(self.random_state)
         X_train = training_rows(X, self.max_train_samples, self.n_lists, rng)
         start = X_train[np.sort(rng.choice(X_train.shape[0], self.n_lists, replace=False))]
-        self.coarse_centers_, _ = kmeans(X_train, start, self.n_iter, n_threads)
+        self.coarse_centers_, _ = kmeans(X_train, start, self.n_iter, n_threads,
+                                         verbose=self.verbose, label="coarse k-means")
 
         quantizer = self.quantizer if self.quantizer is not None else ProductQuantizer()
         with config_context(transform_output="default"):

@@ -23,7 +23,7 @@ def training_rows(X, max_train_samples, n_clusters, rng):
     return X[np.sort(rng.choice(X.shape[0], max_train, replace=False))]
 
 
-def kmeans(X, init, n_iter, n_threads):
+def kmeans(X, init, n_iter, n_threads, verbose=0, label="k-means"):
     """Lloyd's k-means in X's precision.
 
     Each iteration assigns every row to its nearest center (a fused kernel,
@@ -40,6 +40,11 @@ def kmeans(X, init, n_iter, n_threads):
     n_iter : int
     n_threads : int
         OpenMP threads of the assignment step; the result does not depend on it.
+    verbose : int, default=0
+        When positive, print the inertia of each iteration (before the
+        centers move), as scikit-learn's ``KMeans(verbose=1)`` does.
+    label : str, default="k-means"
+        What the printed lines start with.
 
     Returns
     -------
@@ -51,10 +56,14 @@ def kmeans(X, init, n_iter, n_threads):
     n_clusters = centers.shape[0]
     sq_norms = np.einsum("ij,ij->i", X, X)  # the rows' norms, once for every assignment
     previous = None
-    for _ in range(n_iter):
+    for it in range(n_iter):
         labels, sq_distances = nearest_codewords(X, centers, n_threads=n_threads,
                                                  sq_norms=sq_norms)
+        if verbose:
+            print(f"{label}: iteration {it}, inertia {sq_distances.sum(dtype=np.float64):.6g}.")
         if previous is not None and np.array_equal(labels, previous):
+            if verbose:
+                print(f"{label}: converged at iteration {it}: no assignment changed.")
             break  # the centers are the means of these labels: sq_distances are final
         sums, counts = accumulate(X, labels, n_clusters)
         empty = np.flatnonzero(counts == 0)

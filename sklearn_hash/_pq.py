@@ -114,6 +114,9 @@ default="random"
         Rows used to train the codebooks; ``None`` means ``256 * K``.
     random_state : int, RandomState instance or None, default=None
         Seeds the subsample and the k-means initialisations.
+    verbose : int, default=0
+        When positive, ``fit`` prints each codebook's k-means progress
+        (inertia per iteration). Silent by default.
 
     Attributes
     ----------
@@ -170,6 +173,7 @@ default="random"
         "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
         "init": [StrOptions({"random", "k-means++"}), "array-like"],
         "random_state": ["random_state"],
+        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -181,6 +185,7 @@ default="random"
         init="random",
         max_train_samples=None,
         random_state=None,
+        verbose=0,
     ):
         self.n_bits = n_bits
         self.subspace_bits = subspace_bits
@@ -188,6 +193,7 @@ default="random"
         self.init = init
         self.max_train_samples = max_train_samples
         self.random_state = random_state
+        self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -235,7 +241,9 @@ default="random"
                 start = self._init_centers(block, n_codewords, seed)
             else:
                 start = init[m, :, : hi - lo]
-            centers, self.inertia_[m] = kmeans(block, start, self.n_iter, n_threads)
+            centers, self.inertia_[m] = kmeans(block, start, self.n_iter, n_threads,
+                                               verbose=self.verbose,
+                                               label=f"codebook {m + 1}/{n_subspaces}")
             self.cluster_centers_[m, :, : hi - lo] = centers
             n_distinct = len(np.unique(centers, axis=0))
             if n_distinct < n_codewords:

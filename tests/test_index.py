@@ -468,3 +468,19 @@ def test_packed_codes_round_trip_through_the_hamming_back_end():
     dist, ind = scan.search(pack_bits(bits[:2]), 2)
     np.testing.assert_array_equal(ind, [[0, 20], [1, 21]])
     np.testing.assert_array_equal(dist, [[0, 0], [0, 0]])
+
+
+def test_verbose_reports_k_means_and_indexing_progress_and_is_silent_by_default(data, capsys):
+    X_db, y_db, _, _ = data
+    clone(IVF).fit(X_db, y_db)
+    assert capsys.readouterr().out == ""
+    pq = ProductQuantizer(n_bits=16, subspace_bits=4, n_iter=3, random_state=0, verbose=1)
+    IVFQuantizedNeighbors(pq, n_lists=8, n_iter=2, random_state=0, verbose=1).fit(X_db, y_db)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("coarse k-means: iteration 0, inertia")
+    assert sum(line.startswith("codebook 4/4: iteration") for line in out) >= 1
+    assert out[-1] == f"[IVFQuantizedNeighbors] indexed {len(X_db):,}/{len(X_db):,} rows."
+    # Inertia never rises from one iteration to the next.
+    inertia = [float(line.rsplit(" ", 1)[1].rstrip(".")) for line in out
+               if line.startswith("codebook 1/4: iteration")]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(inertia, inertia[1:]))
