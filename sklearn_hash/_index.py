@@ -19,11 +19,12 @@ old-to-new mapping.
 """
 
 import numbers
+from numbers import Integral
 
 import numpy as np
 from scipy import sparse
 from sklearn.utils import check_array
-from sklearn.utils._param_validation import validate_parameter_constraints
+from sklearn.utils._param_validation import Interval, validate_parameter_constraints
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
 
 from ._storage import ChunkedRows, GrowableArray
@@ -38,15 +39,19 @@ class IndexMixin:
     """Growth, removal, filtered kNN search, scoring and persistence of a fitted index."""
 
     # Attributes that hold storage or caches: never part of the saved state.
-    _TRANSIENT = ("_index", "_labels", "_live", "_n_removed", "_saved", "_fit_y_cache")
+    _TRANSIENT = ("_index", "_labels", "_vectors", "_live", "_n_removed", "_saved",
+                  "_fit_y_cache")
     # Per-call search settings accepted by kneighbors: name -> constraints.
-    _SEARCH_PARAMS: dict = {}
+    _SEARCH_PARAMS: dict = {"refine_factor": [Interval(Integral, 1, None, closed="left")]}
 
     # ------------------------------------------------------------------ storage
     def _start_index(self, y):
         """Empty storage for a fitted searcher, labels kept iff y is given."""
         self._index = self._new_index()
         self._labels = None if y is None else ChunkedRows(y.shape[1:], y.dtype)
+        # The original vectors, float32, for exact re-ranking (refine_factor).
+        self._vectors = (None if self.refine_factor is None
+                         else ChunkedRows((self.n_features_in_,), np.float32))
         self._live = None  # uint8 per item once something is removed
         self._n_removed = 0
         self._saved = None
@@ -64,6 +69,8 @@ class IndexMixin:
                       f"/{n_new:,} rows.")
         if y is not None:
             self._append_labels(y)
+        if self._vectors is not None:
+            self._vectors.append(X.astype(np.float32, copy=False))
         if self._live is not None:
             self._live.append(np.ones(n_new, dtype=np.uint8))
         self.n_samples_fit_ += n_new
@@ -228,6 +235,10 @@ class IndexMixin:
                 labels = self._fit_y[keep]
                 self._labels = ChunkedRows(labels.shape[1:], labels.dtype)
                 self._labels.append(labels)
+            if self._vectors is not None:
+                vectors = self._vectors.to_array()[keep]
+                self._vectors = ChunkedRows(self._vectors.row_shape, np.float32)
+                self._vectors.append(vectors)
             self.n_samples_fit_ = int(keep.sum())
             self._live = None
             self._n_removed = 0
@@ -351,9 +362,39 @@ class IndexMixin:
                 f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {n_required}, "
                 f"n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}"
             )
+        refine = params.pop("refine_factor", None)
         with single_threaded_blas:
-            distances, indices = self._search(X, n_neighbors, mask, params)
+            if refine is None:
+                distances, indices = self._search(X, n_neighbors, mask, params)
+            else:
+                if self._vectors is None:
+                    raise ValueError(
+                        f"refine_factor={refine} re-ranks by the original vectors, but this "
+                        f"index keeps none: fit it with refine_factor set (the vectors are "
+                        f"kept from then on)."
+                    )
+                n_candidates = min(n_neighbors * refine, n_candidates - int(query_is_train))
+                candidates = self._search(X, n_candidates, mask, params)[1]
+                distances, indices = self._refine(X, candidates, n_neighbors)
         return (distances, indices) if return_distance else indices
+
+    def _refine(self, X, candidates, n_neighbors):
+        """Re-rank candidates by exact L2 distance to the stored vectors, ties by index."""
+        n_queries = candidates.shape[0]
+        distances = np.empty((n_queries, n_neighbors), dtype=np.float64)
+        indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
+        step = max(1, (1 << 24) // max(1, candidates.shape[1] * self.n_features_in_))
+        for start in range(0, n_queries, step):
+            stop = min(start + step, n_queries)
+            cand = candidates[start:stop]
+            queries = (self._vectors.take(np.arange(start, stop)) if X is None
+                       else X[start:stop]).astype(np.float64)
+            vectors = self._vectors.take(cand.ravel()).reshape(*cand.shape, -1)
+            d2 = ((vectors - queries[:, None, :]) ** 2).sum(axis=2)
+            order = np.lexsort((cand, d2), axis=1)[:, :n_neighbors]
+            distances[start:stop] = np.sqrt(np.take_along_axis(d2, order, axis=1))
+            indices[start:stop] = np.take_along_axis(cand, order, axis=1)
+        return distances, indices
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity", *, allowed=None,
                          **search_params):

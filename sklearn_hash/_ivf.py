@@ -89,6 +89,12 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         Rows the coarse k-means trains on (a random subsample); ``None`` means
         ``256 * n_lists``, as faiss. The residual quantizer subsamples on its
         own (``ProductQuantizer.max_train_samples``).
+    refine_factor : int, default=None
+        Exact re-ranking, as in :class:`QuantizedNeighbors`: with an int r
+        the index keeps the original vectors (float32, memory-mapped after
+        :meth:`load`) and re-orders the ``r * n_neighbors`` best candidates
+        of the probed cells by exact L2 distance. Per call:
+        ``kneighbors(..., refine_factor=...)``.
     random_state : int, RandomState instance or None, default=None
         Seeds the subsample and the coarse k-means initialisation.
     verbose : int, default=0
@@ -162,7 +168,8 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     """
 
     _TRANSIENT = (*IndexMixin._TRANSIENT, "_list_tables")
-    _SEARCH_PARAMS = {"n_probe": [Interval(Integral, 1, None, closed="left")]}
+    _SEARCH_PARAMS = {**IndexMixin._SEARCH_PARAMS,
+                      "n_probe": [Interval(Integral, 1, None, closed="left")]}
 
     _parameter_constraints: dict = {
         "quantizer": [ProductQuantizer, None],
@@ -171,6 +178,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "n_iter": [Interval(Integral, 1, None, closed="left")],
         "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "refine_factor": [Interval(Integral, 1, None, closed="left"), None],
         "random_state": ["random_state"],
         "n_jobs": [Integral, None],
         "verbose": ["verbose"],
@@ -185,6 +193,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         n_neighbors=10,
         n_iter=25,
         max_train_samples=None,
+        refine_factor=None,
         random_state=None,
         n_jobs=None,
         verbose=0,
@@ -196,6 +205,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         self.n_iter = n_iter
         self.max_train_samples = max_train_samples
         self.random_state = random_state
+        self.refine_factor = refine_factor
         self.n_jobs = n_jobs
         self.verbose = verbose
 

@@ -71,6 +71,15 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
     radius : float, default=1.0
         Range of :meth:`radius_neighbors`, in the units of the distances:
         bits for Hamming distances, L2 for product codes.
+    refine_factor : int, default=None
+        Exact re-ranking. ``None``: results come from the codes alone. An
+        int r: the index also keeps the original vectors (float32;
+        memory-mapped after :meth:`load`, so RAM holds only the codes), a
+        search takes ``r * n_neighbors`` candidates from the codes and
+        re-orders them by exact L2 distance to the stored vectors; the
+        distances returned are then exact L2 distances (float64), ties by
+        index. ``kneighbors(..., refine_factor=...)`` changes r for one call
+        (the vectors must have been kept from ``fit`` on).
     n_jobs : int, default=None
         OpenMP threads of the search kernel. ``None`` uses the OpenMP default
         (all cores, or ``OMP_NUM_THREADS``); ``-1`` all cores, ``-2`` all but
@@ -159,17 +168,19 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "metric": [StrOptions({"auto", "hamming", "adc", "sdc"})],
         "radius": [Interval(Real, 0, None, closed="left")],
+        "refine_factor": [Interval(Integral, 1, None, closed="left"), None],
         "n_jobs": [Integral, None],
     }
 
     _TRANSIENT = (*IndexMixin._TRANSIENT, "_sdc_tables")
 
     def __init__(self, quantizer=None, *, n_neighbors=10, radius=1.0, metric="auto",
-                 n_jobs=None):
+                 refine_factor=None, n_jobs=None):
         self.quantizer = quantizer
         self.n_neighbors = n_neighbors
         self.radius = radius
         self.metric = metric
+        self.refine_factor = refine_factor
         self.n_jobs = n_jobs
 
     @_fit_context(prefer_skip_nested_validation=False)

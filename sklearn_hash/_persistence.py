@@ -195,6 +195,8 @@ def save_index(searcher, path):
         seg_arrays = searcher._index.segment_arrays(start, n)
         if labels is not None:
             seg_arrays["labels"] = labels.slice(start, n)
+        if searcher._vectors is not None:
+            seg_arrays["vectors"] = searcher._vectors.slice(start, n)
         for name, array in seg_arrays.items():
             write_array(path / seg_dir / f"{name}.npy", array)
         segments.append({"dir": seg_dir, "start": start, "stop": n,
@@ -258,7 +260,8 @@ def load_index(cls, path, mmap_mode):
     searcher._labels = None if labels is None else ChunkedRows(labels["row_shape"],
                                                                labels["dtype"])
     searcher._live, searcher._n_removed, searcher._fit_y_cache = None, 0, None
-    label_chunks, expected_start = [], 0
+    keeps_vectors = getattr(searcher, "refine_factor", None) is not None
+    label_chunks, vector_chunks, expected_start = [], [], 0
     for segment in manifest["segments"]:
         if segment["start"] != expected_start or segment["stop"] < segment["start"]:
             raise ValueError(f"{path / 'index.json'}: segment {segment['dir']} covers items "
@@ -270,18 +273,24 @@ def load_index(cls, path, mmap_mode):
         size = segment["stop"] - segment["start"]
         codes_rows = len(seg["codes"])
         if codes_rows != size or ("labels" in seg) != (labels is not None) or (
-                "labels" in seg and len(seg["labels"]) != size):
+                "labels" in seg and len(seg["labels"]) != size) or (
+                ("vectors" in seg) != keeps_vectors) or (
+                "vectors" in seg and seg["vectors"].shape != (size, searcher.n_features_in_)):
             raise ValueError(f"{path / segment['dir']} holds arrays of inconsistent lengths "
                              f"for its {size} items; the index directory is damaged.")
         searcher._index.add_segment(seg)
         if labels is not None:
             label_chunks.append(seg["labels"])
+        if keeps_vectors:
+            vector_chunks.append(seg["vectors"])
         expected_start = segment["stop"]
     if expected_start != n or len(searcher._index) != n:
         raise ValueError(f"{path / 'index.json'} declares {n} items but its segments hold "
                          f"{expected_start}; the index directory is damaged.")
     if labels is not None:
         searcher._labels = ChunkedRows(labels["row_shape"], labels["dtype"], label_chunks)
+    searcher._vectors = (ChunkedRows((searcher.n_features_in_,), np.float32, vector_chunks)
+                         if keeps_vectors else None)
     searcher.n_samples_fit_ = n
     removed = manifest.get("removed")
     if removed:

@@ -114,6 +114,20 @@ class ChunkedRows:
             return np.empty((0, *self.row_shape), dtype=self.dtype)
         return np.concatenate(chunks)
 
+    def take(self, indices):
+        """Rows at the given indices (any order), reading only those rows."""
+        indices = np.asarray(indices, dtype=np.int64)
+        chunks = self.chunks()
+        if len(chunks) == 1:
+            return chunks[0][indices]
+        out = np.empty((indices.size, *self.row_shape), dtype=self.dtype)
+        offset = 0
+        for chunk in chunks:
+            inside = np.flatnonzero((indices >= offset) & (indices < offset + len(chunk)))
+            out[inside] = chunk[indices[inside] - offset]
+            offset += len(chunk)
+        return out
+
     def slice(self, start, stop):
         """Rows ``start:stop`` as one array."""
         parts, offset = [], 0
