@@ -12,6 +12,7 @@ from ._dqn import DeepQuantizationNetwork
 from ._itq import ITQ
 from ._ivf import IVFQuantizedNeighbors
 from ._neighbors import QuantizedNeighbors
+from ._opq import OPQ
 from ._pq import ProductQuantizer
 from ._spectral import SpectralHashing
 from ._transformer import QuantizedNeighborsTransformer
@@ -23,6 +24,7 @@ __all__ = [
     "DeepQuantizationNetwork",
     "ITQ",
     "IVFQuantizedNeighbors",
+    "OPQ",
     "ProductQuantizer",
     "QuantizedNeighbors",
     "QuantizedNeighborsTransformer",

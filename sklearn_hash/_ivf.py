@@ -30,6 +30,7 @@ from ._backends import InvertedLists
 from ._index import IndexMixin
 from ._kernels._nearest import codeword_scores, nearest_codewords
 from ._kmeans import kmeans, training_rows
+from ._opq import OPQ
 from ._pq import ProductQuantizer
 from ._threads import effective_n_threads
 
@@ -70,9 +71,11 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
 
     Parameters
     ----------
-    quantizer : ProductQuantizer, default=None
+    quantizer : ProductQuantizer or OPQ, default=None
         Unfitted quantizer of the residuals; cloned in ``fit``. ``None``
-        means ``ProductQuantizer()`` (64 bits).
+        means ``ProductQuantizer()`` (64 bits). With :class:`OPQ` the
+        rotation is learned on the residuals; the cells' and queries' table
+        terms are computed in the rotated space.
     n_lists : int, default=256
         Number of cells (coarse centroids). A common choice is about
         ``sqrt(n_samples_fit)`` to ``4 * sqrt(n_samples_fit)``.
@@ -172,7 +175,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
                       "n_probe": [Interval(Integral, 1, None, closed="left")]}
 
     _parameter_constraints: dict = {
-        "quantizer": [ProductQuantizer, None],
+        "quantizer": [ProductQuantizer, OPQ, None],
         "n_lists": [Interval(Integral, 1, None, closed="left")],
         "n_probe": [Interval(Integral, 1, None, closed="left")],
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
@@ -308,6 +311,8 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         of the product).
         """
         pq = self.quantizer_
+        if hasattr(pq, "rotation_"):  # OPQ: codewords live in the rotated space
+            X = np.ascontiguousarray(X @ pq.rotation_.astype(X.dtype, copy=False))
         bounds = pq.subspace_bounds_
         out = np.empty((X.shape[0], pq.n_subspaces_, pq.n_codewords_), dtype=X.dtype)
         for m in range(pq.n_subspaces_):
