@@ -11,11 +11,12 @@ MODULES = [
     "sklearn_hash._ivf",
     "sklearn_hash._spectral",
     "sklearn_hash._neighbors",
+    "sklearn_hash._opq",
     "sklearn_hash._pq",
+    "sklearn_hash._transformer",
+    "sklearn_hash.datasets._esc10",
     "sklearn_hash.metrics._retrieval",
 ]
-
-
 
 
 @pytest.mark.parametrize("name", MODULES + ["sklearn_hash._dqn"])
