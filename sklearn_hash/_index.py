@@ -27,8 +27,9 @@ from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, validate_parameter_constraints
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
 
+from ._kernels._refine import refine_kneighbors
 from ._storage import ChunkedRows, GrowableArray
-from ._threads import single_threaded_blas
+from ._threads import effective_n_threads, single_threaded_blas
 from .metrics import map_at_r_score
 
 # Rows encoded at a time when indexing, to bound the memory beyond the codes.
@@ -380,21 +381,15 @@ class IndexMixin:
 
     def _refine(self, X, candidates, n_neighbors):
         """Re-rank candidates by exact L2 distance to the stored vectors, ties by index."""
-        n_queries = candidates.shape[0]
-        distances = np.empty((n_queries, n_neighbors), dtype=np.float64)
-        indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
-        step = max(1, (1 << 24) // max(1, candidates.shape[1] * self.n_features_in_))
-        for start in range(0, n_queries, step):
-            stop = min(start + step, n_queries)
-            cand = candidates[start:stop]
-            queries = (self._vectors.take(np.arange(start, stop)) if X is None
-                       else X[start:stop]).astype(np.float64)
-            vectors = self._vectors.take(cand.ravel()).reshape(*cand.shape, -1)
-            d2 = ((vectors - queries[:, None, :]) ** 2).sum(axis=2)
-            order = np.lexsort((cand, d2), axis=1)[:, :n_neighbors]
-            distances[start:stop] = np.sqrt(np.take_along_axis(d2, order, axis=1))
-            indices[start:stop] = np.take_along_axis(cand, order, axis=1)
-        return distances, indices
+        chunks = self._vectors.chunks()
+        starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+        pointers = np.array([c.ctypes.data for c in chunks], dtype=np.intp)
+        n_threads = effective_n_threads(getattr(self, "n_jobs", None))
+        if X is None:  # the items query with their own vectors
+            X = self._vectors.to_array()
+        queries = np.ascontiguousarray(X, dtype=np.float64)
+        return refine_kneighbors(queries, np.ascontiguousarray(candidates), starts, pointers,
+                                 n_neighbors, n_threads=n_threads)
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity", *, allowed=None,
                          **search_params):

@@ -88,3 +88,29 @@ def test_refine_errors(data):
         fitted.kneighbors(X_q, refine_factor=0)
     with pytest.raises(ValueError, match="refine_factor"):
         fitted.kneighbors(X_q, refine_factor=1.5)
+
+
+def test_refine_kernel_matches_numpy_over_chunks_threads_and_ties():
+    from sklearn_hash._kernels._refine import refine_kneighbors
+
+    rng = np.random.default_rng(0)
+    V = rng.integers(0, 3, (200, 6)).astype(np.float32)  # small integers: many exact ties
+    chunks = [np.ascontiguousarray(V[a:b]) for a, b in ((0, 70), (70, 70), (70, 200))]
+    starts = np.array([0, 70, 70, 200], dtype=np.int64)
+    pointers = np.array([c.ctypes.data for c in chunks], dtype=np.intp)
+    Q = rng.integers(0, 3, (9, 6)).astype(np.float64)
+    cand = np.stack([rng.permutation(200)[:40] for _ in range(9)]).astype(np.int64)
+    cand[0, 5:] = -1  # a short row: padded
+    for n_threads in (1, 2):
+        d, i = refine_kneighbors(Q, cand, starts, pointers, 12, n_threads=n_threads)
+        for q in range(9):
+            c = cand[q][cand[q] >= 0]
+            dist = np.sqrt(((V[c].astype(np.float64) - Q[q]) ** 2).sum(1))
+            order = np.lexsort((c, dist))[:12]
+            np.testing.assert_array_equal(i[q, : order.size], c[order])
+            np.testing.assert_array_equal(d[q, : order.size], dist[order])
+            assert np.all(i[q, order.size :] == -1) and np.all(np.isinf(d[q, order.size :]))
+    with pytest.raises(ValueError, match="candidates must be database indices"):
+        refine_kneighbors(Q, cand + 300, starts, pointers, 3)
+    with pytest.raises(ValueError, match="k must be in"):
+        refine_kneighbors(Q, cand, starts, pointers, 41)

@@ -1,0 +1,129 @@
+"""Exact re-ranking of candidates by L2 distance to stored float32 vectors.
+
+The vectors of an index are stored in chunks (the segments of a loaded
+index, memory-mapped, then the rows added since); chunk c holds the
+database indices ``chunk_starts[c]:chunk_starts[c + 1]`` at address
+``chunk_ptrs[c]``. Each query's candidates are scored with the squared L2
+distance accumulated in double precision, in feature order, so a result
+never depends on the thread count or on the other queries, and the k best
+are returned by (distance, index).
+"""
+
+from cython.parallel cimport parallel, prange
+from libc.math cimport sqrt
+from libc.stdint cimport int64_t, intptr_t
+
+import numpy as np
+
+
+cdef inline bint _before(double da, int64_t ia, double db, int64_t ib) noexcept nogil:
+    """Whether (da, ia) ranks before (db, ib)."""
+    return da < db or (da == db and ia < ib)
+
+
+cdef inline Py_ssize_t _chunk_of(const int64_t* starts, Py_ssize_t n_chunks,
+                                 int64_t index) noexcept nogil:
+    """The chunk holding a database index (binary search over the starts)."""
+    cdef Py_ssize_t lo = 0, hi = n_chunks - 1, mid
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if starts[mid] <= index:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def refine_kneighbors(
+    const double[:, ::1] queries,        # IN (n_queries, n_features)
+    const int64_t[:, ::1] candidates,    # IN (n_queries, n_candidates)
+    const int64_t[::1] chunk_starts,     # IN (n_chunks + 1,)
+    const intptr_t[::1] chunk_ptrs,      # IN (n_chunks,) addresses of float32 rows
+    Py_ssize_t k,
+    int n_threads=1,
+):
+    """The k candidates of each query nearest by exact L2 distance.
+
+    Parameters
+    ----------
+    queries : ndarray of shape (n_queries, n_features), dtype=float64
+    candidates : ndarray of shape (n_queries, n_candidates), dtype=int64
+        Database indices, each in ``[0, chunk_starts[-1])``, or -1 (ignored).
+    chunk_starts : ndarray of shape (n_chunks + 1,), dtype=int64
+        Rising from 0 to the number of stored vectors.
+    chunk_ptrs : ndarray of shape (n_chunks,), dtype=intp
+        Address of each chunk's C-contiguous float32 rows of n_features.
+    k : int
+        Neighbours kept, ``0 <= k <= n_candidates``.
+    n_threads : int, default=1
+
+    Returns
+    -------
+    distances : ndarray of shape (n_queries, k), dtype=float64
+        L2 distances (square roots), ascending; ``inf`` where a query has
+        fewer than k candidates.
+    indices : ndarray of shape (n_queries, k), dtype=int64
+        Ties by ascending index; -1 where a query has fewer candidates.
+    """
+    cdef Py_ssize_t n_queries = queries.shape[0]
+    cdef Py_ssize_t n_features = queries.shape[1]
+    cdef Py_ssize_t n_cand = candidates.shape[1]
+    cdef Py_ssize_t n_chunks = chunk_ptrs.shape[0]
+    starts = np.asarray(chunk_starts)
+    if candidates.shape[0] != n_queries:
+        raise ValueError("candidates must have one row per query.")
+    if starts.shape[0] != n_chunks + 1 or starts[0] != 0 or np.any(np.diff(starts) < 0):
+        raise ValueError("chunk_starts must rise from 0, with one more entry than chunk_ptrs.")
+    if n_chunks and np.any((np.diff(starts) > 0) & (np.asarray(chunk_ptrs) == 0)):
+        raise ValueError("every non-empty chunk needs an address.")
+    if k < 0 or k > n_cand:
+        raise ValueError(f"k must be in [0, {n_cand}]; got k={k}.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    cand = np.asarray(candidates)
+    if cand.size and (cand.max() >= starts[-1] or cand.min() < -1):
+        raise ValueError(f"candidates must be database indices in [0, {starts[-1] - 1}] "
+                         f"or -1.")
+    distances = np.full((n_queries, k), np.inf)
+    indices = np.full((n_queries, k), -1, dtype=np.int64)
+    if n_queries == 0 or k == 0:
+        return distances, indices
+    cdef double[:, ::1] out_d = distances
+    cdef int64_t[:, ::1] out_i = indices
+    cdef const int64_t* st = &chunk_starts[0]
+    cdef Py_ssize_t q, c, j, pos, size, ch
+    cdef int64_t idx
+    cdef double acc, diff
+    cdef const float* row
+    cdef double* hd
+    cdef int64_t* hi
+    with nogil, parallel(num_threads=n_threads):
+        for q in prange(n_queries, schedule="static"):
+            hd = &out_d[q, 0]
+            hi = &out_i[q, 0]
+            size = 0
+            for c in range(n_cand):
+                idx = candidates[q, c]
+                if idx < 0:
+                    continue
+                ch = _chunk_of(st, n_chunks, idx)
+                row = (<const float*> chunk_ptrs[ch]) + (idx - st[ch]) * n_features
+                acc = 0.0
+                for j in range(n_features):
+                    diff = <double> row[j] - queries[q, j]
+                    acc = acc + diff * diff
+                # Insertion into the sorted top k (k is small: tens to hundreds).
+                if size == k and not _before(acc, idx, hd[k - 1], hi[k - 1]):
+                    continue
+                pos = size if size < k else k - 1
+                while pos > 0 and _before(acc, idx, hd[pos - 1], hi[pos - 1]):
+                    hd[pos] = hd[pos - 1]
+                    hi[pos] = hi[pos - 1]
+                    pos = pos - 1
+                hd[pos] = acc
+                hi[pos] = idx
+                if size < k:
+                    size = size + 1
+            for c in range(size):
+                hd[c] = sqrt(hd[c])
+    return distances, indices
