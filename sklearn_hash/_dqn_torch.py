@@ -61,6 +61,9 @@ class DQNLoss(nn.Module):
       ``i != j`` of ``(s_ij - cos(z_i, z_j))**2``, with ``s_ij = +1`` when the
       rows share a label and ``-1`` otherwise (``label_matrix`` holds one 0/1
       row per training row; unlabelled rows are left out through ``labelled``);
+      with a label tree, ``s_ij = pair_targets[row_nodes[i], row_nodes[j]]``
+      instead, the graded targets of the rows' labels (``label_matrix`` is
+      then unused);
     - quantization: the mean over the batch of ``||z_i - C h_i||^2``, where
       ``C h_i`` is the nearest codeword of each block of ``z_i`` in the
       current product codebooks (``codebooks``, set by
@@ -71,10 +74,16 @@ class DQNLoss(nn.Module):
       optimisation of Cao et al. (2016).
     """
 
-    def __init__(self, label_matrix, labelled, quantization_weight):
+    def __init__(self, label_matrix, labelled, quantization_weight, pair_targets=None,
+                 row_nodes=None):
         super().__init__()
         self.register_buffer("label_matrix", torch.as_tensor(label_matrix, dtype=torch.float32))
         self.register_buffer("labelled", torch.as_tensor(labelled, dtype=torch.bool))
+        self.graded = pair_targets is not None
+        if self.graded:
+            self.register_buffer("pair_targets",
+                                 torch.as_tensor(pair_targets, dtype=torch.float32))
+            self.register_buffer("row_nodes", torch.as_tensor(row_nodes, dtype=torch.long))
         self.register_buffer("codebooks", torch.empty(0))
         self.bounds = []
         self.quantization_weight = quantization_weight
@@ -104,8 +113,12 @@ class DQNLoss(nn.Module):
         zl = z[keep]
         pairwise = z.sum() * 0.0  # keeps the graph when the batch has < 2 labelled rows
         if zl.shape[0] >= 2:
-            labels = self.label_matrix[index[keep]]
-            similar = (labels @ labels.T > 0).to(z.dtype) * 2.0 - 1.0
+            if self.graded:
+                nodes = self.row_nodes[index[keep]]
+                similar = self.pair_targets[nodes[:, None], nodes[None, :]].to(z.dtype)
+            else:
+                labels = self.label_matrix[index[keep]]
+                similar = (labels @ labels.T > 0).to(z.dtype) * 2.0 - 1.0
             off_diagonal = ~torch.eye(zl.shape[0], dtype=torch.bool, device=z.device)
             pairwise = ((similar - zl @ zl.T)[off_diagonal] ** 2).mean()
         loss = pairwise

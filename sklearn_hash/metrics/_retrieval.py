@@ -1,4 +1,5 @@
-"""Retrieval metrics: mAP@R (two normalisations, optionally tie-aware), ANN recall, scorer."""
+"""Retrieval metrics: mAP@R (two normalisations, optionally tie-aware, optionally at one
+level of a label tree), ANN recall, scorers."""
 
 from numbers import Integral
 
@@ -8,6 +9,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from sklearn.utils.validation import check_is_fitted
+
+from .._hierarchy import ancestor_table, check_hierarchy, check_tree_labels
 
 _CHUNK = 1024
 
@@ -136,11 +139,13 @@ def _tie_aware_ap(relevant, distances, R, denominator):
         "R": [Interval(Integral, 1, None, closed="left"), None],
         "distances": ["array-like", None],
         "normalize": [StrOptions({"retrieved", "relevant"})],
+        "hierarchy": ["array-like", None],
+        "level": [Interval(Integral, 1, None, closed="left"), None],
     },
     prefer_skip_nested_validation=True,
 )
 def map_at_r_score(y_query, y_database, neighbors, *, R=None, distances=None,
-                   normalize="retrieved"):
+                   normalize="retrieved", hierarchy=None, level=None):
     """Mean average precision over the top R retrieved items (mAP@R).
 
     For one query with ranked database items ``1 .. R``, let ``rel(k)`` be 1
@@ -202,6 +207,16 @@ def map_at_r_score(y_query, y_database, neighbors, *, R=None, distances=None,
     - **Relevance**: with 1-D labels an item is relevant when its class
       equals the query's; with 2-D 0/1 indicator rows (multi-label) when
       the two rows share at least one label.
+    - **One level of a label tree** (``hierarchy`` and ``level=k``): labels
+      are nodes of the tree (a leaf, or an inner node for an item known only
+      at that level) and an item is relevant when its label and the query's
+      have the same ancestor at depth ``k`` (top-level nodes have depth 1;
+      a node at depth ``k`` is its own ancestor there). ``level=1`` is
+      coarse mAP (same top-level category); on a two-level tree ``level=2``
+      is the flat mAP of the fine labels. Database items labelled above
+      depth ``k`` (back-off labels), or ``-1`` (unlabelled), are never
+      relevant at that level; a query labelled above depth ``k`` is an
+      error (it has no ancestor there).
 
     Read more in the :ref:`User Guide <map_at_r>`.
 
@@ -225,6 +240,12 @@ def map_at_r_score(y_query, y_database, neighbors, *, R=None, distances=None,
         Denominator of AP@R: the number of relevant items found in the top
         R (the study's definition), or ``min(R, number of relevant items in
         the database)``.
+    hierarchy : array-like of shape (n_labels,), dtype=int, default=None
+        Parent of each label id, ``-1`` for a top-level label (see
+        :func:`make_hierarchy`); requires 1-D integer labels and ``level``.
+    level : int, default=None
+        With ``hierarchy``: the depth at which relevance is decided (1 = the
+        top level). Required with ``hierarchy``, refused without it.
 
     Returns
     -------
@@ -234,6 +255,7 @@ def map_at_r_score(y_query, y_database, neighbors, *, R=None, distances=None,
     See Also
     --------
     make_map_at_r_scorer : The same score as a scorer for model selection.
+    ndcg_at_r_score : Graded relevance on a label tree.
     recall_at_k_score : Recall of approximate against exact neighbours.
 
     References
@@ -257,7 +279,12 @@ def map_at_r_score(y_query, y_database, neighbors, *, R=None, distances=None,
     >>> # items 1 and 2 tie: the mean of 0.833... and 1.0
     >>> map_at_r_score([0], y_database, [[0, 1, 2]], distances=[[0.0, 1.0, 1.0]])
     0.916...
+    >>> # labels 0, 1 under category 3, label 2 under 4: coarse relevance
+    >>> map_at_r_score([0], [1, 2, 0], [[0, 1, 2]], hierarchy=[3, 3, 4, -1, -1], level=1)
+    0.833...
     """
+    if hierarchy is not None or level is not None:
+        y_query, y_database = _labels_at_level(y_query, y_database, hierarchy, level)
     y_query = _check_labels(y_query, "y_query")
     y_database = _check_labels(y_database, "y_database")
     if y_query.ndim != y_database.ndim or (
@@ -314,6 +341,37 @@ def map_at_r_score(y_query, y_database, neighbors, *, R=None, distances=None,
     return float(np.mean(_tie_aware_ap(relevant, distances, R, denominator)))
 
 
+def _labels_at_level(y_query, y_database, hierarchy, level):
+    """Each label replaced by its ancestor at depth ``level``.
+
+    Database labels with no ancestor there (above the level, or -1) become
+    -2, which matches no query; a query without one is an error.
+    """
+    if hierarchy is None:
+        raise ValueError("level is the depth of a label tree: pass hierarchy too, or "
+                         "leave level=None.")
+    if level is None:
+        raise ValueError("With a hierarchy, map_at_r_score scores one level of the tree: "
+                         "pass level=k (1 = the top level).")
+    hierarchy = check_hierarchy(hierarchy)
+    yq = check_tree_labels(_check_labels(y_query, "y_query"), hierarchy, "y_query",
+                           allow_unlabelled=False)
+    ydb = check_tree_labels(_check_labels(y_database, "y_database"), hierarchy,
+                            "y_database", allow_unlabelled=True)
+    table, depth = ancestor_table(hierarchy)
+    if level > table.shape[1]:
+        raise ValueError(f"level={level} is deeper than the hierarchy, whose deepest "
+                         f"label is at depth {table.shape[1]}.")
+    above = depth[yq] < level
+    if above.any():
+        q = int(np.flatnonzero(above)[0])
+        raise ValueError(f"Query {q} is labelled {yq[q]}, at depth {depth[yq[q]]}: it has "
+                         f"no ancestor at level={level}. Score such queries at a level "
+                         f"<= their depth.")
+    db_at = np.where(ydb >= 0, table[np.maximum(ydb, 0), level - 1], -2)
+    return table[yq, level - 1], np.where(db_at >= 0, db_at, -2)
+
+
 @validate_params(
     {"neighbors": ["array-like"], "true_neighbors": ["array-like"]},
     prefer_skip_nested_validation=True,
@@ -366,12 +424,15 @@ def recall_at_k_score(neighbors, true_neighbors):
     return float(np.mean(found) / true_neighbors.shape[1])
 
 
-class _MapAtRScorer:
-    """mAP@R of a fitted searcher: the fitted database against the queries X."""
+class _RetrievalScorer:
+    """A metric of a fitted searcher: the fitted database against the queries X.
 
-    def __init__(self, R, normalize, ties):
+    Subclasses set ``_name`` and define ``_score(y, y_database, neighbors,
+    R, distances)`` and ``_extra_repr()``.
+    """
+
+    def __init__(self, R, ties):
         self.R = R
-        self.normalize = normalize
         self.ties = ties
 
     def __call__(self, estimator, X, y):
@@ -382,20 +443,20 @@ class _MapAtRScorer:
                 Xt = estimator[:-1].transform(X)
         if not hasattr(searcher, "kneighbors"):
             raise TypeError(
-                f"make_map_at_r_scorer scores a QuantizedNeighbors or a Pipeline "
+                f"{self._name} scores a QuantizedNeighbors or a Pipeline "
                 f"ending in one; got {type(searcher).__name__}."
             )
         check_is_fitted(searcher)
         y_database = getattr(searcher, "_fit_y", None)
         if y_database is None:
             raise ValueError(
-                "mAP@R needs the labels of the database: fit the searcher with y."
+                f"{self._name} needs the labels of the database: fit the searcher with y."
             )
         n_database = len(y_database)
         R = min(self.R, n_database)
         if self.ties == "index":
             neighbors = searcher.kneighbors(Xt, n_neighbors=R, return_distance=False)
-            return map_at_r_score(y, y_database, neighbors, R=R, normalize=self.normalize)
+            return self._score(y, y_database, neighbors, R, None)
         # Retrieve more neighbours until every row's group of ties at the cut
         # has ended (or the whole database is ranked).
         n = R
@@ -404,16 +465,42 @@ class _MapAtRScorer:
             if n == n_database or (distances[:, n - 1] > distances[:, R - 1]).all():
                 break
             n = min(2 * n, n_database)
-        return map_at_r_score(y, y_database, neighbors, R=R, distances=distances,
-                              normalize=self.normalize)
+        return self._score(y, y_database, neighbors, R, distances)
 
     def __repr__(self):
-        args = [f"R={self.R}"]
-        if self.normalize != "retrieved":
-            args.append(f"normalize={self.normalize!r}")
+        args = [f"R={self.R}"] + self._extra_repr()
         if self.ties != "index":
             args.append(f"ties={self.ties!r}")
-        return f"make_map_at_r_scorer({', '.join(args)})"
+        return f"{self._name}({', '.join(args)})"
+
+
+def _repr_hierarchy(hierarchy):
+    return f"hierarchy=<{len(hierarchy)} labels>"
+
+
+class _MapAtRScorer(_RetrievalScorer):
+    """mAP@R of a fitted searcher (optionally at one level of a label tree)."""
+
+    _name = "make_map_at_r_scorer"
+
+    def __init__(self, R, normalize, ties, hierarchy=None, level=None):
+        super().__init__(R, ties)
+        self.normalize = normalize
+        self.hierarchy = hierarchy
+        self.level = level
+
+    def _score(self, y, y_database, neighbors, R, distances):
+        return map_at_r_score(y, y_database, neighbors, R=R, distances=distances,
+                              normalize=self.normalize, hierarchy=self.hierarchy,
+                              level=self.level)
+
+    def _extra_repr(self):
+        args = []
+        if self.normalize != "retrieved":
+            args.append(f"normalize={self.normalize!r}")
+        if self.hierarchy is not None:
+            args += [_repr_hierarchy(self.hierarchy), f"level={self.level}"]
+        return args
 
 
 @validate_params(
@@ -421,10 +508,13 @@ class _MapAtRScorer:
         "R": [Interval(Integral, 1, None, closed="left")],
         "normalize": [StrOptions({"retrieved", "relevant"})],
         "ties": [StrOptions({"index", "average"})],
+        "hierarchy": ["array-like", None],
+        "level": [Interval(Integral, 1, None, closed="left"), None],
     },
     prefer_skip_nested_validation=True,
 )
-def make_map_at_r_scorer(R=100, *, normalize="retrieved", ties="index"):
+def make_map_at_r_scorer(R=100, *, normalize="retrieved", ties="index", hierarchy=None,
+                         level=None):
     """Scorer of mAP@R for :class:`~sklearn.model_selection.GridSearchCV` and friends.
 
     The scorer is called as ``scorer(estimator, X, y)`` with a fitted
@@ -452,6 +542,11 @@ def make_map_at_r_scorer(R=100, *, normalize="retrieved", ties="index"):
         orders of tied items; the scorer then retrieves more than ``R``
         neighbours where needed (doubling, up to the whole database) so
         that every group of ties at the cut is complete.
+    hierarchy : array-like of shape (n_labels,), dtype=int, default=None
+        Label tree (parent array, see :func:`make_hierarchy`); with
+        ``level``, mAP@R at one level of the tree, see :func:`map_at_r_score`.
+    level : int, default=None
+        Depth at which relevance is decided; required with ``hierarchy``.
 
     Returns
     -------
@@ -461,6 +556,7 @@ def make_map_at_r_scorer(R=100, *, normalize="retrieved", ties="index"):
     See Also
     --------
     map_at_r_score : The metric itself.
+    make_ndcg_at_r_scorer : Graded relevance on a label tree.
 
     Examples
     --------
@@ -475,4 +571,9 @@ def make_map_at_r_scorer(R=100, *, normalize="retrieved", ties="index"):
     >>> bool(scores.mean() > 0.4)
     True
     """
-    return _MapAtRScorer(R, normalize, ties)
+    if (hierarchy is None) != (level is None):
+        raise ValueError("make_map_at_r_scorer: hierarchy and level go together (mAP@R at "
+                         "one level of a label tree); pass both or neither.")
+    if hierarchy is not None:
+        hierarchy = check_hierarchy(hierarchy)
+    return _MapAtRScorer(R, normalize, ties, hierarchy, level)

@@ -1,0 +1,235 @@
+"""Ontology-aware retrieval on ESC-50: flat against hierarchical DQN, graded metrics.
+
+Protocol (``../shared/data/README.md``): ESC-50 YAMNet embeddings, database =
+folds 2-5 (1600 clips), queries = fold 1 (400), centred and L2-normalised,
+32 bits, R = 100. The label tree has two levels: the 50 classes (ids 0-49)
+under ESC-50's five major categories (ids 50-54), from ``major_category``.
+
+Scores, all tie-aware (``ties="average"`` scorers; ties matter for the
+Hamming codes of SH, ITQ and AGH): fine mAP@100 (relevant = same class, the
+study's "retrieved" normalisation), coarse mAP@100 (``level=1``: same major
+category) and graded nDCG@100 (gain 1 for the same class, 0.5 for the same
+category, 0 otherwise). Every method is scored with the full fine labels.
+
+Rows of the table, mean +- std over 3 seeds (each seed draws its labelled
+rows and its network):
+
+- flat DQN, 10% fine labels (stratified), the others -1;
+- hierarchical DQN (``hierarchy=``), the same labels;
+- hierarchical DQN, the same 10% fine labels plus coarse-only labels (the
+  category node, 50-54) for another 40% of the database (stratified);
+- SH, ITQ, AGH, PQ (no labels) and exact float search, for reference.
+
+::
+
+    python benchmarks/bench_hierarchy.py               # the table (~2 min)
+    # choose ancestor_similarity: never looks at fold 1 (database folds 3-5,
+    # queries fold 2, 2 seeds)
+    python benchmarks/bench_hierarchy.py --validation
+"""
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.frozen import FrozenEstimator
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import NearestNeighbors
+
+from sklearn_hash import (
+    AGH,
+    ITQ,
+    DeepQuantizationNetwork,
+    ProductQuantizer,
+    QuantizedNeighbors,
+    SpectralHashing,
+)
+from sklearn_hash.benchmark import partial_labels
+from sklearn_hash.datasets import load_npz, retrieval_split
+from sklearn_hash.metrics import (
+    make_hierarchy,
+    make_map_at_r_scorer,
+    make_ndcg_at_r_scorer,
+    map_at_r_score,
+    ndcg_at_r_score,
+)
+
+torch.set_num_threads(1)
+DATA = Path(os.environ.get("SKLEARN_HASH_DATA", Path(__file__).parents[1] / ".." / "shared" / "data"))
+N_CLASSES = 50
+
+
+def load(path, validation):
+    """(X_db, y_db, X_q, y_q, hierarchy, name): fold 1 against 2-5, or fold 2 against 3-5."""
+    data = load_npz(path)
+    major = np.zeros(N_CLASSES, dtype=np.int64)
+    major[data.target] = data.major_category
+    hierarchy = make_hierarchy({c: N_CLASSES + int(major[c]) for c in range(N_CLASSES)})
+    name = Path(path).name
+    if validation:
+        keep = data.fold != 1
+        data.data, data.target, data.fold = data.data[keep], data.target[keep], data.fold[keep]
+        X_db, y_db, X_q, y_q = retrieval_split(data, query_fold=2)
+        name += " (validation: database folds 3-5, queries fold 2)"
+    else:
+        X_db, y_db, X_q, y_q = retrieval_split(data, query_fold=1)
+        name += " (database folds 2-5, queries fold 1)"
+    return X_db.astype(np.float32), y_db, X_q.astype(np.float32), y_q, hierarchy, name
+
+
+def label_settings(y_db, hierarchy, seed, coarse_fraction=0.4):
+    """10% fine labels, and the same plus coarse-only labels for another share."""
+    fine = partial_labels(y_db, 0.1, random_state=seed)
+    unlabelled = np.flatnonzero(fine == -1)
+    n_coarse = round(coarse_fraction * len(y_db))
+    rows, _ = train_test_split(unlabelled, train_size=n_coarse, stratify=y_db[unlabelled],
+                               random_state=seed)
+    with_coarse = fine.copy()
+    with_coarse[rows] = hierarchy[y_db[rows]]
+    return fine, with_coarse
+
+
+class Scores:
+    """Fine mAP, coarse mAP and nDCG of fitted searchers, tie-aware."""
+
+    def __init__(self, hierarchy, R):
+        self.scorers = {
+            "fine mAP": make_map_at_r_scorer(R, ties="average"),
+            "coarse mAP": make_map_at_r_scorer(R, ties="average", hierarchy=hierarchy, level=1),
+            "nDCG": make_ndcg_at_r_scorer(R, hierarchy=hierarchy, ties="average"),
+        }
+
+    def __call__(self, searcher, X_q, y_q):
+        return {name: scorer(searcher, X_q, y_q) for name, scorer in self.scorers.items()}
+
+
+def dqn_scores(scores, X_db, y_db, X_q, y_q, y_train, n_bits, seed, **params):
+    dqn = DeepQuantizationNetwork(n_bits, random_state=seed, **params).fit(X_db, y_train)
+    search = QuantizedNeighbors(FrozenEstimator(dqn), n_neighbors=100).fit(X_db, y_db)
+    return scores(search, X_q, y_q)
+
+
+def summarise(results):
+    return {k: (np.mean([r[k] for r in results]), np.std([r[k] for r in results]))
+            for k in results[0]}
+
+
+def print_table(title, rows, columns=("fine mAP", "coarse mAP", "nDCG")):
+    print(f"\n{title}")
+    print("| method | " + " | ".join(f"{c}@100" for c in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for label, row in rows.items():
+        cells = [f"{row[c][0]:.3f} +- {row[c][1]:.3f}" if row[c][1] is not None
+                 else f"{row[c][0]:.3f}" for c in columns]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def validation(args):
+    """Grid of ancestor_similarity on folds 2-5 only; the rule picks the default.
+
+    Rule (stated before looking): among the values whose fine mAP@100 is at
+    least flat DQN's - 0.01 with both label settings, the one with the
+    highest mean nDCG@100 over the two settings.
+    """
+    X_db, y_db, X_q, y_q, hierarchy, name = load(args.data, validation=True)
+    scores = Scores(hierarchy, args.R)
+    flat, grid = [], {a: ([], []) for a in args.values}
+    for seed in range(args.seeds):
+        fine, with_coarse = label_settings(y_db, hierarchy, seed)
+        flat.append(dqn_scores(scores, X_db, y_db, X_q, y_q, fine, args.bits, seed))
+        print(f"  seed {seed} flat: {flat[-1]}", flush=True)
+        for a in args.values:
+            for results, y_train in zip(grid[a], (fine, with_coarse)):
+                results.append(dqn_scores(scores, X_db, y_db, X_q, y_q, y_train, args.bits,
+                                          seed, hierarchy=hierarchy, ancestor_similarity=a))
+            print(f"  seed {seed} a={a:g}: 10% {grid[a][0][-1]}, +coarse {grid[a][1][-1]}",
+                  flush=True)
+    rows = {"flat DQN, 10% fine": summarise(flat)}
+    for a in args.values:
+        rows[f"hierarchical, a={a:g}, 10% fine"] = summarise(grid[a][0])
+        rows[f"hierarchical, a={a:g}, + 40% coarse"] = summarise(grid[a][1])
+    print_table(f"Validation on {name}, {args.bits} bits, mean +- std over {args.seeds} seeds",
+                rows)
+    floor = rows["flat DQN, 10% fine"]["fine mAP"][0] - 0.01
+    eligible = [a for a in args.values
+                if min(rows[f"hierarchical, a={a:g}, 10% fine"]["fine mAP"][0],
+                       rows[f"hierarchical, a={a:g}, + 40% coarse"]["fine mAP"][0]) >= floor]
+    if not eligible:
+        print(f"\nNo value keeps fine mAP@100 >= flat - 0.01 = {floor:.3f}.")
+        return
+    best = max(eligible, key=lambda a: rows[f"hierarchical, a={a:g}, 10% fine"]["nDCG"][0]
+               + rows[f"hierarchical, a={a:g}, + 40% coarse"]["nDCG"][0])
+    print(f"\nRule's choice: ancestor_similarity = {best:g} (eligible: "
+          f"{', '.join(f'{a:g}' for a in eligible)}; fine mAP floor {floor:.3f})")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(DATA / "esc50_yamnet.npz"))
+    parser.add_argument("--bits", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--R", type=int, default=100)
+    parser.add_argument("--validation", action="store_true")
+    parser.add_argument("--values", type=float, nargs="+",
+                        default=[-0.9, -0.8, -0.7, -0.6, -0.5, -0.3, 0.0])
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip SH, ITQ, AGH, PQ and exact search")
+    args = parser.parse_args()
+    if args.validation:
+        args.seeds = args.seeds or 2
+        validation(args)
+        return
+    args.seeds = args.seeds or 3
+
+    X_db, y_db, X_q, y_q, hierarchy, name = load(args.data, validation=False)
+    scores = Scores(hierarchy, args.R)
+    default = DeepQuantizationNetwork().ancestor_similarity
+    runs = {"flat DQN, 10% fine labels": [],
+            f"hierarchical DQN (a={default:g}), 10% fine labels": [],
+            f"hierarchical DQN (a={default:g}), 10% fine + 40% coarse-only": []}
+    start = time.perf_counter()
+    for seed in range(args.seeds):
+        fine, with_coarse = label_settings(y_db, hierarchy, seed)
+        for (label, results), (y_train, params) in zip(runs.items(), [
+            (fine, {}), (fine, {"hierarchy": hierarchy}), (with_coarse, {"hierarchy": hierarchy}),
+        ]):
+            results.append(dqn_scores(scores, X_db, y_db, X_q, y_q, y_train, args.bits, seed,
+                                      **params))
+            print(f"  seed {seed}, {label}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in results[-1].items()), flush=True)
+    rows = {label: summarise(results) for label, results in runs.items()}
+    if not args.no_reference:
+        for label, make in [("SH", lambda s: SpectralHashing(args.bits)),
+                            ("ITQ", lambda s: ITQ(args.bits, random_state=s)),
+                            ("AGH", lambda s: AGH(args.bits, random_state=s)),
+                            ("PQ (no labels)", lambda s: ProductQuantizer(args.bits, random_state=s))]:
+            results = []
+            for seed in range(args.seeds):
+                search = QuantizedNeighbors(make(seed), n_neighbors=100).fit(X_db, y_db)
+                results.append(scores(search, X_q, y_q))
+            rows[label] = summarise(results)
+        exact = NearestNeighbors(n_neighbors=args.R).fit(X_db)
+        distances, neighbors = exact.kneighbors(X_q)
+        rows["exact float search"] = {
+            "fine mAP": (map_at_r_score(y_q, y_db, neighbors, distances=distances), None),
+            "coarse mAP": (map_at_r_score(y_q, y_db, neighbors, distances=distances,
+                                          hierarchy=hierarchy, level=1), None),
+            "nDCG": (ndcg_at_r_score(y_q, y_db, neighbors, hierarchy=hierarchy,
+                                     distances=distances), None),
+        }
+    print_table(f"{name}, {args.bits} bits, tie-aware, mean +- std over {args.seeds} seeds "
+                f"({time.perf_counter() - start:.0f} s)", rows)
+    flat = rows["flat DQN, 10% fine labels"]
+    print("\nAgainst flat DQN (10% fine labels):")
+    for label in list(runs)[1:]:
+        row = rows[label]
+        print(f"- {label}: coarse mAP {row['coarse mAP'][0] - flat['coarse mAP'][0]:+.3f}, "
+              f"nDCG {row['nDCG'][0] - flat['nDCG'][0]:+.3f}, "
+              f"fine mAP {row['fine mAP'][0] - flat['fine mAP'][0]:+.3f}")
+
+
+if __name__ == "__main__":
+    main()
