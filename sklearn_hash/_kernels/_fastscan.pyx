@@ -1,0 +1,431 @@
+"""Exact k-nearest-neighbour search over 4-bit product codes by fast-scan.
+
+Codes with 16 codewords per subspace are kept in a block layout (see
+``_fastscan.h``: blocks of 32 codes, nibbles transposed) that in-register
+byte shuffles read 16 or 32 codes at a time. A search has two stages:
+
+1. **Filter (approximate arithmetic).** Each query's float table is
+   quantized to 8-bit integers: entry ``e = t - min_c t[m, c]`` becomes
+   ``q = min(qmax, rint(e / s))``, with one scale ``s`` for all subspaces so
+   that the integer sums still rank like the float sums. The scale is *not*
+   set by the widest table (faiss's rule, which drowns every other subspace
+   when one direction dominates the spectrum), but by the distances that can
+   matter: a strided sample of the database gives ``U``, the k-th smallest
+   float distance among sampled items, an upper bound on the k-th distance of
+   the answer; entries beyond ``U - sum_m min_c t[m, c]`` can only belong to
+   items outside the answer, so they saturate at ``qmax`` and the 255 levels
+   cover the useful range (``s = min(U - bias, widest range) / qmax``).
+   The quantized distances are added in 16-bit lanes; ``qmax = min(255,
+   65535 // M)``, so they never overflow.
+2. **Exact re-scoring.** Rounding moves each entry by at most a known amount,
+   so ``s * Q - E <= D - bias``, with ``E = sum_m max_c (s q[m, c] - e[m,
+   c])``: the quantized sum ``Q`` gives a lower bound of the float distance
+   ``D``. An item is re-scored with the float table (the exact ADC distance,
+   float32, added in subspace order as ``adc_kneighbors`` does) only if its
+   lower bound does not exceed the current k-th best float distance (or the
+   sample bound ``U`` before k items are found), plus a margin for float32
+   rounding. Every item that can enter the top k is re-scored, so the
+   result **is** the exact ADC top k, ties by index: the same distances and
+   indices as ``adc_kneighbors`` on the same codes and tables. Only the
+   work depends on the quantization: items whose lower bound is close to
+   the k-th distance are re-scored (a few tens per query on 1M codes).
+
+Work is split over blocks of queries (OpenMP ``prange``), each block sharing
+the database scan, cut into cache-sized parts. The results do not depend on
+the thread count, on the SIMD path, nor on how the codes are split in
+chunks.
+"""
+
+from cython.parallel cimport parallel, prange
+from libc.math cimport INFINITY, fabs, floor, isfinite, rint
+from libc.stdint cimport int32_t, int64_t, intptr_t, uint8_t, uint16_t
+from libc.stdlib cimport free, malloc
+
+import numpy as np
+
+from ._simd import max_simd_level
+
+cdef extern from "_fastscan.h":
+    void sh_fs_pack(const uint8_t* codes, Py_ssize_t n, Py_ssize_t M, Py_ssize_t M4,
+                    uint8_t* blocks) noexcept nogil
+    int sh_fs_detect_simd(int max_level) noexcept nogil
+    Py_ssize_t sh_fs_scan(int simd, const uint8_t* lut, const uint8_t* blocks, Py_ssize_t n,
+                          Py_ssize_t M4, const uint8_t* allowed, int threshold,
+                          int32_t* pos, uint16_t* dist) noexcept nogil
+    float sh_fs_adc(const float* table, const uint8_t* code, Py_ssize_t M) noexcept nogil
+    void sh_fs_offer(float* dist, int64_t* idx, Py_ssize_t* size, Py_ssize_t k,
+                     float d, int64_t j) noexcept nogil
+    void sh_fs_heap_sort(float* dist, int64_t* idx, Py_ssize_t size) noexcept nogil
+
+
+cdef enum:
+    BLOCK = 32
+    # Bytes of block layout scanned per part (shared by a block of queries).
+    DB_BLOCK_BYTES = 65536
+    # Queries sharing one pass over a part of the database.
+    MAX_QUERY_BLOCK = 16
+    # Database rows whose float distances bound the k-th distance before the scan.
+    N_SAMPLE = 1024
+
+_PATHS = ("portable", "avx2", "avx512")
+
+
+cdef int sh_detect(simd) except -1:
+    return sh_fs_detect_simd(max_simd_level(simd))
+
+
+def simd_path(simd=True):
+    """The shuffle path a fast-scan runs for ``simd`` on this processor.
+
+    Returns ``"avx512"`` (AVX-512BW), ``"avx2"`` or ``"portable"``.
+    """
+    return _PATHS[sh_fs_detect_simd(max_simd_level(simd))]
+
+
+def padded_subspaces(Py_ssize_t n_subspaces):
+    """Subspaces of the block layout: ``n_subspaces`` rounded up to a multiple of 4."""
+    return (n_subspaces + 3) // 4 * 4
+
+
+def block_bytes(Py_ssize_t n_subspaces):
+    """Bytes of one block of 32 codes."""
+    return padded_subspaces(n_subspaces) * 16
+
+
+def check_4bit_codes(codes):
+    """Raise a clear error unless every codeword index is below 16."""
+    codes = np.asarray(codes)
+    if codes.size:
+        largest = int(codes.max())
+        if largest >= 16 or int(codes.min()) < 0:
+            raise ValueError(
+                f"fast-scan stores 4-bit codes (16 codewords per subspace, "
+                f"subspace_bits=4); got codeword indices in [{int(codes.min())}, {largest}]. "
+                f"Codes with more codewords are searched by adc_kneighbors (TableScan)."
+            )
+
+
+def pack_blocks(const uint8_t[:, ::1] codes):  # IN (n, n_subspaces), each value < 16
+    """Block layout of 4-bit codes: ``(ceil(n / 32), block_bytes(n_subspaces))`` uint8.
+
+    Block b holds codes ``32 b .. 32 b + 31``; its bytes ``16 m .. 16 m + 15``
+    hold subspace m, byte i carrying code ``32 b + i`` in its low nibble and
+    code ``32 b + 16 + i`` in its high nibble. Missing rows and the padding
+    subspaces are zero.
+    """
+    check_4bit_codes(codes)
+    cdef Py_ssize_t n = codes.shape[0]
+    cdef Py_ssize_t M = codes.shape[1]
+    cdef Py_ssize_t M4 = padded_subspaces(M)
+    blocks = np.zeros(((n + BLOCK - 1) // BLOCK, M4 * 16), dtype=np.uint8)
+    cdef uint8_t[:, ::1] out = blocks
+    if n and M:
+        with nogil:
+            sh_fs_pack(&codes[0, 0], n, M, M4, &out[0, 0])
+    return blocks
+
+
+cdef inline int _threshold(double d, double bias, double e_over, double slack,
+                           double scale) noexcept nogil:
+    """Exclusive bound on the quantized distance of items that may be at most d."""
+    cdef double x
+    if scale <= 0 or not isfinite(d):
+        return 65536
+    x = (d - bias + e_over + slack) / scale
+    if x < 0:
+        return 0
+    if x >= 65535:
+        return 65536
+    return <int> floor(x) + 1
+
+
+cdef void _quantize(
+    const float* table,   # IN (M, 16)
+    Py_ssize_t M,
+    Py_ssize_t M4,
+    int qmax,
+    float bound,          # the sample's k-th distance (inf: none)
+    uint8_t* lut,         # OUT (M4 * 16,)
+    double* out,          # OUT scale, bias, e_over, slack
+) noexcept nogil:
+    cdef Py_ssize_t m, c
+    cdef double lo, hi, widest = 0, bias = 0, size = 0, span, inv, scale, e, worst, x
+    cdef double e_over = 0
+    for m in range(M):
+        lo = table[m * 16]
+        hi = table[m * 16]
+        for c in range(1, 16):
+            lo = min(lo, <double> table[m * 16 + c])
+            hi = max(hi, <double> table[m * 16 + c])
+        bias = bias + lo
+        size = size + max(fabs(lo), fabs(hi))
+        widest = max(widest, hi - lo)
+    span = widest
+    if isfinite(bound) and bound - bias > 0:
+        span = min(widest, bound - bias)
+    for c in range(M4 * 16):
+        lut[c] = 0
+    scale = 0
+    if span > 0:
+        inv = qmax / span
+        scale = span / qmax
+        for m in range(M):
+            lo = table[m * 16]
+            for c in range(1, 16):
+                lo = min(lo, <double> table[m * 16 + c])
+            worst = -INFINITY
+            for c in range(16):
+                e = table[m * 16 + c] - lo
+                x = min(<double> qmax, rint(e * inv))
+                lut[m * 16 + c] = <uint8_t> x
+                worst = max(worst, scale * x - e)
+            e_over = e_over + worst
+    out[0] = scale
+    out[1] = bias
+    out[2] = e_over
+    # float32 sums of M terms are off by at most (M - 1) 2**-24 sum |t|.
+    out[3] = 4.0 * M * size * 5.9604644775390625e-08 + 1e-30
+
+
+def fastscan_kneighbors(
+    const float[:, :, ::1] tables,  # IN (n_queries, n_subspaces, 16)
+    list codes_chunks,               # IN arrays (n_i, n_subspaces) uint8, C-contiguous
+    list block_chunks,               # IN their block layouts (pack_blocks)
+    Py_ssize_t k,
+    int n_threads=1,
+    simd=True,
+    const int64_t[::1] exclude=None,  # IN (n_queries,) or None
+    const uint8_t[::1] allowed=None,  # IN (n_database,) or None
+    bint check_codes=True,
+    bint return_stats=False,
+):
+    """Exact k nearest 4-bit codes of each query by ADC, with a fast-scan filter.
+
+    The database is the concatenation of ``codes_chunks`` (row indices run
+    on from one chunk to the next); ``block_chunks[i]`` is
+    ``pack_blocks(codes_chunks[i])``. The answer equals ``adc_kneighbors``
+    on the concatenated codes: float32 ADC distances, ranked by distance
+    then index (see the module docstring for why the quantized filter loses
+    nothing).
+
+    Parameters
+    ----------
+    tables : ndarray of shape (n_queries, n_subspaces, 16), dtype=float32
+        Per-query ADC tables, C-contiguous, finite.
+    codes_chunks : list of ndarray of shape (n_i, n_subspaces), dtype=uint8
+        Codeword indices, each below 16 (the re-scoring reads them).
+    block_chunks : list of ndarray of shape (ceil(n_i / 32), block_bytes), dtype=uint8
+        The same codes in the block layout (the filter reads them).
+    k : int
+        Neighbours, ``k >= 0``.
+    n_threads : int, default=1
+    simd : bool or {"avx512", "avx2", "portable"}, default=True
+        Shuffle path: ``True`` the widest the processor has (AVX-512BW, else
+        AVX2, else portable C); a name caps it; ``False`` means portable.
+        All give the same results.
+    exclude : ndarray of shape (n_queries,), dtype=int64, default=None
+        A database row never returned for each query (-1: none).
+    allowed : ndarray of shape (n_database,), dtype=uint8, default=None
+        Only rows whose entry is non-zero are candidates (tested in the scan).
+    check_codes : bool, default=True
+        Check that the codes are 4-bit (one pass); an index that checked its
+        codes when they entered passes False.
+    return_stats : bool, default=False
+        Also return a dict: ``luts`` (n_queries, M4, 16) uint8 quantized
+        tables, ``scale``, ``bias``, ``e_over``, ``slack`` (float64 per query)
+        and ``bound`` (float32: the sample's k-th distance, inf if none),
+        and ``rescored`` (int64: items re-scored with the float table).
+
+    Returns
+    -------
+    distances : ndarray of shape (n_queries, k), dtype=float32
+    indices : ndarray of shape (n_queries, k), dtype=int64
+        Ascending distance, then ascending index; padded with ``inf`` and
+        -1 where fewer than k candidates exist.
+    """
+    cdef Py_ssize_t n_queries = tables.shape[0]
+    cdef Py_ssize_t M = tables.shape[1]
+    cdef Py_ssize_t M4 = padded_subspaces(M)
+    cdef Py_ssize_t bb = M4 * 16
+    cdef Py_ssize_t n_chunks = len(codes_chunks)
+
+    if tables.shape[2] != 16:
+        raise ValueError(f"fast-scan searches 4-bit codes: tables must have 16 codewords per "
+                         f"subspace; got {tables.shape[2]}.")
+    if M < 1:
+        raise ValueError("tables must have at least one subspace.")
+    if len(block_chunks) != n_chunks:
+        raise ValueError("codes_chunks and block_chunks must have one entry per chunk.")
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got k={k}.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    codes_at = np.zeros(n_chunks, dtype=np.intp)
+    blocks_at = np.zeros(n_chunks, dtype=np.intp)
+    sizes = np.zeros(n_chunks, dtype=np.int64)
+    keep = []
+    for i in range(n_chunks):
+        codes = codes_chunks[i]
+        blocks = block_chunks[i]
+        if (not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.ndim != 2
+                or codes.shape[1] != M or not codes.flags.c_contiguous):
+            raise ValueError(f"codes_chunks[{i}] must be a C-contiguous uint8 array with {M} "
+                             f"columns (one per subspace of the tables).")
+        n_blocks = (codes.shape[0] + BLOCK - 1) // BLOCK
+        if (not isinstance(blocks, np.ndarray) or blocks.dtype != np.uint8
+                or blocks.shape != (n_blocks, bb) or not blocks.flags.c_contiguous):
+            raise ValueError(f"block_chunks[{i}] must be the block layout of codes_chunks[{i}]: "
+                             f"a C-contiguous uint8 array of shape {(n_blocks, bb)}.")
+        if check_codes:
+            check_4bit_codes(codes)
+        sizes[i] = codes.shape[0]
+        if codes.shape[0]:
+            codes_at[i] = codes.ctypes.data
+            blocks_at[i] = blocks.ctypes.data
+        keep.append((codes, blocks))
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    cdef Py_ssize_t n_database = int(starts[n_chunks])
+    if exclude is not None and exclude.shape[0] != n_queries:
+        raise ValueError(f"exclude must have one entry per query ({n_queries}); "
+                         f"got {exclude.shape[0]}.")
+    if allowed is not None and allowed.shape[0] != n_database:
+        raise ValueError(f"allowed must have one entry per database row ({n_database}); "
+                         f"got {allowed.shape[0]}.")
+    if n_queries and not np.isfinite(np.asarray(tables)).all():
+        raise ValueError("tables hold NaN or infinity.")
+
+    distances = np.full((n_queries, k), np.inf, dtype=np.float32)
+    indices = np.full((n_queries, k), -1, dtype=np.int64)
+    luts = np.zeros((n_queries, M4, 16), dtype=np.uint8)
+    params = np.zeros((n_queries, 4), dtype=np.float64)
+    bounds = np.full(n_queries, np.inf, dtype=np.float32)
+    rescored = np.zeros(n_queries, dtype=np.int64)
+    stats = {"luts": luts, "scale": params[:, 0], "bias": params[:, 1],
+             "e_over": params[:, 2], "slack": params[:, 3], "bound": bounds,
+             "rescored": rescored}
+    if n_queries == 0 or k == 0 or n_database == 0:
+        return (distances, indices, stats) if return_stats else (distances, indices)
+
+    # The sample: rows i * n // S, their codes gathered once.
+    cdef Py_ssize_t n_sample = min(n_database, N_SAMPLE)
+    sample_rows = (np.arange(n_sample, dtype=np.int64) * n_database) // n_sample
+    which = np.searchsorted(starts, sample_rows, side="right") - 1
+    sample_codes = np.empty((n_sample, M), dtype=np.uint8)
+    for i in np.unique(which):
+        at = which == i
+        sample_codes[at] = keep[i][0][sample_rows[at] - starts[i]]
+
+    cdef float[:, ::1] out_dist = distances
+    cdef int64_t[:, ::1] out_idx = indices
+    cdef uint8_t[:, :, ::1] lut_v = luts
+    cdef double[:, ::1] par = params
+    cdef float[::1] bound_v = bounds
+    cdef int64_t[::1] resc = rescored
+    cdef const int64_t[::1] srow = sample_rows
+    cdef const uint8_t[:, ::1] scodes = sample_codes
+    cdef const intptr_t[::1] c_at = codes_at
+    cdef const intptr_t[::1] b_at = blocks_at
+    cdef const int64_t[::1] c_start = starts
+    cdef const int64_t* excl = &exclude[0] if exclude is not None else NULL
+    cdef const uint8_t* allow = &allowed[0] if allowed is not None else NULL
+    cdef const float* tab = &tables[0, 0, 0]
+    cdef int qmax = <int> min(127, 65535 // M)
+    cdef int use_simd = sh_detect(simd)
+    cdef Py_ssize_t query_block = max(
+        1, min(MAX_QUERY_BLOCK, (n_queries + n_threads - 1) // n_threads))
+    cdef Py_ssize_t n_query_blocks = (n_queries + query_block - 1) // query_block
+    cdef Py_ssize_t db_block = max(1, DB_BLOCK_BYTES // bb) * BLOCK
+
+    cdef Py_ssize_t q, s, b, q0, q1, ch, j0, j1, c, n_found, nrow, size
+    cdef int64_t j, own, start
+    cdef int thr
+    cdef float d
+    cdef double* p
+    cdef const uint8_t* chunk_codes
+    cdef const uint8_t* chunk_blocks
+    cdef const float* tq
+    cdef int failed = 0
+    cdef int* failed_flag = &failed
+    cdef float* sd
+    cdef int64_t* si
+    cdef Py_ssize_t* heap_sizes
+    cdef int32_t* found_pos
+    cdef uint16_t* found_q
+
+    with nogil, parallel(num_threads=n_threads):
+        # Per query: the sample's k-th distance, then the quantized table.
+        sd = <float*> malloc(k * sizeof(float))
+        si = <int64_t*> malloc(k * sizeof(int64_t))
+        if sd == NULL or si == NULL:
+            failed_flag[0] = 1
+        else:
+            for q in prange(n_queries, schedule="static"):
+                own = excl[q] if excl != NULL else -1
+                size = 0
+                tq = tab + q * M * 16
+                for s in range(n_sample):
+                    j = srow[s]
+                    if j == own or (allow != NULL and not allow[j]):
+                        continue
+                    sh_fs_offer(sd, si, &size, k, sh_fs_adc(tq, &scodes[s, 0], M), j)
+                bound_v[q] = sd[0] if size == k else INFINITY
+                _quantize(tq, M, M4, qmax, bound_v[q], &lut_v[q, 0, 0], &par[q, 0])
+        free(sd)
+        free(si)
+
+    with nogil, parallel(num_threads=n_threads):
+        heap_sizes = <Py_ssize_t*> malloc(query_block * sizeof(Py_ssize_t))
+        found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
+        found_q = <uint16_t*> malloc(db_block * sizeof(uint16_t))
+        if heap_sizes == NULL or found_pos == NULL or found_q == NULL:
+            failed_flag[0] = 1
+        else:
+            for b in prange(n_query_blocks, schedule="static"):
+                q0 = b * query_block
+                q1 = min(q0 + query_block, n_queries)
+                for q in range(q1 - q0):
+                    heap_sizes[q] = 0
+                for ch in range(n_chunks):
+                    nrow = c_start[ch + 1] - c_start[ch]
+                    start = c_start[ch]
+                    chunk_codes = <const uint8_t*> c_at[ch]
+                    chunk_blocks = <const uint8_t*> b_at[ch]
+                    j0 = 0
+                    while j0 < nrow:
+                        j1 = min(j0 + db_block, nrow)
+                        for q in range(q0, q1):
+                            p = &par[q, 0]
+                            tq = tab + q * M * 16
+                            own = excl[q] if excl != NULL else -1
+                            d = out_dist[q, 0] if heap_sizes[q - q0] == k else bound_v[q]
+                            thr = _threshold(d, p[1], p[2], p[3], p[0])
+                            n_found = sh_fs_scan(
+                                use_simd, &lut_v[q, 0, 0], chunk_blocks + (j0 // BLOCK) * bb,
+                                j1 - j0, M4, allow + start + j0 if allow != NULL else NULL,
+                                thr, found_pos, found_q)
+                            for c in range(n_found):
+                                if found_q[c] >= thr:
+                                    continue  # the bound fell since the scan began
+                                j = start + j0 + found_pos[c]
+                                if j == own:
+                                    continue
+                                resc[q] += 1
+                                sh_fs_offer(&out_dist[q, 0], &out_idx[q, 0],
+                                            &heap_sizes[q - q0], k,
+                                            sh_fs_adc(tq, chunk_codes + (j0 + found_pos[c]) * M, M),
+                                            j)
+                                if heap_sizes[q - q0] == k:
+                                    thr = min(thr, _threshold(out_dist[q, 0], p[1], p[2],
+                                                              p[3], p[0]))
+                        j0 = j1
+                for q in range(q0, q1):
+                    sh_fs_heap_sort(&out_dist[q, 0], &out_idx[q, 0], heap_sizes[q - q0])
+        free(heap_sizes)
+        free(found_pos)
+        free(found_q)
+
+    del keep  # the chunks stayed alive during the scan
+    if failed:
+        raise MemoryError("could not allocate the fast-scan search buffers.")
+    return (distances, indices, stats) if return_stats else (distances, indices)
+
