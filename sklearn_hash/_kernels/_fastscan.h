@@ -17,7 +17,8 @@
  * and adding it shifted right by 8 gives (even + 256 odd) and (odd), from
  * which the even sums follow modulo 2**16. Both are exact as long as the
  * true sums stay below 65536, which the caller guarantees (M * max entry <=
- * 65535).
+ * 65535). Entries are at most 127, so the SIMD paths first add two
+ * subspaces' shuffle results in bytes (no overflow), then widen.
  *
  * The scan returns the rows whose quantized distance is below a threshold
  * and whose `allowed` byte is non-zero (when `allowed` is given), in

@@ -99,9 +99,10 @@ def check_4bit_codes(codes):
         largest = int(codes.max())
         if largest >= 16 or int(codes.min()) < 0:
             raise ValueError(
-                f"fast-scan stores 4-bit codes (16 codewords per subspace, "
-                f"subspace_bits=4); got codeword indices in [{int(codes.min())}, {largest}]. "
-                f"Codes with more codewords are searched by adc_kneighbors (TableScan)."
+                f"codeword indices must be in [0, 15]: fast-scan stores 4-bit codes (16 "
+                f"codewords per subspace, subspace_bits=4); got values in "
+                f"[{int(codes.min())}, {largest}]. Codes with more codewords are searched "
+                f"by adc_kneighbors (TableScan)."
             )
 
 
