@@ -126,6 +126,47 @@ def pack_blocks(const uint8_t[:, ::1] codes):  # IN (n, n_subspaces), each value
     return blocks
 
 
+def quantized_candidates(
+    const uint8_t[:, ::1] lut,       # IN (M4, 16) quantized table, entries <= 127
+    const uint8_t[:, ::1] blocks,    # IN (n_blocks, M4 * 16) block layout
+    Py_ssize_t n,
+    int threshold,
+    const uint8_t[::1] allowed=None,  # IN (n,) or None
+    simd=True,
+):
+    """Rows of one scan whose quantized distance is below threshold (the filter alone).
+
+    Exposes the SIMD scan for tests: returns the rows (int32, ascending) among
+    the first ``n`` codes of ``blocks`` whose sum of ``lut`` entries is below
+    ``threshold`` (0 to 65536) and that are allowed, with those sums (uint16).
+    """
+    cdef Py_ssize_t M4 = lut.shape[0]
+    if lut.shape[1] != 16 or M4 % 4 or blocks.shape[1] != M4 * 16:
+        raise ValueError("lut must have shape (M4, 16), M4 a multiple of 4, and blocks "
+                         "M4 * 16 bytes per block.")
+    if n < 0 or n > blocks.shape[0] * BLOCK:
+        raise ValueError(f"n must be in [0, {blocks.shape[0] * BLOCK}].")
+    if np.asarray(lut).size and int(np.asarray(lut).max()) > 127:
+        raise ValueError("lut entries must be at most 127.")
+    if M4 * 127 > 65535:
+        raise ValueError("too many subspaces for 16-bit sums of 127-level entries.")
+    if not 0 <= threshold <= 65536:
+        raise ValueError("threshold must be in [0, 65536].")
+    if allowed is not None and allowed.shape[0] != n:
+        raise ValueError("allowed must have one entry per row.")
+    pos = np.empty(n, dtype=np.int32)
+    dist = np.empty(n, dtype=np.uint16)
+    cdef int32_t[::1] pos_v = pos
+    cdef uint16_t[::1] dist_v = dist
+    cdef int use_simd = sh_detect(simd)
+    cdef Py_ssize_t found = 0
+    if n:
+        found = sh_fs_scan(use_simd, &lut[0, 0], &blocks[0, 0], n, M4,
+                           &allowed[0] if allowed is not None else NULL,
+                           threshold, &pos_v[0], &dist_v[0])
+    return pos[:found], dist[:found]
+
+
 cdef inline int _threshold(double d, double bias, double e_over, double slack,
                            double scale) noexcept nogil:
     """Exclusive bound on the quantized distance of items that may be at most d."""
