@@ -364,6 +364,8 @@ class InvertedLists:
 
 # ---------------------------------------------------------------- 4-bit fast-scan
 from ._kernels._fastscan import (  # noqa: E402  (kept beside the back-end that uses it)
+    BLOCK_ROWS,
+    block_bytes,
     check_4bit_codes,
     fastscan_kneighbors,
     pack_blocks,
@@ -377,7 +379,7 @@ class FastScan:
     The codes are kept twice: as rows (uint8, one codeword index per byte,
     chunked like :class:`TableScan`'s: what ``codes_``, persistence and
     the exact re-scoring read) and in the block layout of the fast-scan
-    kernel (blocks of 32 codes, nibbles transposed; half a byte per
+    kernel (blocks of 128 codes, nibbles transposed; half a byte per
     codeword index), one block array per chunk of rows. Adding a batch packs
     only the new rows (and re-packs the last, partly filled block): O(batch)
     amortised. Loading rebuilds the blocks from the saved rows; the blocks
@@ -407,7 +409,7 @@ class FastScan:
         self._tail_blocks = self._new_tail()
 
     def _new_tail(self):
-        return GrowableArray((16 * ((self.n_subspaces + 3) // 4 * 4),), np.uint8)
+        return GrowableArray((block_bytes(self.n_subspaces),), np.uint8)
 
     def __len__(self):
         return len(self.codes)
@@ -425,9 +427,10 @@ class FastScan:
         n_tail = len(self.codes) - self._sealed_rows
         self.codes.append(codes)
         tail = self.codes.chunks()[-1]
-        first = n_tail - n_tail % 32  # the last block, if partly filled, is packed again
+        # The last block, if partly filled, is packed again.
+        first = n_tail - n_tail % BLOCK_ROWS
         blocks = pack_blocks(np.ascontiguousarray(tail[first:]))
-        if n_tail % 32:
+        if n_tail % BLOCK_ROWS:
             self._tail_blocks.array[-1] = blocks[0]
             blocks = blocks[1:]
         self._tail_blocks.append(blocks)

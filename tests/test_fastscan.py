@@ -38,12 +38,13 @@ def random_tables(rng, n_queries, M, dominant=None):
 
 def oracle_blocks(codes):
     n, M = codes.shape
-    M4 = padded_subspaces(M)
-    blocks = np.zeros(((n + 31) // 32, M4 * 16), dtype=np.uint8)
+    Mp = padded_subspaces(M)
+    blocks = np.zeros(((n + 127) // 128, Mp * 64), dtype=np.uint8)
     for j in range(n):
-        b, r = divmod(j, 32)
+        b, r = divmod(j, 128)
+        g, i = divmod(r, 32)
         for m in range(M):
-            blocks[b, 16 * m + (r % 16)] |= codes[j, m] << (4 * (r // 16))
+            blocks[b, 64 * m + 16 * g + i % 16] |= codes[j, m] << (4 * (i // 16))
     return blocks
 
 
@@ -60,13 +61,13 @@ def fastscan(tables, codes, k, chunks=1, **kwargs):
 
 
 @pytest.mark.parametrize("M", [1, 3, 4, 6, 8, 13, 32])
-@pytest.mark.parametrize("n", [1, 31, 32, 33, 95])
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 95, 128, 129, 300])
 def test_block_layout(M, n):
     rng = np.random.default_rng(n * 100 + M)
     codes = rng.integers(0, 16, (n, M), dtype=np.uint8)
     blocks = pack_blocks(codes)
-    assert blocks.shape == ((n + 31) // 32, block_bytes(M))
-    assert block_bytes(M) == 16 * padded_subspaces(M) and padded_subspaces(M) % 4 == 0
+    assert blocks.shape == ((n + 127) // 128, block_bytes(M))
+    assert block_bytes(M) == 64 * padded_subspaces(M) and padded_subspaces(M) % 2 == 0
     np.testing.assert_array_equal(blocks, oracle_blocks(codes))
 
 
@@ -74,10 +75,10 @@ def test_block_layout(M, n):
 @pytest.mark.parametrize("M", [1, 2, 5, 8, 16, 24, 32, 64, 100])
 def test_quantized_sums_every_path(simd, M):
     rng = np.random.default_rng(M)
-    n = 32 * 7 + 13  # a partly filled last block
+    n = 128 * 3 + 45  # a partly filled last block
     codes = rng.integers(0, 16, (n, M), dtype=np.uint8)
-    M4 = padded_subspaces(M)
-    lut = np.zeros((M4, 16), dtype=np.uint8)
+    Mp = padded_subspaces(M)
+    lut = np.zeros((Mp, 16), dtype=np.uint8)
     lut[:M] = rng.integers(0, 128, (M, 16))
     if M >= 2:
         lut[1] = 127  # the largest entries, in two subspaces added in bytes
@@ -108,7 +109,7 @@ def test_sums_never_overflow_16_bits(simd):
     pos, q = quantized_candidates(lut, pack_blocks(codes), 70, 65536, simd=simd)
     np.testing.assert_array_equal(q, expected)
     with pytest.raises(ValueError, match="too many subspaces"):
-        quantized_candidates(np.zeros((520, 16), np.uint8), np.zeros((1, 520 * 16), np.uint8),
+        quantized_candidates(np.zeros((520, 16), np.uint8), np.zeros((1, 520 * 64), np.uint8),
                              1, 65536)
 
 
@@ -275,7 +276,7 @@ def test_back_end_growth_segments_and_compaction():
     codes = rng.integers(0, 16, (777, M), dtype=np.uint8)
     tables = random_tables(rng, 15, M, dominant=2)
     index = FastScan(M)
-    for a, b in [(0, 5), (5, 37), (37, 38), (38, 300)]:  # batches that split blocks
+    for a, b in [(0, 5), (5, 37), (37, 38), (38, 200), (200, 300)]:  # batches that split blocks
         index.add(codes[a:b])
         assert np.array_equal(index._block_chunks()[-1], pack_blocks(codes[:b]))
     index.add_segment({"codes": codes[300:500]})  # as when loading

@@ -1,24 +1,27 @@
 /* Fast-scan of 4-bit product-quantization codes: in-register table lookups.
  *
- * Block layout. Codes are stored by blocks of 32; subspaces are padded to a
- * multiple of 4 (M4) with zero codes. Block b takes M4 * 16 bytes; bytes
- * [16 m, 16 m + 16) hold subspace m: byte i carries the codeword index of
- * code 32 b + i in its low nibble and that of code 32 b + 16 + i in its high
- * nibble (rows past the end of the database are zero). One 16-byte table per
- * subspace then serves 16 codes per byte shuffle (vpshufb looks up 16
- * entries per 128-bit lane): AVX2 handles 2 subspaces per instruction,
- * AVX-512BW 4.
+ * Block layout. Codes are stored by blocks of 128 (four groups of 32);
+ * subspaces are padded to an even number Mp with zero codes. Block s takes
+ * Mp * 64 bytes: bytes [64 m + 16 g, 64 m + 16 g + 16) hold subspace m of
+ * group g, byte i carrying the codeword index of code 128 s + 32 g + i in its
+ * low nibble and that of code 128 s + 32 g + 16 + i in its high nibble (rows
+ * past the end of the database are zero). One byte shuffle (vpshufb looks
+ * up 16 entries per 128-bit lane) with the subspace's 16-byte table in every
+ * lane then reads 64 codes (AVX-512BW; 32 with AVX2) of one subspace, and
+ * every lane accumulates the whole distance of its own codes: no reduction
+ * across lanes is needed (a layout with several subspaces per register must
+ * add its lanes together once per block, which cost about a third of the
+ * scan here).
  *
- * Tables. Each query's float table is quantized to 8 bits (by the caller),
- * laid out (M4, 16) uint8 like the codes (padding subspaces are zero). The
- * quantized distance of a code is the sum of its M4 entries, accumulated in
- * 16-bit lanes: each shuffle result, read as 16-bit lanes, holds the entries
- * of an even code (low byte) and an odd code (high byte); adding it whole
- * and adding it shifted right by 8 gives (even + 256 odd) and (odd), from
- * which the even sums follow modulo 2**16. Both are exact as long as the
- * true sums stay below 65536, which the caller guarantees (M * max entry <=
- * 65535). Entries are at most 127, so the SIMD paths first add two
- * subspaces' shuffle results in bytes (no overflow), then widen.
+ * Tables. Each query's float table is quantized (by the caller) to entries
+ * of at most 127, laid out (Mp, 16) uint8 (a padding subspace is zero). The
+ * quantized distance of a code is the sum of its entries. Two subspaces'
+ * shuffle results are first added in bytes (at most 254: no overflow); read
+ * as 16-bit lanes, that sum holds an even code (low byte) and an odd code
+ * (high byte); adding it whole and shifted right by 8 gives (even + 256 odd)
+ * and (odd), from which the even sums follow modulo 2**16. Both are exact
+ * as long as the true sums stay below 65536, which the caller guarantees
+ * (M * max entry <= 65535).
  *
  * The scan returns the rows whose quantized distance is below a threshold
  * and whose `allowed` byte is non-zero (when `allowed` is given), in
@@ -32,85 +35,64 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SH_FS_BLOCK 32
-
-#if defined(_MSC_VER)
-#include <intrin.h>
-static inline int sh_fs_lowest_bit(uint32_t x) { unsigned long i; _BitScanForward(&i, x); return (int)i; }
-#else
-static inline int sh_fs_lowest_bit(uint32_t x) { return __builtin_ctz(x); }
-#endif
+#define SH_FS_BLOCK 128
 
 /* Block layout of n codes of M 4-bit codeword indices (row-major, one byte
- * each, every value below 16) into ceil(n / 32) blocks of M4 * 16 bytes. */
-static void sh_fs_pack(const uint8_t* codes, ptrdiff_t n, ptrdiff_t M, ptrdiff_t M4,
+ * each, every value below 16) into ceil(n / 128) blocks of Mp * 64 bytes. */
+static void sh_fs_pack(const uint8_t* codes, ptrdiff_t n, ptrdiff_t M, ptrdiff_t Mp,
                        uint8_t* blocks)
 {
     const ptrdiff_t n_blocks = (n + SH_FS_BLOCK - 1) / SH_FS_BLOCK;
-    memset(blocks, 0, (size_t)(n_blocks * M4 * 16));
+    memset(blocks, 0, (size_t)(n_blocks * Mp * 64));
     for (ptrdiff_t j = 0; j < n; ++j) {
-        uint8_t* block = blocks + (j / SH_FS_BLOCK) * M4 * 16;
+        uint8_t* block = blocks + (j / SH_FS_BLOCK) * Mp * 64;
         const int r = (int)(j % SH_FS_BLOCK);
-        const int byte = r & 15, shift = r < 16 ? 0 : 4;
+        const int at = 16 * (r / 32) + (r & 15), shift = (r & 16) ? 4 : 0;
         const uint8_t* code = codes + j * M;
         for (ptrdiff_t m = 0; m < M; ++m)
-            block[m * 16 + byte] |= (uint8_t)((code[m] & 15) << shift);
+            block[m * 64 + at] |= (uint8_t)((code[m] & 15) << shift);
     }
 }
 
-/* Mask of the allowed rows among the `rows` (<= 32) of a block. */
-static inline uint32_t sh_fs_allowed_scalar(const uint8_t* allowed, int rows)
+/* Report the rows of a block (d: its 128 quantized distances in row order)
+ * below threshold and allowed, in ascending order. */
+static inline ptrdiff_t sh_fs_report(const uint16_t* d, int rows, const uint8_t* allowed,
+                                     int threshold, ptrdiff_t row0, int32_t* pos,
+                                     uint16_t* dist, ptrdiff_t count)
 {
-    uint32_t mask = 0;
-    for (int r = 0; r < rows; ++r)
-        mask |= (uint32_t)(allowed[r] != 0) << r;
-    return mask;
-}
-
-/* Report the rows of a block set in mask, with their distances. */
-static inline ptrdiff_t sh_fs_report(uint32_t mask, const uint16_t* d, ptrdiff_t row0,
-                                     int32_t* pos, uint16_t* dist, ptrdiff_t count)
-{
-    while (mask) {
-        const int r = sh_fs_lowest_bit(mask);
-        mask &= mask - 1;
-        pos[count] = (int32_t)(row0 + r);
-        dist[count] = d[r];
-        ++count;
+    for (int r = 0; r < rows; ++r) {
+        if ((int)d[r] < threshold && (allowed == NULL || allowed[r])) {
+            pos[count] = (int32_t)(row0 + r);
+            dist[count] = d[r];
+            ++count;
+        }
     }
     return count;
 }
 
 static ptrdiff_t sh_fs_scan_portable(const uint8_t* lut, const uint8_t* blocks, ptrdiff_t n,
-                                     ptrdiff_t M4, const uint8_t* allowed, int threshold,
+                                     ptrdiff_t Mp, const uint8_t* allowed, int threshold,
                                      int32_t* pos, uint16_t* dist)
 {
     ptrdiff_t count = 0;
     const ptrdiff_t n_blocks = (n + SH_FS_BLOCK - 1) / SH_FS_BLOCK;
     for (ptrdiff_t b = 0; b < n_blocks; ++b) {
-        const uint8_t* block = blocks + b * M4 * 16;
+        const uint8_t* block = blocks + b * Mp * 64;
         const ptrdiff_t left = n - b * SH_FS_BLOCK;
         const int rows = left < SH_FS_BLOCK ? (int)left : SH_FS_BLOCK;
-        uint32_t d[SH_FS_BLOCK];
-        for (int r = 0; r < SH_FS_BLOCK; ++r) d[r] = 0;
-        for (ptrdiff_t m = 0; m < M4; ++m) {
+        uint16_t d[SH_FS_BLOCK];
+        memset(d, 0, sizeof(d));
+        for (ptrdiff_t m = 0; m < Mp; ++m) {
             const uint8_t* t = lut + m * 16;
-            const uint8_t* c = block + m * 16;
-            for (int i = 0; i < 16; ++i) {
-                d[i] += t[c[i] & 15];
-                d[i + 16] += t[c[i] >> 4];
-            }
+            const uint8_t* c = block + m * 64;
+            for (int g = 0; g < 4; ++g)
+                for (int i = 0; i < 16; ++i) {
+                    d[32 * g + i] += t[c[16 * g + i] & 15];
+                    d[32 * g + 16 + i] += t[c[16 * g + i] >> 4];
+                }
         }
-        uint32_t mask = 0;
-        for (int r = 0; r < rows; ++r)
-            mask |= (uint32_t)(d[r] < (uint32_t)threshold) << r;
-        if (mask && allowed != NULL)
-            mask &= sh_fs_allowed_scalar(allowed + b * SH_FS_BLOCK, rows);
-        if (mask) {
-            uint16_t d16[SH_FS_BLOCK];
-            for (int r = 0; r < SH_FS_BLOCK; ++r) d16[r] = (uint16_t)d[r];
-            count = sh_fs_report(mask, d16, b * SH_FS_BLOCK, pos, dist, count);
-        }
+        count = sh_fs_report(d, rows, allowed ? allowed + b * SH_FS_BLOCK : NULL, threshold,
+                             b * SH_FS_BLOCK, pos, dist, count);
     }
     return count;
 }
@@ -119,47 +101,46 @@ static ptrdiff_t sh_fs_scan_portable(const uint8_t* lut, const uint8_t* blocks, 
 #define SKLEARN_HASH_FS_X86 1
 #include <immintrin.h>
 
-/* 16 distances (codes 0-15 of the lanes' half) from the reduced sums:
- * all = even + 256 odd and odd, 8 lanes each. */
-__attribute__((target("avx2")))
-static inline __m256i sh_fs_interleave(__m128i all, __m128i odd)
+/* Row order of the lanes of the even / odd sums: lane l of group g (16-bit
+ * lane e = 8 g + p) holds row 32 g + 2 p (even) or 32 g + 2 p + 1 (odd), plus
+ * 16 for the high nibbles. */
+static inline void sh_fs_scatter(const uint16_t* even_lo, const uint16_t* odd_lo,
+                                 const uint16_t* even_hi, const uint16_t* odd_hi,
+                                 int lanes, uint16_t* d)
 {
-    const __m128i even = _mm_sub_epi16(all, _mm_slli_epi16(odd, 8));
-    return _mm256_set_m128i(_mm_unpackhi_epi16(even, odd), _mm_unpacklo_epi16(even, odd));
+    for (int e = 0; e < lanes; ++e) {
+        const int base = 32 * (e >> 3) + 2 * (e & 7);
+        d[base] = even_lo[e];
+        d[base + 1] = odd_lo[e];
+        d[base + 16] = even_hi[e];
+        d[base + 17] = odd_hi[e];
+    }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2")))
-static inline __m128i sh_fs_reduce512(__m512i v)
-{
-    const __m256i h = _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-    return _mm_add_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
-
-/* G groups of 4 subspaces (G = 0: any number, read from M4); fixed G lets
- * the compiler unroll the group loop and keep the tables in registers. */
-#define SH_FS_SCAN_AVX512(NAME, G)                                                \
+/* One block's sums with the subspace loop over Mp (P > 0: P pairs, fixed). */
+#define SH_FS_SCAN_AVX512(NAME, P)                                                \
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2")))                        \
 static ptrdiff_t NAME(const uint8_t* lut, const uint8_t* blocks, ptrdiff_t n,    \
-                      ptrdiff_t M4, const uint8_t* allowed, int threshold,       \
+                      ptrdiff_t Mp, const uint8_t* allowed, int threshold,       \
                       int32_t* pos, uint16_t* dist)                              \
 {                                                                                \
     ptrdiff_t count = 0;                                                         \
     const ptrdiff_t n_blocks = (n + SH_FS_BLOCK - 1) / SH_FS_BLOCK;              \
-    const ptrdiff_t n_groups = (G) > 0 ? (G) : M4 / 4;                           \
-    const ptrdiff_t stride = (G) > 0 ? 64 * (G) : M4 * 16;                       \
+    const ptrdiff_t n_pairs = (P) > 0 ? (P) : Mp / 2;                            \
+    const ptrdiff_t stride = 128 * n_pairs;                                      \
     const __m512i low = _mm512_set1_epi8(0x0f);                                  \
-    const __m256i thr = _mm256_set1_epi16((short)(uint16_t)(threshold - 1));     \
+    const __m512i thr = _mm512_set1_epi16((short)(uint16_t)(threshold - 1));     \
     for (ptrdiff_t b = 0; b < n_blocks; ++b) {                                   \
         const uint8_t* block = blocks + b * stride;                              \
         __m512i all_lo = _mm512_setzero_si512(), odd_lo = _mm512_setzero_si512(); \
         __m512i all_hi = _mm512_setzero_si512(), odd_hi = _mm512_setzero_si512(); \
-        ptrdiff_t g = 0;                                                         \
-        /* Two groups' entries (each <= 127) add in bytes without overflow. */  \
-        for (; g + 1 < n_groups; g += 2) {                                       \
-            const __m512i c0 = _mm512_loadu_si512((const void*)(block + 64 * g)); \
-            const __m512i c1 = _mm512_loadu_si512((const void*)(block + 64 * g + 64)); \
-            const __m512i t0 = _mm512_loadu_si512((const void*)(lut + 64 * g));  \
-            const __m512i t1 = _mm512_loadu_si512((const void*)(lut + 64 * g + 64)); \
+        for (ptrdiff_t p = 0; p < n_pairs; ++p) {                                \
+            const __m512i c0 = _mm512_loadu_si512((const void*)(block + 128 * p)); \
+            const __m512i c1 = _mm512_loadu_si512((const void*)(block + 128 * p + 64)); \
+            const __m512i t0 = _mm512_broadcast_i32x4(                           \
+                _mm_loadu_si128((const __m128i*)(lut + 32 * p)));                \
+            const __m512i t1 = _mm512_broadcast_i32x4(                           \
+                _mm_loadu_si128((const __m128i*)(lut + 32 * p + 16)));           \
             const __m512i lo = _mm512_add_epi8(                                  \
                 _mm512_shuffle_epi8(t0, _mm512_and_si512(c0, low)),              \
                 _mm512_shuffle_epi8(t1, _mm512_and_si512(c1, low)));             \
@@ -171,118 +152,196 @@ static ptrdiff_t NAME(const uint8_t* lut, const uint8_t* blocks, ptrdiff_t n,   
             all_hi = _mm512_add_epi16(all_hi, hi);                               \
             odd_hi = _mm512_add_epi16(odd_hi, _mm512_srli_epi16(hi, 8));         \
         }                                                                        \
-        for (; g < n_groups; ++g) {                                              \
-            const __m512i c = _mm512_loadu_si512((const void*)(block + 64 * g)); \
-            const __m512i t = _mm512_loadu_si512((const void*)(lut + 64 * g));   \
-            const __m512i lo = _mm512_shuffle_epi8(t, _mm512_and_si512(c, low)); \
-            const __m512i hi = _mm512_shuffle_epi8(                              \
-                t, _mm512_and_si512(_mm512_srli_epi16(c, 4), low));              \
-            all_lo = _mm512_add_epi16(all_lo, lo);                               \
-            odd_lo = _mm512_add_epi16(odd_lo, _mm512_srli_epi16(lo, 8));         \
-            all_hi = _mm512_add_epi16(all_hi, hi);                               \
-            odd_hi = _mm512_add_epi16(odd_hi, _mm512_srli_epi16(hi, 8));         \
-        }                                                                        \
-        const __m256i d0 = sh_fs_interleave(sh_fs_reduce512(all_lo), sh_fs_reduce512(odd_lo)); \
-        const __m256i d1 = sh_fs_interleave(sh_fs_reduce512(all_hi), sh_fs_reduce512(odd_hi)); \
-        const ptrdiff_t left = n - b * SH_FS_BLOCK;                              \
-        const int rows = left < SH_FS_BLOCK ? (int)left : SH_FS_BLOCK;           \
-        const uint32_t valid = rows == SH_FS_BLOCK ? 0xffffffffu : ((1u << rows) - 1u); \
-        uint32_t mask = ((uint32_t)_mm256_cmple_epu16_mask(d0, thr)              \
-                         | ((uint32_t)_mm256_cmple_epu16_mask(d1, thr) << 16)) & valid; \
-        if (mask && allowed != NULL) {                                           \
-            const __m256i a = _mm256_maskz_loadu_epi8(valid, allowed + b * SH_FS_BLOCK); \
-            mask &= (uint32_t)_mm256_test_epi8_mask(a, a);                       \
-        }                                                                        \
-        if (mask) {                                                              \
-            uint16_t d[SH_FS_BLOCK];                                             \
-            _mm256_storeu_si256((__m256i*)d, d0);                                \
-            _mm256_storeu_si256((__m256i*)(d + 16), d1);                         \
-            count = sh_fs_report(mask, d, b * SH_FS_BLOCK, pos, dist, count);    \
+        const __m512i even_lo = _mm512_sub_epi16(all_lo, _mm512_slli_epi16(odd_lo, 8)); \
+        const __m512i even_hi = _mm512_sub_epi16(all_hi, _mm512_slli_epi16(odd_hi, 8)); \
+        const __mmask32 any = _mm512_cmple_epu16_mask(even_lo, thr)              \
+            | _mm512_cmple_epu16_mask(odd_lo, thr)                               \
+            | _mm512_cmple_epu16_mask(even_hi, thr)                              \
+            | _mm512_cmple_epu16_mask(odd_hi, thr);                              \
+        if (any) {                                                               \
+            uint16_t el[32], ol[32], eh[32], oh[32], d[SH_FS_BLOCK];             \
+            _mm512_storeu_si512((void*)el, even_lo);                             \
+            _mm512_storeu_si512((void*)ol, odd_lo);                              \
+            _mm512_storeu_si512((void*)eh, even_hi);                             \
+            _mm512_storeu_si512((void*)oh, odd_hi);                              \
+            sh_fs_scatter(el, ol, eh, oh, 32, d);                                \
+            const ptrdiff_t left = n - b * SH_FS_BLOCK;                          \
+            const int rows = left < SH_FS_BLOCK ? (int)left : SH_FS_BLOCK;       \
+            count = sh_fs_report(d, rows, allowed ? allowed + b * SH_FS_BLOCK : NULL, \
+                                 threshold, b * SH_FS_BLOCK, pos, dist, count);  \
         }                                                                        \
     }                                                                            \
     return count;                                                                \
 }
 
 SH_FS_SCAN_AVX512(sh_fs_scan_avx512_any, 0)
-SH_FS_SCAN_AVX512(sh_fs_scan_avx512_g2, 2)
-SH_FS_SCAN_AVX512(sh_fs_scan_avx512_g4, 4)
-SH_FS_SCAN_AVX512(sh_fs_scan_avx512_g8, 8)
-SH_FS_SCAN_AVX512(sh_fs_scan_avx512_g16, 16)
+SH_FS_SCAN_AVX512(sh_fs_scan_avx512_p4, 4)
+SH_FS_SCAN_AVX512(sh_fs_scan_avx512_p8, 8)
+SH_FS_SCAN_AVX512(sh_fs_scan_avx512_p16, 16)
+SH_FS_SCAN_AVX512(sh_fs_scan_avx512_p32, 32)
 
 static ptrdiff_t sh_fs_scan_avx512(const uint8_t* lut, const uint8_t* blocks, ptrdiff_t n,
-                                   ptrdiff_t M4, const uint8_t* allowed, int threshold,
+                                   ptrdiff_t Mp, const uint8_t* allowed, int threshold,
                                    int32_t* pos, uint16_t* dist)
 {
-    switch (M4) {
-    case 8: return sh_fs_scan_avx512_g2(lut, blocks, n, M4, allowed, threshold, pos, dist);
-    case 16: return sh_fs_scan_avx512_g4(lut, blocks, n, M4, allowed, threshold, pos, dist);
-    case 32: return sh_fs_scan_avx512_g8(lut, blocks, n, M4, allowed, threshold, pos, dist);
-    case 64: return sh_fs_scan_avx512_g16(lut, blocks, n, M4, allowed, threshold, pos, dist);
-    default: return sh_fs_scan_avx512_any(lut, blocks, n, M4, allowed, threshold, pos, dist);
+    switch (Mp) {
+    case 8: return sh_fs_scan_avx512_p4(lut, blocks, n, Mp, allowed, threshold, pos, dist);
+    case 16: return sh_fs_scan_avx512_p8(lut, blocks, n, Mp, allowed, threshold, pos, dist);
+    case 32: return sh_fs_scan_avx512_p16(lut, blocks, n, Mp, allowed, threshold, pos, dist);
+    case 64: return sh_fs_scan_avx512_p32(lut, blocks, n, Mp, allowed, threshold, pos, dist);
+    default: return sh_fs_scan_avx512_any(lut, blocks, n, Mp, allowed, threshold, pos, dist);
     }
 }
 
-__attribute__((target("avx2")))
-static inline __m128i sh_fs_reduce256(__m256i v)
-{
-    return _mm_add_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+/* Two queries over the same blocks: the codes are loaded and split into
+ * nibbles once for both (6 of the 18 operations per pair of subspaces). */
+#define SH_FS_SCAN2_AVX512(NAME, P)                                               \
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2")))                        \
+static void NAME(const uint8_t* lut_a, const uint8_t* lut_b, const uint8_t* blocks, \
+                 ptrdiff_t n, ptrdiff_t Mp, const uint8_t* allowed,              \
+                 int threshold_a, int threshold_b,                               \
+                 int32_t* pos_a, uint16_t* dist_a, ptrdiff_t* count_a,           \
+                 int32_t* pos_b, uint16_t* dist_b, ptrdiff_t* count_b)           \
+{                                                                                \
+    ptrdiff_t na = 0, nb = 0;                                                    \
+    const ptrdiff_t n_blocks = (n + SH_FS_BLOCK - 1) / SH_FS_BLOCK;              \
+    const ptrdiff_t n_pairs = (P) > 0 ? (P) : Mp / 2;                            \
+    const ptrdiff_t stride = 128 * n_pairs;                                      \
+    const __m512i low = _mm512_set1_epi8(0x0f);                                  \
+    const __m512i thr_a = _mm512_set1_epi16((short)(uint16_t)(threshold_a - 1)); \
+    const __m512i thr_b = _mm512_set1_epi16((short)(uint16_t)(threshold_b - 1)); \
+    for (ptrdiff_t b = 0; b < n_blocks; ++b) {                                   \
+        const uint8_t* block = blocks + b * stride;                              \
+        __m512i al_a = _mm512_setzero_si512(), ol_a = _mm512_setzero_si512();    \
+        __m512i ah_a = _mm512_setzero_si512(), oh_a = _mm512_setzero_si512();    \
+        __m512i al_b = _mm512_setzero_si512(), ol_b = _mm512_setzero_si512();    \
+        __m512i ah_b = _mm512_setzero_si512(), oh_b = _mm512_setzero_si512();    \
+        for (ptrdiff_t p = 0; p < n_pairs; ++p) {                                \
+            const __m512i c0 = _mm512_loadu_si512((const void*)(block + 128 * p)); \
+            const __m512i c1 = _mm512_loadu_si512((const void*)(block + 128 * p + 64)); \
+            const __m512i c0l = _mm512_and_si512(c0, low);                       \
+            const __m512i c1l = _mm512_and_si512(c1, low);                       \
+            const __m512i c0h = _mm512_and_si512(_mm512_srli_epi16(c0, 4), low); \
+            const __m512i c1h = _mm512_and_si512(_mm512_srli_epi16(c1, 4), low); \
+            {                                                                    \
+                const __m512i t0 = _mm512_broadcast_i32x4(                       \
+                    _mm_loadu_si128((const __m128i*)(lut_a + 32 * p)));          \
+                const __m512i t1 = _mm512_broadcast_i32x4(                       \
+                    _mm_loadu_si128((const __m128i*)(lut_a + 32 * p + 16)));     \
+                const __m512i lo = _mm512_add_epi8(_mm512_shuffle_epi8(t0, c0l), \
+                                                   _mm512_shuffle_epi8(t1, c1l)); \
+                const __m512i hi = _mm512_add_epi8(_mm512_shuffle_epi8(t0, c0h), \
+                                                   _mm512_shuffle_epi8(t1, c1h)); \
+                al_a = _mm512_add_epi16(al_a, lo);                               \
+                ol_a = _mm512_add_epi16(ol_a, _mm512_srli_epi16(lo, 8));         \
+                ah_a = _mm512_add_epi16(ah_a, hi);                               \
+                oh_a = _mm512_add_epi16(oh_a, _mm512_srli_epi16(hi, 8));         \
+            }                                                                    \
+            {                                                                    \
+                const __m512i t0 = _mm512_broadcast_i32x4(                       \
+                    _mm_loadu_si128((const __m128i*)(lut_b + 32 * p)));          \
+                const __m512i t1 = _mm512_broadcast_i32x4(                       \
+                    _mm_loadu_si128((const __m128i*)(lut_b + 32 * p + 16)));     \
+                const __m512i lo = _mm512_add_epi8(_mm512_shuffle_epi8(t0, c0l), \
+                                                   _mm512_shuffle_epi8(t1, c1l)); \
+                const __m512i hi = _mm512_add_epi8(_mm512_shuffle_epi8(t0, c0h), \
+                                                   _mm512_shuffle_epi8(t1, c1h)); \
+                al_b = _mm512_add_epi16(al_b, lo);                               \
+                ol_b = _mm512_add_epi16(ol_b, _mm512_srli_epi16(lo, 8));         \
+                ah_b = _mm512_add_epi16(ah_b, hi);                               \
+                oh_b = _mm512_add_epi16(oh_b, _mm512_srli_epi16(hi, 8));         \
+            }                                                                    \
+        }                                                                        \
+        const ptrdiff_t left = n - b * SH_FS_BLOCK;                              \
+        const int rows = left < SH_FS_BLOCK ? (int)left : SH_FS_BLOCK;           \
+        const uint8_t* allow = allowed ? allowed + b * SH_FS_BLOCK : NULL;       \
+        SH_FS_REPORT512(al_a, ol_a, ah_a, oh_a, thr_a, threshold_a, pos_a, dist_a, na); \
+        SH_FS_REPORT512(al_b, ol_b, ah_b, oh_b, thr_b, threshold_b, pos_b, dist_b, nb); \
+    }                                                                            \
+    *count_a = na;                                                               \
+    *count_b = nb;                                                               \
 }
 
+/* Even sums from (all, odd); rows of the block below the threshold reported. */
+#define SH_FS_REPORT512(AL, OL, AH, OH, THR, THRESHOLD, POS, DIST, COUNT)         \
+    {                                                                            \
+        const __m512i el_ = _mm512_sub_epi16(AL, _mm512_slli_epi16(OL, 8));      \
+        const __m512i eh_ = _mm512_sub_epi16(AH, _mm512_slli_epi16(OH, 8));      \
+        if (_mm512_cmple_epu16_mask(el_, THR) | _mm512_cmple_epu16_mask(OL, THR) \
+            | _mm512_cmple_epu16_mask(eh_, THR) | _mm512_cmple_epu16_mask(OH, THR)) { \
+            uint16_t el[32], ol[32], eh[32], oh[32], d[SH_FS_BLOCK];             \
+            _mm512_storeu_si512((void*)el, el_);                                 \
+            _mm512_storeu_si512((void*)ol, OL);                                  \
+            _mm512_storeu_si512((void*)eh, eh_);                                 \
+            _mm512_storeu_si512((void*)oh, OH);                                  \
+            sh_fs_scatter(el, ol, eh, oh, 32, d);                                \
+            COUNT = sh_fs_report(d, rows, allow, THRESHOLD, b * SH_FS_BLOCK, POS, DIST, COUNT); \
+        }                                                                        \
+    }
+
+SH_FS_SCAN2_AVX512(sh_fs_scan2_avx512_any, 0)
+SH_FS_SCAN2_AVX512(sh_fs_scan2_avx512_p4, 4)
+SH_FS_SCAN2_AVX512(sh_fs_scan2_avx512_p8, 8)
+SH_FS_SCAN2_AVX512(sh_fs_scan2_avx512_p16, 16)
+SH_FS_SCAN2_AVX512(sh_fs_scan2_avx512_p32, 32)
+
+/* AVX2: each block in two halves of 64 codes (groups 0-1, then 2-3). */
 __attribute__((target("avx2")))
 static ptrdiff_t sh_fs_scan_avx2(const uint8_t* lut, const uint8_t* blocks, ptrdiff_t n,
-                                 ptrdiff_t M4, const uint8_t* allowed, int threshold,
+                                 ptrdiff_t Mp, const uint8_t* allowed, int threshold,
                                  int32_t* pos, uint16_t* dist)
 {
     ptrdiff_t count = 0;
     const ptrdiff_t n_blocks = (n + SH_FS_BLOCK - 1) / SH_FS_BLOCK;
-    const ptrdiff_t n_pairs = M4 / 2;
+    const ptrdiff_t n_pairs = Mp / 2;
     const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i zero = _mm256_setzero_si256();
     const __m256i thr = _mm256_set1_epi16((short)(uint16_t)(threshold - 1));
     for (ptrdiff_t b = 0; b < n_blocks; ++b) {
-        const uint8_t* block = blocks + b * M4 * 16;
-        __m256i all_lo = zero, odd_lo = zero, all_hi = zero, odd_hi = zero;
-        for (ptrdiff_t p = 0; p < n_pairs; p += 2) {  /* n_pairs is even */
-            const __m256i c0 = _mm256_loadu_si256((const __m256i*)(block + 32 * p));
-            const __m256i c1 = _mm256_loadu_si256((const __m256i*)(block + 32 * p + 32));
-            const __m256i t0 = _mm256_loadu_si256((const __m256i*)(lut + 32 * p));
-            const __m256i t1 = _mm256_loadu_si256((const __m256i*)(lut + 32 * p + 32));
-            /* Two pairs' entries (each <= 127) add in bytes without overflow. */
-            const __m256i lo = _mm256_add_epi8(
-                _mm256_shuffle_epi8(t0, _mm256_and_si256(c0, low)),
-                _mm256_shuffle_epi8(t1, _mm256_and_si256(c1, low)));
-            const __m256i hi = _mm256_add_epi8(
-                _mm256_shuffle_epi8(t0, _mm256_and_si256(_mm256_srli_epi16(c0, 4), low)),
-                _mm256_shuffle_epi8(t1, _mm256_and_si256(_mm256_srli_epi16(c1, 4), low)));
-            all_lo = _mm256_add_epi16(all_lo, lo);
-            odd_lo = _mm256_add_epi16(odd_lo, _mm256_srli_epi16(lo, 8));
-            all_hi = _mm256_add_epi16(all_hi, hi);
-            odd_hi = _mm256_add_epi16(odd_hi, _mm256_srli_epi16(hi, 8));
-        }
-        const __m256i d0 = sh_fs_interleave(sh_fs_reduce256(all_lo), sh_fs_reduce256(odd_lo));
-        const __m256i d1 = sh_fs_interleave(sh_fs_reduce256(all_hi), sh_fs_reduce256(odd_hi));
-        /* Unsigned d <= thr as min(d, thr) == d; packed to one byte per row. */
-        const __m256i le0 = _mm256_cmpeq_epi16(_mm256_min_epu16(d0, thr), d0);
-        const __m256i le1 = _mm256_cmpeq_epi16(_mm256_min_epu16(d1, thr), d1);
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi16(le0, le1), 0xd8);
-        const ptrdiff_t left = n - b * SH_FS_BLOCK;
-        const int rows = left < SH_FS_BLOCK ? (int)left : SH_FS_BLOCK;
-        uint32_t mask = (uint32_t)_mm256_movemask_epi8(packed);
-        if (rows < SH_FS_BLOCK)
-            mask &= (1u << rows) - 1u;
-        if (mask && allowed != NULL) {
-            if (rows == SH_FS_BLOCK) {
-                const __m256i a = _mm256_loadu_si256((const __m256i*)(allowed + b * SH_FS_BLOCK));
-                mask &= ~(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, zero));
-            } else {
-                mask &= sh_fs_allowed_scalar(allowed + b * SH_FS_BLOCK, rows);
+        __m256i sums[2][4];  /* per half: even_lo, odd_lo, even_hi, odd_hi */
+        int any = 0;
+        for (int h = 0; h < 2; ++h) {
+            const uint8_t* block = blocks + b * Mp * 64 + 32 * h;
+            __m256i all_lo = zero, odd_lo = zero, all_hi = zero, odd_hi = zero;
+            for (ptrdiff_t p = 0; p < n_pairs; ++p) {
+                const __m256i c0 = _mm256_loadu_si256((const __m256i*)(block + 128 * p));
+                const __m256i c1 = _mm256_loadu_si256((const __m256i*)(block + 128 * p + 64));
+                const __m256i t0 = _mm256_broadcastsi128_si256(
+                    _mm_loadu_si128((const __m128i*)(lut + 32 * p)));
+                const __m256i t1 = _mm256_broadcastsi128_si256(
+                    _mm_loadu_si128((const __m128i*)(lut + 32 * p + 16)));
+                const __m256i lo = _mm256_add_epi8(
+                    _mm256_shuffle_epi8(t0, _mm256_and_si256(c0, low)),
+                    _mm256_shuffle_epi8(t1, _mm256_and_si256(c1, low)));
+                const __m256i hi = _mm256_add_epi8(
+                    _mm256_shuffle_epi8(t0, _mm256_and_si256(_mm256_srli_epi16(c0, 4), low)),
+                    _mm256_shuffle_epi8(t1, _mm256_and_si256(_mm256_srli_epi16(c1, 4), low)));
+                all_lo = _mm256_add_epi16(all_lo, lo);
+                odd_lo = _mm256_add_epi16(odd_lo, _mm256_srli_epi16(lo, 8));
+                all_hi = _mm256_add_epi16(all_hi, hi);
+                odd_hi = _mm256_add_epi16(odd_hi, _mm256_srli_epi16(hi, 8));
+            }
+            sums[h][0] = _mm256_sub_epi16(all_lo, _mm256_slli_epi16(odd_lo, 8));
+            sums[h][1] = odd_lo;
+            sums[h][2] = _mm256_sub_epi16(all_hi, _mm256_slli_epi16(odd_hi, 8));
+            sums[h][3] = odd_hi;
+            for (int v = 0; v < 4; ++v) {
+                /* Unsigned x <= thr as min(x, thr) == x. */
+                const __m256i x = sums[h][v];
+                any |= _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_min_epu16(x, thr), x));
             }
         }
-        if (mask) {
-            uint16_t d[SH_FS_BLOCK];
-            _mm256_storeu_si256((__m256i*)d, d0);
-            _mm256_storeu_si256((__m256i*)(d + 16), d1);
-            count = sh_fs_report(mask, d, b * SH_FS_BLOCK, pos, dist, count);
+        if (any) {
+            uint16_t s[2][4][16], d[SH_FS_BLOCK];
+            for (int h = 0; h < 2; ++h) {
+                for (int v = 0; v < 4; ++v)
+                    _mm256_storeu_si256((__m256i*)s[h][v], sums[h][v]);
+                sh_fs_scatter(s[h][0], s[h][1], s[h][2], s[h][3], 16, d + 64 * h);
+            }
+            const ptrdiff_t left = n - b * SH_FS_BLOCK;
+            const int rows = left < SH_FS_BLOCK ? (int)left : SH_FS_BLOCK;
+            count = sh_fs_report(d, rows, allowed ? allowed + b * SH_FS_BLOCK : NULL,
+                                 threshold, b * SH_FS_BLOCK, pos, dist, count);
         }
     }
     return count;
@@ -319,18 +378,71 @@ static inline int sh_fs_detect_simd(int max_level)
  * threshold (0 <= threshold <= 65536) and that are allowed (allowed[r] != 0;
  * NULL: every row), in ascending order; returns their count. */
 static inline ptrdiff_t sh_fs_scan(int simd, const uint8_t* lut, const uint8_t* blocks,
-                                   ptrdiff_t n, ptrdiff_t M4, const uint8_t* allowed,
+                                   ptrdiff_t n, ptrdiff_t Mp, const uint8_t* allowed,
                                    int threshold, int32_t* pos, uint16_t* dist)
 {
     if (threshold <= 0 || n <= 0)
         return 0;
 #if SKLEARN_HASH_FS_X86
     if (simd >= 2)
-        return sh_fs_scan_avx512(lut, blocks, n, M4, allowed, threshold, pos, dist);
+        return sh_fs_scan_avx512(lut, blocks, n, Mp, allowed, threshold, pos, dist);
     if (simd == 1)
-        return sh_fs_scan_avx2(lut, blocks, n, M4, allowed, threshold, pos, dist);
+        return sh_fs_scan_avx2(lut, blocks, n, Mp, allowed, threshold, pos, dist);
 #endif
-    return sh_fs_scan_portable(lut, blocks, n, M4, allowed, threshold, pos, dist);
+    return sh_fs_scan_portable(lut, blocks, n, Mp, allowed, threshold, pos, dist);
+}
+
+/* sh_fs_scan for two queries a and b over the same codes; the AVX-512 path
+ * reads the codes once for both. */
+static inline void sh_fs_scan2(int simd, const uint8_t* lut_a, const uint8_t* lut_b,
+                               const uint8_t* blocks, ptrdiff_t n, ptrdiff_t Mp,
+                               const uint8_t* allowed, int threshold_a, int threshold_b,
+                               int32_t* pos_a, uint16_t* dist_a, ptrdiff_t* count_a,
+                               int32_t* pos_b, uint16_t* dist_b, ptrdiff_t* count_b)
+{
+#if SKLEARN_HASH_FS_X86
+    if (simd >= 2 && threshold_a > 0 && threshold_b > 0 && n > 0) {
+        switch (Mp) {
+        case 8: sh_fs_scan2_avx512_p4(lut_a, lut_b, blocks, n, Mp, allowed, threshold_a,
+                                      threshold_b, pos_a, dist_a, count_a, pos_b, dist_b,
+                                      count_b); return;
+        case 16: sh_fs_scan2_avx512_p8(lut_a, lut_b, blocks, n, Mp, allowed, threshold_a,
+                                       threshold_b, pos_a, dist_a, count_a, pos_b, dist_b,
+                                       count_b); return;
+        case 32: sh_fs_scan2_avx512_p16(lut_a, lut_b, blocks, n, Mp, allowed, threshold_a,
+                                        threshold_b, pos_a, dist_a, count_a, pos_b, dist_b,
+                                        count_b); return;
+        case 64: sh_fs_scan2_avx512_p32(lut_a, lut_b, blocks, n, Mp, allowed, threshold_a,
+                                        threshold_b, pos_a, dist_a, count_a, pos_b, dist_b,
+                                        count_b); return;
+        default: sh_fs_scan2_avx512_any(lut_a, lut_b, blocks, n, Mp, allowed, threshold_a,
+                                        threshold_b, pos_a, dist_a, count_a, pos_b, dist_b,
+                                        count_b); return;
+        }
+    }
+#endif
+    *count_a = sh_fs_scan(simd, lut_a, blocks, n, Mp, allowed, threshold_a, pos_a, dist_a);
+    *count_b = sh_fs_scan(simd, lut_b, blocks, n, Mp, allowed, threshold_b, pos_b, dist_b);
+}
+
+/* The float32 ADC distances of n codes (8 at a time: independent addition
+ * chains, each in subspace order). */
+static inline void sh_fs_adc_rows(const float* table, const uint8_t* codes, ptrdiff_t n,
+                                  ptrdiff_t M, float* out)
+{
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        float d[8];
+        for (int r = 0; r < 8; ++r) d[r] = table[codes[(j + r) * M]];
+        for (ptrdiff_t m = 1; m < M; ++m)
+            for (int r = 0; r < 8; ++r) d[r] += table[m * 16 + codes[(j + r) * M + m]];
+        for (int r = 0; r < 8; ++r) out[j + r] = d[r];
+    }
+    for (; j < n; ++j) {
+        float d = table[codes[j * M]];
+        for (ptrdiff_t m = 1; m < M; ++m) d += table[m * 16 + codes[j * M + m]];
+        out[j] = d;
+    }
 }
 
 /* The float32 ADC distance of one code: table[m, code[m]] added in order of m. */

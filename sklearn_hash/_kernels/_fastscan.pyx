@@ -1,8 +1,9 @@
 """Exact k-nearest-neighbour search over 4-bit product codes by fast-scan.
 
 Codes with 16 codewords per subspace are kept in a block layout (see
-``_fastscan.h``: blocks of 32 codes, nibbles transposed) that in-register
-byte shuffles read 16 or 32 codes at a time. A search has two stages:
+``_fastscan.h``: blocks of 128 codes, nibbles transposed, one subspace of
+64 codes per 64 bytes) that in-register byte shuffles read 32 or 64 codes at
+a time. A search has two stages:
 
 1. **Filter (approximate arithmetic).** Each query's float table is
    quantized to 8-bit integers: entry ``e = t - min_c t[m, c]`` becomes
@@ -31,7 +32,8 @@ byte shuffles read 16 or 32 codes at a time. A search has two stages:
    the k-th distance are re-scored (a few tens per query on 1M codes).
 
 Work is split over blocks of queries (OpenMP ``prange``), each block sharing
-the database scan, cut into cache-sized parts. The results do not depend on
+the database scan, cut into cache-sized parts; on the AVX-512 path two
+queries at a time share the reading of the codes. The results do not depend on
 the thread count, on the SIMD path, nor on how the codes are split in
 chunks.
 """
@@ -46,20 +48,27 @@ import numpy as np
 from ._simd import max_simd_level
 
 cdef extern from "_fastscan.h":
-    void sh_fs_pack(const uint8_t* codes, Py_ssize_t n, Py_ssize_t M, Py_ssize_t M4,
+    void sh_fs_pack(const uint8_t* codes, Py_ssize_t n, Py_ssize_t M, Py_ssize_t Mp,
                     uint8_t* blocks) noexcept nogil
     int sh_fs_detect_simd(int max_level) noexcept nogil
     Py_ssize_t sh_fs_scan(int simd, const uint8_t* lut, const uint8_t* blocks, Py_ssize_t n,
-                          Py_ssize_t M4, const uint8_t* allowed, int threshold,
+                          Py_ssize_t Mp, const uint8_t* allowed, int threshold,
                           int32_t* pos, uint16_t* dist) noexcept nogil
+    void sh_fs_scan2(int simd, const uint8_t* lut_a, const uint8_t* lut_b,
+                     const uint8_t* blocks, Py_ssize_t n, Py_ssize_t Mp,
+                     const uint8_t* allowed, int threshold_a, int threshold_b,
+                     int32_t* pos_a, uint16_t* dist_a, Py_ssize_t* count_a,
+                     int32_t* pos_b, uint16_t* dist_b, Py_ssize_t* count_b) noexcept nogil
     float sh_fs_adc(const float* table, const uint8_t* code, Py_ssize_t M) noexcept nogil
+    void sh_fs_adc_rows(const float* table, const uint8_t* codes, Py_ssize_t n, Py_ssize_t M,
+                        float* out) noexcept nogil
     void sh_fs_offer(float* dist, int64_t* idx, Py_ssize_t* size, Py_ssize_t k,
                      float d, int64_t j) noexcept nogil
     void sh_fs_heap_sort(float* dist, int64_t* idx, Py_ssize_t size) noexcept nogil
 
 
 cdef enum:
-    BLOCK = 32
+    BLOCK = 128
     # Bytes of block layout scanned per part (shared by a block of queries).
     DB_BLOCK_BYTES = 65536
     # Queries sharing one pass over a part of the database.
@@ -82,14 +91,17 @@ def simd_path(simd=True):
     return _PATHS[sh_fs_detect_simd(max_simd_level(simd))]
 
 
+BLOCK_ROWS = BLOCK
+
+
 def padded_subspaces(Py_ssize_t n_subspaces):
-    """Subspaces of the block layout: ``n_subspaces`` rounded up to a multiple of 4."""
-    return (n_subspaces + 3) // 4 * 4
+    """Subspaces of the block layout: ``n_subspaces`` rounded up to an even number."""
+    return n_subspaces + (n_subspaces & 1)
 
 
 def block_bytes(Py_ssize_t n_subspaces):
-    """Bytes of one block of 32 codes."""
-    return padded_subspaces(n_subspaces) * 16
+    """Bytes of one block of 128 codes."""
+    return padded_subspaces(n_subspaces) * 64
 
 
 def check_4bit_codes(codes):
@@ -107,28 +119,29 @@ def check_4bit_codes(codes):
 
 
 def pack_blocks(const uint8_t[:, ::1] codes):  # IN (n, n_subspaces), each value < 16
-    """Block layout of 4-bit codes: ``(ceil(n / 32), block_bytes(n_subspaces))`` uint8.
+    """Block layout of 4-bit codes: ``(ceil(n / 128), block_bytes(n_subspaces))`` uint8.
 
-    Block b holds codes ``32 b .. 32 b + 31``; its bytes ``16 m .. 16 m + 15``
-    hold subspace m, byte i carrying code ``32 b + i`` in its low nibble and
-    code ``32 b + 16 + i`` in its high nibble. Missing rows and the padding
-    subspaces are zero.
+    Block s holds codes ``128 s .. 128 s + 127`` as four groups of 32; its
+    bytes ``64 m + 16 g .. 64 m + 16 g + 15`` hold subspace m of group g,
+    byte i carrying code ``128 s + 32 g + i`` in its low nibble and code
+    ``128 s + 32 g + 16 + i`` in its high nibble. Missing rows and the
+    padding subspace (odd ``n_subspaces``) are zero.
     """
     check_4bit_codes(codes)
     cdef Py_ssize_t n = codes.shape[0]
     cdef Py_ssize_t M = codes.shape[1]
-    cdef Py_ssize_t M4 = padded_subspaces(M)
-    blocks = np.zeros(((n + BLOCK - 1) // BLOCK, M4 * 16), dtype=np.uint8)
+    cdef Py_ssize_t Mp = padded_subspaces(M)
+    blocks = np.zeros(((n + BLOCK - 1) // BLOCK, Mp * 64), dtype=np.uint8)
     cdef uint8_t[:, ::1] out = blocks
     if n and M:
         with nogil:
-            sh_fs_pack(&codes[0, 0], n, M, M4, &out[0, 0])
+            sh_fs_pack(&codes[0, 0], n, M, Mp, &out[0, 0])
     return blocks
 
 
 def quantized_candidates(
-    const uint8_t[:, ::1] lut,       # IN (M4, 16) quantized table, entries <= 127
-    const uint8_t[:, ::1] blocks,    # IN (n_blocks, M4 * 16) block layout
+    const uint8_t[:, ::1] lut,       # IN (Mp, 16) quantized table, entries <= 127
+    const uint8_t[:, ::1] blocks,    # IN (n_blocks, Mp * 64) block layout
     Py_ssize_t n,
     int threshold,
     const uint8_t[::1] allowed=None,  # IN (n,) or None
@@ -140,15 +153,15 @@ def quantized_candidates(
     the first ``n`` codes of ``blocks`` whose sum of ``lut`` entries is below
     ``threshold`` (0 to 65536) and that are allowed, with those sums (uint16).
     """
-    cdef Py_ssize_t M4 = lut.shape[0]
-    if lut.shape[1] != 16 or M4 % 4 or blocks.shape[1] != M4 * 16:
-        raise ValueError("lut must have shape (M4, 16), M4 a multiple of 4, and blocks "
-                         "M4 * 16 bytes per block.")
+    cdef Py_ssize_t Mp = lut.shape[0]
+    if lut.shape[1] != 16 or Mp % 2 or blocks.shape[1] != Mp * 64:
+        raise ValueError("lut must have shape (Mp, 16), Mp even, and blocks Mp * 64 bytes "
+                         "per block.")
     if n < 0 or n > blocks.shape[0] * BLOCK:
         raise ValueError(f"n must be in [0, {blocks.shape[0] * BLOCK}].")
     if np.asarray(lut).size and int(np.asarray(lut).max()) > 127:
         raise ValueError("lut entries must be at most 127.")
-    if M4 * 127 > 65535:
+    if Mp * 127 > 65535:
         raise ValueError("too many subspaces for 16-bit sums of 127-level entries.")
     if not 0 <= threshold <= 65536:
         raise ValueError("threshold must be in [0, 65536].")
@@ -161,7 +174,7 @@ def quantized_candidates(
     cdef int use_simd = sh_detect(simd)
     cdef Py_ssize_t found = 0
     if n:
-        found = sh_fs_scan(use_simd, &lut[0, 0], &blocks[0, 0], n, M4,
+        found = sh_fs_scan(use_simd, &lut[0, 0], &blocks[0, 0], n, Mp,
                            &allowed[0] if allowed is not None else NULL,
                            threshold, &pos_v[0], &dist_v[0])
     return pos[:found], dist[:found]
@@ -184,10 +197,10 @@ cdef inline int _threshold(double d, double bias, double e_over, double slack,
 cdef void _quantize(
     const float* table,   # IN (M, 16)
     Py_ssize_t M,
-    Py_ssize_t M4,
+    Py_ssize_t Mp,
     int qmax,
     float bound,          # the sample's k-th distance (inf: none)
-    uint8_t* lut,         # OUT (M4 * 16,)
+    uint8_t* lut,         # OUT (Mp * 16,)
     double* out,          # OUT scale, bias, e_over, slack
 ) noexcept nogil:
     cdef Py_ssize_t m, c
@@ -205,7 +218,7 @@ cdef void _quantize(
     span = widest
     if isfinite(bound) and bound - bias > 0:
         span = min(widest, bound - bias)
-    for c in range(M4 * 16):
+    for c in range(Mp * 16):
         lut[c] = 0
     scale = 0
     if span > 0:
@@ -227,6 +240,38 @@ cdef void _quantize(
     out[2] = e_over
     # float32 sums of M terms are off by at most (M - 1) 2**-24 sum |t|.
     out[3] = 4.0 * M * size * 5.9604644775390625e-08 + 1e-30
+
+
+cdef void _take(
+    Py_ssize_t n_found,
+    const int32_t* pos,       # IN (n_found,) rows of the part
+    const uint16_t* qd,       # IN (n_found,) their quantized distances
+    int thr,
+    int64_t first,            # database index of the part's first row
+    int64_t own,              # excluded index (-1: none)
+    const float* table,       # IN (M, 16)
+    const uint8_t* codes,     # IN the part's codes, (rows, M)
+    Py_ssize_t M,
+    const double* p,          # IN scale, bias, e_over, slack
+    float* hd,                # IN/OUT (k,) heap
+    int64_t* hi,              # IN/OUT (k,)
+    Py_ssize_t* size,         # IN/OUT
+    Py_ssize_t k,
+    int64_t* rescored,        # IN/OUT
+) noexcept nogil:
+    """Re-score the scan's candidates with the float table and offer them to the heap."""
+    cdef Py_ssize_t c
+    cdef int64_t j
+    for c in range(n_found):
+        if qd[c] >= thr:
+            continue  # the bound fell since the scan began
+        j = first + pos[c]
+        if j == own:
+            continue
+        rescored[0] += 1
+        sh_fs_offer(hd, hi, size, k, sh_fs_adc(table, codes + pos[c] * M, M), j)
+        if size[0] == k:
+            thr = min(thr, _threshold(hd[0], p[1], p[2], p[3], p[0]))
 
 
 def fastscan_kneighbors(
@@ -256,7 +301,7 @@ def fastscan_kneighbors(
         Per-query ADC tables, C-contiguous, finite.
     codes_chunks : list of ndarray of shape (n_i, n_subspaces), dtype=uint8
         Codeword indices, each below 16 (the re-scoring reads them).
-    block_chunks : list of ndarray of shape (ceil(n_i / 32), block_bytes), dtype=uint8
+    block_chunks : list of ndarray of shape (ceil(n_i / 128), block_bytes), dtype=uint8
         The same codes in the block layout (the filter reads them).
     k : int
         Neighbours, ``k >= 0``.
@@ -273,7 +318,7 @@ def fastscan_kneighbors(
         Check that the codes are 4-bit (one pass); an index that checked its
         codes when they entered passes False.
     return_stats : bool, default=False
-        Also return a dict: ``luts`` (n_queries, M4, 16) uint8 quantized
+        Also return a dict: ``luts`` (n_queries, Mp, 16) uint8 quantized
         tables, ``scale``, ``bias``, ``e_over``, ``slack`` (float64 per query)
         and ``bound`` (float32: the sample's k-th distance, inf if none),
         and ``rescored`` (int64: items re-scored with the float table).
@@ -287,8 +332,8 @@ def fastscan_kneighbors(
     """
     cdef Py_ssize_t n_queries = tables.shape[0]
     cdef Py_ssize_t M = tables.shape[1]
-    cdef Py_ssize_t M4 = padded_subspaces(M)
-    cdef Py_ssize_t bb = M4 * 16
+    cdef Py_ssize_t Mp = padded_subspaces(M)
+    cdef Py_ssize_t bb = Mp * 64
     cdef Py_ssize_t n_chunks = len(codes_chunks)
 
     if tables.shape[2] != 16:
@@ -338,7 +383,7 @@ def fastscan_kneighbors(
 
     distances = np.full((n_queries, k), np.inf, dtype=np.float32)
     indices = np.full((n_queries, k), -1, dtype=np.int64)
-    luts = np.zeros((n_queries, M4, 16), dtype=np.uint8)
+    luts = np.zeros((n_queries, Mp, 16), dtype=np.uint8)
     params = np.zeros((n_queries, 4), dtype=np.float64)
     bounds = np.full(n_queries, np.inf, dtype=np.float32)
     rescored = np.zeros(n_queries, dtype=np.int64)
@@ -389,37 +434,48 @@ def fastscan_kneighbors(
     cdef int failed = 0
     cdef int* failed_flag = &failed
     cdef float* sd
+    cdef float* sample_d
     cdef int64_t* si
     cdef Py_ssize_t* heap_sizes
     cdef int32_t* found_pos
     cdef uint16_t* found_q
+    cdef int32_t* found_pos2
+    cdef uint16_t* found_q2
+    cdef Py_ssize_t n_found2
+    cdef int thr2
 
     with nogil, parallel(num_threads=n_threads):
         # Per query: the sample's k-th distance, then the quantized table.
         sd = <float*> malloc(k * sizeof(float))
         si = <int64_t*> malloc(k * sizeof(int64_t))
-        if sd == NULL or si == NULL:
+        sample_d = <float*> malloc(n_sample * sizeof(float))
+        if sd == NULL or si == NULL or sample_d == NULL:
             failed_flag[0] = 1
         else:
             for q in prange(n_queries, schedule="static"):
                 own = excl[q] if excl != NULL else -1
                 size = 0
                 tq = tab + q * M * 16
+                sh_fs_adc_rows(tq, &scodes[0, 0], n_sample, M, sample_d)
                 for s in range(n_sample):
                     j = srow[s]
                     if j == own or (allow != NULL and not allow[j]):
                         continue
-                    sh_fs_offer(sd, si, &size, k, sh_fs_adc(tq, &scodes[s, 0], M), j)
+                    sh_fs_offer(sd, si, &size, k, sample_d[s], j)
                 bound_v[q] = sd[0] if size == k else INFINITY
-                _quantize(tq, M, M4, qmax, bound_v[q], &lut_v[q, 0, 0], &par[q, 0])
+                _quantize(tq, M, Mp, qmax, bound_v[q], &lut_v[q, 0, 0], &par[q, 0])
         free(sd)
         free(si)
+        free(sample_d)
 
     with nogil, parallel(num_threads=n_threads):
         heap_sizes = <Py_ssize_t*> malloc(query_block * sizeof(Py_ssize_t))
         found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
         found_q = <uint16_t*> malloc(db_block * sizeof(uint16_t))
-        if heap_sizes == NULL or found_pos == NULL or found_q == NULL:
+        found_pos2 = <int32_t*> malloc(db_block * sizeof(int32_t))
+        found_q2 = <uint16_t*> malloc(db_block * sizeof(uint16_t))
+        if (heap_sizes == NULL or found_pos == NULL or found_q == NULL
+                or found_pos2 == NULL or found_q2 == NULL):
             failed_flag[0] = 1
         else:
             for b in prange(n_query_blocks, schedule="static"):
@@ -435,36 +491,46 @@ def fastscan_kneighbors(
                     j0 = 0
                     while j0 < nrow:
                         j1 = min(j0 + db_block, nrow)
-                        for q in range(q0, q1):
-                            p = &par[q, 0]
-                            tq = tab + q * M * 16
-                            own = excl[q] if excl != NULL else -1
+                        # Two queries at a time share the reading of the codes.
+                        q = q0
+                        while q < q1:
                             d = out_dist[q, 0] if heap_sizes[q - q0] == k else bound_v[q]
-                            thr = _threshold(d, p[1], p[2], p[3], p[0])
-                            n_found = sh_fs_scan(
-                                use_simd, &lut_v[q, 0, 0], chunk_blocks + (j0 // BLOCK) * bb,
-                                j1 - j0, M4, allow + start + j0 if allow != NULL else NULL,
-                                thr, found_pos, found_q)
-                            for c in range(n_found):
-                                if found_q[c] >= thr:
-                                    continue  # the bound fell since the scan began
-                                j = start + j0 + found_pos[c]
-                                if j == own:
-                                    continue
-                                resc[q] += 1
-                                sh_fs_offer(&out_dist[q, 0], &out_idx[q, 0],
-                                            &heap_sizes[q - q0], k,
-                                            sh_fs_adc(tq, chunk_codes + (j0 + found_pos[c]) * M, M),
-                                            j)
-                                if heap_sizes[q - q0] == k:
-                                    thr = min(thr, _threshold(out_dist[q, 0], p[1], p[2],
-                                                              p[3], p[0]))
+                            thr = _threshold(d, par[q, 1], par[q, 2], par[q, 3], par[q, 0])
+                            if q + 1 < q1:
+                                d = (out_dist[q + 1, 0] if heap_sizes[q + 1 - q0] == k
+                                     else bound_v[q + 1])
+                                thr2 = _threshold(d, par[q + 1, 1], par[q + 1, 2],
+                                                  par[q + 1, 3], par[q + 1, 0])
+                                sh_fs_scan2(
+                                    use_simd, &lut_v[q, 0, 0], &lut_v[q + 1, 0, 0],
+                                    chunk_blocks + (j0 // BLOCK) * bb, j1 - j0, Mp,
+                                    allow + start + j0 if allow != NULL else NULL,
+                                    thr, thr2, found_pos, found_q, &n_found,
+                                    found_pos2, found_q2, &n_found2)
+                            else:
+                                n_found = sh_fs_scan(
+                                    use_simd, &lut_v[q, 0, 0], chunk_blocks + (j0 // BLOCK) * bb,
+                                    j1 - j0, Mp, allow + start + j0 if allow != NULL else NULL,
+                                    thr, found_pos, found_q)
+                                n_found2 = 0
+                            for c in range(2 if q + 1 < q1 else 1):
+                                _take(n_found if c == 0 else n_found2,
+                                      found_pos if c == 0 else found_pos2,
+                                      found_q if c == 0 else found_q2,
+                                      thr if c == 0 else thr2, start + j0,
+                                      (excl[q + c] if excl != NULL else -1),
+                                      tab + (q + c) * M * 16, chunk_codes + j0 * M, M,
+                                      &par[q + c, 0], &out_dist[q + c, 0], &out_idx[q + c, 0],
+                                      &heap_sizes[q + c - q0], k, &resc[q + c])
+                            q = q + 2
                         j0 = j1
                 for q in range(q0, q1):
                     sh_fs_heap_sort(&out_dist[q, 0], &out_idx[q, 0], heap_sizes[q - q0])
         free(heap_sizes)
         free(found_pos)
         free(found_q)
+        free(found_pos2)
+        free(found_q2)
 
     del keep  # the chunks stayed alive during the scan
     if failed:
