@@ -200,6 +200,7 @@ cdef void _quantize(
     Py_ssize_t Mp,
     int qmax,
     float bound,          # the sample's k-th distance (inf: none)
+    bint clip,            # False: scale by the widest table alone (faiss's rule)
     uint8_t* lut,         # OUT (Mp * 16,)
     double* out,          # OUT scale, bias, e_over, slack
 ) noexcept nogil:
@@ -216,7 +217,7 @@ cdef void _quantize(
         size = size + max(fabs(lo), fabs(hi))
         widest = max(widest, hi - lo)
     span = widest
-    if isfinite(bound) and bound - bias > 0:
+    if clip and isfinite(bound) and bound - bias > 0:
         span = min(widest, bound - bias)
     for c in range(Mp * 16):
         lut[c] = 0
@@ -285,6 +286,7 @@ def fastscan_kneighbors(
     const uint8_t[::1] allowed=None,  # IN (n_database,) or None
     bint check_codes=True,
     bint return_stats=False,
+    bint clip_tables=True,
 ):
     """Exact k nearest 4-bit codes of each query by ADC, with a fast-scan filter.
 
@@ -322,6 +324,11 @@ def fastscan_kneighbors(
         tables, ``scale``, ``bias``, ``e_over``, ``slack`` (float64 per query)
         and ``bound`` (float32: the sample's k-th distance, inf if none),
         and ``rescored`` (int64: items re-scored with the float table).
+    clip_tables : bool, default=True
+        Scale the quantized tables by the sampled bound (entries beyond it
+        saturate). False scales them by the widest table range alone, as
+        faiss does: the answers stay exact, but far more items pass the
+        filter when one subspace dominates (for measurements).
 
     Returns
     -------
@@ -463,7 +470,8 @@ def fastscan_kneighbors(
                         continue
                     sh_fs_offer(sd, si, &size, k, sample_d[s], j)
                 bound_v[q] = sd[0] if size == k else INFINITY
-                _quantize(tq, M, Mp, qmax, bound_v[q], &lut_v[q, 0, 0], &par[q, 0])
+                _quantize(tq, M, Mp, qmax, bound_v[q], clip_tables, &lut_v[q, 0, 0],
+                          &par[q, 0])
         free(sd)
         free(si)
         free(sample_d)
