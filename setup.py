@@ -18,7 +18,7 @@ import warnings
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-KERNELS = ["_openmp", "_hamming", "_adc", "_nearest", "_refine", "_fastscan"]
+KERNELS = ["_openmp", "_hamming", "_adc", "_nearest", "_refine", "_fastscan", "_mih"]
 
 
 def _env_flag(name):

@@ -155,6 +155,138 @@ class HammingScan(_FlatScan):
                               exclude=exclude, allowed=allowed)
 
 
+def mih_substrings(n_bits, n_items, m=None):
+    """Bit bounds of the substrings of multi-index hashing.
+
+    ``m=None`` follows Norouzi et al.: ``m = n_bits / log2(n_items)``
+    substrings (rounded), at least enough that none is longer than 24 bits
+    (its dense table has ``2**bits + 1`` entries) and at most ``n_bits``.
+    """
+    if m is None:
+        m = int(round(n_bits / max(np.log2(max(n_items, 2)), 1.0)))
+    m = int(min(max(m, -(-n_bits // 24), 1), n_bits))
+    sizes = np.full(m, n_bits // m)
+    sizes[: n_bits % m] += 1
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+class MultiIndexHashing(HammingScan):
+    """Binary codes searched exactly by multi-index hashing (Norouzi et al. 2012).
+
+    The codes are cut into m substrings, each indexing the items in a dense
+    hash table; a search probes the buckets within growing substring
+    distances and verifies candidates, stopping when the pigeonhole bound
+    proves the k best found are the k best overall (ties by index): the
+    answers are those of :class:`HammingScan`. Items added after the tables
+    were built are scanned exhaustively (and the results merged exactly)
+    until they are more than a quarter of the indexed ones; the tables are
+    then rebuilt (O(n log n), amortised O(1) per item).
+
+    Parameters
+    ----------
+    n_bits : int
+    n_substrings : int or None
+        ``None``: chosen from ``n_bits`` and the number of items.
+    """
+
+    # A probed bucket costs about this many exhaustively scanned 64-bit codes
+    # (cache misses in the tables against SIMD popcounts), by bench_sublinear.py.
+    PROBE_COST = 200
+
+    def __init__(self, n_bits, n_substrings=None, simd=True, auto=False):
+        super().__init__(n_bits, simd)
+        self.n_substrings = n_substrings
+        self.auto = auto
+        self._built = 0
+        self._tables = None
+        self._choices = {}
+
+    def _prefers_tables(self, queries, k, n_threads):
+        """The measured rule of ``algorithm="auto"``: is hashing cheaper than a scan here?
+
+        The k-th distance of a few queries (found by a scan) gives the
+        substring radius s the search must reach, hence the buckets it
+        probes, ``m * sum_{s' <= s} C(b, s')``; hashing is chosen when they
+        cost less than scanning every code. Decided once per k until the
+        index doubles.
+        """
+        from math import comb
+
+        n = len(self.codes)
+        key = k
+        if key in self._choices and self._choices[key][0] * 2 > n:
+            return self._choices[key][1]
+        if n < 65536:
+            choice = False
+        else:
+            d, _ = super().search(queries[:8], k, n_threads=n_threads)
+            kth = float(np.median(d[:, -1]))
+            bounds = mih_substrings(self.n_bits, n, self.n_substrings)
+            m = len(bounds) - 1
+            radius = max(int(np.ceil((kth + 1) / m)) - 1, 0)
+            probes = sum(comb(int(b), r) for b in np.diff(bounds) for r in range(radius + 1))
+            choice = probes * self.PROBE_COST < n * ((self.n_bits + 63) // 64)
+        self._choices[key] = (n, choice)
+        return choice
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_tables"], state["_built"] = None, 0  # rebuilt on first search
+        state["_choices"] = {}
+        return state
+
+    def _build(self):
+        from ._kernels._mih import substrings
+
+        codes = np.ascontiguousarray(self.codes.to_array())
+        bounds = mih_substrings(self.n_bits, len(codes), self.n_substrings)
+        values = substrings(codes, bounds)
+        offsets, ids = [], []
+        for i in range(len(bounds) - 1):
+            order = np.argsort(values[:, i], kind="stable").astype(np.int64)
+            counts = np.bincount(values[:, i], minlength=1 << int(bounds[i + 1] - bounds[i]))
+            offsets.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+            ids.append(order)
+        self._tables = (codes, bounds, offsets, ids,
+                        np.array([o.ctypes.data for o in offsets], dtype=np.intp),
+                        np.array([i.ctypes.data for i in ids], dtype=np.intp))
+        self._built = len(codes)
+
+    def compact(self, keep):
+        super().compact(keep)
+        self._tables, self._built, self._choices = None, 0, {}
+
+    def search(self, queries, k, *, allowed=None, exclude=None, n_threads=1):
+        from ._kernels._mih import mih_kneighbors
+
+        if self.auto and (allowed is not None or not self._prefers_tables(queries, k, n_threads)):
+            # A filter can leave few items near the query: scanning is safer.
+            return super().search(queries, k, allowed=allowed, exclude=exclude,
+                                  n_threads=n_threads)
+        n = len(self.codes)
+        if self._tables is None or n - self._built > max(self._built // 4, 1024):
+            self._build()
+        codes, bounds, _, _, offsets_at, ids_at = self._tables
+        built = self._built
+        d, i = mih_kneighbors(
+            queries, codes, bounds, offsets_at, ids_at, k, n_threads=n_threads,
+            exclude=None if exclude is None else np.where(exclude < built, exclude, -1),
+            allowed=None if allowed is None else np.ascontiguousarray(allowed[:built]),
+        )
+        if built == n:
+            return d, i
+        # The items added since the build: scanned, then merged exactly.
+        tail = np.ascontiguousarray(self.codes.slice(built, n))
+        sub_exclude = None
+        if exclude is not None:
+            sub_exclude = np.where(exclude >= built, exclude - built, -1).astype(np.int64)
+        d2, i2 = self._kernel(queries, tail, k,
+                              None if allowed is None else allowed[built:], sub_exclude,
+                              n_threads)
+        i2[i2 >= 0] += built
+        return _merge([(d, i), (d2, i2)], k)
+
+
 class TableScan(_FlatScan):
     """Codeword indices (uint8 or uint16), searched by sums of table entries.
 

@@ -30,7 +30,7 @@ from sklearn.utils import check_array
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
 
-from ._backends import HammingScan, TableScan, check_codeword_indices
+from ._backends import HammingScan, MultiIndexHashing, TableScan, check_codeword_indices
 from ._codes import pack_bits
 from ._index import IndexMixin
 from ._itq import ITQ
@@ -71,6 +71,19 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
     radius : float, default=1.0
         Range of :meth:`radius_neighbors`, in the units of the distances:
         bits for Hamming distances, L2 for product codes.
+    algorithm : {"auto", "brute", "multi-index"}, default="auto"
+        How binary codes are searched: ``"brute"`` scans every code;
+        ``"multi-index"`` uses multi-index hashing (Norouzi et al. 2012),
+        exact as well (the same neighbours, distances and ties), and much
+        faster where the k-th neighbour is near (clustered codes, large
+        databases); ``"auto"`` picks per search by a measured cost rule
+        (the k-th distance of a few queries gives the buckets hashing would
+        probe). Product codes are always scanned; ``"multi-index"`` is
+        refused for them.
+    n_substrings : int, default=None
+        Substrings of multi-index hashing; ``None``: ``n_bits /
+        log2(n_samples_fit)`` as the paper suggests (no substring longer
+        than 24 bits).
     refine_factor : int, default=None
         Exact re-ranking. ``None``: results come from the codes alone. An
         int r: the index also keeps the original vectors (float32;
@@ -168,6 +181,8 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "metric": [StrOptions({"auto", "hamming", "adc", "sdc"})],
         "radius": [Interval(Real, 0, None, closed="left")],
+        "algorithm": [StrOptions({"auto", "brute", "multi-index"})],
+        "n_substrings": [Interval(Integral, 1, None, closed="left"), None],
         "refine_factor": [Interval(Integral, 1, None, closed="left"), None],
         "n_jobs": [Integral, None],
     }
@@ -175,11 +190,13 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
     _TRANSIENT = (*IndexMixin._TRANSIENT, "_sdc_tables")
 
     def __init__(self, quantizer=None, *, n_neighbors=10, radius=1.0, metric="auto",
-                 refine_factor=None, n_jobs=None):
+                 algorithm="auto", n_substrings=None, refine_factor=None, n_jobs=None):
         self.quantizer = quantizer
         self.n_neighbors = n_neighbors
         self.radius = radius
         self.metric = metric
+        self.algorithm = algorithm
+        self.n_substrings = n_substrings
         self.refine_factor = refine_factor
         self.n_jobs = n_jobs
 
@@ -267,7 +284,16 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
 
     def _new_index(self):
         if self.metric_ == "hamming":
-            return HammingScan(self.code_shape_[0])
+            if self.algorithm == "brute":
+                return HammingScan(self.code_shape_[0])
+            return MultiIndexHashing(self.code_shape_[0], self.n_substrings,
+                                     auto=self.algorithm == "auto")
+        if self.algorithm == "multi-index":
+            raise ValueError(
+                "algorithm='multi-index' indexes binary codes (Hamming distance); "
+                f"{type(self.quantizer_).__name__} gives product codes: use algorithm='auto' "
+                "or 'brute', or IVFQuantizedNeighbors for non-exhaustive search."
+            )
         from ._backends import FastScan, fastscan_simd_path
 
         # 4-bit codes searched by ADC: fast-scan gives the same answers, faster
