@@ -1,0 +1,175 @@
+"""DaskQuantizedNeighbors on a LocalCluster of this machine: exactness, scaling, size.
+
+Three parts (``--parts a,b,c``):
+
+a. 2,000,000 x 64 float32 rows (generated on the workers), ITQ 64 bits
+   (Hamming) and PQ 64 bits (ADC): the sharded answers are asserted equal,
+   indices and distances, to one process that encodes every row itself with
+   the same quantizer.
+b. 8,000,000 codes of 64 bits: query throughput with 2 workers, then with 1
+   (the other retired, its shards moved), 1 thread each.
+c. ``--n-codes`` codes of 64 bits (default 100,000,000), the floats generated
+   chunk by chunk on the workers by dask.array.random and never whole:
+   encoding time, index memory per worker, search queries per second.
+
+Run: ``python benchmarks/bench_dask.py`` (all parts) or
+``python benchmarks/bench_dask.py --parts c --n-codes 50000000``.
+"""
+
+import argparse
+import copy
+import os
+import time
+
+import dask.array as da
+import numpy as np
+from distributed import Client, LocalCluster
+
+from sklearn_hash import ITQ, ProductQuantizer, QuantizedNeighbors
+from sklearn_hash.dask import DaskQuantizedNeighbors
+
+N_FEATURES = 64
+
+
+def random_rows(n, chunk_rows, seed):
+    """n x 64 float32 rows, a Gaussian mixture, generated chunk by chunk where computed."""
+    rs = da.random.RandomState(seed)
+    centers = np.random.default_rng(seed).normal(size=(64, N_FEATURES)).astype(np.float32) * 2
+    labels = rs.randint(0, len(centers), size=n, chunks=chunk_rows)
+    noise = rs.standard_normal(size=(n, N_FEATURES), chunks=(chunk_rows, N_FEATURES))
+    return (noise.astype(np.float32) + da.from_array(centers)[labels]).rechunk(
+        {0: chunk_rows, 1: -1})
+
+
+def queries(n, seed=123):
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(0).normal(size=(64, N_FEATURES)).astype(np.float32) * 2
+    return (centers[rng.integers(0, 64, n)] + rng.normal(size=(n, N_FEATURES))).astype(
+        np.float32)
+
+
+def worker_rss(client):
+    import psutil  # a dependency of distributed
+
+    return client.run(lambda: psutil.Process().memory_info().rss)
+
+
+def throughput(search, Q, repeats=3):
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        search.kneighbors(Q, n_neighbors=10)
+        best = min(best, time.perf_counter() - start)
+    return len(Q) / best, best
+
+
+def part_a(client, n=2_000_000):
+    print(f"\n(a) {n:,} x 64: sharded answers == one process")
+    X = random_rows(n, n // 8, seed=0)
+    Q = queries(300)
+    X_local = X.compute()  # the single-process reference encodes every row itself
+    for name, template in [("ITQ 64 bits, Hamming", QuantizedNeighbors(ITQ(n_bits=64,
+                                                                          random_state=0))),
+                           ("PQ 8 x 8 bits, ADC", QuantizedNeighbors(ProductQuantizer(
+                               n_bits=64, random_state=0)))]:
+        start = time.perf_counter()
+        search = DaskQuantizedNeighbors(template, n_neighbors=10, client=client,
+                                        random_state=0).fit(X)
+        fit_s = time.perf_counter() - start
+        local = copy.deepcopy(search.searcher_)  # the same fitted quantizer, no items
+        local.n_neighbors = 10
+        local._start_index(None)
+        local._append(X_local, None)
+        d_local, i_local = local.kneighbors(Q)
+        d, i = search.kneighbors(Q)
+        assert np.array_equal(i, i_local), f"{name}: indices differ from one process"
+        assert np.array_equal(d, d_local), f"{name}: distances differ from one process"
+        assert d.dtype == d_local.dtype
+        d_g, i_g = search.to_local().kneighbors(Q)
+        assert np.array_equal(i_g, i_local) and np.array_equal(d_g, d_local)
+        print(f"  {name}: {len(search.shards_)} shards, fit {fit_s:.1f} s; 300 queries x 10 "
+              f"neighbours: indices and distances identical to one process (asserted)")
+        del search, local
+    del X_local
+
+
+def part_b(cluster, client, n=8_000_000):
+    print(f"\n(b) {n:,} codes of 64 bits: 2 workers against 1 (1 thread each)")
+    X = random_rows(n, n // 16, seed=1)
+    search = DaskQuantizedNeighbors(QuantizedNeighbors(ITQ(n_bits=64, random_state=0)),
+                                    client=client, random_state=0)
+    start = time.perf_counter()
+    search.fit(X)
+    print(f"  fit (sample + encode on 2 workers): {time.perf_counter() - start:.1f} s, "
+          f"{len(search.shards_)} shards; held per worker: "
+          + ", ".join(f"{b / 2**20:.0f} MiB" for b in search._nbytes_per_worker().values()))
+    Q = queries(1000)
+    search.kneighbors(Q[:50])  # warm up
+    qps2, t2 = throughput(search, Q)
+    d2, i2 = search.kneighbors(Q[:100])
+    workers = sorted(client.nthreads())
+    client.retire_workers(workers[1:], close_workers=True)  # its shards move to the other
+    while len(client.nthreads()) > 1:
+        time.sleep(0.1)
+    held = search._nbytes_per_worker()
+    assert len(held) == 1, held
+    search.kneighbors(Q[:50])
+    qps1, t1 = throughput(search, Q)
+    d1, i1 = search.kneighbors(Q[:100])
+    assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+    print(f"  1,000 queries, k=10, best of 3: 2 workers {qps2:,.0f} q/s ({t2:.2f} s), "
+          f"1 worker {qps1:,.0f} q/s ({t1:.2f} s): speed-up {qps2 / qps1:.2f}x "
+          f"(target >= 1.7x: {'met' if qps2 / qps1 >= 1.7 else 'NOT met'})")
+
+
+def part_c(client, n):
+    print(f"\n(c) {n:,} codes of 64 bits, floats generated chunk by chunk on the workers")
+    X = random_rows(n, min(n, 1_000_000), seed=2)
+    search = DaskQuantizedNeighbors(QuantizedNeighbors(ITQ(n_bits=64, random_state=0)),
+                                    client=client, random_state=0)
+    rss_before = worker_rss(client)
+    start = time.perf_counter()
+    search.fit(X)
+    encode_s = time.perf_counter() - start
+    held = search._nbytes_per_worker()
+    rss_after = worker_rss(client)
+    print(f"  fit: {encode_s:.0f} s ({n / encode_s:,.0f} rows/s; includes the pass that "
+          f"draws the 100,000-row training sample) into {len(search.shards_)} shards")
+    for worker in sorted(held):
+        print(f"  {worker}: index {held[worker] / 2**20:,.0f} MiB (codes with growth "
+              f"slack), process RSS {rss_before.get(worker, 0) / 2**20:,.0f} -> "
+              f"{rss_after.get(worker, 0) / 2**20:,.0f} MiB")
+    Q = queries(100)
+    search.kneighbors(Q[:5])
+    qps, best = throughput(search, Q)
+    print(f"  search: 100 queries, k=10, best of 3: {best:.2f} s, {qps:,.1f} q/s "
+          f"({qps * n / 1e9:,.1f} G codes scanned per second over the cluster)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="a,b,c")
+    parser.add_argument("--n-codes", type=int, default=100_000_000)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiplies the sizes of parts a and b (for a quick try)")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    print(f"cores: {os.cpu_count()}, LocalCluster(processes=True, n_workers=2, "
+          f"threads_per_worker=1)")
+    # One cluster per part: part b retires one of its two workers.
+    for part in ("a", "b", "c"):
+        if part not in parts:
+            continue
+        with LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                          dashboard_address=":0", memory_limit="10GiB") as cluster, \
+                Client(cluster) as client:
+            if part == "a":
+                part_a(client, int(2_000_000 * args.scale))
+            elif part == "b":
+                part_b(cluster, client, int(8_000_000 * args.scale))
+            else:
+                part_c(client, args.n_codes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,854 @@
+"""DaskQuantizedNeighbors: one index in shards on the workers of a Dask cluster.
+
+The path of the data:
+
+1. ``fit(X, y)`` fits a clone of the template searcher on the driver, on a
+   random sample of at most ``max_train_samples`` rows: its quantizer (and
+   IVF's coarse centroids) is then the quantizer of every shard. The fitted
+   template is emptied (``_start_index``) and sent to the workers once.
+2. Each row chunk of X becomes a shard on a worker: a shallow copy of the
+   template with its own, empty back-end, which encodes the chunk
+   (``_append``). The driver keeps only the futures of the shards, their
+   global offsets and sizes (and, for IVF, the number of items of each cell
+   over all shards).
+3. ``kneighbors(X)`` sends the queries to one task per worker, which
+   searches the shards that worker holds (``_search``: the single-process
+   code path, kernels included) and merges their top k by (distance, global
+   index); the driver merges the workers' answers the same way. Each item's
+   distance is computed exactly as one process would compute it, and both
+   rank ties by index, so the merged answer is the single-process answer.
+   IVF shards probe the cells chosen with the global cell sizes (a shard
+   that ranked cells by its own, smaller, sizes would top its probes up
+   differently from one process).
+"""
+
+import copy
+import json
+import math
+import os
+import time
+import uuid
+from concurrent.futures import CancelledError
+from itertools import pairwise
+from numbers import Integral
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+from distributed import KilledWorker, default_client, wait
+from sklearn.base import BaseEstimator, _fit_context, clone
+from sklearn.utils import check_array, check_random_state
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_consistent_length, check_is_fitted
+
+from .._backends import InvertedLists, _merge
+from .._ivf import IVFQuantizedNeighbors
+from .._neighbors import QuantizedNeighbors
+from .._threads import single_threaded_blas
+from .._version import __version__
+from ..metrics import map_at_r_score
+
+_SEARCHERS = {"QuantizedNeighbors": QuantizedNeighbors,
+              "IVFQuantizedNeighbors": IVFQuantizedNeighbors}
+# Manifest of a saved sharded index, and the version of its layout.
+_MANIFEST = "dask_index.json"
+_FORMAT = 1
+# Rows per shard when a numpy array is cut into chunks.
+_NUMPY_CHUNK_ROWS = 1_000_000
+# A search that meets a lost worker is tried again this many times in all.
+_ATTEMPTS = 4
+_RETRY_PAUSE = 0.5
+_REBUILD_TIMEOUT = 120
+# What a lost worker looks like to the driver (connections closed, tasks killed).
+_TRANSIENT = (OSError, KilledWorker, CancelledError)
+
+
+# ---------------------------------------------------------------- on the workers
+def _build_shard(template, X, y):
+    """A shard: the fitted template (shared, read only) with its own back-end holding X."""
+    shard = copy.copy(template)  # shares the fitted quantizer; _start_index replaces the storage
+    if y is not None:
+        y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
+    shard._start_index(y)
+    X, y = shard._check_new_items(X, y)
+    shard._append(X, y)
+    return shard
+
+
+def _load_shard(class_name, path, mmap_mode):
+    return _SEARCHERS[class_name].load(path, mmap_mode=mmap_mode)
+
+
+def _save_shard(shard, path):
+    shard.save(path)
+    return str(path)
+
+
+def _nbytes(obj, seen):
+    """Bytes of the numpy buffers reachable from obj (each buffer counted once, capacity included)."""
+    if isinstance(obj, np.ndarray):
+        while isinstance(obj.base, np.ndarray):
+            obj = obj.base
+        if id(obj) in seen or not obj.flags.owndata:
+            return 0  # counted already, or memory-mapped / borrowed
+        seen.add(id(obj))
+        return obj.nbytes
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o, seen) for o in obj.values())
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("sklearn_hash."):
+        return _nbytes(vars(obj), seen)
+    return 0
+
+
+def _shard_info(shard):
+    """Items, items per IVF cell, and bytes held by the shard's storage (codes, ids, labels)."""
+    index = shard._index
+    cells = index.sizes.copy() if isinstance(index, InvertedLists) else None
+    seen = set()
+    nbytes = sum(_nbytes(part, seen) for part in (index, shard._labels, shard._live))
+    return shard.n_samples_fit_, cells, nbytes
+
+
+def _shard_contents(shard):
+    """All of a shard's codes as one saved segment, and its labels."""
+    labels = None if shard._labels is None else shard._labels.to_array()
+    return shard._index.segment_arrays(0, shard.n_samples_fit_), labels
+
+
+def _shard_labels(shard, local):
+    return shard._labels.to_array()[local]
+
+
+def _with_cell_sizes(shard, cell_sizes):
+    """A view of an IVF shard whose probes see the cell sizes of the whole index."""
+    index = shard._index
+    index._chunk_layout()  # built once on the shard, shared by the views
+    view_index = object.__new__(type(index))
+    view_index.__dict__.update(index.__dict__)
+    view_index.sizes = cell_sizes
+    view = object.__new__(type(shard))
+    view.__dict__.update(shard.__dict__)
+    view._index = view_index
+    return view
+
+
+def _search_shards(shards, offsets, X, k, params, cell_sizes, distance_dtype):
+    """Top k of the queries X over some shards, with global indices, ties by index."""
+    X = check_array(X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=0)
+    if X.shape[0] == 0:
+        return np.empty((0, k), dtype=distance_dtype), np.empty((0, k), dtype=np.int64)
+    parts = []
+    with single_threaded_blas:
+        for shard, offset in zip(shards, offsets):
+            if cell_sizes is not None:
+                shard = _with_cell_sizes(shard, cell_sizes)
+            distances, indices = shard._search(X, k, None, params)
+            parts.append((distances, np.where(indices >= 0, indices + offset, -1)))
+    return _merge(parts, k)
+
+
+def _merge_parts(parts, k):
+    return _merge(list(parts), k)
+
+
+# ------------------------------------------------------------------- the driver
+class DaskQuantizedNeighbors(BaseEstimator):
+    """Nearest-neighbour search over codes sharded across the workers of a Dask cluster.
+
+    ``fit`` learns the quantizer once, on the driver, from a random sample
+    of the rows; then every row chunk of X is encoded on a worker and stays
+    there, in that worker's memory, as a shard: a searcher of the template's
+    class sharing the fitted quantizer. The driver holds only the futures of
+    the shards, with each shard's global offset and size, never the
+    database or its codes. ``kneighbors`` searches every shard and merges
+    their answers exactly: the result is the one a single-process searcher
+    holding the same quantizer and all the codes returns (see
+    :meth:`to_local`), distances and indices, ties by global index.
+
+    Read more in the :ref:`User Guide <dask>`.
+
+    Parameters
+    ----------
+    searcher : QuantizedNeighbors or IVFQuantizedNeighbors, default=None
+        Unfitted searcher, the template of every shard: its quantizer, metric
+        and (IVF) cells are fitted once in ``fit``, on a clone. ``None`` means
+        ``QuantizedNeighbors()`` (binary ITQ codes, Hamming distance).
+    n_neighbors : int, default=10
+        Neighbours returned by :meth:`kneighbors`, and ``R`` of :meth:`score`.
+    max_train_samples : int, default=100_000
+        Rows, drawn at random without replacement, that the quantizer is
+        fitted on; only these rows are brought to the driver.
+    client : distributed.Client, default=None
+        The cluster's client. ``None`` uses the default client (the last
+        ``distributed.Client`` created).
+    random_state : int, RandomState instance or None, default=None
+        Draws the training sample. The template's own ``random_state`` (and
+        its quantizer's) seed its fit.
+
+    Attributes
+    ----------
+    searcher_ : QuantizedNeighbors or IVFQuantizedNeighbors
+        The fitted clone of ``searcher``, holding no items: the quantizer
+        shared by the shards.
+    shards_ : list of distributed.Future
+        One future per shard, each a fitted searcher in a worker's memory.
+    shard_offsets_ : ndarray of shape (n_shards,), dtype=int64
+        Global index of the first item of each shard.
+    shard_sizes_ : ndarray of shape (n_shards,), dtype=int64
+        Items per shard.
+    n_samples_fit_ : int
+        Number of items indexed.
+    n_features_in_ : int
+        Number of features seen during ``fit``.
+
+    See Also
+    --------
+    sklearn_hash.QuantizedNeighbors : The same search in one process.
+    sklearn_hash.IVFQuantizedNeighbors : Non-exhaustive search in one process.
+
+    Notes
+    -----
+    **Exactness.** A shard searches with the code of the single-process
+    searcher and returns its top k with global indices (offset plus local
+    index); taking the k best of the union by (distance, index) is exact
+    because every item's distance is computed as one process would compute
+    it. An IVF shard probes the cells chosen with the number of items of
+    each cell in the whole index, as one process would. One difference
+    remains possible: estimated distances are returned as square roots of
+    the estimated squared distances clamped at zero, so two items whose
+    IVF estimates are both (by rounding) below zero tie at 0.0 and are
+    ranked by index, where one process ranks them by their negative
+    estimates.
+
+    **Worker loss.** A shard lost with its worker is rebuilt by Dask from
+    the graph it came from, when it still can (a chunk of a dask array is
+    recomputed and encoded again); a shard of an index that was saved or
+    loaded is reloaded from its saved directory. Otherwise the search
+    raises a ``RuntimeError`` naming the lost shards: it never returns an
+    answer from the surviving shards alone.
+
+    **Storage.** :meth:`save` writes one directory per shard, in the
+    single-process format, written by the worker that holds the shard,
+    plus ``dask_index.json``; the path must be shared by the workers and
+    the driver (a network file system on a real cluster).
+
+    Examples
+    --------
+    >>> from distributed import Client, LocalCluster
+    >>> from sklearn.datasets import load_digits
+    >>> from sklearn_hash import ITQ, QuantizedNeighbors
+    >>> from sklearn_hash.dask import DaskQuantizedNeighbors
+    >>> import dask.array as da
+    >>> cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+    ...                        dashboard_address=":0")
+    >>> client = Client(cluster)
+    >>> X, y = load_digits(return_X_y=True)
+    >>> database = da.from_array(X[:1500], chunks=(500, -1))  # three shards
+    >>> search = DaskQuantizedNeighbors(
+    ...     QuantizedNeighbors(ITQ(n_bits=32, random_state=0)), n_neighbors=5,
+    ...     client=client, random_state=0).fit(database, y[:1500])
+    >>> search.shard_sizes_
+    array([500, 500, 500])
+    >>> distances, indices = search.kneighbors(X[1500:1502])
+    >>> local = search.to_local()  # one process, the same codes
+    >>> bool((local.kneighbors(X[1500:1502])[1] == indices).all())
+    True
+    >>> round(search.score(X[1500:], y[1500:]), 2) > 0.5
+    True
+    >>> client.close(); cluster.close()
+    """
+
+    _parameter_constraints: dict = {
+        "searcher": [QuantizedNeighbors, IVFQuantizedNeighbors, None],
+        "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "max_train_samples": [Interval(Integral, 2, None, closed="left")],
+        "client": "no_validation",
+        "random_state": ["random_state"],
+    }
+
+    def __init__(self, searcher=None, *, n_neighbors=10, max_train_samples=100_000,
+                 client=None, random_state=None):
+        self.searcher = searcher
+        self.n_neighbors = n_neighbors
+        self.max_train_samples = max_train_samples
+        self.client = client
+        self.random_state = random_state
+
+    # ---------------------------------------------------------------- helpers
+    def _get_client(self):
+        if self.client is not None:
+            return self.client
+        try:
+            return default_client()
+        except ValueError:
+            raise ValueError(
+                f"{type(self).__name__} needs a dask.distributed Client: pass client=..., or "
+                f"create one first (distributed.Client(...) becomes the default)."
+            ) from None
+
+    def _row_blocks(self, X, client, *, fitting):
+        """X as (blocks, rows per block): delayed chunks of a dask array, or futures of numpy chunks."""
+        if isinstance(X, da.Array):
+            if X.ndim != 2:
+                raise ValueError(f"Expected a 2D dask array, got a {X.ndim}D one instead.")
+            if len(X.chunks[1]) != 1:
+                raise ValueError(
+                    f"X must be chunked by rows only (each chunk holding all {X.shape[1]} "
+                    f"columns), but its columns are split into {len(X.chunks[1])} chunks "
+                    f"{X.chunks[1]}. Rechunk it: X.rechunk({{1: -1}})."
+                )
+            if any(math.isnan(c) for c in X.chunks[0]):
+                raise ValueError("X has chunks of unknown size; call X.compute_chunk_sizes() "
+                                 "first.")
+            if X.dtype.kind not in "biuf":
+                raise ValueError(f"X must hold numbers; got a dask array of dtype {X.dtype}.")
+            if X.dtype not in (np.float32, np.float64):
+                X = X.astype(np.float64)
+            self._check_n_features(X.shape[1], fitting)
+            sizes = [int(c) for c in X.chunks[0]]
+            return X, list(X.to_delayed().ravel()), sizes
+        X = check_array(X, dtype=[np.float64, np.float32], order="C",
+                        ensure_min_samples=2 if fitting else 1)
+        self._check_n_features(X.shape[1], fitting)
+        n_workers = max(1, len(client.nthreads()))
+        n_chunks = max(n_workers, -(-X.shape[0] // _NUMPY_CHUNK_ROWS))
+        bounds = np.linspace(0, X.shape[0], min(n_chunks, X.shape[0]) + 1).astype(int)
+        pieces = [X[a:b] for a, b in pairwise(bounds)]
+        return X, client.scatter(pieces, hash=False), [len(p) for p in pieces]
+
+    def _check_n_features(self, n_features, fitting):
+        if fitting:
+            return
+        if n_features != self.n_features_in_:
+            raise ValueError(
+                f"X has {n_features} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input."
+            )
+
+    @staticmethod
+    def _label_blocks(y, sizes):
+        """y cut like the rows of X (delayed or numpy pieces), or Nones."""
+        if y is None:
+            return [None] * len(sizes)
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        if isinstance(y, da.Array):
+            if y.shape[0] != bounds[-1]:
+                raise ValueError(f"Found input variables with inconsistent numbers of "
+                                 f"samples: [{bounds[-1]}, {y.shape[0]}]")
+            y = y.rechunk((tuple(sizes), *[(s,) for s in y.shape[1:]]))
+            return list(y.to_delayed().ravel())
+        y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
+        check_consistent_length(np.empty((bounds[-1], 0)), y)
+        return [y[a:b] for a, b in pairwise(bounds)]
+
+    def _build(self, client, blocks, sizes, y_blocks):
+        """Encode each block into a shard on a worker; returns the new futures and their info."""
+        template = dask.delayed(self.searcher_, pure=True)
+        todo = [(b, n, yb) for b, n, yb in zip(blocks, sizes, y_blocks) if n > 0]
+        built = [dask.delayed(_build_shard, pure=False)(template, b, yb) for b, _, yb in todo]
+        shards = client.compute(built)
+        infos = client.gather(client.map(_shard_info, shards, pure=False))
+        for (_, n, _), (n_items, _, _) in zip(todo, infos):
+            if n_items != n:  # pragma: no cover - a chunk that lied about its size
+                raise ValueError(f"a chunk declared {n} rows but held {n_items}.")
+        return shards, infos
+
+    def _register(self, shards, infos):
+        sizes = np.array([info[0] for info in infos], dtype=np.int64)
+        offsets = self.n_samples_fit_ + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.shards_ = [*self.shards_, *shards]
+        self.shard_sizes_ = np.concatenate([self.shard_sizes_, sizes]).astype(np.int64)
+        self.shard_offsets_ = np.concatenate([self.shard_offsets_, offsets]).astype(np.int64)
+        self._shard_bytes = [*self._shard_bytes, *(info[2] for info in infos)]
+        self._saved_dirs = [*self._saved_dirs, *([None] * len(shards))]
+        for info in infos:
+            if info[1] is not None:
+                self._cell_sizes = self._cell_sizes + info[1]
+        self.n_samples_fit_ = int(self.n_samples_fit_ + sizes.sum())
+
+    def _reset_shards(self):
+        self.shards_ = []
+        self.shard_sizes_ = np.empty(0, dtype=np.int64)
+        self.shard_offsets_ = np.empty(0, dtype=np.int64)
+        self._shard_bytes = []
+        self._saved_dirs = []
+        self.n_samples_fit_ = 0
+        self._cell_sizes = (np.zeros(self.searcher_.n_lists, dtype=np.int64)
+                            if isinstance(self.searcher_, IVFQuantizedNeighbors) else None)
+
+    # ---------------------------------------------------------------- fitting
+    @_fit_context(prefer_skip_nested_validation=False)
+    def fit(self, X, y=None):
+        """Fit the quantizer on a sample of X on the driver, then encode X into shards on the workers.
+
+        Parameters
+        ----------
+        X : dask array or array-like of shape (n_samples, n_features)
+            Database vectors. A dask array must be chunked by rows only;
+            each row chunk becomes one shard. A numpy array is cut into
+            chunks (at least one per worker, at most 1,000,000 rows each)
+            sent to the workers.
+        y : dask array or array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Database labels: passed to the quantizer's ``fit`` (for the
+            sample) and kept with the shards for :meth:`score`.
+
+        Returns
+        -------
+        self : DaskQuantizedNeighbors
+            The fitted searcher.
+        """
+        client = self._get_client()
+        self._client = client
+        X, blocks, sizes = self._row_blocks(X, client, fitting=True)
+        n_samples = sum(sizes)
+        if n_samples < 2:
+            raise ValueError(f"Found array with {n_samples} sample(s) (shape={X.shape}) while "
+                             f"a minimum of 2 is required by {type(self).__name__}.")
+        y_blocks = self._label_blocks(y, sizes)
+
+        rng = check_random_state(self.random_state)
+        n_train = min(self.max_train_samples, n_samples)
+        rows = np.sort(rng.choice(n_samples, n_train, replace=False))
+        if isinstance(X, da.Array):
+            X_train = X[rows].compute()
+        else:
+            X_train = X[rows]
+        y_train = None
+        if y is not None:
+            y_train = y[rows].compute() if isinstance(y, da.Array) else np.asarray(y)[rows]
+        template = clone(self.searcher) if self.searcher is not None else QuantizedNeighbors()
+        if getattr(template, "refine_factor", None) is not None:
+            raise ValueError(
+                f"searcher.refine_factor={template.refine_factor} keeps the original vectors "
+                f"for re-ranking, which DaskQuantizedNeighbors does not support; use "
+                f"refine_factor=None."
+            )
+        template.fit(X_train, y_train)
+        template._start_index(None)  # the fitted quantizer, without the sample's items
+        self.searcher_ = template
+        self.n_features_in_ = int(X.shape[1])
+        self._has_labels = y is not None
+        self._reset_shards()
+        self._register(*self._build(client, blocks, sizes, y_blocks))
+        return self
+
+    def add(self, X, y=None):
+        """Encode more items into new shards with the fitted quantizer; nothing is refitted.
+
+        New items get the indices ``n_samples_fit_, n_samples_fit_ + 1, ...``;
+        existing shards are left as they are.
+
+        Parameters
+        ----------
+        X : dask array or array-like of shape (n_samples, n_features)
+            Vectors to index, chunked by rows as in :meth:`fit`.
+        y : dask array or array-like of shape (n_samples,) or (n_samples, n_labels), default=None
+            Their labels; required when the index was fitted with labels,
+            refused when it was not.
+
+        Returns
+        -------
+        self : DaskQuantizedNeighbors
+            The grown index.
+        """
+        check_is_fitted(self)
+        if (y is None) == self._has_labels:
+            state = "with" if self._has_labels else "without"
+            raise ValueError(f"The index was fitted {state} labels: add items {state} y too.")
+        client = self._get_client()
+        self._client = client
+        X, blocks, sizes = self._row_blocks(X, client, fitting=False)
+        self._register(*self._build(client, blocks, sizes, self._label_blocks(y, sizes)))
+        return self
+
+    # ---------------------------------------------------------------- search
+    def _check_n_neighbors(self, n_neighbors, n_queries):
+        if n_neighbors is None:
+            n_neighbors = self.n_neighbors
+        elif not isinstance(n_neighbors, Integral) or isinstance(n_neighbors, bool):
+            raise TypeError(
+                f"n_neighbors does not take {type(n_neighbors)} value, enter integer value"
+            )
+        elif n_neighbors <= 0:
+            raise ValueError(f"Expected n_neighbors > 0. Got {n_neighbors}")
+        if n_neighbors > self.n_samples_fit_:
+            raise ValueError(
+                f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {n_neighbors}, "
+                f"n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}"
+            )
+        return int(n_neighbors)
+
+    def _distance_dtype(self):
+        hamming = getattr(self.searcher_, "metric_", None) == "hamming"
+        return np.dtype(np.int32 if hamming else np.float64)
+
+    def _groups(self, client):
+        """Shard numbers grouped by the worker holding them (one search task per group)."""
+        who = client.who_has(self.shards_)
+        groups = {}
+        for i, future in enumerate(self.shards_):
+            workers = who.get(future.key) or ()
+            groups.setdefault(workers[0] if workers else None, []).append(i)
+        return list(groups.values())
+
+    def _lost_shards(self):
+        # "lost" or "pending": Dask is recomputing the shard from its graph (the
+        # retry waits for it); "cancelled": it could not (its inputs are gone).
+        return [i for i, future in enumerate(self.shards_)
+                if future.status in ("error", "cancelled")]
+
+    def _describe(self, shards):
+        return ", ".join(f"{i} (items {self.shard_offsets_[i]}.."
+                         f"{self.shard_offsets_[i] + self.shard_sizes_[i] - 1})" for i in shards)
+
+    def _recover(self, client, exc, reraise, reloaded):
+        """After a failed search: reload lost shards from their saved copies, or raise.
+
+        Shards that are lost (or failed to be rebuilt) without a saved copy,
+        or whose reload already failed: a RuntimeError naming them. No lost
+        shard: ``exc`` again when ``reraise`` (an error of the search
+        itself), else nothing (a worker was lost; the caller retries).
+        """
+        lost = self._lost_shards()
+        if not lost:
+            if reraise:
+                raise exc
+            return
+        unsaved = [i for i in lost if self._saved_dirs[i] is None]
+        if unsaved:
+            raise RuntimeError(
+                f"The search lost shard(s) {self._describe(unsaved)} with their worker, and "
+                f"they have no saved copy to reload (nor a graph Dask could recompute them "
+                f"from); no answer is returned rather than one from the other shards. "
+                f"Fit again, or save() the index so that lost shards can be reloaded."
+            ) from exc
+        failed = [i for i in lost if i in reloaded]
+        if failed:
+            raise RuntimeError(
+                f"The search lost shard(s) {self._describe(failed)}, and reloading them from "
+                f"their saved copies ({', '.join(self._saved_dirs[i] for i in failed)}) "
+                f"failed: {exc}. No answer is returned rather than one from the other shards."
+            ) from exc
+        name = type(self.searcher_).__name__
+        for i in lost:
+            self.shards_[i] = client.submit(_load_shard, name, self._saved_dirs[i], None,
+                                            pure=False)
+            reloaded.add(i)
+
+    def kneighbors(self, X, n_neighbors=None, return_distance=True, **search_params):
+        """Find the nearest database items of each query, over all the shards.
+
+        Parameters
+        ----------
+        X : dask array or array-like of shape (n_queries, n_features)
+            Query vectors. A numpy array (or array-like) is searched now; a
+            dask array (chunked by rows) gives dask arrays, computed block of
+            queries by block of queries when they are computed.
+        n_neighbors : int, default=None
+            Neighbours per query; ``None`` uses the constructor's value.
+        return_distance : bool, default=True
+            Whether to return the distances.
+        **search_params
+            Per-call search settings of the template searcher
+            (:class:`~sklearn_hash.IVFQuantizedNeighbors`: ``n_probe``);
+            ``None`` means the template's value.
+
+        Returns
+        -------
+        neigh_dist : ndarray or dask array of shape (n_queries, n_neighbors)
+            Distances, ascending, as the single-process searcher returns them
+            (Hamming: int32 bit counts; product codes: float64 estimated L2
+            distances). Only with ``return_distance=True``.
+        neigh_ind : ndarray or dask array of shape (n_queries, n_neighbors), dtype=int64
+            Global indices of the neighbours; equal distances in ascending
+            index order.
+        """
+        check_is_fitted(self)
+        client = self._get_client()
+        params = self.searcher_._check_search_params(search_params)
+        if params.pop("refine_factor", None) is not None:
+            raise ValueError(
+                "refine_factor is not supported by DaskQuantizedNeighbors: re-ranking by the "
+                "original vectors would need the candidates of all shards merged first."
+            )
+        dtype = self._distance_dtype()
+        if isinstance(X, da.Array):
+            return self._kneighbors_dask(client, X, n_neighbors, return_distance, params, dtype)
+        X = check_array(X, dtype=[np.float64, np.float32], order="C")
+        self._check_n_features(X.shape[1], fitting=False)
+        k = self._check_n_neighbors(n_neighbors, X.shape[0])
+        parts, reloaded = None, set()
+        for attempt in range(_ATTEMPTS):
+            try:
+                queries = client.scatter(X, hash=False)
+                futures = [
+                    client.submit(_search_shards, [self.shards_[i] for i in group],
+                                  self.shard_offsets_[group], queries, k, params,
+                                  self._cell_sizes, dtype, pure=False)
+                    for group in self._groups(client)
+                ]
+                parts = client.gather(futures)
+                break
+            except Exception as exc:  # a lost worker or shard, or an error of the search
+                transient = isinstance(exc, _TRANSIENT)
+                self._recover(client, exc, not transient or attempt == _ATTEMPTS - 1, reloaded)
+                if attempt == _ATTEMPTS - 1:
+                    raise RuntimeError(
+                        f"The search failed {_ATTEMPTS} times as workers were lost; the "
+                        f"last error: {exc!r}."
+                    ) from exc
+                time.sleep(_RETRY_PAUSE)  # let the scheduler see the loss
+                try:  # then let it rebuild what it can
+                    wait(self.shards_, timeout=_REBUILD_TIMEOUT)
+                except TimeoutError:
+                    pass
+        distances, indices = _merge(parts, k)
+        return (distances, indices) if return_distance else indices
+
+    def _kneighbors_dask(self, client, X, n_neighbors, return_distance, params, dtype):
+        if X.ndim != 2:
+            raise ValueError(f"Expected a 2D dask array, got a {X.ndim}D one instead.")
+        if len(X.chunks[1]) != 1:
+            raise ValueError(
+                f"X must be chunked by rows only (each chunk holding all {X.shape[1]} "
+                f"columns), but its columns are split into {len(X.chunks[1])} chunks "
+                f"{X.chunks[1]}. Rechunk it: X.rechunk({{1: -1}})."
+            )
+        self._check_n_features(X.shape[1], fitting=False)
+        k = self._check_n_neighbors(n_neighbors, X.shape[0])
+        groups = self._groups(client)
+        distances, indices = [], []
+        for block, n_rows in zip(X.to_delayed().ravel(), X.chunks[0]):
+            parts = [dask.delayed(_search_shards, pure=True)(
+                         [self.shards_[i] for i in group], self.shard_offsets_[group], block, k,
+                         params, self._cell_sizes, dtype)
+                     for group in groups]
+            merged = dask.delayed(_merge_parts, pure=True)(parts, k)
+            distances.append(da.from_delayed(merged[0], shape=(n_rows, k), dtype=dtype))
+            indices.append(da.from_delayed(merged[1], shape=(n_rows, k), dtype=np.int64))
+        indices = da.concatenate(indices)
+        if not return_distance:
+            return indices
+        return da.concatenate(distances), indices
+
+    def score(self, X, y):
+        """mAP@R of the queries X against the database, with R = n_neighbors.
+
+        The same number as the single-process searcher's ``score``: the
+        labels of the retrieved items are fetched from their shards.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+            Query vectors.
+        y : array-like of shape (n_queries,) or (n_queries, n_labels)
+            Query labels, in the form of the labels given to :meth:`fit`.
+
+        Returns
+        -------
+        score : float
+            :func:`~sklearn_hash.metrics.map_at_r_score` of the ranking.
+        """
+        check_is_fitted(self)
+        if not self._has_labels:
+            raise ValueError(
+                f"score needs the labels of the database: fit {type(self).__name__} with y."
+            )
+        if isinstance(X, da.Array):
+            X = X.compute()
+        if isinstance(y, da.Array):
+            y = y.compute()
+        indices = self.kneighbors(X, return_distance=False)
+        wanted, positions = np.unique(indices, return_inverse=True)
+        client = self._get_client()
+        pieces = []
+        for i, future in enumerate(self.shards_):
+            lo, hi = self.shard_offsets_[i], self.shard_offsets_[i] + self.shard_sizes_[i]
+            local = wanted[(wanted >= lo) & (wanted < hi)] - lo
+            if local.size:
+                pieces.append(client.submit(_shard_labels, future, local, pure=False))
+        labels = np.concatenate(client.gather(pieces))
+        return map_at_r_score(y, labels, positions.reshape(indices.shape))
+
+    # ------------------------------------------------------------- gathering
+    def to_local(self):
+        """Gather the shards into one single-process searcher (for small indexes and tests).
+
+        Returns
+        -------
+        searcher : QuantizedNeighbors or IVFQuantizedNeighbors
+            A searcher with the fitted quantizer of :attr:`searcher_` and all
+            the codes (and labels), items numbered as here, and this index's
+            ``n_neighbors``: it answers ``kneighbors`` as this index does.
+        """
+        check_is_fitted(self)
+        client = self._get_client()
+        contents = client.gather([client.submit(_shard_contents, f, pure=False)
+                                  for f in self.shards_])
+        local = copy.deepcopy(self.searcher_)
+        local.n_neighbors = self.n_neighbors
+        labels = None
+        if self._has_labels:
+            labels = np.concatenate([lab for _, lab in contents])
+        local._start_index(labels)
+        for (arrays, _), offset in zip(contents, self.shard_offsets_):
+            if "ids" in arrays:  # inverted lists: local ids become global ones
+                arrays = {**arrays, "ids": arrays["ids"] + offset}
+            local._index.add_segment(arrays)
+        if labels is not None:
+            local._append_labels(labels)
+        local.n_samples_fit_ = self.n_samples_fit_
+        local._after_load()
+        return local
+
+    def _nbytes_per_worker(self):
+        """Bytes of codes, ids and labels that each worker holds (shards as placed now)."""
+        client = self._get_client()
+        who = client.who_has(self.shards_)
+        held = {}
+        for future, nbytes in zip(self.shards_, self._shard_bytes):
+            for worker in who.get(future.key) or ():
+                held[worker] = held.get(worker, 0) + nbytes
+        return held
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path):
+        """Save the index: one directory per shard, written by its worker, and a manifest.
+
+        Each shard is saved by the worker holding it, with the single-process
+        ``save`` (JSON and ``.npy`` files, no pickle) into ``shard-NNNNN``;
+        the fitted template goes to ``template`` and ``dask_index.json``
+        (offsets, sizes and directories of the shards) is written last, by an
+        atomic rename. Saving onto the directory of an earlier save writes
+        the shards again incrementally (a shard saved there before only
+        rewrites its small state). A lost shard is reloaded from here.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Directory, visible to the driver and every worker; created if
+            missing. An existing directory must hold a saved
+            DaskQuantizedNeighbors (or be empty).
+
+        Returns
+        -------
+        path : pathlib.Path
+            The directory.
+        """
+        check_is_fitted(self)
+        client = self._get_client()
+        path = Path(path).resolve()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} exists and is not a directory; cannot save an index "
+                             f"there.")
+        if path.is_dir() and any(path.iterdir()) and not (path / _MANIFEST).is_file():
+            raise ValueError(f"{path} is a non-empty directory without {_MANIFEST}: not an "
+                             f"index written by DaskQuantizedNeighbors.save; refusing to write "
+                             f"into it. Choose a new or empty directory.")
+        path.mkdir(parents=True, exist_ok=True)
+        names = [f"shard-{i:05d}" for i in range(len(self.shards_))]
+        client.gather([client.submit(_save_shard, f, str(path / name), pure=False)
+                       for f, name in zip(self.shards_, names)])
+        self.searcher_.save(path / "template")
+        manifest = {
+            "format": _FORMAT,
+            "kind": "sklearn_hash.dask.DaskQuantizedNeighbors",
+            "sklearn_hash_version": __version__,
+            "uuid": uuid.uuid4().hex,
+            "searcher_class": type(self.searcher_).__name__,
+            "params": {
+                "n_neighbors": int(self.n_neighbors),
+                "max_train_samples": int(self.max_train_samples),
+                "random_state": (int(self.random_state)
+                                 if isinstance(self.random_state, Integral) else None),
+            },
+            "n_samples": int(self.n_samples_fit_),
+            "n_features": int(self.n_features_in_),
+            "labels": bool(self._has_labels),
+            "template": "template",
+            "shards": [{"dir": name, "offset": int(o), "size": int(n)}
+                       for name, o, n in zip(names, self.shard_offsets_, self.shard_sizes_)],
+        }
+        tmp = path / f"{_MANIFEST}.tmp-{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, path / _MANIFEST)
+        self._saved_dirs = [str(path / name) for name in names]
+        return path
+
+    @classmethod
+    def load(cls, path, client=None, *, mmap_mode=None):
+        """Load an index written by :meth:`save`: each worker loads shards into its memory.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Directory written by :meth:`save`, visible to every worker.
+        client : distributed.Client, default=None
+            The cluster's client; ``None`` uses the default client.
+        mmap_mode : {"r", "c", None}, default=None
+            How workers read the codes (see ``QuantizedNeighbors.load``):
+            ``None`` reads them into the workers' memory, ``"r"`` maps the
+            files.
+
+        Returns
+        -------
+        searcher : DaskQuantizedNeighbors
+            The fitted index; its shards are spread over the workers in turn.
+        """
+        path = Path(path).resolve()
+        file = path / _MANIFEST
+        if not file.is_file():
+            raise ValueError(f"{file} not found: {path} is not an index written by "
+                             f"DaskQuantizedNeighbors.save.")
+        try:
+            manifest = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{file} is not valid JSON ({exc}); the index directory is "
+                             f"damaged.") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), int):
+            raise ValueError(f"{file} is not a DaskQuantizedNeighbors manifest (no integer "
+                             f"'format').")
+        if manifest["format"] > _FORMAT:
+            raise ValueError(f"{file} has format {manifest['format']}, written by a newer "
+                             f"sklearn_hash; this version reads format {_FORMAT} at most.")
+        name = manifest.get("searcher_class")
+        if name not in _SEARCHERS:
+            raise ValueError(f"{file} names a searcher class {name!r}, not one of "
+                             f"{sorted(_SEARCHERS)}.")
+        template = _SEARCHERS[name].load(path / manifest["template"], mmap_mode=None)
+        params = manifest["params"]
+        search = cls(clone(template), n_neighbors=params["n_neighbors"],
+                     max_train_samples=params["max_train_samples"], client=client,
+                     random_state=params["random_state"])
+        client = search._get_client()
+        search._client = client
+        search.searcher_ = template
+        search.n_features_in_ = manifest["n_features"]
+        search._has_labels = bool(manifest["labels"])
+        search._reset_shards()
+        workers = sorted(client.nthreads())
+        shards, expected, dirs = [], [], []
+        for i, entry in enumerate(manifest["shards"]):
+            shard_dir = str(path / entry["dir"])
+            where = ({"workers": [workers[i % len(workers)]], "allow_other_workers": True}
+                     if workers else {})
+            shards.append(client.submit(_load_shard, name, shard_dir, mmap_mode, pure=False,
+                                        **where))
+            expected.append(entry["size"])
+            dirs.append(shard_dir)
+        infos = client.gather(client.map(_shard_info, shards, pure=False))
+        for entry, info in zip(manifest["shards"], infos):
+            if info[0] != entry["size"]:
+                raise ValueError(f"{path / entry['dir']} holds {info[0]} items; {file} "
+                                 f"declares {entry['size']}. The index directory is damaged.")
+        search._register(shards, infos)
+        offsets = [entry["offset"] for entry in manifest["shards"]]
+        if list(search.shard_offsets_) != offsets or search.n_samples_fit_ != \
+                manifest["n_samples"]:
+            raise ValueError(f"{file}: the shards' offsets and sizes do not add up to its "
+                             f"{manifest['n_samples']} items; the index directory is damaged.")
+        search._saved_dirs = dirs
+        return search

@@ -1,0 +1,256 @@
+"""DaskQuantizedNeighbors on a two-process LocalCluster: the answers of one process."""
+
+import copy
+import doctest
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+da = pytest.importorskip("dask.array")
+
+from sklearn_hash import (
+    ITQ,
+    IVFQuantizedNeighbors,
+    ProductQuantizer,
+    QuantizedNeighbors,
+)
+from sklearn_hash.dask import DaskQuantizedNeighbors
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                                       dashboard_address=":0")
+    client = distributed.Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(6, 16)) * 3
+    y = rng.integers(0, 6, size=3000)
+    X = centers[y] + rng.normal(size=(3000, 16))
+    yq = rng.integers(0, 6, size=40)
+    Q = centers[yq] + rng.normal(size=(40, 16))
+    return X, y, Q, yq
+
+
+TEMPLATES = {
+    "hamming": lambda: QuantizedNeighbors(ITQ(n_bits=16, random_state=0)),
+    "adc": lambda: QuantizedNeighbors(ProductQuantizer(n_bits=16, random_state=0)),
+    # 16 codewords: the fast-scan back-end where the processor has it
+    "adc4": lambda: QuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4,
+                                                        random_state=0)),
+    "ivf": lambda: IVFQuantizedNeighbors(ProductQuantizer(n_bits=16, random_state=0),
+                                         n_lists=12, n_probe=2, random_state=0),
+}
+
+
+def single_process(search, X, y):
+    """One process, the quantizer fitted by the sharded index, all the items encoded here."""
+    local = copy.deepcopy(search.searcher_)
+    local.n_neighbors = search.n_neighbors
+    local._start_index(y)
+    local._append(X, y)
+    return local
+
+
+def assert_same(a, b):
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[0].dtype == b[0].dtype
+
+
+@pytest.mark.parametrize("kind", sorted(TEMPLATES))
+def test_same_answers_as_one_process(client, data, kind):
+    X, y, Q, yq = data
+    # uneven row chunks; the sample (1,000 rows) is all the driver sees
+    Xd = da.from_array(X, chunks=((700, 1100, 400, 800), (16,)))
+    search = DaskQuantizedNeighbors(TEMPLATES[kind](), n_neighbors=7, max_train_samples=1000,
+                                    client=client, random_state=0).fit(Xd, y)
+    np.testing.assert_array_equal(search.shard_sizes_, [700, 1100, 400, 800])
+    np.testing.assert_array_equal(search.shard_offsets_, [0, 700, 1800, 2200])
+    assert search.n_samples_fit_ == 3000 and search.searcher_.n_samples_fit_ == 0
+    local = single_process(search, X, y)
+    expected = local.kneighbors(Q)
+    got = search.kneighbors(Q)
+    assert_same(got, expected)
+    assert_same(search.to_local().kneighbors(Q), expected)
+    assert search.score(Q, yq) == local.score(Q, yq)
+    # More neighbours than some shard holds; per-call settings pass through.
+    extra = {"n_probe": 5} if kind == "ivf" else {}
+    assert_same(search.kneighbors(Q, n_neighbors=450, **extra),
+                local.kneighbors(Q, n_neighbors=450, **extra))
+    # Queries as a dask array: dask arrays back, computed block by block.
+    distances, indices = search.kneighbors(da.from_array(Q, chunks=(15, 16)))
+    assert isinstance(indices, da.Array) and indices.chunks[0] == (15, 15, 10)
+    assert_same((distances.compute(), indices.compute()), expected)
+
+
+def test_ivf_probes_with_the_cell_sizes_of_the_whole_index(client, data):
+    # Tiny shards: alone, a shard's probed cells hold fewer than k items and
+    # it would top its probes up differently from one process.
+    X, _, Q, _ = data
+    search = DaskQuantizedNeighbors(TEMPLATES["ivf"](), n_neighbors=20, client=client,
+                                    random_state=0).fit(da.from_array(X, chunks=(150, 16)))
+    assert len(search.shards_) == 20
+    local = single_process(search, X, None)
+    for n_probe in (1, 3):
+        assert_same(search.kneighbors(Q, n_probe=n_probe), local.kneighbors(Q, n_probe=n_probe))
+
+
+def test_numpy_input_and_add(client, data):
+    X, y, Q, yq = data
+    search = DaskQuantizedNeighbors(TEMPLATES["adc"](), n_neighbors=5, client=client,
+                                    random_state=0).fit(X[:1000], y[:1000])
+    assert len(search.shards_) >= 2  # a numpy array is cut at least once per worker
+    search.add(da.from_array(X[1000:2200], chunks=(600, 16)), y[1000:2200])
+    search.add(X[2200:], y[2200:])
+    assert search.n_samples_fit_ == 3000
+    assert search.shard_offsets_[-1] + search.shard_sizes_[-1] == 3000
+    local = single_process(search, X, y)
+    assert_same(search.kneighbors(Q), local.kneighbors(Q))
+    assert search.score(Q, yq) == local.score(Q, yq)
+    # labels: given iff given to fit
+    with pytest.raises(ValueError, match="fitted with labels"):
+        search.add(X[:10])
+
+
+def test_save_load_round_trip(client, data, tmp_path):
+    X, y, Q, yq = data
+    search = DaskQuantizedNeighbors(TEMPLATES["ivf"](), n_neighbors=6, client=client,
+                                    random_state=0).fit(da.from_array(X, chunks=(1000, 16)), y)
+    expected = search.kneighbors(Q, n_probe=3)
+    search.save(tmp_path / "index")
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
+        "dask_index.json", "shard-00000", "shard-00001", "shard-00002", "template"]
+    # Each shard directory is a single-process index.
+    shard = IVFQuantizedNeighbors.load(tmp_path / "index" / "shard-00001")
+    assert shard.n_samples_fit_ == 1000
+    loaded = DaskQuantizedNeighbors.load(tmp_path / "index", client=client)
+    assert loaded.n_neighbors == 6 and loaded.n_samples_fit_ == 3000
+    assert_same(loaded.kneighbors(Q, n_probe=3), expected)
+    assert loaded.score(Q, yq) == search.score(Q, yq)
+    # grow the loaded index and save it onto its own directory
+    loaded.add(X[:500], y[:500])
+    loaded.save(tmp_path / "index")
+    again = DaskQuantizedNeighbors.load(tmp_path / "index", client=client)
+    assert again.n_samples_fit_ == 3500
+    assert_same(again.kneighbors(Q), loaded.kneighbors(Q))
+    with pytest.raises(ValueError, match="not an index written by"):
+        DaskQuantizedNeighbors.load(tmp_path / "missing", client=client)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="refusing to write"):
+        search.save(tmp_path / "other")
+
+
+def _shards_on(search, client, worker):
+    who = client.who_has(search.shards_)
+    return [i for i, f in enumerate(search.shards_) if worker in (who.get(f.key) or ())]
+
+
+def test_killed_worker_during_a_search(client, data, tmp_path):
+    X, _, Q, _ = data
+    template = TEMPLATES["hamming"]()
+    # Rebuilt by Dask from its graph (the chunks of a dask array).
+    from_graph = DaskQuantizedNeighbors(template, n_neighbors=5, client=client,
+                                        random_state=0).fit(da.from_array(X, chunks=(500, 16)))
+    # Numpy chunks scattered to the workers: nothing to rebuild a lost shard from ...
+    scattered = DaskQuantizedNeighbors(template, n_neighbors=5, client=client,
+                                       random_state=0).fit(X)
+    # ... unless it was saved.
+    saved = DaskQuantizedNeighbors(template, n_neighbors=5, client=client,
+                                   random_state=0).fit(X)
+    saved.save(tmp_path / "saved")
+    expected = single_process(from_graph, X, None).kneighbors(Q)
+    expected_np = single_process(scattered, X, None).kneighbors(Q)
+
+    pids = client.run(os.getpid)
+    victim = min(pids)
+    lost_scattered = _shards_on(scattered, client, victim)
+    assert lost_scattered and _shards_on(from_graph, client, victim)
+
+    # Kill the worker while it searches (a long batch of queries).
+    many = np.repeat(Q, 300, axis=0)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=from_graph.kneighbors(many)))
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not any(client.processing().values()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(pids[victim], signal.SIGKILL)
+    thread.join(60)
+    assert not thread.is_alive()
+    assert_same(result["r"], tuple(np.repeat(part, 300, axis=0) for part in expected))
+
+    assert_same(from_graph.kneighbors(Q), expected)
+    assert_same(saved.kneighbors(Q), expected_np)  # reloaded from its saved copy
+    with pytest.raises(RuntimeError, match=r"lost shard\(s\) .*no saved copy") as info:
+        scattered.kneighbors(Q)
+    for i in lost_scattered:
+        assert f"{i} (items {scattered.shard_offsets_[i]}.." in str(info.value)
+
+
+def test_bad_input(client, data):
+    X, y, Q, _ = data
+    search = DaskQuantizedNeighbors(TEMPLATES["hamming"](), n_neighbors=5, client=client,
+                                    random_state=0)
+    with pytest.raises(ValueError, match=r"chunked by rows only .* X.rechunk\(\{1: -1\}\)"):
+        search.fit(da.from_array(X, chunks=(1000, 8)))
+    search.fit(da.from_array(X[:40], chunks=(20, 16)))
+    with pytest.raises(ValueError, match="X has 15 features, but DaskQuantizedNeighbors is "
+                                         "expecting 16 features as input"):
+        search.kneighbors(Q[:, :15])
+    with pytest.raises(ValueError, match="X has 15 features"):
+        search.kneighbors(da.from_array(Q[:, :15]))
+    with pytest.raises(ValueError, match="X has 15 features"):
+        search.add(X[:10, :15])
+    with pytest.raises(ValueError, match="chunked by rows only"):
+        search.kneighbors(da.from_array(Q, chunks=(20, 8)))
+    with pytest.raises(ValueError, match=r"Expected n_neighbors <= n_samples_fit, but "
+                                         r"n_neighbors = 41, n_samples_fit = 40"):
+        search.kneighbors(Q, n_neighbors=41)
+    with pytest.raises(ValueError, match="Expected n_neighbors > 0"):
+        search.kneighbors(Q, n_neighbors=0)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        DaskQuantizedNeighbors(client=client).fit(X[:100], y[:99])
+    with pytest.raises(ValueError, match="score needs the labels"):
+        search.score(Q, np.zeros(len(Q)))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_probe'"):
+        search.kneighbors(Q, n_probe=2)
+    with pytest.raises(ValueError, match="searcher"):
+        DaskQuantizedNeighbors(ITQ(), client=client).fit(X)
+    if "refine_factor" in QuantizedNeighbors().get_params():
+        with pytest.raises(ValueError, match="refine_factor"):
+            DaskQuantizedNeighbors(QuantizedNeighbors(refine_factor=2), client=client).fit(X)
+        with pytest.raises(ValueError, match="refine_factor"):
+            search.kneighbors(Q, refine_factor=2)
+
+
+def test_import_is_lazy_and_names_the_extra():
+    code = ("import sys, sklearn_hash\n"
+            "assert 'dask' not in sys.modules and 'distributed' not in sys.modules\n"
+            "sys.modules['dask'] = None\n"
+            "try:\n    import sklearn_hash.dask\nexcept ImportError as e:\n"
+            "    assert 'sklearn-hash[dask]' in str(e), e\nelse:\n    raise SystemExit(1)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_docstring_example():
+    from sklearn_hash.dask import _sharded
+
+    result = doctest.testmod(_sharded, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
