@@ -189,9 +189,11 @@ class MultiIndexHashing(HammingScan):
         ``None``: chosen from ``n_bits`` and the number of items.
     """
 
-    # A probed bucket costs about this many exhaustively scanned 64-bit codes
-    # (cache misses in the tables against SIMD popcounts), by bench_sublinear.py.
+    # Costs in units of one exhaustively scanned 64-bit word (SIMD popcount):
+    # a probed bucket (a cache miss in a table) and a verified candidate (a
+    # random read of its code, the seen-mark and the heap), by bench_sublinear.py.
     PROBE_COST = 200
+    CANDIDATE_COST = 20
 
     def __init__(self, n_bits, n_substrings=None, simd=True, auto=False):
         super().__init__(n_bits, simd)
@@ -206,11 +208,14 @@ class MultiIndexHashing(HammingScan):
 
         The k-th distance of a few queries (found by a scan) gives the
         substring radius s the search must reach, hence the buckets it
-        probes, ``m * sum_{s' <= s} C(b, s')``; hashing is chosen when they
-        cost less than scanning every code. Decided once per k until the
-        index doubles.
+        probes, ``m * sum_{s' <= s} C(b, s')``, and the candidates it
+        verifies (the items with a substring within s of the query's: on
+        clustered codes, many); hashing is chosen when those cost less than
+        scanning every code. Decided once per k until the index doubles.
         """
         from math import comb
+
+        from ._kernels._mih import substrings
 
         n = len(self.codes)
         key = k
@@ -225,7 +230,12 @@ class MultiIndexHashing(HammingScan):
             m = len(bounds) - 1
             radius = max(int(np.ceil((kth + 1) / m)) - 1, 0)
             probes = sum(comb(int(b), r) for b in np.diff(bounds) for r in range(radius + 1))
-            choice = probes * self.PROBE_COST < n * ((self.n_bits + 63) // 64)
+            values = substrings(np.ascontiguousarray(self.codes.to_array()), bounds)
+            sample = substrings(np.ascontiguousarray(queries[:8]), bounds)
+            candidates = np.median([np.count_nonzero(
+                (np.bitwise_count(values ^ row) <= radius).any(axis=1)) for row in sample])
+            cost = probes * self.PROBE_COST + candidates * self.CANDIDATE_COST
+            choice = cost < n * ((self.n_bits + 63) // 64)
         self._choices[key] = (n, choice)
         return choice
 
