@@ -609,3 +609,8 @@ class FastScan:
             tables, list(self.codes.chunks()), self._block_chunks(), k, n_threads=n_threads,
             simd=self.simd, exclude=exclude, allowed=allowed, check_codes=False,
         )
+
+    # Ranges are searched as TableScan searches them, by the float tables over
+    # the rows (exact; a radius gives no k-th distance to scale a filter by).
+    radius = _FlatScan.radius
+    _radius_kernel = TableScan._radius_kernel
