@@ -451,8 +451,11 @@ def test_database_queries_itself_by_adc_for_wide_codebooks(data):
 def test_default_thread_count_follows_the_cpus_this_process_may_use(monkeypatch):
     import joblib
 
+    from sklearn_hash._kernels import _openmp
+
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(joblib, "cpu_count", lambda *a, **k: 1)
+    monkeypatch.setattr(_openmp, "_cpu_count", None)  # read again, through the patch
     assert effective_n_threads(None) == 1
     assert effective_n_threads(-1) == 1
     assert effective_n_threads(3) == 3

@@ -99,13 +99,16 @@ def test_searcher_with_multi_index_equals_brute_with_adds_and_removals(digits_sp
 def test_auto_rule_prefers_hashing_for_near_neighbours_and_scans_otherwise(monkeypatch):
     rng = np.random.default_rng(0)
     near = MultiIndexHashing(64, auto=True)
-    centers = rng.integers(0, 2, (50, 64))
-    near.add(pack_bits(centers[rng.integers(0, 50, 70_000)] ^ (rng.random((70_000, 64)) < 0.02)))
+    centers = rng.integers(0, 2, (5000, 64))  # many small clusters: few candidates
+    near.add(pack_bits(centers[rng.integers(0, 5000, 70_000)] ^ (rng.random((70_000, 64)) < 0.02)))
     queries = pack_bits(centers[:8])
     assert near._prefers_tables(queries, 10, 1)
     far = MultiIndexHashing(64, auto=True)
     far.add(pack_bits(rng.integers(0, 2, (70_000, 64))))
     assert not far._prefers_tables(pack_bits(rng.integers(0, 2, (8, 64))), 10, 1)
+    crowded = MultiIndexHashing(64, auto=True)  # a few big clusters: hot buckets
+    crowded.add(pack_bits(centers[rng.integers(0, 5, 70_000)] ^ (rng.random((70_000, 64)) < 0.02)))
+    assert not crowded._prefers_tables(pack_bits(centers[:8]), 10, 1)
 
 
 def test_bad_input():

@@ -10,6 +10,20 @@ def openmp_enabled():
     return bool(SKLEARN_HASH_OPENMP_ENABLED)
 
 
+# joblib.cpu_count() reads the cgroup files on every call (about 0.15 ms):
+# the CPUs a process may use are read once.
+_cpu_count = None
+
+
+def _cpus():
+    global _cpu_count
+    if _cpu_count is None:
+        from joblib import cpu_count
+
+        _cpu_count = int(cpu_count())
+    return _cpu_count
+
+
 def effective_n_threads(n_jobs=None):
     """Number of OpenMP threads a kernel uses for ``n_jobs``.
 
@@ -27,12 +41,10 @@ def effective_n_threads(n_jobs=None):
                          "number of cores (-1 for all).")
     if not SKLEARN_HASH_OPENMP_ENABLED:
         return 1
-    from joblib import cpu_count
-
     if n_jobs is None:
         if os.environ.get("OMP_NUM_THREADS", "").strip():
             return max(1, omp_get_max_threads())
-        return max(1, min(omp_get_max_threads(), cpu_count()))
+        return max(1, min(omp_get_max_threads(), _cpus()))
     if n_jobs < 0:
-        return max(1, cpu_count() + 1 + n_jobs)
+        return max(1, _cpus() + 1 + n_jobs)
     return n_jobs
