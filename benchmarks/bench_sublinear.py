@@ -2,8 +2,9 @@
 
 Codes: 64-bit ITQ codes of N vectors (default 4,000,000) drawn from the
 Gaussian mixture fitted to ESC-50 YAMNet of ``bench_frontier.py`` (realistic:
-clustered codes), and N uniform random 64-bit codes (the hard case for
-hashing); 1,000 queries of each kind (ITQ codes of fresh draws; random
+50 large clusters), N codes in many small clusters of 200 (near-duplicates),
+and N uniform random 64-bit codes (the hard case for hashing); 1,000
+queries of each kind (ITQ codes of fresh draws; random
 codes). For k = 1, 10, 100: seconds per 1,000 queries of
 ``QuantizedNeighbors(algorithm="brute")`` and ``algorithm="multi-index"``
 (tables built beforehand, their build time printed), the speed-up, and the
@@ -61,6 +62,13 @@ def main():
     X = None
     print(f"# Exact k-NN over 64-bit codes, 1,000 queries, {args.threads} threads")
     compare("ITQ codes of the YAMNet mixture", codes, pack_bits(itq.transform(Q)), args.threads)
+    # Codes in many small clusters (near-duplicates: the same clip re-encoded, remixes).
+    centers = rng.integers(0, 2, (args.n // 200, 64)).astype(np.uint8)
+    flips = lambda m: (rng.random((m, 64)) < 0.08).astype(np.uint8)  # noqa: E731
+    near = pack_bits(centers[rng.integers(0, len(centers), args.n)] ^ flips(args.n))
+    near_q = pack_bits(centers[rng.integers(0, len(centers), 1000)] ^ flips(1000))
+    compare("codes in small clusters (200 per cluster, 8% of bits flipped)", near, near_q,
+            args.threads)
     uniform = rng.integers(0, 2**63, size=(args.n, 1), dtype=np.int64).astype(np.uint64)
     uniform ^= rng.integers(0, 2, size=(args.n, 1), dtype=np.int64).astype(np.uint64) << np.uint64(63)
     queries = rng.integers(0, 2**63, size=(1000, 1), dtype=np.int64).astype(np.uint64)
