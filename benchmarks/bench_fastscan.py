@@ -103,7 +103,6 @@ def main():
                        float(wide["rescored"].mean())))
         print(f"{kind}: ours {args.queries / t_ours:,.0f} q/s, faiss {args.queries / t_faiss:,.0f} "
               f"q/s (fit {t_fit:.1f} s)", flush=True)
-        del X, search, flat, fast, codes
 
     print()
     print("| data | ours q/s | faiss IndexPQFastScan q/s | speed-up | recall@10 vs float ADC: "

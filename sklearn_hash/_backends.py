@@ -507,14 +507,15 @@ class InvertedLists:
 
 
 # ---------------------------------------------------------------- 4-bit fast-scan
-from ._kernels._fastscan import (  # noqa: E402  (kept beside the back-end that uses it)
+# (imported here, beside the back-end that uses them)
+from ._kernels._fastscan import (
     BLOCK_ROWS,
     block_bytes,
     check_4bit_codes,
     fastscan_kneighbors,
     pack_blocks,
 )
-from ._kernels._fastscan import simd_path as fastscan_simd_path  # noqa: E402
+from ._kernels._fastscan import simd_path as fastscan_simd_path  # noqa: F401 (for the searchers)
 
 
 class FastScan:

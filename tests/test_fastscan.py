@@ -9,6 +9,8 @@ and ties, for odd sizes, partly filled blocks, chunked databases, a dominant
 subspace, ``allowed`` / ``exclude``, and 1 or 2 threads.
 """
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -56,7 +58,7 @@ def adc_oracle(tables_q, codes):
 
 def fastscan(tables, codes, k, chunks=1, **kwargs):
     bounds = np.linspace(0, len(codes), chunks + 1).astype(int)
-    parts = [np.ascontiguousarray(codes[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [np.ascontiguousarray(codes[a:b]) for a, b in itertools.pairwise(bounds)]
     return fastscan_kneighbors(tables, parts, [pack_blocks(p) for p in parts], k, **kwargs)
 
 
@@ -106,7 +108,7 @@ def test_sums_never_overflow_16_bits(simd):
     lut[:, 0] = rng.integers(0, 128, M)
     expected = lut[np.arange(M), codes].sum(axis=1)
     assert expected.max() > 32767
-    pos, q = quantized_candidates(lut, pack_blocks(codes), 70, 65536, simd=simd)
+    _, q = quantized_candidates(lut, pack_blocks(codes), 70, 65536, simd=simd)
     np.testing.assert_array_equal(q, expected)
     with pytest.raises(ValueError, match="too many subspaces"):
         quantized_candidates(np.zeros((520, 16), np.uint8), np.zeros((1, 520 * 64), np.uint8),
