@@ -11,7 +11,7 @@ codes). For k = 1, 10, 100: seconds per 1,000 queries of
 answers (indices and distances) asserted identical. ``algorithm="auto"``'s
 choice is printed too.
 
-    python benchmarks/bench_sublinear.py [--n 4000000] [--threads 2]
+    python benchmarks/bench_sublinear.py [--n 4000000] [--threads 2] [--cases itq,small,uniform]
 """
 
 import argparse
@@ -20,7 +20,7 @@ import numpy as np
 
 from _common import timed, timed_best
 from bench_frontier import make_data
-from sklearn_hash import ITQ, QuantizedNeighbors
+from sklearn_hash import ITQ
 from sklearn_hash._backends import HammingScan, MultiIndexHashing, mih_substrings
 from sklearn_hash._codes import pack_bits
 
@@ -53,30 +53,41 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4_000_000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", default="itq,small,uniform",
+                        help="comma-separated subset of itq, small, uniform")
     args = parser.parse_args()
+    cases = set(args.cases.split(","))
     rng = np.random.default_rng(0)
-    X, Q = make_data(args.n, 1000)
-    itq = ITQ(n_bits=64, random_state=0).fit(X[:200_000])
-    codes = np.concatenate([pack_bits(itq.transform(X[s : s + 500_000]))
-                            for s in range(0, len(X), 500_000)])
-    X = None
     print(f"# Exact k-NN over 64-bit codes, 1,000 queries, {args.threads} threads")
-    compare("ITQ codes of the YAMNet mixture", codes, pack_bits(itq.transform(Q)), args.threads)
+    if "itq" in cases:
+        X, Q = make_data(args.n, 1000)
+        itq = ITQ(n_bits=64, random_state=0).fit(X[:200_000])
+        codes = np.concatenate([pack_bits(itq.transform(X[s : s + 500_000]))
+                                for s in range(0, len(X), 500_000)])
+        X = None
+        compare("ITQ codes of the YAMNet mixture", codes, pack_bits(itq.transform(Q)),
+                args.threads)
     # Codes in many small clusters (near-duplicates: the same clip re-encoded, remixes).
+    if "small" in cases:
+        small_clusters(args, rng)
+    if "uniform" in cases:
+        uniform_codes(args, rng)
+
+
+def small_clusters(args, rng):
     centers = rng.integers(0, 2, (args.n // 200, 64)).astype(np.uint8)
     flips = lambda m: (rng.random((m, 64)) < 0.08).astype(np.uint8)  # noqa: E731
     near = pack_bits(centers[rng.integers(0, len(centers), args.n)] ^ flips(args.n))
     near_q = pack_bits(centers[rng.integers(0, len(centers), 1000)] ^ flips(1000))
     compare("codes in small clusters (200 per cluster, 8% of bits flipped)", near, near_q,
             args.threads)
+
+
+def uniform_codes(args, rng):
     uniform = rng.integers(0, 2**63, size=(args.n, 1), dtype=np.int64).astype(np.uint64)
     uniform ^= rng.integers(0, 2, size=(args.n, 1), dtype=np.int64).astype(np.uint64) << np.uint64(63)
     queries = rng.integers(0, 2**63, size=(1000, 1), dtype=np.int64).astype(np.uint64)
     compare("uniform random codes", uniform, queries, args.threads)
-    # The searcher's own path gives the same answers.
-    search = QuantizedNeighbors(ITQ(n_bits=64, random_state=0), algorithm="multi-index")
-    print("\n(QuantizedNeighbors(algorithm='multi-index') wraps the same back-end:",
-          type(search).__name__ + ")")
 
 
 if __name__ == "__main__":
