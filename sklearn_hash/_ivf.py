@@ -343,7 +343,9 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         d2 += np.einsum("ij,ij->i", X, X)[:, None]
         n_lists = centers.shape[0]
         n_probe = min(n_probe, n_lists)
-        if n_probe < n_lists:
+        if n_probe == 1:  # the nearest cell, ties to the smaller number: argmin says so
+            near = np.argmin(d2, axis=1)[:, None]
+        elif n_probe < n_lists:
             near = np.argpartition(d2, n_probe - 1, axis=1)[:, :n_probe]
         else:
             near = np.broadcast_to(np.arange(n_lists), d2.shape)
