@@ -15,10 +15,10 @@ required for its columns (``pip install faiss-cpu``).
 import argparse
 
 import numpy as np
-
 from _common import exact_top10, recall_at_10, timed, timed_best
-from sklearn_hash import ProductQuantizer
 from sklearn_hash._kernels._adc import adc_kneighbors
+
+from sklearn_hash import ProductQuantizer
 
 
 def make_data(n, d, seed):

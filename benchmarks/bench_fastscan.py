@@ -30,12 +30,12 @@ faiss-cpu is required (``pip install faiss-cpu``).
 import argparse
 
 import numpy as np
-
 from _common import timed, timed_best
-from sklearn_hash import ProductQuantizer, QuantizedNeighbors
-from sklearn_hash._backends import FastScan, fastscan_simd_path
 from sklearn_hash._kernels._adc import adc_kneighbors
 from sklearn_hash._kernels._fastscan import fastscan_kneighbors
+
+from sklearn_hash import ProductQuantizer, QuantizedNeighbors
+from sklearn_hash._backends import FastScan, fastscan_simd_path
 
 
 def make_data(kind, n, d, seed):

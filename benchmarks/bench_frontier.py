@@ -27,9 +27,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import exact_top10, recall_at_10, timed, timed_best
-from sklearn_hash import OPQ, IVFQuantizedNeighbors, ProductQuantizer, QuantizedNeighbors
+
+from sklearn_hash import (
+    OPQ,
+    IVFQuantizedNeighbors,
+    ProductQuantizer,
+    QuantizedNeighbors,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "esc50_yamnet.npz"
 

@@ -15,9 +15,9 @@ import platform
 import time
 
 import numpy as np
+from sklearn_hash._kernels._hamming import hamming_kneighbors, simd_path
 
 from sklearn_hash._codes import pack_bits
-from sklearn_hash._kernels._hamming import hamming_kneighbors, simd_path
 
 
 def best_of(fn, repeat):

@@ -25,8 +25,8 @@ import tempfile
 import time
 
 import numpy as np
-
 from _common import timed
+
 from sklearn_hash import IVFQuantizedNeighbors, ProductQuantizer, QuantizedNeighbors
 
 D, N_LISTS, M = 128, 1024, 8

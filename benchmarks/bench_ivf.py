@@ -16,8 +16,8 @@ of the same length. faiss-cpu is required for its columns (``pip install faiss-c
 import argparse
 
 import numpy as np
-
 from _common import exact_top10, recall_at_10, timed, timed_best
+
 from sklearn_hash import IVFQuantizedNeighbors, ProductQuantizer, QuantizedNeighbors
 
 

@@ -17,9 +17,9 @@ choice is printed too.
 import argparse
 
 import numpy as np
-
 from _common import timed, timed_best
 from bench_frontier import make_data
+
 from sklearn_hash import ITQ
 from sklearn_hash._backends import HammingScan, MultiIndexHashing, mih_substrings
 from sklearn_hash._codes import pack_bits

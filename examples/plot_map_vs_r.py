@@ -14,7 +14,12 @@ from _data import load
 from sklearn.frozen import FrozenEstimator
 from sklearn.neighbors import NearestNeighbors
 
-from sklearn_hash import ITQ, DeepQuantizationNetwork, ProductQuantizer, QuantizedNeighbors
+from sklearn_hash import (
+    ITQ,
+    DeepQuantizationNetwork,
+    ProductQuantizer,
+    QuantizedNeighbors,
+)
 from sklearn_hash.benchmark import partial_labels
 from sklearn_hash.metrics import map_at_r_score
 

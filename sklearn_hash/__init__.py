@@ -18,7 +18,6 @@ from ._spectral import SpectralHashing
 from ._transformer import QuantizedNeighborsTransformer
 from ._version import __version__
 
-
 __all__ = [
     "AGH",
     "DeepQuantizationNetwork",

@@ -26,7 +26,11 @@ import numpy as np
 from scipy import sparse
 from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, validate_parameter_constraints
-from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    check_consistent_length,
+    check_is_fitted,
+    validate_data,
+)
 
 from ._kernels._refine import refine_kneighbors
 from ._storage import ChunkedRows, GrowableArray

@@ -28,7 +28,11 @@ from sklearn import config_context
 from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils import check_array
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
-from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    check_consistent_length,
+    check_is_fitted,
+    validate_data,
+)
 
 from ._backends import HammingScan, MultiIndexHashing, TableScan, check_codeword_indices
 from ._codes import pack_bits

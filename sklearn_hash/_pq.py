@@ -1,8 +1,7 @@
 """Product Quantization (PQ), Jégou, Douze and Schmid (2011)."""
 
-from numbers import Integral
-
 import warnings
+from numbers import Integral
 
 import numpy as np
 from sklearn.base import (

@@ -202,6 +202,18 @@ def commit_manifest(path, manifest):
                 entry.unlink()
 
 
+def read_json_manifest(file, kind):
+    """A JSON object with an integer ``format``, or a ValueError naming ``file``."""
+    try:
+        manifest = json.loads(Path(file).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc}); the index directory is "
+                         f"damaged.") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), int):
+        raise ValueError(f"{file} is not {kind} manifest (no integer 'format').")
+    return manifest
+
+
 def read_manifest(path):
     """The manifest of an index directory, checked for format and completeness."""
     path = Path(path)
@@ -212,14 +224,7 @@ def read_manifest(path):
                 if (path / "searcher.pkl").exists() else "")
         raise ValueError(f"{file} not found: {path} is not an index directory written "
                          f"by save.{hint}")
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{file} is not valid JSON ({exc}); the index directory is "
-                         f"damaged.") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), int):
-        raise ValueError(f"{file} is not an sklearn_hash index manifest (no integer "
-                         f"'format').")
+    manifest = read_json_manifest(file, "an sklearn_hash index")
     if manifest["format"] > INDEX_FORMAT:
         raise ValueError(
             f"{file} has index format {manifest['format']}, written by a newer "

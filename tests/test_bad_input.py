@@ -9,6 +9,8 @@ process or reach a kernel with bad data.
 import numpy as np
 import pytest
 from sklearn.base import clone
+from sklearn_hash._kernels._adc import adc_kneighbors
+from sklearn_hash._kernels._hamming import hamming_kneighbors
 
 from sklearn_hash import (
     AGH,
@@ -20,8 +22,6 @@ from sklearn_hash import (
     SpectralHashing,
 )
 from sklearn_hash._dqn import _torch_available
-from sklearn_hash._kernels._adc import adc_kneighbors
-from sklearn_hash._kernels._hamming import hamming_kneighbors
 from sklearn_hash.metrics import map_at_r_score
 
 HAS_TORCH = _torch_available()  # the deep model is tested where its extra is installed

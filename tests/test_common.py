@@ -11,15 +11,14 @@ from sklearn.utils.estimator_checks import (
 from sklearn_hash import (
     AGH,
     ITQ,
+    OPQ,
     DeepQuantizationNetwork,
     IVFQuantizedNeighbors,
-    OPQ,
     ProductQuantizer,
     QuantizedNeighbors,
     QuantizedNeighborsTransformer,
     SpectralHashing,
 )
-
 from sklearn_hash._dqn import _torch_available
 
 HAS_TORCH = _torch_available()  # the deep model is tested where its extra is installed

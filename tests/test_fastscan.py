@@ -13,9 +13,6 @@ import itertools
 
 import numpy as np
 import pytest
-
-from sklearn_hash import ProductQuantizer, QuantizedNeighbors
-from sklearn_hash._backends import FastScan, TableScan, fastscan_simd_path
 from sklearn_hash._kernels._adc import adc_kneighbors
 from sklearn_hash._kernels._fastscan import (
     block_bytes,
@@ -25,6 +22,9 @@ from sklearn_hash._kernels._fastscan import (
     quantized_candidates,
     simd_path,
 )
+
+from sklearn_hash import ProductQuantizer, QuantizedNeighbors
+from sklearn_hash._backends import FastScan, TableScan, fastscan_simd_path
 
 LEVEL = {"portable": 0, "avx2": 1, "avx512": 2}
 # Every path this processor runs (the portable one always).

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from sklearn_hash._codes import pack_bits
 from sklearn_hash._kernels._adc import adc_kneighbors
 from sklearn_hash._kernels._hamming import hamming_kneighbors
+
+from sklearn_hash._codes import pack_bits
 
 CI = settings(max_examples=300, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow])

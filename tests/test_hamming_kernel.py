@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from sklearn_hash._kernels._hamming import hamming_kneighbors, simd_path
 
 from sklearn_hash._codes import n_words, pack_bits
-from sklearn_hash._kernels._hamming import hamming_kneighbors, simd_path
 
 
 def oracle(query_bits, db_bits, k, exclude_self=False):

@@ -10,6 +10,7 @@ import pytest
 from sklearn import config_context
 from sklearn.base import clone
 from sklearn.frozen import FrozenEstimator
+from sklearn_hash._kernels._openmp import effective_n_threads
 
 from sklearn_hash import (
     AGH,
@@ -19,11 +20,10 @@ from sklearn_hash import (
     ProductQuantizer,
     QuantizedNeighbors,
     SpectralHashing,
+    _storage,
 )
-from sklearn_hash import _storage
 from sklearn_hash._codes import pack_bits
 from sklearn_hash._dqn import _torch_available
-from sklearn_hash._kernels._openmp import effective_n_threads
 
 HAMMING = QuantizedNeighbors(ITQ(n_bits=24, random_state=0), n_neighbors=5)
 ADC = QuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),

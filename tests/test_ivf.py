@@ -7,9 +7,9 @@ import pytest
 from sklearn.base import clone
 from sklearn.datasets import make_blobs
 from sklearn.exceptions import NotFittedError
+from sklearn_hash._kernels._adc import ivf_adc_kneighbors
 
 from sklearn_hash import ITQ, IVFQuantizedNeighbors, ProductQuantizer
-from sklearn_hash._kernels._adc import ivf_adc_kneighbors
 
 
 def ivf_oracle(list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets, codes,

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from sklearn_hash._kernels._mih import mih_kneighbors, substrings
 
 from sklearn_hash import ITQ, ProductQuantizer, QuantizedNeighbors
 from sklearn_hash._backends import HammingScan, MultiIndexHashing, mih_substrings
 from sklearn_hash._codes import pack_bits
-from sklearn_hash._kernels._mih import mih_kneighbors, substrings
 
 
 def brute(bits, queries, k, allowed=None, exclude=None):

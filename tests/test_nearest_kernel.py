@@ -4,8 +4,6 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
-
-from sklearn_hash import ProductQuantizer
 from sklearn_hash._kernels._nearest import (
     accumulate,
     codeword_scores,
@@ -13,6 +11,8 @@ from sklearn_hash._kernels._nearest import (
     nearest_codewords,
     simd_level,
 )
+
+from sklearn_hash import ProductQuantizer
 from sklearn_hash._kmeans import kmeans as _kmeans
 
 SIMD = [True, "avx2", False]  # the widest path, AVX2 (where the processor has it), portable

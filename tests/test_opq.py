@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from sklearn_hash import OPQ, IVFQuantizedNeighbors, ProductQuantizer, QuantizedNeighbors
+from sklearn_hash import (
+    OPQ,
+    IVFQuantizedNeighbors,
+    ProductQuantizer,
+    QuantizedNeighbors,
+)
 
 
 def correlated(n, d, seed):

@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 from sklearn.base import BaseEstimator, clone
 from sklearn.frozen import FrozenEstimator
+from sklearn_hash._kernels._adc import adc_kneighbors
 
 from sklearn_hash import (
     AGH,
     ITQ,
     DeepQuantizationNetwork,
-    ProductQuantizer,
     IVFQuantizedNeighbors,
+    ProductQuantizer,
     QuantizedNeighbors,
     SpectralHashing,
+    _index,
 )
-from sklearn_hash import _index
 from sklearn_hash._dqn import _torch_available
-from sklearn_hash._kernels._adc import adc_kneighbors
 
 QUANTIZERS = [
     SpectralHashing(n_bits=16),

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits, make_blobs
+from sklearn_hash._kernels._adc import adc_kneighbors
 
 from sklearn_hash import ITQ, ProductQuantizer, QuantizedNeighbors
-from sklearn_hash._kernels._adc import adc_kneighbors
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 from sklearn.base import clone
+from sklearn_hash._kernels._adc import adc_radius
+from sklearn_hash._kernels._hamming import hamming_radius, simd_path
 
 from sklearn_hash import ITQ, ProductQuantizer, QuantizedNeighbors
 from sklearn_hash._codes import pack_bits
-from sklearn_hash._kernels._adc import adc_radius
-from sklearn_hash._kernels._hamming import hamming_radius, simd_path
 
 HAMMING = QuantizedNeighbors(ITQ(n_bits=24, random_state=0), n_neighbors=5)
 ADC = QuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0))

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from sklearn_hash import ITQ, IVFQuantizedNeighbors, ProductQuantizer, QuantizedNeighbors
+from sklearn_hash import (
+    ITQ,
+    IVFQuantizedNeighbors,
+    ProductQuantizer,
+    QuantizedNeighbors,
+)
 
 SEARCHERS = [
     QuantizedNeighbors(ITQ(n_bits=16, random_state=0), n_neighbors=5, refine_factor=3),

@@ -45,6 +45,7 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted
 from .._backends import InvertedLists, _merge
 from .._ivf import IVFQuantizedNeighbors
 from .._neighbors import QuantizedNeighbors
+from .._storage import read_json_manifest
 from .._threads import single_threaded_blas
 from .._version import __version__
 from ..metrics import map_at_r_score
@@ -803,14 +804,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
         if not file.is_file():
             raise ValueError(f"{file} not found: {path} is not an index written by "
                              f"DaskQuantizedNeighbors.save.")
-        try:
-            manifest = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{file} is not valid JSON ({exc}); the index directory is "
-                             f"damaged.") from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), int):
-            raise ValueError(f"{file} is not a DaskQuantizedNeighbors manifest (no integer "
-                             f"'format').")
+        manifest = read_json_manifest(file, "a DaskQuantizedNeighbors")
         if manifest["format"] > _FORMAT:
             raise ValueError(f"{file} has format {manifest['format']}, written by a newer "
                              f"sklearn_hash; this version reads format {_FORMAT} at most.")
