@@ -16,10 +16,18 @@ Codes are checked once, when they enter the back-end (``add``, and
 reads only the codes it scans.
 
 - :class:`HammingScan`: packed binary codes, exhaustive popcount scan.
+- :class:`MultiIndexHashing`: the same codes and answers, searched through
+  substring hash tables (sub-linear where neighbours are near).
 - :class:`TableScan`: codeword indices, exhaustive scan by table lookups
   (ADC or SDC: the searcher builds the tables).
+- :class:`FastScan`: 4-bit codeword indices in a block layout, scanned with
+  8-bit in-register tables as a filter and re-scored exactly (the answers
+  of :class:`TableScan`).
 - :class:`InvertedLists`: residual codeword indices grouped by coarse cell
   (IVFADC), each cell's list growing by chunks.
+
+Flat back-ends also answer range queries (``radius``), for
+``radius_neighbors``.
 """
 
 import numpy as np
