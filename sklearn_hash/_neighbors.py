@@ -5,16 +5,21 @@ The path of the data, from ``fit`` to ``kneighbors``:
 1. ``fit(X, y)`` fits a clone of the quantizer on X (y passed through),
    picks the metric from what the quantizer offers (``_resolve_metric``)
    and the back-end that stores and scans such codes (``_new_index``:
-   :class:`~sklearn_hash._backends.HammingScan` for packed bits,
-   :class:`~sklearn_hash._backends.TableScan` for codeword indices), then
+   :class:`~sklearn_hash._backends.MultiIndexHashing` or
+   :class:`~sklearn_hash._backends.HammingScan` for packed bits, by
+   ``algorithm``; :class:`~sklearn_hash._backends.FastScan` for 4-bit
+   codeword indices where the processor has byte shuffles,
+   :class:`~sklearn_hash._backends.TableScan` for the others), then
    encodes X chunk by chunk into it (``_index_items``) and keeps y as the
-   database labels.
+   database labels (and, with ``refine_factor``, the vectors).
 2. ``kneighbors(X)`` (in :class:`~sklearn_hash._index.IndexMixin`, with
    ``allowed`` and removals folded into one mask) runs ``_search``: the
    queries become what the back-end reads (``_encode_queries``: packed bits,
    or distance tables a chunk of queries at a time) and the back-end's
    kernel returns exact distances and int64 indices, ties ranked by
-   database index.
+   database index; with ``refine_factor`` the candidates are re-ranked by
+   the stored vectors (``IndexMixin._refine``). ``radius_neighbors`` runs
+   the back-end's range scan the same way.
 
 The quantizer protocol (how a quantizer tells the searcher how to search it)
 is described in the class docstring.
