@@ -77,8 +77,9 @@ class _FlatScan:
     def on_remove(self, indices):
         pass
 
-    def search(self, queries, k, *, allowed=None, exclude=None, n_threads=1):
-        parts, offset = [], 0
+    def _chunks(self, allowed, exclude):
+        """Each chunk with its offset and the search's restriction in its own rows."""
+        offset = 0
         for chunk in self.codes.chunks():
             n = len(chunk)
             sub_allowed = None if allowed is None else allowed[offset : offset + n]
@@ -86,10 +87,15 @@ class _FlatScan:
             if exclude is not None:
                 inside = (exclude >= offset) & (exclude < offset + n)
                 sub_exclude = np.where(inside, exclude - offset, -1).astype(np.int64)
+            yield offset, chunk, sub_allowed, sub_exclude
+            offset += n
+
+    def search(self, queries, k, *, allowed=None, exclude=None, n_threads=1):
+        parts = []
+        for offset, chunk, sub_allowed, sub_exclude in self._chunks(allowed, exclude):
             d, i = self._kernel(queries, chunk, k, sub_allowed, sub_exclude, n_threads)
             i[i >= 0] += offset
             parts.append((d, i))
-            offset += n
         if not parts:
             return self._kernel(queries, self.codes.to_array(), k, None, None, n_threads)
         return _merge(parts, k)
@@ -99,18 +105,11 @@ class _FlatScan:
 
         Each query's items come in ascending index order.
         """
-        parts, offset = [], 0
-        for chunk in self.codes.chunks():
-            n = len(chunk)
-            sub_allowed = None if allowed is None else allowed[offset : offset + n]
-            sub_exclude = None
-            if exclude is not None:
-                inside = (exclude >= offset) & (exclude < offset + n)
-                sub_exclude = np.where(inside, exclude - offset, -1).astype(np.int64)
+        parts = []
+        for offset, chunk, sub_allowed, sub_exclude in self._chunks(allowed, exclude):
             offsets, d, i = self._radius_kernel(queries, chunk, threshold, sub_allowed,
                                                 sub_exclude, n_threads)
             parts.append((offsets, d, i + offset))
-            offset += n
         if len(parts) == 1:
             return parts[0]
         n_queries = len(queries)
@@ -526,7 +525,7 @@ from ._kernels._fastscan import (
 from ._kernels._fastscan import simd_path as fastscan_simd_path  # noqa: F401 (for the searchers)
 
 
-class FastScan:
+class FastScan(_FlatScan):
     """4-bit codeword indices (16 codewords per subspace), searched by fast-scan.
 
     The codes are kept twice: as rows (uint8, one codeword index per byte,
@@ -554,18 +553,15 @@ class FastScan:
     n_codewords = 16
 
     def __init__(self, n_subspaces, simd=True):
+        super().__init__(n_subspaces, np.uint8)
         self.n_subspaces = n_subspaces
         self.simd = simd
-        self.codes = ChunkedRows((n_subspaces,), np.uint8)
         self._sealed_blocks = []   # block layouts of the sealed chunks of self.codes
         self._sealed_rows = 0      # rows in those chunks
         self._tail_blocks = self._new_tail()
 
     def _new_tail(self):
         return GrowableArray((block_bytes(self.n_subspaces),), np.uint8)
-
-    def __len__(self):
-        return len(self.codes)
 
     def _check(self, codes):
         codes = np.asarray(codes)
@@ -599,16 +595,10 @@ class FastScan:
         self._sealed_rows = len(self.codes)
         self._tail_blocks = self._new_tail()
 
-    def segment_arrays(self, start, stop):
-        return {"codes": self.codes.slice(start, stop)}
-
     def compact(self, keep):
         codes = self.codes.to_array()[keep]
         self.__init__(self.n_subspaces, self.simd)
         self.add(codes)
-
-    def on_remove(self, indices):
-        pass
 
     def _block_chunks(self):
         """Block layouts, one per chunk of ``self.codes`` (same order)."""
@@ -621,7 +611,7 @@ class FastScan:
             simd=self.simd, exclude=exclude, allowed=allowed, check_codes=False,
         )
 
-    # Ranges are searched as TableScan searches them, by the float tables over
-    # the rows (exact; a radius gives no k-th distance to scale a filter by).
-    radius = _FlatScan.radius
+    # Ranges are searched as TableScan searches them (_FlatScan.radius), by
+    # the float tables over the rows (exact; a radius gives no k-th distance
+    # to scale a filter by).
     _radius_kernel = TableScan._radius_kernel

@@ -290,6 +290,14 @@ class IndexMixin:
             {k: self._SEARCH_PARAMS[k] for k in params}, params, caller_name="kneighbors")
         return {name: params.get(name, getattr(self, name)) for name in self._SEARCH_PARAMS}
 
+    def _check_self_queries(self, method):
+        """X=None queries every indexed item: refused while removed ones await compact()."""
+        if self._n_removed:
+            raise ValueError(
+                f"{method}() without X queries every indexed item, but {self._n_removed} "
+                f"items are removed; call compact() first, or pass the query vectors."
+            )
+
     def _validate_queries(self, X):
         """``validate_data`` for queries, with a fast path for plain float arrays.
 
@@ -356,12 +364,7 @@ class IndexMixin:
 
         query_is_train = X is None
         if query_is_train:
-            if self._n_removed:
-                raise ValueError(
-                    f"kneighbors() without X queries every indexed item, but "
-                    f"{self._n_removed} items are removed; call compact() first, or pass "
-                    f"the query vectors."
-                )
+            self._check_self_queries("kneighbors")
             n_queries = self.n_samples_fit_
         else:
             X = self._validate_queries(X)

@@ -379,7 +379,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         index = self._index
         if allowed is None:
             return index.sizes
-        if self._live is not None and allowed is self._live.array:
+        if self._live is not None and self._live.is_view(allowed):  # removals, no filter
             return index.live_sizes
         return np.bincount(index.list_of.array[allowed.view(bool)],
                            minlength=self.n_lists).astype(np.int64)

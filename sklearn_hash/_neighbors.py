@@ -477,14 +477,9 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
                 or radius < 0:
             raise ValueError(f"radius must be a finite number >= 0; got {radius!r}.")
         if X is None:
-            if self._n_removed:
-                raise ValueError(
-                    f"radius_neighbors() without X queries every indexed item, but "
-                    f"{self._n_removed} items are removed; call compact() first, or pass "
-                    f"the query vectors."
-                )
+            self._check_self_queries("radius_neighbors")
         else:
-            X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+            X = self._validate_queries(X)
         mask = self._check_allowed(allowed)
         threshold = self._threshold(float(radius))
         n_threads = effective_n_threads(self.n_jobs)

@@ -204,12 +204,7 @@ class OPQ(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
         n_samples, n_features = X.shape
-        n_subspaces, n_codewords = _check_codebooks(self, n_samples)
-        if n_subspaces > n_features:
-            raise ValueError(
-                f"OPQ needs n_bits // subspace_bits <= n_features (one or more features per "
-                f"subspace); got {n_subspaces} subspaces for n_features={n_features}."
-            )
+        n_subspaces, n_codewords = _check_codebooks(self, n_samples, n_features)
         rng = check_random_state(self.random_state)
         X_train = np.ascontiguousarray(
             training_rows(X, self.max_train_samples, n_codewords, rng), dtype=np.float64)

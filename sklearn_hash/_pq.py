@@ -26,11 +26,13 @@ _CHUNK = 16384
 _MAX_SDC_CODEWORDS = 1024
 
 
-def _check_codebooks(estimator, n_samples):
+def _check_codebooks(estimator, n_samples, n_features=None):
     """Number of codebooks and of codewords for ``n_bits`` and ``subspace_bits``.
 
     Shared by the estimators that product-quantize: ``n_bits`` must be a
-    multiple of ``subspace_bits``, and k-means needs at least K rows.
+    multiple of ``subspace_bits``, k-means needs at least K rows, and (when
+    ``n_features`` is given: the codebooks split the input) every subspace
+    needs a feature.
     """
     n_bits, subspace_bits = estimator.n_bits, estimator.subspace_bits
     if n_bits % subspace_bits:
@@ -45,7 +47,14 @@ def _check_codebooks(estimator, n_samples):
             f"training rows for its k-means codebooks; got n_samples={n_samples}. "
             f"Use a smaller subspace_bits or more data."
         )
-    return n_bits // subspace_bits, n_codewords
+    n_subspaces = n_bits // subspace_bits
+    if n_features is not None and n_subspaces > n_features:
+        raise ValueError(
+            f"{type(estimator).__name__} needs n_bits // subspace_bits <= n_features (one or "
+            f"more features per subspace); got {n_subspaces} subspaces for "
+            f"n_features={n_features}."
+        )
+    return n_subspaces, n_codewords
 
 
 class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -212,13 +221,7 @@ default="random"
         """
         X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
         n_samples, n_features = X.shape
-        n_subspaces, n_codewords = _check_codebooks(self, n_samples)
-        if n_subspaces > n_features:
-            raise ValueError(
-                f"ProductQuantizer needs n_bits // subspace_bits <= n_features (one or "
-                f"more features per subspace); got {n_subspaces} subspaces for "
-                f"n_features={n_features}."
-            )
+        n_subspaces, n_codewords = _check_codebooks(self, n_samples, n_features)
         rng = check_random_state(self.random_state)
         X_train = training_rows(X, self.max_train_samples, n_codewords, rng)
 

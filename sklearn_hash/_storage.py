@@ -56,6 +56,10 @@ class GrowableArray:
         """The rows held, a view (valid until the next append)."""
         return self._buffer[: self._size]
 
+    def is_view(self, array):
+        """Whether ``array`` is (a view of) the rows held."""
+        return isinstance(array, np.ndarray) and array.base is self._buffer
+
     def append(self, rows):
         rows = np.asarray(rows, dtype=self.dtype)
         needed = self._size + rows.shape[0]

@@ -3,13 +3,13 @@
 from numbers import Integral
 
 import numpy as np
-from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
 from .._hierarchy import ancestor_table, check_hierarchy, check_tree_labels, lca_depth
 from ._retrieval import (
     _CHUNK,
     _check_labels,
+    _check_ranking,
     _repr_hierarchy,
     _RetrievalScorer,
     _tie_groups,
@@ -153,42 +153,14 @@ def ndcg_at_r_score(y_query, y_database, neighbors, *, hierarchy, R=None, distan
                                 allow_unlabelled=False)
     y_database = check_tree_labels(_check_labels(y_database, "y_database"), hierarchy,
                                    "y_database", allow_unlabelled=True)
-    neighbors = check_array(neighbors, dtype=None, ensure_min_samples=0,
-                            ensure_min_features=0, input_name="neighbors")
-    if neighbors.dtype.kind not in "iu":
-        raise TypeError(f"neighbors must hold integer database indices; got dtype "
-                        f"{neighbors.dtype}.")
-    if neighbors.shape[0] != y_query.shape[0]:
-        raise ValueError(f"neighbors has {neighbors.shape[0]} rows but y_query has "
-                         f"{y_query.shape[0]} queries; they must match.")
-    if neighbors.shape[0] == 0:
-        raise ValueError("ndcg_at_r_score needs at least one query; got 0.")
-    if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= y_database.shape[0]):
-        raise ValueError(f"neighbors must be indices in [0, {y_database.shape[0] - 1}] "
-                         f"of y_database; got values in [{neighbors.min()}, "
-                         f"{neighbors.max()}].")
-    n_retrieved = neighbors.shape[1]
-    if R is None:
-        R = n_retrieved
-    if R > n_retrieved and n_retrieved == y_database.shape[0]:
-        R = n_retrieved
-    if R > n_retrieved or R < 1:
-        raise ValueError(f"R={R} must be between 1 and the {n_retrieved} "
-                         f"retrieved items per query in neighbors.")
+    neighbors, R, distances = _check_ranking(neighbors, y_query.shape[0],
+                                             y_database.shape[0], R, distances,
+                                             "ndcg_at_r_score")
     table, depth = ancestor_table(hierarchy)
     discounts = 1.0 / np.log2(np.arange(2, R + 2))
     if distances is None:
         gains = graded_gains(y_query, y_database[neighbors[:, :R]], table, depth)
     else:
-        distances = check_array(distances, dtype=np.float64, ensure_min_samples=0,
-                                ensure_min_features=0, input_name="distances")
-        if distances.shape != neighbors.shape:
-            raise ValueError(f"distances must have the shape of neighbors, "
-                             f"{neighbors.shape}; got {distances.shape}.")
-        if (np.diff(distances, axis=1) < 0).any():
-            row = int(np.flatnonzero((np.diff(distances, axis=1) < 0).any(axis=1))[0])
-            raise ValueError(f"distances must be ascending along each row (the best "
-                             f"neighbour first); row {row} is not.")
         all_gains = graded_gains(y_query, y_database[neighbors], table, depth)
         start, end = _tie_groups(distances)
         rows = np.arange(all_gains.shape[0])[:, None]

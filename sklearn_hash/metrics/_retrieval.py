@@ -295,38 +295,9 @@ def map_at_r_score(y_query, y_database, neighbors, *, R=None, distances=None,
             f"both indicator matrices with the same columns); got shapes "
             f"{y_query.shape} and {y_database.shape}."
         )
-    neighbors = check_array(neighbors, dtype=None, ensure_min_samples=0,
-                            ensure_min_features=0, input_name="neighbors")
-    if neighbors.dtype.kind not in "iu":
-        raise TypeError(f"neighbors must hold integer database indices; got dtype "
-                        f"{neighbors.dtype}.")
-    if neighbors.shape[0] != y_query.shape[0]:
-        raise ValueError(f"neighbors has {neighbors.shape[0]} rows but y_query has "
-                         f"{y_query.shape[0]} queries; they must match.")
-    if neighbors.shape[0] == 0:
-        raise ValueError("map_at_r_score needs at least one query; got 0.")
-    if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= y_database.shape[0]):
-        raise ValueError(f"neighbors must be indices in [0, {y_database.shape[0] - 1}] "
-                         f"of y_database; got values in [{neighbors.min()}, "
-                         f"{neighbors.max()}].")
-    n_retrieved = neighbors.shape[1]
-    if R is None:
-        R = n_retrieved
-    if R > n_retrieved and n_retrieved == y_database.shape[0]:
-        R = n_retrieved  # the whole database is ranked: AP@R is the full AP
-    if R > n_retrieved or R < 1:
-        raise ValueError(f"R={R} must be between 1 and the {n_retrieved} "
-                         f"retrieved items per query in neighbors.")
-    if distances is not None:
-        distances = check_array(distances, dtype=np.float64, ensure_min_samples=0,
-                                ensure_min_features=0, input_name="distances")
-        if distances.shape != neighbors.shape:
-            raise ValueError(f"distances must have the shape of neighbors, "
-                             f"{neighbors.shape}; got {distances.shape}.")
-        if (np.diff(distances, axis=1) < 0).any():
-            row = int(np.flatnonzero((np.diff(distances, axis=1) < 0).any(axis=1))[0])
-            raise ValueError(f"distances must be ascending along each row (the best "
-                             f"neighbour first); row {row} is not.")
+    neighbors, R, distances = _check_ranking(neighbors, y_query.shape[0],
+                                             y_database.shape[0], R, distances,
+                                             "map_at_r_score")
 
     denominator = None
     if normalize == "relevant":
@@ -577,3 +548,46 @@ def make_map_at_r_scorer(R=100, *, normalize="retrieved", ties="index", hierarch
     if hierarchy is not None:
         hierarchy = check_hierarchy(hierarchy)
     return _MapAtRScorer(R, normalize, ties, hierarchy, level)
+
+
+def _check_ranking(neighbors, n_queries, n_database, R, distances, name):
+    """Validate a ranking (``neighbors``, optional ``distances``) and resolve R.
+
+    Shared by the retrieval metrics: integer indices into the database, one
+    row per query, R between 1 and the retrieved items (the whole database
+    when every item is ranked), distances of the same shape ascending along
+    each row.
+    """
+    neighbors = check_array(neighbors, dtype=None, ensure_min_samples=0,
+                            ensure_min_features=0, input_name="neighbors")
+    if neighbors.dtype.kind not in "iu":
+        raise TypeError(f"neighbors must hold integer database indices; got dtype "
+                        f"{neighbors.dtype}.")
+    if neighbors.shape[0] != n_queries:
+        raise ValueError(f"neighbors has {neighbors.shape[0]} rows but y_query has "
+                         f"{n_queries} queries; they must match.")
+    if neighbors.shape[0] == 0:
+        raise ValueError(f"{name} needs at least one query; got 0.")
+    if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= n_database):
+        raise ValueError(f"neighbors must be indices in [0, {n_database - 1}] "
+                         f"of y_database; got values in [{neighbors.min()}, "
+                         f"{neighbors.max()}].")
+    n_retrieved = neighbors.shape[1]
+    if R is None:
+        R = n_retrieved
+    if R > n_retrieved and n_retrieved == n_database:
+        R = n_retrieved  # the whole database is ranked: AP@R is the full AP
+    if R > n_retrieved or R < 1:
+        raise ValueError(f"R={R} must be between 1 and the {n_retrieved} "
+                         f"retrieved items per query in neighbors.")
+    if distances is not None:
+        distances = check_array(distances, dtype=np.float64, ensure_min_samples=0,
+                                ensure_min_features=0, input_name="distances")
+        if distances.shape != neighbors.shape:
+            raise ValueError(f"distances must have the shape of neighbors, "
+                             f"{neighbors.shape}; got {distances.shape}.")
+        if (np.diff(distances, axis=1) < 0).any():
+            row = int(np.flatnonzero((np.diff(distances, axis=1) < 0).any(axis=1))[0])
+            raise ValueError(f"distances must be ascending along each row (the best "
+                             f"neighbour first); row {row} is not.")
+    return neighbors, R, distances
