@@ -11,21 +11,31 @@ The path of the data:
    (``_append``). The driver keeps only the futures of the shards, their
    global offsets and sizes (and, for IVF, the number of items of each cell
    over all shards).
-3. ``kneighbors(X)`` sends the queries to one task per worker, which
-   searches the shards that worker holds (``_search``: the single-process
-   code path, kernels included) and merges their top k by (distance, global
-   index); the driver merges the workers' answers the same way. Each item's
-   distance is computed exactly as one process would compute it, and both
-   rank ties by index, so the merged answer is the single-process answer.
-   IVF shards probe the cells chosen with the global cell sizes (a shard
-   that ranked cells by its own, smaller, sizes would top its probes up
-   differently from one process).
+   New shards are then spread so that every worker holds about as many
+   items per thread as the others (``_balance``: shards move as codes, the
+   floats are never moved).
+3. ``kneighbors(X)`` sends the queries to every worker once and runs one
+   task per worker, pinned to it, which searches the shards that worker
+   holds (``_search``: the single-process code path, kernels included, on
+   as many threads as the worker has) and merges their top k by (distance,
+   global index); the driver merges the workers' answers the same way.
+   Each item's distance is computed exactly as one process would compute
+   it, and both rank ties by index, so the merged answer is the
+   single-process answer. IVF shards probe the cells chosen with the
+   global cell sizes (a shard that ranked cells by its own, smaller, sizes
+   would top its probes up differently from one process).
+
+Shards report their real size to Dask (``dask.sizeof``): without it a
+searcher weighed ~50 bytes, the 256 KB of queries looked heavier than a
+worker's shards, and the scheduler ran every search task next to the
+queries, copying all the shards onto one worker.
 """
 
 import copy
 import json
 import math
 import os
+import sys
 import time
 import uuid
 from concurrent.futures import CancelledError
@@ -36,7 +46,8 @@ from pathlib import Path
 import dask
 import dask.array as da
 import numpy as np
-from distributed import KilledWorker, default_client, wait
+from dask.sizeof import sizeof
+from distributed import KilledWorker, default_client, get_worker, wait
 from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval
@@ -104,6 +115,13 @@ def _nbytes(obj, seen):
     return 0
 
 
+@sizeof.register(QuantizedNeighbors)
+@sizeof.register(IVFQuantizedNeighbors)
+def _sizeof_searcher(searcher):
+    """Bytes of a searcher for Dask's scheduler and memory manager (its numpy buffers)."""
+    return sys.getsizeof(searcher) + _nbytes(vars(searcher), set())
+
+
 def _shard_info(shard):
     """Items, items per IVF cell, and bytes held by the shard's storage (codes, ids, labels)."""
     index = shard._index
@@ -123,32 +141,57 @@ def _shard_labels(shard, local):
     return shard._labels.to_array()[local]
 
 
-def _with_cell_sizes(shard, cell_sizes):
-    """A view of an IVF shard whose probes see the cell sizes of the whole index."""
-    index = shard._index
-    index._chunk_layout()  # built once on the shard, shared by the views
-    view_index = object.__new__(type(index))
-    view_index.__dict__.update(index.__dict__)
-    view_index.sizes = cell_sizes
+def _search_view(shard, cell_sizes, n_threads):
+    """A view of a shard searching on n_threads (unless its n_jobs says otherwise).
+
+    An IVF view probes with ``cell_sizes``, the cell sizes of the whole index.
+    """
     view = object.__new__(type(shard))
     view.__dict__.update(shard.__dict__)
-    view._index = view_index
+    if view.n_jobs is None:
+        view.n_jobs = n_threads
+    if cell_sizes is not None:
+        index = shard._index
+        index._chunk_layout()  # built once on the shard, shared by the views
+        view_index = object.__new__(type(index))
+        view_index.__dict__.update(index.__dict__)
+        view_index.sizes = cell_sizes
+        view._index = view_index
     return view
 
 
+def _worker_threads():
+    """Threads of the Dask worker running this task (None outside a worker)."""
+    try:
+        return get_worker().state.nthreads
+    except ValueError:
+        return None
+
+
 def _search_shards(shards, offsets, X, k, params, cell_sizes, distance_dtype):
-    """Top k of the queries X over some shards, with global indices, ties by index."""
+    """Top k of the queries X over some shards, with global indices, ties by index.
+
+    One task per worker searches all the shards it holds, on as many
+    kernel threads as the worker has threads (a worker started without a
+    nanny has no ``OMP_NUM_THREADS=1`` and would otherwise run a kernel on
+    every core in each of its threads).
+    """
     X = check_array(X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=0)
     if X.shape[0] == 0:
         return np.empty((0, k), dtype=distance_dtype), np.empty((0, k), dtype=np.int64)
+    n_threads = _worker_threads()
     parts = []
     with single_threaded_blas:
         for shard, offset in zip(shards, offsets):
-            if cell_sizes is not None:
-                shard = _with_cell_sizes(shard, cell_sizes)
+            shard = _search_view(shard, cell_sizes, n_threads)
             distances, indices = shard._search(X, k, None, params)
             parts.append((distances, np.where(indices >= 0, indices + offset, -1)))
     return _merge(parts, k)
+
+
+def _moved(shard):
+    """The shard itself: run on another worker, it copies the shard there."""
+    return shard
 
 
 def _merge_parts(parts, k):
@@ -434,6 +477,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
         self._has_labels = y is not None
         self._reset_shards()
         self._register(*self._build(client, blocks, sizes, y_blocks))
+        self._balance(client)
         return self
 
     def add(self, X, y=None):
@@ -463,6 +507,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
         self._client = client
         X, blocks, sizes = self._row_blocks(X, client, fitting=False)
         self._register(*self._build(client, blocks, sizes, self._label_blocks(y, sizes)))
+        self._balance(client)
         return self
 
     # ---------------------------------------------------------------- search
@@ -486,14 +531,72 @@ class DaskQuantizedNeighbors(BaseEstimator):
         hamming = getattr(self.searcher_, "metric_", None) == "hamming"
         return np.dtype(np.int32 if hamming else np.float64)
 
-    def _groups(self, client):
-        """Shard numbers grouped by the worker holding them (one search task per group)."""
+    def _placement(self, client):
+        """Shard numbers by the worker that searches them: {worker address or None: [i, ...]}.
+
+        A shard held by several workers (Dask may copy one) is searched by
+        the holder with the fewest items per thread so far; a shard in no
+        worker's memory (being rebuilt) goes to the group ``None``.
+        """
         who = client.who_has(self.shards_)
+        threads = client.nthreads()
+        load = dict.fromkeys(threads, 0)
         groups = {}
-        for i, future in enumerate(self.shards_):
-            workers = who.get(future.key) or ()
-            groups.setdefault(workers[0] if workers else None, []).append(i)
-        return list(groups.values())
+        for i in np.argsort(-self.shard_sizes_, kind="stable"):
+            holders = [w for w in who.get(self.shards_[i].key) or () if w in load]
+            worker = (min(holders, key=lambda w: (load[w] / threads[w], w)) if holders
+                      else None)
+            if worker is not None:
+                load[worker] += int(self.shard_sizes_[i])
+            groups.setdefault(worker, []).append(int(i))
+        return {worker: sorted(group) for worker, group in groups.items()}
+
+    def _balance(self, client):
+        """Move shards so that each worker holds about as many items per thread as the others.
+
+        A search takes as long as its busiest worker: with 16 shards placed
+        9/7 by the scheduler, two workers could not be faster than 16/9 of
+        one. A shard moves by a task on the receiving worker that returns
+        it (its codes travel, not the floats it was encoded from); Dask
+        keeps the lineage, so a moved shard is rebuilt as before if lost.
+        """
+        threads = client.nthreads()
+        groups = self._placement(client)
+        if len(threads) < 2 or None in groups:
+            return  # nowhere to move to, or a shard is not in memory yet
+        owner = {i: worker for worker, group in groups.items() for i in group}
+        sizes = self.shard_sizes_
+        load = {w: sum(int(sizes[i]) for i in groups.get(w, ())) for w in threads}
+        for _ in range(len(self.shards_)):
+            per_thread = {w: load[w] / threads[w] for w in threads}
+            src = max(per_thread, key=lambda w: (per_thread[w], w))
+            dst = min(per_thread, key=lambda w: (per_thread[w], w))
+            gap = per_thread[src] - per_thread[dst]
+            weight = 1 / threads[src] + 1 / threads[dst]
+            # the move of n items leaves a gap of |gap - n * weight|; take the smallest
+            best = min((i for i, w in owner.items() if w == src and sizes[i] * weight < 2 * gap),
+                       key=lambda i: (abs(gap - sizes[i] * weight), i), default=None)
+            if best is None:
+                break
+            owner[best] = dst
+            load[src] -= int(sizes[best])
+            load[dst] += int(sizes[best])
+        moved = {i: client.submit(_moved, self.shards_[i], workers=[worker],
+                                  allow_other_workers=True, pure=False)
+                 for i, worker in owner.items() if i not in groups[worker]}
+        if not moved:
+            return
+        wait(list(moved.values()))
+        for i, future in moved.items():
+            if future.status == "finished":  # else the shard stays where it was
+                self.shards_[i] = future
+
+    @staticmethod
+    def _pinned(worker):
+        """Task placement on the worker holding the shards (elsewhere only if it is gone)."""
+        if worker is None:
+            return {}
+        return {"workers": [worker], "allow_other_workers": True}
 
     def _lost_shards(self):
         # "lost" or "pending": Dask is recomputing the shard from its graph (the
@@ -584,12 +687,17 @@ class DaskQuantizedNeighbors(BaseEstimator):
         parts, reloaded = None, set()
         for attempt in range(_ATTEMPTS):
             try:
-                queries = client.scatter(X, hash=False)
+                groups = self._placement(client)
+                workers = [w for w in groups if w is not None]
+                # One copy of the queries on each worker that searches, sent once.
+                queries = client.scatter(X, workers=workers or None, broadcast=True,
+                                         hash=False)
                 futures = [
                     client.submit(_search_shards, [self.shards_[i] for i in group],
                                   self.shard_offsets_[group], queries, k, params,
-                                  self._cell_sizes, dtype, pure=False)
-                    for group in self._groups(client)
+                                  self._cell_sizes, dtype, pure=False,
+                                  **self._pinned(worker))
+                    for worker, group in groups.items()
                 ]
                 parts = client.gather(futures)
                 break
@@ -620,13 +728,15 @@ class DaskQuantizedNeighbors(BaseEstimator):
             )
         self._check_n_features(X.shape[1], fitting=False)
         k = self._check_n_neighbors(n_neighbors, X.shape[0])
-        groups = self._groups(client)
+        groups = self._placement(client)
         distances, indices = [], []
         for block, n_rows in zip(X.to_delayed().ravel(), X.chunks[0]):
-            parts = [dask.delayed(_search_shards, pure=True)(
-                         [self.shards_[i] for i in group], self.shard_offsets_[group], block, k,
-                         params, self._cell_sizes, dtype)
-                     for group in groups]
+            parts = []
+            for worker, group in groups.items():
+                with dask.annotate(**self._pinned(worker)):
+                    parts.append(dask.delayed(_search_shards, pure=True)(
+                        [self.shards_[i] for i in group], self.shard_offsets_[group], block, k,
+                        params, self._cell_sizes, dtype))
             merged = dask.delayed(_merge_parts, pure=True)(parts, k)
             distances.append(da.from_delayed(merged[0], shape=(n_rows, k), dtype=dtype))
             indices.append(da.from_delayed(merged[1], shape=(n_rows, k), dtype=np.int64))
@@ -845,4 +955,5 @@ class DaskQuantizedNeighbors(BaseEstimator):
             raise ValueError(f"{file}: the shards' offsets and sizes do not add up to its "
                              f"{manifest['n_samples']} items; the index directory is damaged.")
         search._saved_dirs = dirs
+        search._balance(client)
         return search
