@@ -128,6 +128,45 @@ def test_numpy_input_and_add(client, data):
         search.add(X[:10])
 
 
+def _holders(search, client):
+    who = client.who_has(search.shards_)
+    return [tuple(who.get(f.key) or ()) for f in search.shards_]
+
+
+def test_shards_balanced_and_searched_where_they_are(client, data):
+    X, _, Q, _ = data
+    search = DaskQuantizedNeighbors(TEMPLATES["hamming"](), n_neighbors=5, client=client,
+                                    random_state=0).fit(da.from_array(X, chunks=(250, 16)))
+    # Dask weighs a shard by its buffers (codes and quantizer), not ~50 bytes.
+    from dask.sizeof import sizeof
+
+    local = single_process(search, X, None)
+    assert sizeof(local) >= local._index.codes.to_array().nbytes
+    # 12 shards of 250 items: 6 on each worker, whatever the scheduler chose.
+    holders = _holders(search, client)
+    assert all(len(h) == 1 for h in holders)
+    workers = sorted(client.nthreads())
+    assert [sum(h == (w,) for h in holders) for w in workers] == [6, 6]
+    # Queries far heavier than the shards: each worker still searches its own
+    # shards (before, the scheduler ran every search beside the queries and
+    # copied all the shards onto that worker).
+    many = np.repeat(Q, 60, axis=0)
+    for _ in range(3):
+        assert_same(search.kneighbors(many), local.kneighbors(many))
+    assert _holders(search, client) == holders
+    # Added shards join the balance (items per thread).
+    search.add(da.from_array(X[:1000], chunks=(500, 16)))
+    holders = _holders(search, client)
+    assert all(len(h) == 1 for h in holders)
+    items = [sum(n for h, n in zip(holders, search.shard_sizes_) if h == (w,)) for w in workers]
+    assert sorted(items) == [2000, 2000]
+    # A worker's kernels run on its threads (1 here), not on every core.
+    from sklearn_hash.dask._sharded import _worker_threads
+
+    assert client.gather([client.submit(_worker_threads, workers=[w], pure=False)
+                          for w in workers]) == [1, 1]
+
+
 def test_save_load_round_trip(client, data, tmp_path):
     X, y, Q, yq = data
     search = DaskQuantizedNeighbors(TEMPLATES["ivf"](), n_neighbors=6, client=client,
