@@ -168,18 +168,20 @@ def _worker_threads():
         return None
 
 
-def _search_shards(shards, offsets, X, k, params, cell_sizes, distance_dtype):
+def _search_shards(shards, offsets, X, k, params, cell_sizes, distance_dtype, n_threads=None):
     """Top k of the queries X over some shards, with global indices, ties by index.
 
-    One task per worker searches all the shards it holds, on as many
-    kernel threads as the worker has threads (a worker started without a
+    Kernels run on ``n_threads`` threads (``None``: as many as the worker
+    has; one task per worker then searches all the shards it holds), unless
+    the template's ``n_jobs`` says otherwise. A worker started without a
     nanny has no ``OMP_NUM_THREADS=1`` and would otherwise run a kernel on
-    every core in each of its threads).
+    every core in each of its threads.
     """
     X = check_array(X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=0)
     if X.shape[0] == 0:
         return np.empty((0, k), dtype=distance_dtype), np.empty((0, k), dtype=np.int64)
-    n_threads = _worker_threads()
+    if n_threads is None:
+        n_threads = _worker_threads()
     parts = []
     with single_threaded_blas:
         for shard, offset in zip(shards, offsets):
@@ -266,6 +268,17 @@ class DaskQuantizedNeighbors(BaseEstimator):
     IVF estimates are both (by rounding) below zero tie at 0.0 and are
     ranked by index, where one process ranks them by their negative
     estimates.
+
+    **Placement and threads.** After ``fit``, ``add`` and ``load`` the
+    shards are moved (as codes) so that every worker holds about as many
+    items per thread as the others; a search of a numpy array of queries
+    sends them once to each worker and runs one task per worker, pinned to
+    it, whose kernels use all the worker's threads (the template's
+    ``n_jobs`` when set). A search of a dask array runs one task per block
+    of queries and worker, the worker's threads shared among the blocks;
+    Dask may run such a task on another worker (work stealing), which then
+    receives a copy of the shards it needs: answers are unchanged, memory
+    is not.
 
     **Worker loss.** A shard lost with its worker is rebuilt by Dask from
     the graph it came from, when it still can (a chunk of a dask array is
@@ -729,14 +742,19 @@ class DaskQuantizedNeighbors(BaseEstimator):
         self._check_n_features(X.shape[1], fitting=False)
         k = self._check_n_neighbors(n_neighbors, X.shape[0])
         groups = self._placement(client)
+        # Blocks of queries run side by side in a worker's threads: their
+        # kernels share the threads rather than each taking all of them.
+        threads = client.nthreads()
+        n_blocks = len(X.chunks[0])
         distances, indices = [], []
         for block, n_rows in zip(X.to_delayed().ravel(), X.chunks[0]):
             parts = []
             for worker, group in groups.items():
+                n_threads = None if worker is None else max(1, threads[worker] // n_blocks)
                 with dask.annotate(**self._pinned(worker)):
                     parts.append(dask.delayed(_search_shards, pure=True)(
                         [self.shards_[i] for i in group], self.shard_offsets_[group], block, k,
-                        params, self._cell_sizes, dtype))
+                        params, self._cell_sizes, dtype, n_threads))
             merged = dask.delayed(_merge_parts, pure=True)(parts, k)
             distances.append(da.from_delayed(merged[0], shape=(n_rows, k), dtype=dtype))
             indices.append(da.from_delayed(merged[1], shape=(n_rows, k), dtype=np.int64))
