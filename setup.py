@@ -18,7 +18,7 @@ import warnings
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-KERNELS = ["_openmp", "_hamming", "_adc", "_nearest", "_refine", "_fastscan", "_mih"]
+KERNELS = ["_openmp", "_hamming", "_adc", "_nearest", "_refine", "_fastscan", "_mih", "_imi"]
 
 
 def _env_flag(name):

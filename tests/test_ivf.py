@@ -103,6 +103,44 @@ def test_ivf_kernel_matches_the_oracle_with_ties(M, K, code_dtype):
                     np.testing.assert_array_equal(dist, expected[0])
 
 
+@pytest.mark.parametrize("split", [0, 1, 3, 4])
+def test_ivf_kernel_joins_two_table_rows_at_split(split):
+    # The inverted multi-index's tables: subspaces before `split` from one row,
+    # the rest from a second row; the oracle joins the rows beforehand.
+    rng = np.random.default_rng(split)
+    n, n_lists, n_q, n_probe, M, K = 600, 9, 6, 4, 4, 16
+    offsets, codes, ids = random_index(rng, n, n_lists, M, K)
+    list_tables = rng.integers(0, 4, (6, M, K)).astype(np.float32)
+    query_tables = rng.integers(-1, 2, (n_q, M, K)).astype(np.float32)
+    coarse = rng.integers(0, 3, (n_q, n_probe)).astype(np.float32)
+    probes = np.stack([rng.permutation(n_lists)[:n_probe] for _ in range(n_q)]).astype(np.int64)
+    first, second = probes // 3, 3 + probes % 3
+    n_visit = np.array([4, 1, 2, 4, 0, 3], dtype=np.int64)
+    joined = np.concatenate([list_tables[first][..., :split, :],
+                             list_tables[second][..., split:, :]], axis=2).reshape(-1, M, K)
+    rows = np.arange(n_q * n_probe, dtype=np.int64).reshape(n_q, n_probe)
+    exclude = np.full(n_q, -1, dtype=np.int64)
+    *layout, keep = chunked(offsets, codes, ids)
+    for k in (1, 15, 400):
+        expected = ivf_oracle(joined, query_tables, coarse, probes, rows, n_visit, offsets,
+                              codes, ids, exclude, k)
+        for n_threads in (1, 2):
+            got = ivf_adc_kneighbors(list_tables, query_tables, coarse, probes, first, n_visit,
+                                     *layout, exclude, k, n_threads=n_threads,
+                                     second_rows=second, split=split)
+            np.testing.assert_array_equal(got[1], expected[1])
+            np.testing.assert_array_equal(got[0], expected[0])
+    with pytest.raises(ValueError, match="split must be in"):
+        ivf_adc_kneighbors(list_tables, query_tables, coarse, probes, first, n_visit, *layout,
+                           exclude, 3, second_rows=second, split=M + 1)
+    with pytest.raises(ValueError, match="second_rows must be rows of list_tables"):
+        ivf_adc_kneighbors(list_tables, query_tables, coarse, probes, first, n_visit, *layout,
+                           exclude, 3, second_rows=second + 3, split=split)
+    with pytest.raises(ValueError, match="second_rows must have shape"):
+        ivf_adc_kneighbors(list_tables, query_tables, coarse, probes, first, n_visit, *layout,
+                           exclude, 3, second_rows=second[:2], split=split)
+
+
 def test_ivf_kernel_rejects_bad_arguments():
     rng = np.random.default_rng(0)
     offsets, codes, ids = random_index(rng, 100, 4, 2, 16)

@@ -294,6 +294,8 @@ def ivf_adc_kneighbors(
     Py_ssize_t k,
     const uint8_t[::1] allowed=None,      # IN (n_ids,) or None
     int n_threads=1,
+    const int64_t[:, ::1] second_rows=None,  # IN (n_queries, n_probe) or None
+    Py_ssize_t split=0,
 ):
     """k nearest database codes of each query over its probed inverted lists.
 
@@ -313,6 +315,10 @@ def ivf_adc_kneighbors(
     squared distance to centroid + residual codeword). Ranking is by
     (distance, database index), so ties go to the smaller index whatever the
     order of the lists and chunks.
+
+    With ``second_rows`` (the inverted multi-index, whose cell centroids
+    join two half-vectors), subspaces ``split`` and beyond take their list
+    term from ``list_tables[second_rows[q, p]]`` instead.
 
     Parameters
     ----------
@@ -339,6 +345,11 @@ def ivf_adc_kneighbors(
         non-zero are candidates, tested while scanning; every index in the
         lists must be below ``n_ids``.
     n_threads : int, default=1
+    second_rows : ndarray of shape (n_queries, n_probe), dtype=int64, default=None
+        Row of ``list_tables`` for subspaces ``split:`` of each probe.
+    split : int, default=0
+        First subspace read from ``second_rows``; in ``[0, n_subspaces]``,
+        used only with ``second_rows``.
 
     Returns
     -------
@@ -385,6 +396,16 @@ def ivf_adc_kneighbors(
     rows_arr = np.asarray(table_rows)
     if np.any((rows_arr < 0) & mask) or np.any((rows_arr >= n_tables) & mask):
         raise ValueError(f"table_rows must be rows of list_tables, in [0, {n_tables - 1}].")
+    if second_rows is None:
+        split = n_subspaces
+    else:
+        if second_rows.shape[0] != n_queries or second_rows.shape[1] != n_probe:
+            raise ValueError("second_rows must have shape (n_queries, n_probe).")
+        rows_arr = np.asarray(second_rows)
+        if np.any((rows_arr < 0) & mask) or np.any((rows_arr >= n_tables) & mask):
+            raise ValueError(f"second_rows must be rows of list_tables, in [0, {n_tables - 1}].")
+        if split < 0 or split > n_subspaces:
+            raise ValueError(f"split must be in [0, {n_subspaces}]; got {split}.")
     if k < 0:
         raise ValueError(f"k must be >= 0; got k={k}.")
     if n_threads < 1:
@@ -400,6 +421,7 @@ def ivf_adc_kneighbors(
     cdef Py_ssize_t row_bytes = max(1, n_subspaces * code_bytes)
     cdef Py_ssize_t db_block = max(64, DB_BLOCK_BYTES // row_bytes)
     cdef Py_ssize_t table_size = n_subspaces * n_codewords
+    cdef Py_ssize_t split_size = split * n_codewords
     cdef const uint8_t* allow = &allowed[0] if allowed is not None and allowed.shape[0] else NULL
 
     cdef Py_ssize_t q, p, lst, ch, n_rows, j0, j1, c, n_found, size, e
@@ -416,6 +438,8 @@ def ivf_adc_kneighbors(
     cdef intptr_t codes_at
     cdef float* hd
     cdef int64_t* hi
+    cdef const int64_t* second = (
+        &second_rows[0, 0] if second_rows is not None and n_probe else NULL)
 
     with nogil, parallel(num_threads=n_threads):
         found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
@@ -434,8 +458,12 @@ def ivf_adc_kneighbors(
                     if chunk_offsets[lst] == chunk_offsets[lst + 1]:
                         continue
                     lt = &list_tables[table_rows[q, p], 0, 0]
-                    for e in range(table_size):
+                    for e in range(split_size):
                         table[e] = lt[e] + qt[e]
+                    if second != NULL:
+                        lt = &list_tables[second[q * n_probe + p], 0, 0]
+                        for e in range(split_size, table_size):
+                            table[e] = lt[e] + qt[e]
                     base = coarse[q, p]
                     for e in range(n_codewords):
                         table[e] = table[e] + base
