@@ -24,7 +24,8 @@ reads only the codes it scans.
   8-bit in-register tables as a filter and re-scored exactly (the answers
   of :class:`TableScan`).
 - :class:`InvertedLists`: residual codeword indices grouped by coarse cell
-  (IVFADC), each cell's list growing by chunks.
+  (IVFADC, and the inverted multi-index's K x K cells), stored as runs of
+  added items, each grouped by cell.
 
 Flat back-ends also answer range queries (``radius``), for
 ``radius_neighbors``.
@@ -351,12 +352,63 @@ def check_codeword_indices(codes, n_subspaces, n_codewords, dtype):
     return np.ascontiguousarray(codes, dtype=dtype)
 
 
-class InvertedLists:
-    """Residual codes grouped by coarse cell; each cell's list grows by chunks.
+class _CellRun:
+    """Items grouped by cell: a run of consecutive database indices.
 
-    Adding a batch appends each item to its cell's list (O(batch), no global
-    re-sort); an item's database index never changes. Within a list the
-    indices ascend, because items are appended in index order.
+    ``codes`` and ``ids`` hold the items ``first, ..., first + n - 1``
+    ordered by (cell, id); ``cells`` lists the cells present, ascending, and
+    cell ``cells[t]``'s items are the rows ``starts[t]:starts[t + 1]``. A
+    sealed run (loaded, memory-mapped) is never rewritten.
+    """
+
+    def __init__(self, codes, ids, cells, starts, first, sealed=False):
+        self.codes, self.ids, self.cells, self.starts = codes, ids, cells, starts
+        self.first = int(first)
+        self.sealed = sealed
+
+    def __len__(self):
+        return len(self.ids)
+
+    @classmethod
+    def grouped(cls, codes, ids, row_cells, first):
+        """A run from rows in id order, with each row's cell."""
+        order = np.argsort(row_cells, kind="stable")  # ids stay ascending within a cell
+        return cls._from_sorted(codes[order], ids[order], row_cells[order], first)
+
+    @classmethod
+    def _from_sorted(cls, codes, ids, sorted_cells, first):
+        bounds = np.flatnonzero(np.diff(sorted_cells)) + 1
+        cells = sorted_cells[np.concatenate([[0], bounds])] if len(ids) else sorted_cells[:0]
+        starts = np.concatenate([[0], bounds, [len(ids)]]) if len(ids) else np.zeros(1)
+        return cls(np.ascontiguousarray(codes), np.ascontiguousarray(ids, dtype=np.int64),
+                   cells.astype(np.int64), starts.astype(np.int64), first)
+
+    def row_cells(self):
+        return np.repeat(self.cells, np.diff(self.starts))
+
+    def then(self, other):
+        """This run followed by the next one (larger ids), grouped by cell: O(n)."""
+        row_cells = np.concatenate([self.row_cells(), other.row_cells()])
+        # Two sorted runs: the stable sort merges them, keeping ids ascending per cell.
+        order = np.argsort(row_cells, kind="stable")
+        return _CellRun._from_sorted(np.concatenate([self.codes, other.codes])[order],
+                                     np.concatenate([self.ids, other.ids])[order],
+                                     row_cells[order], self.first)
+
+
+class InvertedLists:
+    """Residual codes grouped by coarse cell, stored as runs of added items.
+
+    Each ``add`` groups its batch by cell into a run; runs of similar size
+    are merged (the last two, while the older is no larger than the newer),
+    so there are O(log n) runs and an item is regrouped O(log n) times: no
+    Python object per cell, which lets an index have millions of cells (the
+    inverted multi-index). A loaded index's runs are memory-mapped and
+    sealed: never merged or copied. An item's database index never changes,
+    and within a cell the indices ascend across runs.
+
+    The kernel reads a table of chunk addresses: for each cell, one chunk
+    per run holding items of that cell.
 
     Parameters
     ----------
@@ -368,12 +420,12 @@ class InvertedLists:
         self.n_subspaces = n_subspaces
         self.n_codewords = n_codewords
         self.code_dtype = np.dtype(np.uint8 if n_codewords <= 256 else np.uint16)
-        self.codes = [ChunkedRows((n_subspaces,), self.code_dtype) for _ in range(n_lists)]
-        self.ids = [ChunkedRows((), np.int64) for _ in range(n_lists)]
+        self.runs = []
         self.list_of = GrowableArray((), np.int32)  # the cell of each database index
         self.sizes = np.zeros(n_lists, dtype=np.int64)
         self.live_sizes = np.zeros(n_lists, dtype=np.int64)
         self._layout = None
+        self._where = {}
 
     def __len__(self):
         return len(self.list_of)
@@ -381,29 +433,37 @@ class InvertedLists:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_layout"] = None  # addresses of this process's arrays
+        state["_where"] = {}
         return state
+
+    def _check_cells(self, cells, n):
+        cells = np.asarray(cells, dtype=np.int64)
+        if cells.shape != (n,) or (cells.size and (cells.min() < 0 or cells.max() >= self.n_lists)):
+            raise ValueError(f"cells must be one number in [0, {self.n_lists - 1}] per code.")
+        return cells
+
+    def _changed(self):
+        self._layout = None
+        self._where = {}
 
     def add(self, codes, lists):
         """Append items (the next database indices) with their cells."""
         codes = check_codeword_indices(codes, self.n_subspaces, self.n_codewords,
                                        self.code_dtype)
-        lists = np.asarray(lists, dtype=np.int64)
-        if lists.shape != (codes.shape[0],) or (
-                lists.size and (lists.min() < 0 or lists.max() >= self.n_lists)):
-            raise ValueError(f"cells must be one number in [0, {self.n_lists - 1}] per code.")
+        lists = self._check_cells(lists, codes.shape[0])
         first = len(self.list_of)
-        ids = np.arange(first, first + len(codes), dtype=np.int64)
-        order = np.argsort(lists, kind="stable")  # ids stay ascending within a cell
+        if len(codes):
+            ids = np.arange(first, first + len(codes), dtype=np.int64)
+            self.runs.append(_CellRun.grouped(codes, ids, lists, first))
+            runs = self.runs
+            while (len(runs) >= 2 and not runs[-2].sealed
+                   and len(runs[-2]) <= len(runs[-1])):
+                runs[-2:] = [runs[-2].then(runs[-1])]
         counts = np.bincount(lists, minlength=self.n_lists)
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        for cell in np.flatnonzero(counts):
-            rows = order[bounds[cell] : bounds[cell + 1]]
-            self.codes[cell].append(codes[rows])
-            self.ids[cell].append(ids[rows])
         self.list_of.append(lists.astype(np.int32))
         self.sizes += counts
         self.live_sizes += counts
-        self._layout = None
+        self._changed()
 
     def add_segment(self, arrays):
         """Add a saved segment: codes grouped by cell, their ids and the cells' offsets."""
@@ -417,41 +477,56 @@ class InvertedLists:
                 or ids.shape != (len(codes),)):
             raise ValueError(f"a segment's offsets must rise from 0 to its {len(codes)} codes "
                              f"over {self.n_lists} cells, with one id per code.")
-        lists = np.repeat(np.arange(self.n_lists, dtype=np.int32), np.diff(offsets))
-        list_of = np.empty(len(codes), dtype=np.int32)
+        counts = np.diff(offsets)
+        row_cells = np.repeat(np.arange(self.n_lists, dtype=np.int64), counts)
         local = np.asarray(ids) - first
         if len(ids) and (local.min() < 0 or local.max() >= len(ids)
                          or np.bincount(local, minlength=len(ids)).max() > 1):
             raise ValueError(f"a segment's ids must be the indices {first} to "
                              f"{first + len(ids) - 1}, each once.")
-        list_of[local] = lists
-        for cell in np.flatnonzero(np.diff(offsets)):
-            a, b = offsets[cell], offsets[cell + 1]
-            if np.any(np.diff(ids[a:b]) <= 0):
-                raise ValueError("a segment's ids must ascend within each cell.")
-            self.codes[cell] = ChunkedRows((self.n_subspaces,), self.code_dtype,
-                                           [*self.codes[cell].chunks(), codes[a:b]])
-            self.ids[cell] = ChunkedRows((), np.int64, [*self.ids[cell].chunks(), ids[a:b]])
+        if len(ids) > 1 and np.any((np.diff(ids) <= 0) & (np.diff(row_cells) == 0)):
+            raise ValueError("a segment's ids must ascend within each cell.")
+        list_of = np.empty(len(codes), dtype=np.int32)
+        list_of[local] = row_cells
+        if len(codes):
+            cells = np.flatnonzero(counts).astype(np.int64)
+            starts = np.concatenate([offsets[cells], [len(codes)]]).astype(np.int64)
+            self.runs.append(_CellRun(codes, ids, cells, starts, first, sealed=True))
         self.list_of.append(list_of)
-        counts = np.diff(offsets)
         self.sizes += counts
         self.live_sizes += counts
-        self._layout = None
+        self._changed()
+
+    def _rows_between(self, start, stop):
+        """(codes, ids, cells) of the items ``start:stop``, grouped by cell."""
+        parts = []
+        for run in self.runs:
+            if run.first >= stop or run.first + len(run) <= start:
+                continue
+            row_cells = run.row_cells()
+            if start <= run.first and run.first + len(run) <= stop:
+                parts.append((run.codes, run.ids, row_cells))
+            else:
+                inside = (run.ids >= start) & (run.ids < stop)
+                parts.append((run.codes[inside], run.ids[inside], row_cells[inside]))
+        if not parts:
+            return (np.empty((0, self.n_subspaces), dtype=self.code_dtype),
+                    np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+        codes, ids, cells = (np.concatenate(p) for p in zip(*parts))
+        order = np.argsort(cells, kind="stable")  # runs in id order: ids ascend per cell
+        return codes[order], ids[order], cells[order]
 
     def segment_arrays(self, start, stop):
-        """Items ``start:stop`` (the last ones added) grouped by cell, as a segment."""
-        counts = np.bincount(self.list_of.array[start:stop], minlength=self.n_lists)
-        codes, ids = [], []
-        for cell in np.flatnonzero(counts):
-            n = len(self.ids[cell])
-            codes.append(self.codes[cell].slice(n - counts[cell], n))
-            ids.append(self.ids[cell].slice(n - counts[cell], n))
-        empty = np.empty((0, self.n_subspaces), dtype=self.code_dtype)
-        return {
-            "codes": np.concatenate(codes) if codes else empty,
-            "ids": np.concatenate(ids) if ids else np.empty(0, dtype=np.int64),
-            "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        }
+        """Items ``start:stop`` grouped by cell, as a segment."""
+        codes, ids, cells = self._rows_between(start, stop)
+        counts = np.bincount(cells, minlength=self.n_lists)
+        return {"codes": codes, "ids": ids,
+                "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
+
+    def grouped(self):
+        """Every item's code and id, grouped by cell (ids ascending within a cell)."""
+        codes, ids, _ = self._rows_between(0, len(self))
+        return codes, ids
 
     def on_remove(self, indices):
         np.subtract.at(self.live_sizes, self.list_of.array[indices], 1)
@@ -459,47 +534,63 @@ class InvertedLists:
     def compact(self, keep):
         """Keep the items where ``keep`` is True, renumbered in order."""
         new_id = np.cumsum(keep) - 1
-        old = [(self.codes[c].to_array(), self.ids[c].to_array()) for c in range(self.n_lists)]
+        codes, ids, cells = self._rows_between(0, len(self))
+        kept = keep[ids]
+        codes, ids, cells = codes[kept], new_id[ids[kept]], cells[kept]
         list_of = self.list_of.array[keep]
         self.__init__(self.n_lists, self.n_subspaces, self.n_codewords)
-        for cell, (codes, ids) in enumerate(old):
-            kept = keep[ids]
-            if kept.any():
-                self.codes[cell].append(codes[kept])
-                self.ids[cell].append(new_id[ids[kept]])
+        if len(ids):
+            self.runs.append(_CellRun._from_sorted(codes, ids, cells, 0))
         self.list_of.append(list_of)
         self.sizes = np.bincount(list_of, minlength=self.n_lists).astype(np.int64)
         self.live_sizes = self.sizes.copy()
 
     def rows(self, indices):
         """Codes and cells of the items with the given database indices."""
+        indices = np.asarray(indices, dtype=np.int64)
         lists = self.list_of.array[indices]
         codes = np.empty((len(indices), self.n_subspaces), dtype=self.code_dtype)
-        for cell in np.unique(lists):
-            at = np.flatnonzero(lists == cell)
-            ids = self.ids[cell].to_array()
-            codes[at] = self.codes[cell].to_array()[np.searchsorted(ids, indices[at])]
+        firsts = np.array([run.first for run in self.runs], dtype=np.int64)
+        which = np.searchsorted(firsts, indices, side="right") - 1
+        for r in np.unique(which):
+            run = self.runs[r]
+            if r not in self._where:  # row of each of the run's items
+                where = np.empty(len(run), dtype=np.int64)
+                where[run.ids - run.first] = np.arange(len(run))
+                self._where[r] = where
+            at = np.flatnonzero(which == r)
+            codes[at] = run.codes[self._where[r][indices[at] - run.first]]
         return codes, lists
 
     def _chunk_layout(self):
-        """Addresses of every list's chunks, for the kernel (rebuilt after an add)."""
+        """Addresses of every cell's chunks (one per run), for the kernel."""
         if self._layout is None:
-            keep, codes_at, ids_at, sizes, offsets = [], [], [], [], [0]
-            for cell in range(self.n_lists):
-                for codes, ids in zip(self.codes[cell].chunks(), self.ids[cell].chunks()):
-                    keep.extend((codes, ids))
-                    codes_at.append(codes.ctypes.data)
-                    ids_at.append(ids.ctypes.data)
-                    sizes.append(len(codes))
-                offsets.append(len(sizes))
-            self._layout = (np.array(offsets, dtype=np.int64),
-                            np.array(codes_at, dtype=np.intp),
-                            np.array(ids_at, dtype=np.intp),
-                            np.array(sizes, dtype=np.int64), keep)
+            row_bytes = self.n_subspaces * self.code_dtype.itemsize
+            cells, codes_at, ids_at, sizes = [], [], [], []
+            for run in self.runs:
+                cells.append(run.cells)
+                begin = run.starts[:-1]
+                codes_at.append(run.codes.ctypes.data + begin * row_bytes)
+                ids_at.append(run.ids.ctypes.data + begin * 8)
+                sizes.append(np.diff(run.starts))
+            if cells:
+                cells = np.concatenate(cells)
+                order = np.argsort(cells, kind="stable")  # a cell's chunks in run order
+                cells = cells[order]
+                codes_at = np.concatenate(codes_at)[order]
+                ids_at = np.concatenate(ids_at)[order]
+                sizes = np.concatenate(sizes)[order]
+            else:
+                cells = sizes = np.empty(0, dtype=np.int64)
+                codes_at = ids_at = np.empty(0, dtype=np.intp)
+            offsets = np.searchsorted(cells, np.arange(self.n_lists + 1))
+            self._layout = (offsets.astype(np.int64), np.asarray(codes_at, dtype=np.intp),
+                            np.asarray(ids_at, dtype=np.intp),
+                            np.asarray(sizes, dtype=np.int64), list(self.runs))
         return self._layout
 
     def search(self, list_tables, query_tables, coarse, probes, table_rows, n_visit, k, *,
-               allowed=None, exclude=None, n_threads=1):
+               allowed=None, exclude=None, n_threads=1, second_rows=None, split=0):
         """Scan each query's probed lists (see ``ivf_adc_kneighbors``)."""
         offsets, codes_at, ids_at, sizes, keep = self._chunk_layout()
         if exclude is None:
@@ -507,9 +598,9 @@ class InvertedLists:
         result = ivf_adc_kneighbors(
             list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
             codes_at, ids_at, sizes, self.code_dtype.itemsize, exclude, k,
-            allowed=allowed, n_threads=n_threads,
+            allowed=allowed, n_threads=n_threads, second_rows=second_rows, split=split,
         )
-        del keep  # the chunks stayed alive, referenced by the layout, during the scan
+        del keep  # the runs stayed alive, referenced by the layout, during the scan
         return result
 
 

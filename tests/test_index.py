@@ -241,11 +241,17 @@ def test_ivf_add_appends_to_cells_and_keeps_indices(data, tmp_path):
     X_db, y_db, X_q, _ = data
     fitted = clone(IVF).fit(X_db[:700], y_db[:700])
     loaded = IVFQuantizedNeighbors.load(fitted.save(tmp_path / "index"))
-    sealed = [lst.chunks()[0] for lst in loaded._index.codes if len(lst)]
-    loaded.add(X_db[700:], y_db[700:])
-    # The loaded (memory-mapped) cells stay as they are: new items go to new chunks.
-    after = [lst.chunks()[0] for lst in loaded._index.codes if len(lst)]
-    assert all(a is b for a, b in zip(sealed, after))
+    sealed = [run.codes for run in loaded._index.runs]
+    assert sealed and not any(codes.flags.writeable for codes in sealed)  # read-only maps
+    for start in range(700, len(X_db), 25):
+        loaded.add(X_db[start : start + 25], y_db[start : start + 25])
+    # The loaded (memory-mapped) run stays as it is: new items go to new runs,
+    # merged among themselves into O(log n) runs.
+    runs = loaded._index.runs
+    assert [run.codes for run in runs[: len(sealed)]] == sealed
+    assert 1 < len(runs) - len(sealed) <= np.log2((len(X_db) - 700) / 25) + 1
+    assert [len(run) for run in runs[len(sealed):]] == sorted(
+        (len(run) for run in runs[len(sealed):]), reverse=True)
     whole = clone(IVF)
     whole.fit(X_db[:700], y_db[:700])
     whole._start_index(y_db)

@@ -94,7 +94,7 @@ def test_save_and_load_a_directory(searcher, mmap_mode, data, tmp_path):
     assert names == ["index.json", "seg", "state"]  # no pickle
     loaded = type(fitted).load(tmp_path / "index", mmap_mode=mmap_mode)
     index = loaded._index
-    chunks = ([c for lst in index.codes for c in lst.chunks()]
+    chunks = ([run.codes for run in index.runs]
               if isinstance(fitted, IVFQuantizedNeighbors) else index.codes.chunks())
     def mapped(array):
         while array is not None and not isinstance(array, np.memmap):
