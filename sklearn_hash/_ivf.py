@@ -15,19 +15,29 @@ and Schmid 2011, section IV):
    items (``_probes``), gets one ADC table per probed list for its residual
    to that list's centroid, and the back-end's kernel scans only those
    lists.
+
+With ``coarse="multi-index"`` (the inverted multi-index, Babenko and
+Lempitsky 2012) the coarse quantizer is two codebooks of K codewords, one
+per half of the vector, and the cells are the K x K pairs: ``fit`` learns
+each half's codebook by k-means, an item's cell pairs its halves' nearest
+codewords, and ``_probes`` walks the cells in increasing distance with the
+multi-sequence algorithm (``_kernels/_imi.pyx``), visiting ``n_probe``
+non-empty ones.
 """
 
+from math import isqrt
 from numbers import Integral
 
 import numpy as np
 from sklearn import config_context
 from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils import check_array, check_random_state
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_consistent_length, validate_data
 
 from ._backends import InvertedLists
 from ._index import IndexMixin
+from ._kernels._imi import multi_sequence
 from ._kernels._nearest import codeword_scores, nearest_codewords
 from ._kmeans import kmeans, training_rows
 from ._opq import OPQ
@@ -62,6 +72,18 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     of the cells it visits. Raising ``n_probe``
     trades speed for recall; with ``n_probe = n_lists`` every item is ranked.
 
+    With ``coarse="multi-index"`` the cells are the ``K * K`` pairs of two
+    codebooks of ``K = sqrt(n_lists)`` codewords, each quantizing one half
+    of the vector (the inverted multi-index [2]_): many more cells for the
+    same training and probing cost (``2 K`` centroids to train and compare
+    a query with, instead of ``K * K``), so the probed cells are smaller and
+    more precise. A query visits its ``n_probe`` nearest *non-empty* cells,
+    in increasing coarse distance, found by the multi-sequence algorithm.
+    The halves meet at a border of the residual quantizer's subspaces, so
+    each cell's table term joins one of ``2 K`` precomputed half terms (with
+    :class:`OPQ`, whose rotation mixes the halves, the tables of the visited
+    cells are built per query chunk instead, which is slower).
+
     The interface is that of :class:`QuantizedNeighbors`: ``kneighbors``,
     ``kneighbors_graph``, ``score`` (mAP@R with ``R = n_neighbors``), ``add``
     / ``partial_fit`` to grow the index without refitting, and ``save`` /
@@ -77,20 +99,29 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         rotation is learned on the residuals; the cells' and queries' table
         terms are computed in the rotated space.
     n_lists : int, default=256
-        Number of cells (coarse centroids). A common choice is about
-        ``sqrt(n_samples_fit)`` to ``4 * sqrt(n_samples_fit)``.
+        Number of cells. A common choice for ``coarse="flat"`` is about
+        ``sqrt(n_samples_fit)`` to ``4 * sqrt(n_samples_fit)``; for
+        ``"multi-index"`` it must be a perfect square ``K * K``, commonly
+        ``K = 2**10`` to ``2**14`` for tens to hundreds of millions of items.
+    coarse : {"flat", "multi-index"}, default="flat"
+        The coarse quantizer: ``"flat"``, one k-means codebook of ``n_lists``
+        centroids (IVFADC); ``"multi-index"``, two codebooks of
+        ``sqrt(n_lists)`` codewords over the two halves of the vector, whose
+        pairs are the cells (the inverted multi-index).
     n_probe : int, default=8
         Cells visited per query (``kneighbors(..., n_probe=...)`` changes it
-        for one call). When they hold fewer than ``n_neighbors`` searchable
+        for one call); with ``coarse="multi-index"``, non-empty cells. When they hold fewer than ``n_neighbors`` searchable
         items (live, and allowed by ``allowed=``), the next nearest cells are
         visited too, so ``kneighbors`` always returns ``n_neighbors`` items.
     n_neighbors : int, default=10
         Neighbours returned by :meth:`kneighbors`, and ``R`` of :meth:`score`.
     n_iter : int, default=25
-        Lloyd iterations of the coarse k-means.
+        Lloyd iterations of the coarse k-means (of each half's, for the
+        multi-index).
     max_train_samples : int, default=None
         Rows the coarse k-means trains on (a random subsample); ``None`` means
-        ``256 * n_lists``, as faiss. The residual quantizer subsamples on its
+        ``256`` per centroid (``256 * n_lists``, or ``256 * sqrt(n_lists)``
+        for the multi-index), as faiss. The residual quantizer subsamples on its
         own (``ProductQuantizer.max_train_samples``).
     refine_factor : int, default=None
         Exact re-ranking, as in :class:`QuantizedNeighbors`: with an int r
@@ -112,7 +143,15 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     Attributes
     ----------
     coarse_centers_ : ndarray of shape (n_lists, n_features)
-        The cell centroids.
+        The cell centroids (``coarse="flat"`` only).
+    coarse_codebooks_ : ndarray of shape (2, sqrt(n_lists), n_half)
+        The multi-index's codebooks (``coarse="multi-index"`` only): row 0
+        quantizes features ``:coarse_split_``, row 1 the rest (zero-padded to
+        the wider half). Cell ``i * sqrt(n_lists) + j`` joins codeword i of
+        the first half and j of the second.
+    coarse_split_ : int
+        The first feature of the second half (``coarse="multi-index"``
+        only): a border of the residual quantizer's subspaces.
     quantizer_ : ProductQuantizer
         The fitted clone of ``quantizer``, trained on residuals.
     codes_ : ndarray of shape (n_samples_fit, n_subspaces)
@@ -153,6 +192,8 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     ----------
     .. [1] H. Jégou, M. Douze and C. Schmid, "Product Quantization for
        Nearest Neighbor Search", IEEE TPAMI 33(1), 2011.
+    .. [2] A. Babenko and V. Lempitsky, "The Inverted Multi-Index", CVPR
+       2012.
 
     Examples
     --------
@@ -168,6 +209,13 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     ((2, 5), dtype('float64'))
     >>> round(search.score(X[1500:], y[1500:]), 1) >= 0.8
     True
+    >>> multi = IVFQuantizedNeighbors(ProductQuantizer(n_bits=32, random_state=0),
+    ...                               coarse="multi-index", n_lists=64, n_probe=8,
+    ...                               random_state=0).fit(X[:1500], y[:1500])
+    >>> multi.coarse_codebooks_.shape
+    (2, 8, 32)
+    >>> round(multi.score(X[1500:], y[1500:]), 1) >= 0.8
+    True
     """
 
     _TRANSIENT = (*IndexMixin._TRANSIENT, "_list_tables")
@@ -177,6 +225,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     _parameter_constraints: dict = {
         "quantizer": [ProductQuantizer, OPQ, None],
         "n_lists": [Interval(Integral, 1, None, closed="left")],
+        "coarse": [StrOptions({"flat", "multi-index"})],
         "n_probe": [Interval(Integral, 1, None, closed="left")],
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "n_iter": [Interval(Integral, 1, None, closed="left")],
@@ -192,6 +241,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         quantizer=None,
         *,
         n_lists=256,
+        coarse="flat",
         n_probe=8,
         n_neighbors=10,
         n_iter=25,
@@ -203,6 +253,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     ):
         self.quantizer = quantizer
         self.n_lists = n_lists
+        self.coarse = coarse
         self.n_probe = n_probe
         self.n_neighbors = n_neighbors
         self.n_iter = n_iter
@@ -233,19 +284,50 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         if y is not None:
             y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
             check_consistent_length(X, y)
-        n_samples = X.shape[0]
-        if self.n_lists > n_samples:
-            raise ValueError(
-                f"n_lists={self.n_lists} cells need at least as many rows; got "
-                f"n_samples={n_samples}. Use fewer lists."
-            )
-        rng = check_random_state(self.random_state)
-        X_train = training_rows(X, self.max_train_samples, self.n_lists, rng)
-        start = X_train[np.sort(rng.choice(X_train.shape[0], self.n_lists, replace=False))]
-        self.coarse_centers_, _ = kmeans(X_train, start, self.n_iter, n_threads,
-                                         verbose=self.verbose, label="coarse k-means")
-
+        n_samples, n_features = X.shape
         quantizer = self.quantizer if self.quantizer is not None else ProductQuantizer()
+        rng = check_random_state(self.random_state)
+        if self.coarse == "flat":
+            n_centroids = self.n_lists
+            if n_centroids > n_samples:
+                raise ValueError(
+                    f"n_lists={self.n_lists} cells need at least as many rows; got "
+                    f"n_samples={n_samples}. Use fewer lists."
+                )
+            X_train = training_rows(X, self.max_train_samples, n_centroids, rng)
+            start = X_train[np.sort(rng.choice(X_train.shape[0], n_centroids, replace=False))]
+            self.coarse_centers_, _ = kmeans(X_train, start, self.n_iter, n_threads,
+                                             verbose=self.verbose, label="coarse k-means")
+        else:
+            n_centroids = isqrt(self.n_lists)
+            if n_centroids * n_centroids != self.n_lists:
+                raise ValueError(
+                    f"coarse='multi-index' needs n_lists to be a perfect square K * K (K "
+                    f"codewords for each half of the vector); got n_lists={self.n_lists}. "
+                    f"Use e.g. n_lists={max(n_centroids, 1) ** 2} or "
+                    f"{(n_centroids + 1) ** 2}."
+                )
+            if n_features < 2:
+                raise ValueError("coarse='multi-index' splits the vector in two halves: it "
+                                 f"needs at least 2 features; got n_features={n_features}.")
+            if n_centroids > n_samples:
+                raise ValueError(
+                    f"coarse='multi-index' with n_lists={self.n_lists} learns "
+                    f"{n_centroids} codewords per half and needs at least as many rows; got "
+                    f"n_samples={n_samples}. Use fewer lists."
+                )
+            X_train = training_rows(X, self.max_train_samples, n_centroids, rng)
+            self.coarse_split_ = _halves_split(quantizer, n_features)
+            halves = (slice(0, self.coarse_split_), slice(self.coarse_split_, n_features))
+            width = max(self.coarse_split_, n_features - self.coarse_split_)
+            self.coarse_codebooks_ = np.zeros((2, n_centroids, width), dtype=X.dtype)
+            for h, half in enumerate(halves):
+                X_half = np.ascontiguousarray(X_train[:, half])
+                start = X_half[np.sort(rng.choice(X_half.shape[0], n_centroids, replace=False))]
+                centers, _ = kmeans(X_half, start, self.n_iter, n_threads, verbose=self.verbose,
+                                    label=f"coarse k-means, half {h + 1}")
+                self.coarse_codebooks_[h, :, : centers.shape[1]] = centers
+
         with config_context(transform_output="default"):
             self.quantizer_ = clone(quantizer).fit(self._residuals(X_train, n_threads)[0])
             self._after_load()
@@ -257,12 +339,59 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         return InvertedLists(self.n_lists, self.quantizer_.n_subspaces_,
                              self.quantizer_.n_codewords_)
 
+    # ------------------------------------------------------------ coarse quantizer
+
+    def _multi_index(self):
+        return self.coarse == "multi-index"
+
+    def _halves(self):
+        """The multi-index's two codebooks (unpadded) and the features they cover."""
+        split, n_features = self.coarse_split_, self.n_features_in_
+        return ((self.coarse_codebooks_[0, :, :split], slice(0, split)),
+                (self.coarse_codebooks_[1, :, : n_features - split], slice(split, n_features)))
+
+    def _centroids(self, cells):
+        """The centroids of the given cells: (len(cells), n_features)."""
+        if not self._multi_index():
+            return self.coarse_centers_[cells]
+        (first, _), (second, _) = self._halves()
+        n_codewords = first.shape[0]
+        return np.hstack([first[cells // n_codewords], second[cells % n_codewords]])
+
+    def _split_subspace(self):
+        """The residual subspace where the multi-index's second half starts, or None.
+
+        When the residual quantizer's subspaces split at the halves' border
+        (and no rotation mixes them), a cell's table term is the first
+        half's term for the subspaces before it plus the second half's after
+        it: 2 K tables serve the K * K cells.
+        """
+        pq = self.quantizer_
+        if not self._multi_index() or hasattr(pq, "rotation_"):
+            return None
+        at = np.flatnonzero(pq.subspace_bounds_ == self.coarse_split_)
+        return int(at[0]) if at.size else None
+
     def _after_load(self):
         """Rebuild the per-cell tables (a cache, not saved)."""
         pq = self.quantizer_
-        table_bytes = 4 * self.n_lists * pq.n_subspaces_ * pq.n_codewords_
+        n_threads = effective_n_threads(self.n_jobs)
+        split = self._split_subspace()
+        if split is not None:  # the multi-index: one table per codeword of each half
+            (first, _), (second, cover) = self._halves()
+            n_codewords = first.shape[0]
+            padded = np.zeros((2 * n_codewords, self.n_features_in_), dtype=first.dtype)
+            padded[:n_codewords, : self.coarse_split_] = first
+            padded[n_codewords:, cover] = second
+            tables = self._table_terms(padded, n_threads)
+            tables[:n_codewords, split:] = 0
+            tables[n_codewords:, :split] = 0
+            self._list_tables = tables
+            return
+        n_cells = self.n_lists
+        table_bytes = 4 * n_cells * pq.n_subspaces_ * pq.n_codewords_
         self._list_tables = (
-            self._cell_tables(np.arange(self.n_lists), effective_n_threads(self.n_jobs))
+            self._cell_tables(np.arange(n_cells), n_threads)
             if table_bytes <= _MAX_CELL_TABLE_BYTES else None
         )
 
@@ -275,21 +404,13 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         residuals, lists = self._residuals(X, effective_n_threads(self.n_jobs))
         self._index.add(self.quantizer_.transform(residuals), lists)
 
-    def _grouped(self):
-        index = self._index
-        codes = [c for cell in range(self.n_lists) for c in index.codes[cell].chunks()]
-        ids = [i for cell in range(self.n_lists) for i in index.ids[cell].chunks()]
-        return (np.concatenate(codes) if codes else np.empty((0, index.n_subspaces),
-                                                              index.code_dtype),
-                np.concatenate(ids) if ids else np.empty(0, np.int64))
-
     @property
     def codes_(self):
-        return self._grouped()[0]
+        return self._index.grouped()[0]
 
     @property
     def ids_(self):
-        return self._grouped()[1]
+        return self._index.grouped()[1]
 
     @property
     def list_offsets_(self):
@@ -297,10 +418,13 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
 
     def _cell_tables(self, cells, n_threads=1):
         """The cells' terms of a probe's table, ``||p||^2 + 2 <centroid, p>``: (n_cells, M, K) float32."""
+        return self._table_terms(self._centroids(cells), n_threads)
+
+    def _table_terms(self, centroids, n_threads):
         codewords = self.quantizer_.cluster_centers_.astype(np.float64)
-        centroids = self.coarse_centers_[cells].astype(np.float64)
         return ((codewords**2).sum(axis=2)[None]
-                + 2 * self._inner_products(centroids, n_threads)).astype(np.float32)
+                + 2 * self._inner_products(centroids.astype(np.float64), n_threads)
+                ).astype(np.float32)
 
     def _inner_products(self, X, n_threads):
         """``<x_m, p_mk>`` for each row x, subspace m and codeword k: shape (n, M, K).
@@ -322,10 +446,29 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         return out
 
     def _residuals(self, X, n_threads):
-        """Each row minus its nearest coarse centroid, and that centroid's number."""
-        lists, _ = nearest_codewords(X, self.coarse_centers_.astype(X.dtype, copy=False),
-                                     n_threads=n_threads)
-        return X - self.coarse_centers_[lists], lists
+        """Each row minus its nearest coarse centroid, and that centroid's cell."""
+        if not self._multi_index():
+            lists, _ = nearest_codewords(X, self.coarse_centers_.astype(X.dtype, copy=False),
+                                         n_threads=n_threads)
+            return X - self.coarse_centers_[lists], lists
+        (first, lo), (second, hi) = self._halves()
+        i, _ = nearest_codewords(np.ascontiguousarray(X[:, lo]),
+                                 first.astype(X.dtype, copy=False), n_threads=n_threads)
+        j, _ = nearest_codewords(np.ascontiguousarray(X[:, hi]),
+                                 second.astype(X.dtype, copy=False), n_threads=n_threads)
+        lists = i.astype(np.int64) * first.shape[0] + j
+        return X - np.hstack([first[i], second[j]]), lists
+
+    @staticmethod
+    def _squared_distances(X, centers, n_threads):
+        """``||x - c||^2`` for every row and center, each row on its own, in X's precision."""
+        centers = centers.astype(X.dtype, copy=False)
+        # ||x - c||^2 = ||x||^2 - 2 (x.c - ||c||^2 / 2).
+        d2 = codeword_scores(X, centers, -0.5 * np.einsum("ij,ij->i", centers, centers),
+                             n_threads=n_threads)
+        d2 *= -2
+        d2 += np.einsum("ij,ij->i", X, X)[:, None]
+        return d2
 
     def _probes(self, X, n_probe, sizes, n_required, n_threads):
         """The cells each query visits, nearest first, holding at least n_required items.
@@ -335,13 +478,10 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         the query (float32, same shape) and ``n_visit`` of shape
         (n_queries,): query q visits ``probes[q, :n_visit[q]]``.
         """
-        centers = self.coarse_centers_.astype(X.dtype)
-        # ||x - c||^2 = ||x||^2 - 2 (x.c - ||c||^2 / 2), each row on its own.
-        d2 = codeword_scores(X, centers, -0.5 * np.einsum("ij,ij->i", centers, centers),
-                             n_threads=n_threads)
-        d2 *= -2
-        d2 += np.einsum("ij,ij->i", X, X)[:, None]
-        n_lists = centers.shape[0]
+        if self._multi_index():
+            return self._multi_sequence(X, n_probe, sizes, n_required, n_threads)
+        d2 = self._squared_distances(X, self.coarse_centers_, n_threads)
+        n_lists = d2.shape[1]
         n_probe = min(n_probe, n_lists)
         if n_probe == 1:  # the nearest cell, ties to the smaller number: argmin says so
             near = np.argmin(d2, axis=1)[:, None]
@@ -369,10 +509,39 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         coarse = np.maximum(np.take_along_axis(d2, probes, axis=1), 0).astype(np.float32)
         return probes, coarse, n_visit
 
+    def _multi_sequence(self, X, n_probe, sizes, n_required, n_threads):
+        """``_probes`` of the multi-index: non-empty cells in increasing coarse distance.
+
+        Each half of the query is ranked against its codebook; the
+        multi-sequence algorithm then walks the K x K cells in increasing
+        sum of the two distances (ties by cell number), passing over cells
+        without searchable items, until ``n_probe`` cells holding at least
+        ``n_required`` items are found.
+        """
+        ranked = []
+        for codebook, half in self._halves():
+            d2 = self._squared_distances(np.ascontiguousarray(X[:, half]), codebook, n_threads)
+            d2 = np.maximum(d2, 0, dtype=np.float64)
+            order = np.argsort(d2, axis=1, kind="stable")  # equal distances by number
+            ranked += [order.astype(np.int64), np.take_along_axis(d2, order, axis=1)]
+        width = min(max(n_probe, 1), self.n_lists)
+        probes, coarse, n_visit = multi_sequence(*ranked, sizes, n_probe, n_required, width,
+                                                 n_threads=n_threads)
+        while (n_visit < 0).any():  # some queries need more cells than the output holds
+            redo = np.flatnonzero(n_visit < 0)
+            width = min(4 * width, self.n_lists)
+            more = multi_sequence(*(r[redo] for r in ranked), sizes, n_probe, n_required,
+                                  width, n_threads=n_threads)
+            pad = ((0, 0), (0, width - probes.shape[1]))
+            probes, coarse = np.pad(probes, pad, constant_values=-1), np.pad(coarse, pad)
+            probes[redo], coarse[redo], n_visit[redo] = more
+        probes[probes < 0] = 0  # columns past n_visit are never read
+        return probes, coarse.astype(np.float32), n_visit
+
     def _reconstruct(self, indices):
         """Items as the index holds them: centroid + decoded residual."""
         codes, lists = self._index.rows(indices)
-        return self.coarse_centers_[lists] + self.quantizer_.inverse_transform(codes)
+        return self._centroids(lists) + self.quantizer_.inverse_transform(codes)
 
     def _searchable_sizes(self, allowed):
         """Searchable items per cell for the search's mask."""
@@ -390,9 +559,11 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         n_queries = self.n_samples_fit_ if X is None else X.shape[0]
         n_required = n_neighbors + 1 if X is None else n_neighbors
         sizes = self._searchable_sizes(allowed)
-        # Per query: its tables (float64 while built) and its distances to the cells.
+        split = self._split_subspace()
+        # Per query: its tables (float64 while built) and its distances to the centroids.
+        n_centroids = 2 * self.coarse_codebooks_.shape[1] if self._multi_index() else self.n_lists
         per_query = 8 * max(self.quantizer_.n_codewords_ * self.quantizer_.n_subspaces_,
-                            self.n_lists)
+                            n_centroids)
         chunk = max(1, _TABLE_BYTES // per_query)
         distances = np.empty((n_queries, n_neighbors), dtype=np.float64)
         indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
@@ -407,7 +578,12 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             probes, coarse, n_visit = self._probes(queries, params["n_probe"], sizes,
                                                    n_required, n_threads)
             query_tables = (-2 * self._inner_products(queries, n_threads)).astype(np.float32)
-            if self._list_tables is not None:
+            second = None
+            if split is not None:  # multi-index: the halves' tables, joined by the kernel
+                n_codewords = self.coarse_codebooks_.shape[1]
+                cell_tables, rows = self._list_tables, probes // n_codewords
+                second = probes % n_codewords + n_codewords
+            elif self._list_tables is not None:
                 cell_tables, rows = self._list_tables, probes
             else:  # too many cells to keep all their tables: build those visited
                 cells, rows = np.unique(probes, return_inverse=True)
@@ -416,7 +592,25 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             d, indices[begin:end] = self._index.search(
                 cell_tables, query_tables, coarse, probes, rows, n_visit, n_neighbors,
                 allowed=allowed, exclude=own, n_threads=n_threads,
+                second_rows=second, split=split or 0,
             )
             # Ranked by the squared estimate; returned in L2 units.
             distances[begin:end] = np.sqrt(np.maximum(d, 0, dtype=np.float64))
         return distances, indices
+
+
+def _halves_split(quantizer, n_features):
+    """Where the multi-index's second half starts: a border of the residual subspaces.
+
+    The residual quantizer cuts ``n_features`` into ``n_bits //
+    subspace_bits`` blocks, the first ``n_features % n_subspaces`` one
+    feature wider; the halves meet at the border after half the blocks, so
+    that every subspace lies in one half (``n_features // 2`` when there is
+    one block).
+    """
+    n_subspaces = quantizer.n_bits // quantizer.subspace_bits
+    if n_subspaces < 2 or n_subspaces > n_features:
+        return n_features // 2
+    sizes = np.full(n_subspaces, n_features // n_subspaces)
+    sizes[: n_features % n_subspaces] += 1
+    return int(sizes[: n_subspaces // 2].sum())

@@ -42,6 +42,9 @@ ESTIMATORS = {
                                 n_neighbors=5),
     "QN-IVF": IVFQuantizedNeighbors(ProductQuantizer(n_bits=8, subspace_bits=2, random_state=0),
                                     n_lists=4, n_probe=2, n_neighbors=5, random_state=0),
+    "QN-IMI": IVFQuantizedNeighbors(ProductQuantizer(n_bits=8, subspace_bits=2, random_state=0),
+                                    coarse="multi-index", n_lists=4, n_probe=2, n_neighbors=5,
+                                    random_state=0),
 }
 if HAS_TORCH:
     ESTIMATORS["DQN"] = DeepQuantizationNetwork(

@@ -35,6 +35,8 @@ ESTIMATORS = [
     QuantizedNeighbors(ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=5), n_neighbors=3),
     IVFQuantizedNeighbors(ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=5), n_lists=2,
                           n_probe=1, n_neighbors=3, random_state=0),
+    IVFQuantizedNeighbors(ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=5), n_lists=4,
+                          coarse="multi-index", n_probe=1, n_neighbors=3, random_state=0),
     QuantizedNeighborsTransformer(ITQ(n_bits=2, n_iter=5, random_state=0), n_neighbors=3),
     QuantizedNeighborsTransformer(ProductQuantizer(n_bits=4, subspace_bits=2, random_state=0), n_neighbors=3),
 ]

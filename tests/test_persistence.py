@@ -44,6 +44,9 @@ SEARCHERS = [
 ALL_SEARCHERS = SEARCHERS + [
     IVFQuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),
                           n_lists=8, n_probe=2, n_neighbors=5, random_state=0),
+    IVFQuantizedNeighbors(ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0),
+                          coarse="multi-index", n_lists=16, n_probe=2, n_neighbors=5,
+                          random_state=0),
 ]
 
 
