@@ -72,17 +72,24 @@ def random_index(rng, n, n_lists, M, K, code_dtype=np.uint8):
     return offsets, codes, order.astype(np.int64)
 
 
+# 12 lists of about 75 codes: tables built; 150 lists of about 6 (under K / 8):
+# scored on the fly, the same float32 operations.
+@pytest.mark.parametrize("n_lists", [12, 150])
 @pytest.mark.parametrize("M, K, code_dtype", [(8, 256, np.uint8), (16, 256, np.uint8),
                                                (3, 16, np.uint8), (4, 300, np.uint16)])
-def test_ivf_kernel_matches_the_oracle_with_ties(M, K, code_dtype):
+def test_ivf_kernel_matches_the_oracle_with_ties(M, K, code_dtype, n_lists):
     rng = np.random.default_rng(M)
-    n, n_lists, n_q, n_probe = 900, 12, 7, 5
+    n, n_q, n_probe = 900, 7, 5
     offsets, codes, ids = random_index(rng, n, n_lists, M, K, code_dtype)
     # Small integers: exact sums, many ties across lists.
     # Tables in another order than the lists: row n_lists - 1 - l serves list l.
     list_tables = rng.integers(0, 3, (n_lists, M, K)).astype(np.float32)
     query_tables = rng.integers(-1, 2, (n_q, M, K)).astype(np.float32)
     coarse = rng.integers(0, 3, (n_q, n_probe)).astype(np.float32)
+    if n_lists > 12:  # fractions: the rounding of each table entry must be the table's
+        list_tables += rng.random(list_tables.shape, dtype=np.float32) * 1e3
+        query_tables *= rng.random(query_tables.shape, dtype=np.float32)
+        coarse += rng.random(coarse.shape, dtype=np.float32) * 1e4
     tables = (list_tables, query_tables, coarse)
     probes = np.stack([rng.permutation(n_lists)[:n_probe] for _ in range(n_q)]).astype(np.int64)
     n_visit = np.array([5, 1, 2, 5, 3, 4, 5], dtype=np.int64)
@@ -109,6 +116,8 @@ def test_ivf_kernel_joins_two_table_rows_at_split(split):
     # the rest from a second row; the oracle joins the rows beforehand.
     rng = np.random.default_rng(split)
     n, n_lists, n_q, n_probe, M, K = 600, 9, 6, 4, 4, 16
+    if split % 2:  # lists of 4 codes, under K / 8 = 32: scored on the fly
+        n, K = 36, 256
     offsets, codes, ids = random_index(rng, n, n_lists, M, K)
     list_tables = rng.integers(0, 4, (6, M, K)).astype(np.float32)
     query_tables = rng.integers(-1, 2, (n_q, M, K)).astype(np.float32)

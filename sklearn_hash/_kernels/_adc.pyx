@@ -36,6 +36,9 @@ ctypedef fused code_t:
 cdef enum:
     # Bytes of database codes scanned per block.
     DB_BLOCK_BYTES = 65536
+    # An inverted list shorter than n_codewords / this is scored on the fly
+    # from its two tables, without building their sum (IVF kernel).
+    ON_THE_FLY_RATIO = 8
     # Queries sharing one pass over a database block.
     MAX_QUERY_BLOCK = 16
 
@@ -278,6 +281,33 @@ def adc_kneighbors(
     return distances, indices
 
 
+cdef inline float _on_the_fly(
+    const float* lt,     # IN (n_subspaces, n_codewords) list terms, subspaces < split
+    const float* lt2,    # IN (n_subspaces, n_codewords) list terms, subspaces >= split
+    const float* qt,     # IN (n_subspaces, n_codewords) query terms
+    const code_t* code,  # IN (n_subspaces,)
+    Py_ssize_t n_subspaces,
+    Py_ssize_t split,
+    Py_ssize_t n_codewords,
+    float base,
+) noexcept nogil:
+    """A code's distance as the table scan computes it, without building the table.
+
+    Each entry ``list term + query term`` is rounded to float32 as the table
+    holds it (row 0 then plus ``base``) and the entries are added in
+    subspace order: the same float32 operations, so the same sum.
+    """
+    cdef Py_ssize_t m, e
+    cdef const float* src = lt if split > 0 else lt2
+    e = code[0]
+    cdef float d = (src[e] + qt[e]) + base
+    for m in range(1, n_subspaces):
+        src = lt if m < split else lt2
+        e = m * n_codewords + code[m]
+        d = d + (src[e] + qt[e])
+    return d
+
+
 def ivf_adc_kneighbors(
     const float[:, :, ::1] list_tables,   # IN (n_tables, n_subspaces, n_codewords)
     const float[:, :, ::1] query_tables,  # IN (n_queries, n_subspaces, n_codewords)
@@ -312,7 +342,10 @@ def ivf_adc_kneighbors(
     list_tables[table_rows[q, p]] + query_tables[q]`` with ``coarse[q, p]``
     then added to row 0, and the distance of a code is ``t[0, c[0]] + t[1,
     c[1]] + ...`` added in subspace order (IVFADC's decomposition of the
-    squared distance to centroid + residual codeword). Ranking is by
+    squared distance to centroid + residual codeword). A list shorter than
+    ``n_codewords / 8`` is scored without building ``t``: each code adds the
+    entries it picks from both terms, rounded as ``t`` would hold them, so
+    the distances are the same. Ranking is by
     (distance, database index), so ties go to the smaller index whatever the
     order of the lists and chunks.
 
@@ -424,7 +457,7 @@ def ivf_adc_kneighbors(
     cdef Py_ssize_t split_size = split * n_codewords
     cdef const uint8_t* allow = &allowed[0] if allowed is not None and allowed.shape[0] else NULL
 
-    cdef Py_ssize_t q, p, lst, ch, n_rows, j0, j1, c, n_found, size, e
+    cdef Py_ssize_t q, p, lst, ch, n_rows, j0, j1, c, n_found, size, e, list_size
     cdef int64_t j
     cdef float d, threshold, base
     cdef int failed = 0
@@ -433,6 +466,7 @@ def ivf_adc_kneighbors(
     cdef float* found_dist
     cdef float* table
     cdef const float* lt
+    cdef const float* lt2
     cdef const float* qt
     cdef const int64_t* ids
     cdef intptr_t codes_at
@@ -458,13 +492,32 @@ def ivf_adc_kneighbors(
                     if chunk_offsets[lst] == chunk_offsets[lst + 1]:
                         continue
                     lt = &list_tables[table_rows[q, p], 0, 0]
+                    lt2 = &list_tables[second[q * n_probe + p], 0, 0] if second != NULL else lt
+                    base = coarse[q, p]
+                    list_size = 0
+                    for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
+                        list_size = list_size + chunk_sizes[ch]
+                    if list_size * ON_THE_FLY_RATIO < n_codewords:
+                        for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
+                            ids = <const int64_t*> chunk_ids[ch]
+                            for c in range(chunk_sizes[ch]):
+                                j = ids[c]
+                                if j == exclude[q] or (allow != NULL and not allow[j]):
+                                    continue
+                                if code_bytes == 1:
+                                    d = _on_the_fly(lt, lt2, qt, <const uint8_t*> chunk_codes[ch]
+                                                    + c * n_subspaces, n_subspaces, split,
+                                                    n_codewords, base)
+                                else:
+                                    d = _on_the_fly(lt, lt2, qt, <const uint16_t*> chunk_codes[ch]
+                                                    + c * n_subspaces, n_subspaces, split,
+                                                    n_codewords, base)
+                                _offer(hd, hi, &size, k, d, j)
+                        continue
                     for e in range(split_size):
                         table[e] = lt[e] + qt[e]
-                    if second != NULL:
-                        lt = &list_tables[second[q * n_probe + p], 0, 0]
-                        for e in range(split_size, table_size):
-                            table[e] = lt[e] + qt[e]
-                    base = coarse[q, p]
+                    for e in range(split_size, table_size):
+                        table[e] = lt2[e] + qt[e]
                     for e in range(n_codewords):
                         table[e] = table[e] + base
                     for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
