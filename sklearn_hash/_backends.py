@@ -261,15 +261,16 @@ class MultiIndexHashing(HammingScan):
         codes = np.ascontiguousarray(self.codes.to_array())
         bounds = mih_substrings(self.n_bits, len(codes), self.n_substrings)
         values = substrings(codes, bounds)
-        offsets, ids = [], []
+        offsets, ids, table_codes = [], [], []
         for i in range(len(bounds) - 1):
             order = np.argsort(values[:, i], kind="stable").astype(np.int64)
             counts = np.bincount(values[:, i], minlength=1 << int(bounds[i + 1] - bounds[i]))
             offsets.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
             ids.append(order)
-        self._tables = (codes, bounds, offsets, ids,
-                        np.array([o.ctypes.data for o in offsets], dtype=np.intp),
-                        np.array([i.ctypes.data for i in ids], dtype=np.intp))
+            table_codes.append(codes[order])  # a bucket's codes side by side
+        self._tables = (codes, bounds, (offsets, ids, table_codes),
+                        *(np.array([a.ctypes.data for a in arrays], dtype=np.intp)
+                          for arrays in (offsets, ids, table_codes)))
         self._built = len(codes)
 
     def compact(self, keep):
@@ -286,10 +287,10 @@ class MultiIndexHashing(HammingScan):
         n = len(self.codes)
         if self._tables is None or n - self._built > max(self._built // 4, 1024):
             self._build()
-        codes, bounds, _, _, offsets_at, ids_at = self._tables
+        codes, bounds, _, offsets_at, ids_at, codes_at = self._tables
         built = self._built
         d, i = mih_kneighbors(
-            queries, codes, bounds, offsets_at, ids_at, k, n_threads=n_threads,
+            queries, codes, bounds, offsets_at, ids_at, codes_at, k, n_threads=n_threads,
             exclude=None if exclude is None else np.where(exclude < built, exclude, -1),
             allowed=None if allowed is None else np.ascontiguousarray(allowed[:built]),
         )

@@ -120,6 +120,8 @@ def test_bad_input():
     db = pack_bits(np.ones((4, 10)))
     ptr = np.array([1], dtype=np.intp)
     with pytest.raises(ValueError, match="1 to 32 bits"):
-        mih_kneighbors(db, db, np.array([0, 40], np.int64), ptr, ptr, 1)
+        mih_kneighbors(db, db, np.array([0, 40], np.int64), ptr, ptr, ptr, 1)
     with pytest.raises(ValueError, match="one table each"):
-        mih_kneighbors(db, db, np.array([0, 5, 10], np.int64), ptr, ptr, 1)
+        mih_kneighbors(db, db, np.array([0, 5, 10], np.int64), ptr, ptr, ptr, 1)
+    with pytest.raises(ValueError, match="needs its table"):
+        mih_kneighbors(db, db, np.array([0, 10], np.int64), ptr, ptr, ptr * 0, 1)

@@ -12,7 +12,13 @@ ties included, and the answer is the exact one, ties by database index.
 
 Tables are dense: substring i of b_i bits has ``2**b_i + 1`` offsets into an
 array of database indices sorted by substring value (ascending index within
-a bucket).
+a bucket), and beside it the codes in the same order, so that verifying a
+bucket's candidates reads contiguous memory rather than one random code per
+candidate. A candidate is verified first (a popcount), and only one that
+would enter the query's current k best is checked against the marks of the
+items already taken: an item found again through another substring is then
+either among the k best (marked: skipped) or was pushed out of them (worse
+than the current k-th: rejected by the distance test alone).
 """
 
 from cython.parallel cimport parallel, prange
@@ -104,6 +110,7 @@ def mih_kneighbors(
     const int64_t[::1] bounds,         # IN (m + 1,) substring bit bounds
     const intptr_t[::1] table_offsets, # IN (m,) addresses of int64 (2**b_i + 1,)
     const intptr_t[::1] table_ids,     # IN (m,) addresses of int64 (n_database,)
+    const intptr_t[::1] table_codes,   # IN (m,) addresses of uint64 (n_database, n_words)
     Py_ssize_t k,
     int n_threads=1,
     const int64_t[::1] exclude=None,   # IN (n_queries,) or None
@@ -114,7 +121,8 @@ def mih_kneighbors(
     Returns the same as :func:`~sklearn_hash._kernels._hamming.hamming_kneighbors`:
     int32 distances and int64 indices ranked by (distance, index), padded
     with ``2**31 - 1`` and -1 when fewer than k codes are candidates. The
-    tables must index exactly the rows of ``database``.
+    tables must index exactly the rows of ``database``; table i's codes are
+    ``database[ids_i]``, in the order of its ids.
     """
     cdef Py_ssize_t n_queries = queries.shape[0]
     cdef Py_ssize_t n_database = database.shape[0]
@@ -123,11 +131,13 @@ def mih_kneighbors(
     b = np.diff(np.asarray(bounds))
     if queries.shape[1] != n_words:
         raise ValueError("queries and database must be packed from the same number of bits.")
-    if m < 1 or table_offsets.shape[0] != m or table_ids.shape[0] != m:
+    if (m < 1 or table_offsets.shape[0] != m or table_ids.shape[0] != m
+            or table_codes.shape[0] != m):
         raise ValueError("bounds must delimit m >= 1 substrings, with one table each.")
     if np.any(b < 1) or np.any(b > 32) or bounds[0] != 0 or bounds[m] > 64 * n_words:
         raise ValueError("substrings must have 1 to 32 bits within the codes.")
-    if np.any(np.asarray(table_offsets) == 0) or np.any(np.asarray(table_ids) == 0):
+    if (np.any(np.asarray(table_offsets) == 0) or np.any(np.asarray(table_ids) == 0)
+            or np.any(np.asarray(table_codes) == 0)):
         raise ValueError("every substring needs its table.")
     if k < 0:
         raise ValueError(f"k must be >= 0; got k={k}.")
@@ -144,7 +154,6 @@ def mih_kneighbors(
     cdef int32_t[:, ::1] out_d = distances
     cdef int64_t[:, ::1] out_i = indices
     cdef int max_bits = int(b.max())
-    cdef const uint64_t* db = &database[0, 0]
     cdef const int64_t* excl = &exclude[0] if exclude is not None else NULL
     cdef const uint8_t* allow = &allowed[0] if allowed is not None else NULL
     cdef Py_ssize_t words_seen = (n_database + 63) // 64
@@ -162,6 +171,7 @@ def mih_kneighbors(
     cdef int64_t* hi
     cdef const int64_t* offs
     cdef const int64_t* ids
+    cdef const uint64_t* tcodes
     cdef const uint64_t* qc
 
     with nogil, parallel(num_threads=n_threads):
@@ -191,6 +201,7 @@ def mih_kneighbors(
                         key = _substring(qc, lo, bits)
                         offs = <const int64_t*> table_offsets[i]
                         ids = <const int64_t*> table_ids[i]
+                        tcodes = <const uint64_t*> table_codes[i]
                         limit = (<uint64_t> 1) << bits
                         # Every mask of `bits` bits with s ones (Gosper's hack).
                         mask = ((<uint64_t> 1) << s) - 1
@@ -198,8 +209,17 @@ def mih_kneighbors(
                             start = offs[key ^ mask]
                             stop = offs[(key ^ mask) + 1]
                             for c in range(start, stop):
+                                d = 0
+                                for w in range(n_words):
+                                    d = d + sh_popcount64(qc[w] ^ tcodes[c * n_words + w])
+                                if size == k and d > hd[0]:
+                                    continue
                                 j = ids[c]
+                                if size == k and d == hd[0] and j > hi[0]:
+                                    continue
                                 if seen[j >> 6] & ((<uint64_t> 1) << (j & 63)):
+                                    continue
+                                if j == e or (allow != NULL and not allow[j]):
                                     continue
                                 seen[j >> 6] |= (<uint64_t> 1) << (j & 63)
                                 if touched.size == touched.cap:
@@ -212,11 +232,6 @@ def mih_kneighbors(
                                     touched.cap = 2 * touched.cap
                                 touched.ids[touched.size] = j
                                 touched.size = touched.size + 1
-                                if j == e or (allow != NULL and not allow[j]):
-                                    continue
-                                d = 0
-                                for w in range(n_words):
-                                    d = d + sh_popcount64(qc[w] ^ db[j * n_words + w])
                                 _offer(hd, hi, &size, k, d, j)
                             if mask == 0:
                                 break
