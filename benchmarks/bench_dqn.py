@@ -16,10 +16,18 @@ Two studies of the quantization weight (lambda), 10% labels, 8 and 32 bits,
 each printing mAP@100 and the quantization error (mean over the database of
 the squared distance of the bottleneck to its PQ reconstruction)::
 
-    # choose lambda: never looks at fold 1 (database folds 3-5, queries fold 2)
-    python benchmarks/bench_dqn.py --validation --weights 0 0.1 0.3 1 3
-    # the ablation reported: weight 0 / the default / a larger one, on the protocol
-    python benchmarks/bench_dqn.py --ablation
+    # choose lambda without fold 1: each of folds 2-5 in turn is the query
+    # fold, the other three the database; 2 seeds; prints the rule's choice
+    python benchmarks/bench_dqn.py --validation --weights 0 0.3 0.4 0.5 1 --jobs 2
+    # the ablation reported: weight 0 / the default / 4x the default, on the protocol
+    python benchmarks/bench_dqn.py --ablation --jobs 2
+
+The validation rule, stated before the runs: among the weights whose
+quantization error is at least 30% lower than weight 0's at every code
+length, the one with the highest mean over code lengths of its paired mAP@100
+difference to weight 0 (same split, seed and labelled rows); a weight whose
+mean difference at some code length is below -0.005 is eligible only if no
+weight keeps every difference at or above -0.005.
 """
 
 import argparse
@@ -28,6 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from joblib import Parallel, delayed
 from sklearn.frozen import FrozenEstimator
 from sklearn.neighbors import NearestNeighbors
 
@@ -50,34 +60,86 @@ def quantization_error(dqn, X):
     return float(np.mean(((Z - recon) ** 2).sum(axis=1)))
 
 
-def validation_split(path):
-    """Folds 2-5 only: database folds 3-5, queries fold 2, centred and L2-normalised."""
+VALIDATION_FOLDS = (2, 3, 4, 5)
+N_JOBS = 1  # --jobs
+
+
+def validation_split(path, query_fold):
+    """Folds 2-5 only: ``query_fold`` against the other three, centred and L2-normalised."""
     data = np.load(path)
     X, y, fold = data["X"].astype(np.float64), data["y"], data["fold"]
-    db, q = np.isin(fold, (3, 4, 5)), fold == 2
+    database_folds = [f for f in VALIDATION_FOLDS if f != query_fold]
+    db, q = np.isin(fold, database_folds), fold == query_fold
     mean = X[db].mean(axis=0)
     Xn = X - mean
     Xn /= np.linalg.norm(Xn, axis=1, keepdims=True)
-    return (Xn[db].astype(np.float32), y[db], Xn[q].astype(np.float32), y[q],
-            Path(path).name + " (validation: database folds 3-5, queries fold 2)")
+    name = (f"{Path(path).name} (validation: queries fold {query_fold}, database folds "
+            f"{', '.join(map(str, database_folds))})")
+    return Xn[db].astype(np.float32), y[db], Xn[q].astype(np.float32), y[q], name
+
+
+def fit_and_score(X_db, y_db, X_q, y_q, weight, b, seed, R, hidden):
+    """(mAP@R, quantization error) of DQN with 10% labels drawn by ``seed``."""
+    if N_JOBS > 1:
+        torch.set_num_threads(1)
+    y_partial = partial_labels(y_db, 0.1, random_state=seed)
+    dqn = DeepQuantizationNetwork(
+        b, hidden_layer_sizes=hidden, quantization_weight=weight, random_state=seed
+    ).fit(X_db, y_partial)
+    return score(FrozenEstimator(dqn), X_db, y_db, X_q, y_q, R), quantization_error(dqn, X_db)
+
+
+def validation(path, weights, bits, seeds, R, hidden):
+    """The weight study on folds 2-5, each in turn the query fold; the rule's choice."""
+    if 0.0 not in weights:
+        weights = [0.0] + list(weights)
+    splits = {q: validation_split(path, q)[:4] for q in VALIDATION_FOLDS}
+    keys = [(weight, b, q, s) for weight in weights for b in bits for q in VALIDATION_FOLDS
+            for s in range(seeds)]
+    results = Parallel(n_jobs=N_JOBS, verbose=5)(
+        delayed(fit_and_score)(*splits[q], weight, b, s, R, hidden) for weight, b, q, s in keys)
+    runs = {}  # (weight, bits) -> list of (mAP, error), one per (query fold, seed)
+    for (weight, b, _, _), result in zip(keys, results):
+        runs.setdefault((weight, b), []).append(result)
+    n = len(VALIDATION_FOLDS) * seeds
+    print(f"\nValidation on {Path(path).name}, folds 2-5 (each the query fold in turn, the "
+          f"other three the database), 10% labels, {seeds} seeds: means over {n} runs; "
+          f"differences to weight 0 paired by split and seed (+- standard error)")
+    print("| quantization_weight | " + " | ".join(
+        f"mAP@{R} {b} bits | vs 0 | quant. error {b} bits | vs 0" for b in bits) + " |")
+    print("|---" * (4 * len(bits) + 1) + "|")
+    summary = {}
+    for weight in weights:
+        cells, diffs, ratios = [], [], []
+        for b in bits:
+            run, base = np.array(runs[weight, b]), np.array(runs[0.0, b])
+            diff = run[:, 0] - base[:, 0]
+            ratio = run[:, 1].mean() / base[:, 1].mean() - 1
+            diffs.append(diff.mean())
+            ratios.append(ratio)
+            se = diff.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
+            cells += [f"{run[:, 0].mean():.3f}", f"{diff.mean():+.4f} +- {se:.4f}",
+                      f"{run[:, 1].mean():.4f}", f"{ratio:+.0%}"]
+        summary[weight] = (diffs, ratios)
+        print(f"| {weight:g} | " + " | ".join(cells) + " |")
+    eligible = [w for w in weights if w > 0 and max(summary[w][1]) <= -0.30]
+    if not eligible:
+        print("\nRule: no weight lowers the quantization error by 30% at every code length.")
+        return
+    within = [w for w in eligible if min(summary[w][0]) >= -0.005]
+    best = max(within or eligible, key=lambda w: np.mean(summary[w][0]))
+    print(f"\nRule's choice: quantization_weight = {best:g} (error at least 30% lower: "
+          f"{', '.join(f'{w:g}' for w in eligible)}; of those, mAP within 0.005 of weight 0 "
+          f"at every code length: {', '.join(f'{w:g}' for w in within) or 'none'})\n")
 
 
 def weight_study(X_db, y_db, X_q, y_q, name, weights, bits, seeds, R, hidden):
     """mAP@R and quantization error of DQN (10% labels) for each weight."""
-    results = {}
-    for weight in weights:
-        for b in bits:
-            maps, errors = [], []
-            for s in range(seeds):
-                y_partial = partial_labels(y_db, 0.1, random_state=s)
-                dqn = DeepQuantizationNetwork(
-                    b, hidden_layer_sizes=hidden, quantization_weight=weight, random_state=s
-                ).fit(X_db, y_partial)
-                maps.append(score(FrozenEstimator(dqn), X_db, y_db, X_q, y_q, R))
-                errors.append(quantization_error(dqn, X_db))
-            results[weight, b] = (maps, errors)
-            print(f"  weight {weight:g}, {b} bits: mAP@{R} {np.mean(maps):.3f}, "
-                  f"quantization error {np.mean(errors):.4f}", flush=True)
+    keys = [(weight, b) for weight in weights for b in bits]
+    runs = Parallel(n_jobs=N_JOBS, verbose=5)(
+        delayed(fit_and_score)(X_db, y_db, X_q, y_q, weight, b, s, R, hidden)
+        for weight, b in keys for s in range(seeds))
+    results = {key: tuple(zip(*runs[i * seeds:(i + 1) * seeds])) for i, key in enumerate(keys)}
     print(f"\nDQN, 10% labels, on {name}: mean +- std over {seeds} seeds")
     print("| quantization_weight | " + " | ".join(
         f"mAP@{R} {b} bits | quant. error {b} bits" for b in bits) + " |")
@@ -99,30 +161,36 @@ def main():
                                                       str(DATA / "esc50_birdnet.npz")])
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.5])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per setting (default 3; 2 per query fold with --validation)")
     parser.add_argument("--hidden", type=int, nargs="*", default=[],
                         help="also train DQN with this hidden layer (one row per width)")
     parser.add_argument("--R", type=int, default=100)
     parser.add_argument("--validation", action="store_true",
-                        help="weight study on folds 2-5 only (queries fold 2)")
+                        help="weight study on folds 2-5 only (each the query fold in turn)")
     parser.add_argument("--ablation", action="store_true",
                         help="weight study (0 / default / larger) on the protocol")
     parser.add_argument("--weights", type=float, nargs="+", default=None)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="weight studies: fits in parallel (one torch thread each)")
     args = parser.parse_args()
+    global N_JOBS
+    N_JOBS = args.jobs
 
     if args.validation or args.ablation:
         default = DeepQuantizationNetwork().quantization_weight
-        weights = args.weights or [0.0, default, 10 * default]
+        weights = args.weights or [0.0, default, 4 * default]
         bits = args.bits if args.bits != [8, 16, 32, 64] else [8, 32]
+        hidden = (args.hidden[0],) if args.hidden else ()
         for path in args.data[:1] if args.data == parser.get_default("data") else args.data:
             if args.validation:
-                split = validation_split(path)
+                validation(path, weights, bits, args.seeds or 2, args.R, hidden)
             else:
                 X_db, y_db, X_q, y_q, name = load_retrieval_split(path, query_fold=1)
                 split = (X_db.astype(np.float32), y_db, X_q.astype(np.float32), y_q, name)
-            hidden = (args.hidden[0],) if args.hidden else ()
-            weight_study(*split, weights, bits, args.seeds, args.R, hidden)
+                weight_study(*split, weights, bits, args.seeds or 3, args.R, hidden)
         return
+    args.seeds = args.seeds or 3
 
     for path in args.data:
         X_db, y_db, X_q, y_q, name = load_retrieval_split(path, query_fold=1)

@@ -8,10 +8,12 @@ The path of the data in ``fit``:
    with the loss ``_dqn_torch.DQNLoss`` (the target of each row is its index,
    through which the loss finds the row's labels); the quantization term
    assigns each batch row to its nearest codewords in the current codebooks.
-   After every epoch, the ``_dqn_torch.CodebookUpdate`` callback refits the
-   product quantizer on the embeddings of all rows (warm started, 10 Lloyd
-   iterations) and hands the codebooks to the loss: the alternating
-   optimisation of the paper;
+   From halfway through the epochs, after every epoch, the
+   ``_dqn_torch.CodebookUpdate`` callback refits the product quantizer on
+   the embeddings of all rows (warm started, 10 Lloyd iterations), hands
+   the codebooks to the loss (the alternating optimisation of the paper)
+   and raises the loss's quantization weight linearly towards
+   ``quantization_weight``, which it reaches in the last epoch;
 3. a final :class:`~sklearn_hash.ProductQuantizer` is fitted on the
    embeddings of all rows (``quantizer_``).
 
@@ -113,11 +115,17 @@ def _encode_tree_labels(y, n_samples, hierarchy, ancestor_similarity):
 
     Returns the labelled-row mask, the classes (tree nodes seen in y), the
     index of each row's label into the classes (0 for unlabelled rows) and
-    the (n_classes, n_classes) table of targets: +1 for two identical leaf
-    labels, -1 for labels with no common ancestor, and for labels that share
-    an ancestor at depth d (but are not the same leaf)
-    ``-1 + (1 + ancestor_similarity) * min(1, d / (height - 1))``, where
-    ``height`` is the depth of the deepest node of the tree.
+    the (n_classes, n_classes) table of targets. Between two leaves: +1 for
+    the same leaf, -1 for leaves with no common ancestor, and for leaves that
+    share an ancestor at depth d ``-1 + (1 + ancestor_similarity) * min(1, d
+    / (height - 1))``, where ``height`` is the depth of the deepest node of
+    the tree. A label at an inner node stands for a leaf below it, unknown:
+    its targets are the means of the leaf targets over the leaves below it,
+    each equally likely (for two labels, over all pairs of leaves below
+    them). For labels that are not ancestors of one another this is the
+    leaf target at their common ancestor; a back-off row and a row of a
+    class below it get ``(1 + (n - 1) * ancestor_similarity) / n`` in a
+    two-level tree whose category has ``n`` classes.
     """
     hierarchy = check_hierarchy(hierarchy)
     y = np.asarray(y)
@@ -142,24 +150,33 @@ def _encode_tree_labels(y, n_samples, hierarchy, ancestor_similarity):
     row_nodes[labelled] = index
     table, _ = ancestor_table(hierarchy)
     height = table.shape[1]
-    shared = lca_depth(table, classes[:, None], classes[None, :]).astype(np.float64)
+    leaves = np.flatnonzero(~np.isin(np.arange(len(hierarchy)), hierarchy))
+    # below[l, c]: leaf l is class c or lies under it; only the leaves under a class count
+    below = (table[leaves][:, :, None] == classes[None, None, :]).any(axis=1)
+    leaves, below = leaves[below.any(axis=1)], below[below.any(axis=1)]
+    shared = lca_depth(table, leaves[:, None], leaves[None, :]).astype(np.float64)
     scale = np.minimum(1.0, shared / (height - 1)) if height > 1 else np.zeros_like(shared)
-    targets = -1.0 + (1.0 + ancestor_similarity) * scale
-    is_leaf = ~np.isin(np.arange(len(hierarchy)), hierarchy)
-    same_leaf = (classes[:, None] == classes[None, :]) & is_leaf[classes][:, None]
-    targets[same_leaf] = 1.0
+    leaf_targets = -1.0 + (1.0 + ancestor_similarity) * scale
+    np.fill_diagonal(leaf_targets, 1.0)
+    prior = below / below.sum(axis=0, keepdims=True)  # each class: its leaves, equally likely
+    targets = prior.T @ leaf_targets @ prior
     return labelled, classes, row_nodes, targets.astype(np.float32)
 
 
 def _epoch_rows(labelled):
-    """Rows of one epoch: every row once, labelled rows repeated up to about half.
+    """Rows of one epoch: every row once, ``labelled`` rows repeated up to about half.
 
     With few labels a shuffled batch would hold only a few labelled rows,
     and the pairwise term would see few pairs. Repeating the labelled rows
-    ``ceil(n_unlabelled / n_labelled)`` times in all balances the two.
+    ``ceil(n_other / n_labelled)`` times in all balances the two. With a
+    label tree, ``labelled`` marks the rows labelled at a leaf: back-off
+    rows count with the others, so that adding coarse labels does not dilute
+    the pairs of fine labels.
     """
     rows = np.arange(len(labelled), dtype=np.int64)
     labelled_rows = rows[labelled]
+    if len(labelled_rows) == 0:
+        return rows
     repeats = int(np.ceil((len(rows) - len(labelled_rows)) / len(labelled_rows)))
     return np.concatenate([rows] + [labelled_rows] * max(repeats - 1, 0))
 
@@ -187,15 +204,18 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
     steps on the whole loss; after the epoch the codebooks and codes are
     refitted on the embeddings of all training rows (10 Lloyd iterations,
     warm started). The first half of the epochs trains the pairwise term
-    alone; the codebooks and the quantization term start halfway. After
-    training, a :class:`ProductQuantizer` is fitted on the embeddings
-    (``quantizer_``), warm started from the last codebooks.
+    alone; the codebooks and the quantization term start halfway, the
+    term's weight rising linearly after each codebook update, from
+    ``quantization_weight / n`` to ``quantization_weight`` in the last
+    epoch (``n`` the number of epochs left at the start). After training, a
+    :class:`ProductQuantizer` is fitted on the embeddings (``quantizer_``),
+    warm started from the last codebooks.
 
     The term does control the error of the codes, at a price in ranking: on
     ESC-50 YAMNet (10% labels, query fold 1, 3 seeds) the default weight
-    lowers the quantization error from 0.179 to 0.096 at 8 bits and from
-    0.156 to 0.088 at 32 bits, and mAP@100 from 0.671 to 0.650 and from
-    0.689 to 0.667 (``benchmarks/README.md``). Set
+    lowers the quantization error from 0.177 to 0.112 at 8 bits (-37%) and
+    from 0.156 to 0.101 at 32 bits (-35%), and mAP@100 from 0.675 to 0.657
+    and from 0.685 to 0.672 (``benchmarks/README.md``). Set
     ``quantization_weight=0`` for the best ranking with post-hoc codes.
 
     **Label trees.** With ``hierarchy`` (a parent array over the label ids,
@@ -206,10 +226,16 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
     not the same leaf, ``-1 + (1 + ancestor_similarity) * min(1, d / (H -
     1))`` with ``H`` the depth of the tree: in a two-level tree, two classes
     of the same category get ``ancestor_similarity``. A row may be labelled
-    at an inner node (known only coarsely, "back-off"): it takes part at
-    that level, as a pair sharing that ancestor with the rows below it and
-    with the rows of the same coarse label (a same-category target, not
-    +1, since their classes are unknown).
+    at an inner node (known only coarsely, "back-off"): it stands for one
+    of the leaves below that node, each equally likely, and its targets are
+    the means of the leaf targets over them. Against a row of another
+    branch that is the usual target; against a row of a class below it, or
+    another back-off row of the same node, it lies between: in a two-level
+    tree with ``n`` classes in the category, ``(1 + (n - 1) *
+    ancestor_similarity) / n``. Each epoch repeats the rows labelled at a
+    leaf up to about half of the epoch (back-off rows count with the
+    unlabelled ones), so that coarse labels add pairs without diluting the
+    fine ones.
 
     **Semi-supervised.** ``y = -1`` marks an unlabelled row (for a 2-D y, a
     row of -1): it takes part in the quantization term and in the codebooks,
@@ -242,15 +268,18 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
     embedding_dim : int, default=128
         Dimension of the ``tanh`` bottleneck; at least the number of codebooks.
     quantization_weight : float, default=0.5
-        Weight of the quantization term (lambda in the study). The default
-        was chosen on ESC-50 YAMNet embeddings with 10% of the labels, on a
-        validation split that leaves out the reported query fold (database
-        folds 3-5, queries fold 2, 2 seeds): the largest weight whose
-        mAP@100 at 8 and 32 bits stayed within 0.005 of
-        ``quantization_weight=0``'s there (0.616 and 0.641 against 0.614 and
-        0.634), where it lowered the quantization error by 45%; at 1.0 the
-        8-bit mAP fell to 0.609. On the reported fold the same weight costs
-        about 0.02 mAP (see above).
+        Weight of the quantization term (lambda in the study), reached in
+        the last epoch (the weight ramps up over the second half of the
+        epochs, see above). The default was chosen on ESC-50 YAMNet
+        embeddings with 10% of the labels without the reported query fold:
+        each of folds 2-5 in turn was the query fold and the other three the
+        database, 2 seeds (``benchmarks/bench_dqn.py --validation``). Rule:
+        among the weights that lower the quantization error by at least 30%
+        at 8 and 32 bits, the best mean mAP@100 difference to weight 0. There
+        it lowered the error by 37% and 36% for mAP@100 differences of
+        -0.008 (8 bits) and 0.000 (32 bits); no weight that lowered the error
+        by 30% kept the 8-bit mAP within 0.005. On the reported fold it costs
+        0.018 and 0.013 (see above).
     max_epochs : int, default=50
         Passes over the training rows.
     batch_size : int, default=256
@@ -272,14 +301,16 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         With ``hierarchy``: the target cosine of two rows whose labels differ
         only at the last level of the tree (two classes of one category),
         in [-1, 1]; pairs sharing a shallower ancestor get proportionally
-        less, down to -1. Unused without ``hierarchy``. The default was
-        chosen on ESC-50 YAMNet (32 bits, 10% fine labels, with and without
-        coarse-only labels for 40% more) on a validation split that leaves
-        out the reported query fold (database folds 3-5, queries fold 2, 2
-        seeds): among the values whose fine mAP@100 stayed within 0.01 of the
-        flat model's, the one with the best graded nDCG@100. Values nearer 0
-        raise coarse mAP and nDCG further but cost fine mAP (at 0, 0.13 of
-        fine mAP@100 there); see ``benchmarks/bench_hierarchy.py``.
+        less, down to -1, and back-off rows means of these (see above).
+        Unused without ``hierarchy``. The default was chosen on ESC-50 YAMNet
+        (32 bits, 10% fine labels, with and without coarse-only labels for
+        40% more) without the reported query fold: each of folds 2-5 in turn
+        was the query fold and the other three the database
+        (``benchmarks/bench_hierarchy.py --validation``). Rule: among the
+        values whose fine mAP@100 stayed within 0.01 of the flat model's in
+        both settings, the best mean graded nDCG@100. Values nearer 0 raise
+        coarse mAP and nDCG further but cost fine mAP (at -0.5, 0.024 there
+        with 10% fine labels).
     random_state : int, RandomState instance or None, default=None
         Seeds the network's initialisation, the mini-batch order and the
         codebooks. Refits with the same seed on CPU give the same model.
@@ -300,8 +331,9 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         Number of labelled training rows.
     history_ : list of dict
         One entry per epoch: ``train_loss``, ``pairwise_loss``,
-        ``quantization_loss`` (once the term has started, halfway) and
-        ``dur`` (seconds).
+        ``quantization_loss`` and ``quantization_weight`` (the weight the
+        epoch used; both once the term has started, halfway) and ``dur``
+        (seconds).
     n_features_in_ : int
         Number of features seen during ``fit``.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -457,6 +489,8 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         else:
             labelled, self.classes_, row_nodes, targets = _encode_tree_labels(
                 y, n_samples, self.hierarchy, self.ancestor_similarity)
+            is_leaf = ~np.isin(self.classes_, check_hierarchy(self.hierarchy))
+            leaf_labelled = labelled & is_leaf[row_nodes]
             label_matrix = np.zeros((n_samples, 1), dtype=np.float32)
             graded = {"criterion__pair_targets": targets, "criterion__row_nodes": row_nodes}
         self.n_labelled_ = int(labelled.sum())
@@ -465,10 +499,11 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         rng = check_random_state(self.random_state)
         torch_seed = int(rng.randint(np.iinfo(np.int32).max))
         X32 = np.ascontiguousarray(X, dtype=np.float32)
-        epoch_rows = _epoch_rows(labelled)
+        epoch_rows = _epoch_rows(labelled if self.hierarchy is None else leaf_labelled)
         codebooks = dqn_torch.CodebookUpdate(
-            X32, self._quantizer(rng, _EPOCH_KMEANS_ITER),
+            X32, self._quantizer(rng, _EPOCH_KMEANS_ITER), self.quantization_weight,
             start_epoch=max(1, int(_QUANTIZATION_START * self.max_epochs)),
+            max_epochs=self.max_epochs,
         )
         net = NeuralNet(
             module=dqn_torch.DQNModule,
@@ -478,7 +513,7 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
             criterion=dqn_torch.DQNLoss,
             criterion__label_matrix=label_matrix,
             criterion__labelled=labelled,
-            criterion__quantization_weight=self.quantization_weight,
+            criterion__quantization_weight=0.0,  # set by the callback, epoch by epoch
             **graded,
             optimizer=torch.optim.Adam,
             optimizer__weight_decay=self.weight_decay,
@@ -501,7 +536,8 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
             self._quantizer(rng, _FINAL_KMEANS_ITER), Z, previous=codebooks.quantizer_
         )
         self.history_ = [
-            {key: epoch[key] for key in ("train_loss", "pairwise_loss", "quantization_loss", "dur")
+            {key: epoch[key] for key in ("train_loss", "pairwise_loss", "quantization_loss",
+                                         "quantization_weight", "dur")
              if key in epoch}
             for epoch in net.history
         ]

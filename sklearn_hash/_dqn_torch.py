@@ -67,7 +67,8 @@ class DQNLoss(nn.Module):
     - quantization: the mean over the batch of ``||z_i - C h_i||^2``, where
       ``C h_i`` is the nearest codeword of each block of ``z_i`` in the
       current product codebooks (``codebooks``, set by
-      :class:`CodebookUpdate`; the term is off until then). The codes
+      :class:`CodebookUpdate`; the term is off until then), times
+      ``quantization_weight`` (which :class:`CodebookUpdate` ramps). The codes
       ``h_i`` are recomputed from the current embeddings at every batch, with
       the codebooks held fixed, so the gradient draws each embedding towards
       its nearest codewords: the network step of the alternating
@@ -132,21 +133,29 @@ class DQNLoss(nn.Module):
 
 
 class CodebookUpdate(Callback):
-    """The codebook step of the alternating optimisation, between epochs.
+    """The codebook step of the alternating optimisation, and the weight's schedule.
 
     After each epoch from ``start_epoch`` on, every row of ``X`` is embedded
     (eval mode) and a clone of ``quantizer`` (a ProductQuantizer) is fitted
     on the embeddings, warm started from the previous codebooks: Lloyd
     iterations alternate the codes (nearest codewords) and the codebooks
     (least-squares means) with the network fixed. The loss then holds these
-    codebooks fixed for the network steps of the next epoch. Mean loss
-    terms of the epoch go to the history (and to skorch's printed table).
+    codebooks fixed for the network steps of the next epoch.
+
+    The loss's quantization weight rises linearly with the codebook updates:
+    after the ``k``-th update it is ``weight * k / (max_epochs -
+    start_epoch)``, so that it reaches ``weight`` in the last epoch (all at
+    once when ``start_epoch >= max_epochs - 1``). Mean loss terms of the
+    epoch and the weight it used go to the history (and to skorch's printed
+    table).
     """
 
-    def __init__(self, X, quantizer, start_epoch=1):
+    def __init__(self, X, quantizer, weight, start_epoch=1, max_epochs=1):
         self.X = X
         self.quantizer = quantizer
+        self.weight = weight
         self.start_epoch = start_epoch
+        self.max_epochs = max_epochs
 
     def initialize(self):
         self.quantizer_ = None
@@ -158,6 +167,7 @@ class CodebookUpdate(Callback):
         net.history.record("pairwise_loss", criterion.running["pairwise"] / batches)
         if criterion.codebooks.numel():
             net.history.record("quantization_loss", criterion.running["quantization"] / batches)
+            net.history.record("quantization_weight", criterion.quantization_weight)
         criterion.reset_running_losses()
         if len(net.history) < self.start_epoch:
             return
@@ -165,6 +175,9 @@ class CodebookUpdate(Callback):
         self.quantizer_ = fit_codebooks(self.quantizer, Z, previous=self.quantizer_)
         criterion.set_codebooks(self.quantizer_.cluster_centers_,
                                 self.quantizer_.subspace_bounds_, net.device)
+        updates = len(net.history) - self.start_epoch + 1
+        criterion.quantization_weight = self.weight * min(
+            1.0, updates / max(self.max_epochs - self.start_epoch, 1))
 
     def on_train_end(self, net, **kwargs):
         # The training rows are not needed after fit, and would otherwise be

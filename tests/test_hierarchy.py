@@ -365,16 +365,29 @@ def test_tree_targets():
     np.testing.assert_array_equal(labelled, [1, 1, 1, 1, 0, 1, 1])
     np.testing.assert_array_equal(classes, [0, 1, 2, 3])
     np.testing.assert_array_equal(nodes[labelled], [0, 1, 2, 3, 0, 3])
+    # A back-off row (label 3) stands for leaf 0 or 1, equally likely: its
+    # targets are means over them, (1 - 0.4) / 2 = 0.3 with a row of leaf 0 or 1
+    # or with another back-off row of category 3.
     expected = np.array([
-        [1.0, -0.4, -1.0, -0.4],    # 0: same leaf, sibling, unrelated, its category
-        [-0.4, 1.0, -1.0, -0.4],
+        [1.0, -0.4, -1.0, 0.3],    # 0: same leaf, sibling, unrelated, its category
+        [-0.4, 1.0, -1.0, 0.3],
         [-1.0, -1.0, 1.0, -1.0],
-        [-0.4, -0.4, -1.0, -0.4],   # two back-off rows of one category: not +1
+        [0.3, 0.3, -1.0, 0.3],     # two back-off rows of one category: not +1
     ])
-    np.testing.assert_allclose(targets, expected)
+    np.testing.assert_allclose(targets, expected, rtol=1e-6)
     # three levels: classes sharing only the top level get halfway
     _, classes, _, targets = _encode_tree_labels(np.array([5, 6, 7, 8]), 4, TREE3, 0.2)
     np.testing.assert_allclose(targets[0], [1.0, 0.2, -1 + 1.2 / 2, -1.0], rtol=1e-6)
+    # an inner label of the three-level tree: the mean over the pairs of leaves below
+    # (node 0 holds leaves 5, 6 under 2 and 7 under 3; node 2 holds 5 and 6)
+    _, classes, _, targets = _encode_tree_labels(np.array([0, 2, 5, 8]), 4, TREE3, 0.2)
+    leaf = {(5, 5): 1.0, (5, 6): 0.2, (6, 6): 1.0, (5, 7): -0.4, (6, 7): -0.4, (7, 7): 1.0}
+    under = {0: [5, 6, 7], 2: [5, 6], 5: [5]}
+    for i, u in enumerate([0, 2, 5]):
+        for j, v in enumerate([0, 2, 5]):
+            mean = np.mean([leaf[min(a, b), max(a, b)] for a in under[u] for b in under[v]])
+            assert targets[i, j] == pytest.approx(mean, rel=1e-6), (u, v)
+    np.testing.assert_allclose(targets[:3, 3], -1.0)  # node 8 lies under the other top node
 
 
 def test_graded_loss_matches_a_numpy_oracle():
@@ -444,6 +457,23 @@ def test_back_off_rows_take_part(tree_data):
     # a back-off row is a labelled row, not an unlabelled one
     mixed = np.where(np.arange(len(y)) % 2 == 0, y, y_coarse)
     assert small_dqn(hierarchy=hierarchy, max_epochs=1).fit(X, mixed).n_labelled_ == len(y)
+
+
+def test_back_off_rows_do_not_dilute_the_fine_pairs(tree_data):
+    # The rows labelled at a leaf are repeated up to about half of an epoch
+    # (as the labelled rows of the flat model); back-off rows count with the
+    # unlabelled ones, so adding coarse labels keeps as many fine pairs.
+    X, y, _, hierarchy = tree_data
+    n = 100
+    fine = np.full(n, -1)
+    fine[:10] = y[:10]
+    with_coarse = fine.copy()
+    with_coarse[10:50] = hierarchy[y[10:50]]
+    rows = {}
+    for name, labels in [("fine", fine), ("coarse", with_coarse)]:
+        dqn = small_dqn(hierarchy=hierarchy, max_epochs=1).fit(X[:n], labels)
+        rows[name] = sum(batch["train_batch_size"] for batch in dqn.net_.history[0]["batches"])
+    assert rows == {"fine": 100 + 8 * 10, "coarse": 100 + 8 * 10}  # ceil(90 / 10) = 9 in all
 
 
 @pytest.mark.parametrize(
