@@ -49,16 +49,18 @@ def compare(name, codes, queries, threads):
     bounds = mih_substrings(64, n)
     print(f"\n### {name}: {n:,} codes, substrings {np.diff(bounds).tolist()} bits, "
           f"tables built in {t_build:.1f} s\n")
-    print("| k | brute force | multi-index hashing | speed-up | identical | auto picks |")
-    print("|---|---|---|---|---|---|")
+    print("| k | brute force | multi-index hashing | speed-up | identical | buckets probed / query "
+          "| codes verified / query | auto picks |")
+    print("|---|---|---|---|---|---|---|---|")
     for k in (1, 10, 100):
         (d1, i1), t_brute = timed_best(lambda: brute.search(queries, k, n_threads=threads))
         (d2, i2), t_mih = timed_best(lambda: mih.search(queries, k, n_threads=threads))
         same = np.array_equal(i1, i2) and np.array_equal(d1, d2)
         assert same, f"multi-index hashing differs from brute force ({name}, k={k})"
+        work = mih._hash_search(queries, k, None, None, threads, count=True)[2].mean(axis=0)
         pick = "hashing" if auto._prefers_tables(queries, k, threads) else "scan"
         print(f"| {k} | {t_brute:.3f} s | {t_mih:.3f} s | {t_brute / t_mih:.1f}x | {same} | "
-              f"{pick} |", flush=True)
+              f"{work[0]:,.0f} | {work[1]:,.0f} | {pick} |", flush=True)
 
 
 def main():

@@ -197,13 +197,14 @@ class MultiIndexHashing(HammingScan):
         ``None``: chosen from ``n_bits`` and the number of items.
     """
 
-    # Costs in units of one exhaustively scanned 64-bit word (0.85 ns with SIMD
-    # popcounts, 2 cores): a probed bucket (a cache miss in a table) and a
-    # verified candidate (random reads of its code and seen-mark, the heap)
-    # both measured at about 130 ns (bench_sublinear.py and a 1M-code
-    # clustered case: 0.14 ms per query for ~1,000 candidates).
+    # Costs in units of one exhaustively scanned 64-bit word (0.19-0.22 ns per
+    # code on one thread, AVX-512 popcounts): a probed bucket (~30 ns: a
+    # random read of its offsets) and a verified code (~3 ns: contiguous codes,
+    # a popcount, the heap test), fitted to the work counted and the times
+    # measured on 1M codes (ITQ codes of the YAMNet mixture, small clusters,
+    # uniform; k = 1, 10, 100), as ``bench_sublinear.py`` prints them.
     PROBE_COST = 150
-    CANDIDATE_COST = 150
+    CANDIDATE_COST = 15
 
     def __init__(self, n_bits, n_substrings=None, simd=True, auto=False):
         super().__init__(n_bits, simd)
@@ -216,17 +217,13 @@ class MultiIndexHashing(HammingScan):
     def _prefers_tables(self, queries, k, n_threads):
         """The measured rule of ``algorithm="auto"``: is hashing cheaper than a scan here?
 
-        The k-th distance of a few queries (found by a scan) gives the
-        substring radius s the search must reach, hence the buckets it
-        probes, ``m * sum_{s' <= s} C(b, s')``, and the candidates it
-        verifies (the items with a substring within s of the query's: on
-        clustered codes, many); hashing is chosen when those cost less than
-        scanning every code. Decided once per k until the index doubles.
+        Hashing searches up to 16 of the queries, counting the buckets it
+        probes and the codes it verifies (on clustered codes, many; where
+        codes have exact duplicates, few); it is chosen when that work,
+        weighed by the measured costs, is less than scanning every code
+        (mean over the sample: a batch costs the sum of its queries). Decided once per k until the index
+        doubles; the tables built to count are those a hashing search uses.
         """
-        from math import comb
-
-        from ._kernels._mih import substrings
-
         n = len(self.codes)
         key = k
         if key in self._choices and self._choices[key][0] * 2 > n:
@@ -234,18 +231,9 @@ class MultiIndexHashing(HammingScan):
         if n < 65536:
             choice = False
         else:
-            d, _ = super().search(queries[:8], k, n_threads=n_threads)
-            kth = float(np.median(d[:, -1]))
-            bounds = mih_substrings(self.n_bits, n, self.n_substrings)
-            m = len(bounds) - 1
-            radius = max(int(np.ceil((kth + 1) / m)) - 1, 0)
-            probes = sum(comb(int(b), r) for b in np.diff(bounds) for r in range(radius + 1))
-            values = substrings(np.ascontiguousarray(self.codes.to_array()), bounds)
-            sample = substrings(np.ascontiguousarray(queries[:8]), bounds)
-            candidates = np.median([np.count_nonzero(
-                (np.bitwise_count(values ^ row) <= radius).any(axis=1)) for row in sample])
-            cost = probes * self.PROBE_COST + candidates * self.CANDIDATE_COST
-            choice = cost < n * ((self.n_bits + 63) // 64)
+            work = self._hash_search(queries[:16], k, None, None, n_threads, count=True)[2]
+            cost = work[:, 0] * self.PROBE_COST + work[:, 1] * self.CANDIDATE_COST
+            choice = bool(cost.mean() < n * ((self.n_bits + 63) // 64))
         self._choices[key] = (n, choice)
         return choice
 
@@ -278,24 +266,30 @@ class MultiIndexHashing(HammingScan):
         self._tables, self._built, self._choices = None, 0, {}
 
     def search(self, queries, k, *, allowed=None, exclude=None, n_threads=1):
-        from ._kernels._mih import mih_kneighbors
-
         if self.auto and (allowed is not None or not self._prefers_tables(queries, k, n_threads)):
             # A filter can leave few items near the query: scanning is safer.
             return super().search(queries, k, allowed=allowed, exclude=exclude,
                                   n_threads=n_threads)
+        return self._hash_search(queries, k, allowed, exclude, n_threads)[:2]
+
+    def _hash_search(self, queries, k, allowed, exclude, n_threads, count=False):
+        """Search by the tables (built or rebuilt first when stale); with count, the work too."""
+        from ._kernels._mih import mih_kneighbors
+
         n = len(self.codes)
         if self._tables is None or n - self._built > max(self._built // 4, 1024):
             self._build()
         codes, bounds, _, offsets_at, ids_at, codes_at = self._tables
         built = self._built
+        work = np.zeros((len(queries), 2), dtype=np.int64) if count else None
         d, i = mih_kneighbors(
             queries, codes, bounds, offsets_at, ids_at, codes_at, k, n_threads=n_threads,
             exclude=None if exclude is None else np.where(exclude < built, exclude, -1),
             allowed=None if allowed is None else np.ascontiguousarray(allowed[:built]),
+            work=work,
         )
         if built == n:
-            return d, i
+            return d, i, work
         # The items added since the build: scanned, then merged exactly.
         tail = np.ascontiguousarray(self.codes.slice(built, n))
         sub_exclude = None
@@ -305,7 +299,7 @@ class MultiIndexHashing(HammingScan):
                               None if allowed is None else allowed[built:], sub_exclude,
                               n_threads)
         i2[i2 >= 0] += built
-        return _merge([(d, i), (d2, i2)], k)
+        return (*_merge([(d, i), (d2, i2)], k), work)
 
 
 class TableScan(_FlatScan):

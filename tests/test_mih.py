@@ -109,6 +109,28 @@ def test_auto_rule_prefers_hashing_for_near_neighbours_and_scans_otherwise(monke
     crowded = MultiIndexHashing(64, auto=True)  # a few big clusters: hot buckets
     crowded.add(pack_bits(centers[rng.integers(0, 5, 70_000)] ^ (rng.random((70_000, 64)) < 0.02)))
     assert not crowded._prefers_tables(pack_bits(centers[:8]), 10, 1)
+    # Codes with many exact duplicates (short codes of clustered data): the
+    # search stops a bucket once its k best are duplicates with smaller indices.
+    dupes = MultiIndexHashing(64, auto=True)
+    dupes.add(pack_bits(centers[rng.integers(0, 50, 70_000)]))
+    assert dupes._prefers_tables(pack_bits(centers[:8]), 10, 1)
+
+
+def test_work_counts_buckets_and_verified_codes_and_stops_at_duplicates():
+    mih = MultiIndexHashing(64, n_substrings=4)
+    mih.add(pack_bits(np.ones((1000, 64), dtype=np.uint8)))
+    d, i, work = mih._hash_search(pack_bits(np.ones((2, 64), dtype=np.uint8)), 10, None, None,
+                                  1, count=True)
+    np.testing.assert_array_equal(i, np.tile(np.arange(10), (2, 1)))
+    np.testing.assert_array_equal(d, 0)
+    # Radius 0 only: one bucket per substring table, each read up to index 9.
+    np.testing.assert_array_equal(work, [[4, 40], [4, 40]])
+    far = pack_bits(np.zeros((1, 64), dtype=np.uint8))  # every code at distance 64
+    d, _, work = mih._hash_search(far, 10, None, None, 1, count=True)
+    np.testing.assert_array_equal(d, 64)
+    # Every bucket of every table probed (radius 0 to 16); the full bucket read
+    # in each table: its codes are at 64 > 16, so no cut applies.
+    np.testing.assert_array_equal(work, [[4 * 2**16, 4 * 1000]])
 
 
 def test_bad_input():

@@ -14,7 +14,11 @@ Tables are dense: substring i of b_i bits has ``2**b_i + 1`` offsets into an
 array of database indices sorted by substring value (ascending index within
 a bucket), and beside it the codes in the same order, so that verifying a
 bucket's candidates reads contiguous memory rather than one random code per
-candidate. A candidate is verified first (a popcount), and only one that
+candidate. A bucket at substring distance s holds codes at distance s or
+more, in ascending index: once the query's k-th best is below s, or equals s
+with a smaller index than the bucket's next item, the rest of the bucket
+cannot enter and is skipped (codes with many exact duplicates end their
+search after a few items). A candidate is verified first (a popcount), and only one that
 would enter the query's current k best is checked against the marks of the
 items already taken: an item found again through another substring is then
 either among the k best (marked: skipped) or was pushed out of them (worse
@@ -115,6 +119,7 @@ def mih_kneighbors(
     int n_threads=1,
     const int64_t[::1] exclude=None,   # IN (n_queries,) or None
     const uint8_t[::1] allowed=None,   # IN (n_database,) or None
+    int64_t[:, ::1] work=None,         # OUT (n_queries, 2) or None
 ):
     """k nearest database codes of each query by multi-index hashing (exact).
 
@@ -122,7 +127,9 @@ def mih_kneighbors(
     int32 distances and int64 indices ranked by (distance, index), padded
     with ``2**31 - 1`` and -1 when fewer than k codes are candidates. The
     tables must index exactly the rows of ``database``; table i's codes are
-    ``database[ids_i]``, in the order of its ids.
+    ``database[ids_i]``, in the order of its ids. With ``work``, row q
+    receives the buckets probed and the codes verified for query q (what
+    ``algorithm="auto"`` weighs against a scan).
     """
     cdef Py_ssize_t n_queries = queries.shape[0]
     cdef Py_ssize_t n_database = database.shape[0]
@@ -147,6 +154,8 @@ def mih_kneighbors(
         raise ValueError("exclude must have one entry per query.")
     if allowed is not None and allowed.shape[0] != n_database:
         raise ValueError("allowed must have one entry per database row.")
+    if work is not None and (work.shape[0] != n_queries or work.shape[1] != 2):
+        raise ValueError("work must have shape (n_queries, 2).")
     distances = np.full((n_queries, k), 2**31 - 1, dtype=np.int32)
     indices = np.full((n_queries, k), -1, dtype=np.int64)
     if n_queries == 0 or k == 0 or n_database == 0:
@@ -159,7 +168,8 @@ def mih_kneighbors(
     cdef Py_ssize_t words_seen = (n_database + 63) // 64
 
     cdef Py_ssize_t q, s, i, c, w, size, bits, lo
-    cdef int64_t j, start, stop, e
+    cdef int64_t j, start, stop, e, n_probed, n_verified
+    cdef bint counting = work is not None
     cdef uint64_t key, mask, low, r, limit
     cdef int d, bound
     cdef int failed = 0
@@ -191,6 +201,8 @@ def mih_kneighbors(
                 qc = &queries[q, 0]
                 size = 0
                 touched.size = 0
+                n_probed = 0
+                n_verified = 0
                 e = excl[q] if excl != NULL else -1
                 for s in range(max_bits + 1):
                     for i in range(m):
@@ -208,7 +220,13 @@ def mih_kneighbors(
                         while mask < limit:
                             start = offs[key ^ mask]
                             stop = offs[(key ^ mask) + 1]
+                            if size == k and hd[0] < s:
+                                start = stop  # its codes are all at distance >= s
+                            n_probed = n_probed + 1
                             for c in range(start, stop):
+                                if size == k and hd[0] == s and ids[c] > hi[0]:
+                                    break  # the rest: distance >= s, larger indices
+                                n_verified = n_verified + 1
                                 d = 0
                                 for w in range(n_words):
                                     d = d + sh_popcount64(qc[w] ^ tcodes[c * n_words + w])
@@ -254,6 +272,9 @@ def mih_kneighbors(
                     out_i[q, c] = hi[c]
                 for c in range(touched.size):
                     seen[touched.ids[c] >> 6] = 0
+                if counting:
+                    work[q, 0] = n_probed
+                    work[q, 1] = n_verified
         free(seen)
         if touched != NULL:
             free(touched.ids)
