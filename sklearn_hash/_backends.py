@@ -25,7 +25,9 @@ reads only the codes it scans.
   of :class:`TableScan`).
 - :class:`InvertedLists`: residual codeword indices grouped by coarse cell
   (IVFADC, and the inverted multi-index's K x K cells), stored as runs of
-  added items, each grouped by cell.
+  added items, each grouped by cell; 4-bit codes are also kept in the
+  fast-scan block layout, cell by cell, and each probed cell is filtered
+  by fast-scan and re-scored exactly (the answers of the float tables).
 
 Flat back-ends also answer range queries (``radius``), for
 ``radius_neighbors``.
@@ -34,6 +36,16 @@ Flat back-ends also answer range queries (``radius``), for
 import numpy as np
 
 from ._kernels._adc import adc_kneighbors, adc_radius, ivf_adc_kneighbors
+from ._kernels._fastscan import (
+    BLOCK_ROWS,
+    block_bytes,
+    check_4bit_codes,
+    fastscan_kneighbors,
+    ivf_fastscan_kneighbors,
+    pack_blocks,
+    pack_cell_blocks,
+)
+from ._kernels._fastscan import simd_path as fastscan_simd_path  # noqa: F401 (for the searchers)
 from ._kernels._hamming import hamming_kneighbors, hamming_radius
 from ._storage import ChunkedRows, GrowableArray
 
@@ -360,6 +372,14 @@ class _CellRun:
         self.codes, self.ids, self.cells, self.starts = codes, ids, cells, starts
         self.first = int(first)
         self.sealed = sealed
+        # Fast-scan block layout of the run's cells (``pack_cell_blocks``): a
+        # cache built by InvertedLists, never saved nor pickled.
+        self.blocks = self.block_at = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["blocks"] = state["block_at"] = None
+        return state
 
     def __len__(self):
         return len(self.ids)
@@ -405,15 +425,41 @@ class InvertedLists:
     The kernel reads a table of chunk addresses: for each cell, one chunk
     per run holding items of that cell.
 
+    With ``fast_scan`` (4-bit codes: 16 codewords), each run also keeps its
+    codes in the fast-scan block layout, every cell from a block boundary
+    of its own (``pack_cell_blocks``; cells of a run holding fewer than
+    ``FAST_SCAN_MIN_ROWS`` items are left out and scored with float
+    lookups), and the search runs ``ivf_fastscan_kneighbors``: 8-bit
+    quantized tables filter each probed cell, the float tables re-score what
+    passes, and the answers are those of the float-table scan
+    (``ivf_adc_kneighbors``), bit for bit. Blocks are packed when a run is
+    made (an ``add`` packs its own items, and a merge of runs the merged
+    run, which the merge copies anyway; a loaded segment when it is
+    loaded); they are never saved.
+
     Parameters
     ----------
     n_lists, n_subspaces, n_codewords : int
+    fast_scan : bool, default=False
+        Search by fast-scan; needs ``n_codewords == 16``.
+    simd : bool or {"avx512", "avx2", "portable"}, default=True
+        Shuffle path of the fast-scan kernel (see ``fastscan_kneighbors``).
     """
 
-    def __init__(self, n_lists, n_subspaces, n_codewords):
+    # A run's cell with fewer items is scored with float lookups: quantizing
+    # the probe's table and reading a whole block costs about what scoring
+    # this many codes does (measured, benchmarks/bench_ivf.py --fast-scan).
+    FAST_SCAN_MIN_ROWS = 32
+
+    def __init__(self, n_lists, n_subspaces, n_codewords, fast_scan=False, simd=True):
+        if fast_scan and n_codewords != 16:
+            raise ValueError(f"fast-scan searches 4-bit codes (16 codewords per subspace, "
+                             f"subspace_bits=4); these codes have {n_codewords}.")
         self.n_lists = n_lists
         self.n_subspaces = n_subspaces
         self.n_codewords = n_codewords
+        self.fast_scan = bool(fast_scan)
+        self.simd = simd
         self.code_dtype = np.dtype(np.uint8 if n_codewords <= 256 else np.uint16)
         self.runs = []
         self.list_of = GrowableArray((), np.int32)  # the cell of each database index
@@ -454,6 +500,7 @@ class InvertedLists:
             while (len(runs) >= 2 and not runs[-2].sealed
                    and len(runs[-2]) <= len(runs[-1])):
                 runs[-2:] = [runs[-2].then(runs[-1])]
+            self._pack(runs[-1])
         counts = np.bincount(lists, minlength=self.n_lists)
         self.list_of.append(lists.astype(np.int32))
         self.sizes += counts
@@ -487,6 +534,7 @@ class InvertedLists:
             cells = np.flatnonzero(counts).astype(np.int64)
             starts = np.concatenate([offsets[cells], [len(codes)]]).astype(np.int64)
             self.runs.append(_CellRun(codes, ids, cells, starts, first, sealed=True))
+            self._pack(self.runs[-1])
         self.list_of.append(list_of)
         self.sizes += counts
         self.live_sizes += counts
@@ -533,9 +581,11 @@ class InvertedLists:
         kept = keep[ids]
         codes, ids, cells = codes[kept], new_id[ids[kept]], cells[kept]
         list_of = self.list_of.array[keep]
-        self.__init__(self.n_lists, self.n_subspaces, self.n_codewords)
+        self.__init__(self.n_lists, self.n_subspaces, self.n_codewords, self.fast_scan,
+                      self.simd)
         if len(ids):
             self.runs.append(_CellRun._from_sorted(codes, ids, cells, 0))
+            self._pack(self.runs[-1])
         self.list_of.append(list_of)
         self.sizes = np.bincount(list_of, minlength=self.n_lists).astype(np.int64)
         self.live_sizes = self.sizes.copy()
@@ -557,59 +607,102 @@ class InvertedLists:
             codes[at] = run.codes[self._where[r][indices[at] - run.first]]
         return codes, lists
 
+    def set_fast_scan(self, fast_scan, simd=None):
+        """Switch the search between fast-scan and float lookups (same answers).
+
+        Parameters
+        ----------
+        fast_scan : bool
+            Search by fast-scan (4-bit codes only); the blocks are packed
+            on the next search when missing.
+        simd : bool or {"avx512", "avx2", "portable"}, default=None
+            Shuffle path; ``None`` keeps the current one.
+
+        Returns
+        -------
+        self : InvertedLists
+        """
+        if fast_scan and self.n_codewords != 16:
+            raise ValueError(f"fast-scan searches 4-bit codes (16 codewords per subspace, "
+                             f"subspace_bits=4); these codes have {self.n_codewords}.")
+        self.fast_scan = bool(fast_scan)
+        if simd is not None:
+            self.simd = simd
+        self._layout = None
+        return self
+
+    def _pack(self, run):
+        """The run's fast-scan blocks, unless built already (or fast-scan is off)."""
+        if self.fast_scan and run.blocks is None:
+            run.blocks, run.block_at = pack_cell_blocks(run.codes, run.starts,
+                                                        self.FAST_SCAN_MIN_ROWS)
+
     def _chunk_layout(self):
-        """Addresses of every cell's chunks (one per run), for the kernel."""
+        """Addresses of every cell's chunks (one per run), for the kernel.
+
+        With fast-scan, also the address of each chunk's first block (0 for
+        a chunk scored with float lookups).
+        """
         if self._layout is None:
             row_bytes = self.n_subspaces * self.code_dtype.itemsize
-            cells, codes_at, ids_at, sizes = [], [], [], []
+            cells, codes_at, ids_at, blocks_at, sizes = [], [], [], [], []
             for run in self.runs:
                 cells.append(run.cells)
                 begin = run.starts[:-1]
                 codes_at.append(run.codes.ctypes.data + begin * row_bytes)
                 ids_at.append(run.ids.ctypes.data + begin * 8)
                 sizes.append(np.diff(run.starts))
+                if self.fast_scan:
+                    self._pack(run)  # e.g. an unpickled run
+                    blocks_at.append(np.where(
+                        run.block_at >= 0,
+                        run.blocks.ctypes.data + run.block_at * run.blocks.shape[1], 0))
+                else:
+                    blocks_at.append(np.zeros(len(run.cells), dtype=np.intp))
             if cells:
                 cells = np.concatenate(cells)
                 order = np.argsort(cells, kind="stable")  # a cell's chunks in run order
                 cells = cells[order]
                 codes_at = np.concatenate(codes_at)[order]
                 ids_at = np.concatenate(ids_at)[order]
+                blocks_at = np.concatenate(blocks_at)[order]
                 sizes = np.concatenate(sizes)[order]
             else:
                 cells = sizes = np.empty(0, dtype=np.int64)
-                codes_at = ids_at = np.empty(0, dtype=np.intp)
+                codes_at = ids_at = blocks_at = np.empty(0, dtype=np.intp)
             offsets = np.searchsorted(cells, np.arange(self.n_lists + 1))
             self._layout = (offsets.astype(np.int64), np.asarray(codes_at, dtype=np.intp),
                             np.asarray(ids_at, dtype=np.intp),
-                            np.asarray(sizes, dtype=np.int64), list(self.runs))
+                            np.asarray(sizes, dtype=np.int64),
+                            np.asarray(blocks_at, dtype=np.intp), list(self.runs))
         return self._layout
 
     def search(self, list_tables, query_tables, coarse, probes, table_rows, n_visit, k, *,
                allowed=None, exclude=None, n_threads=1, second_rows=None, split=0):
-        """Scan each query's probed lists (see ``ivf_adc_kneighbors``)."""
-        offsets, codes_at, ids_at, sizes, keep = self._chunk_layout()
+        """Scan each query's probed lists (see ``ivf_adc_kneighbors``).
+
+        With ``fast_scan``, by ``ivf_fastscan_kneighbors``: the same answers.
+        """
+        offsets, codes_at, ids_at, sizes, blocks_at, keep = self._chunk_layout()
         if exclude is None:
             exclude = np.full(len(query_tables), -1, dtype=np.int64)
-        result = ivf_adc_kneighbors(
-            list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
-            codes_at, ids_at, sizes, self.code_dtype.itemsize, exclude, k,
-            allowed=allowed, n_threads=n_threads, second_rows=second_rows, split=split,
-        )
+        if self.fast_scan:
+            result = ivf_fastscan_kneighbors(
+                list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
+                codes_at, ids_at, blocks_at, sizes, exclude, k, allowed=allowed,
+                n_threads=n_threads, second_rows=second_rows, split=split, simd=self.simd,
+            )
+        else:
+            result = ivf_adc_kneighbors(
+                list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
+                codes_at, ids_at, sizes, self.code_dtype.itemsize, exclude, k,
+                allowed=allowed, n_threads=n_threads, second_rows=second_rows, split=split,
+            )
         del keep  # the runs stayed alive, referenced by the layout, during the scan
         return result
 
 
 # ---------------------------------------------------------------- 4-bit fast-scan
-# (imported here, beside the back-end that uses them)
-from ._kernels._fastscan import (
-    BLOCK_ROWS,
-    block_bytes,
-    check_4bit_codes,
-    fastscan_kneighbors,
-    pack_blocks,
-)
-from ._kernels._fastscan import simd_path as fastscan_simd_path  # noqa: F401 (for the searchers)
-
 
 class FastScan(_FlatScan):
     """4-bit codeword indices (16 codewords per subspace), searched by fast-scan.

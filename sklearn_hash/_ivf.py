@@ -23,6 +23,11 @@ each half's codebook by k-means, an item's cell pairs its halves' nearest
 codewords, and ``_probes`` walks the cells in increasing distance with the
 multi-sequence algorithm (``_kernels/_imi.pyx``), visiting ``n_probe``
 non-empty ones.
+
+With 4-bit residual codes (16 codewords per subspace) the back-end also
+keeps each cell's codes in the fast-scan block layout and scans the probed
+cells by fast-scan (``ivf_fastscan_kneighbors``: 8-bit tables as a proven
+filter, float re-scoring), with the float tables' answers.
 """
 
 from math import isqrt
@@ -35,7 +40,7 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_consistent_length, validate_data
 
-from ._backends import InvertedLists
+from ._backends import InvertedLists, fastscan_simd_path
 from ._index import IndexMixin
 from ._kernels._imi import multi_sequence
 from ._kernels._nearest import codeword_scores, nearest_codewords
@@ -181,6 +186,18 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
 
     Notes
     -----
+    With 4-bit residual codes (``ProductQuantizer(n_bits, subspace_bits=4)``
+    or ``OPQ(..., subspace_bits=4)``: 16 codewords per subspace) each
+    probed cell is searched by fast-scan where the processor has byte
+    shuffles (AVX2 or AVX-512BW): the cell's codes are also kept in the
+    fast-scan block layout (half a byte per codeword index, rebuilt on
+    :meth:`load`, never saved), the probe's table is quantized to 8 bits
+    with the query's current k-th distance as its bound, and the codes that
+    pass the filter are re-scored with the float table. The answers are
+    those of the float tables, bit for bit (the filter is a proven lower
+    bound); only the speed differs. Cells of fewer than 32 codes (per
+    ``add`` batch) are scored with float lookups.
+
     Distances estimate the squared distance from the query to each item's
     reconstruction (centroid plus decoded residual), as float32 sums of
     table entries in subspace order; items at equal distance are ranked by
@@ -336,8 +353,13 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         return self
 
     def _new_index(self):
-        return InvertedLists(self.n_lists, self.quantizer_.n_subspaces_,
-                             self.quantizer_.n_codewords_)
+        n_codewords = self.quantizer_.n_codewords_
+        # 4-bit codes: each probed cell filtered by fast-scan, the same answers
+        # (where the processor has byte shuffles; the portable C filter is
+        # slower than float lookups).
+        fast_scan = n_codewords == 16 and fastscan_simd_path() != "portable"
+        return InvertedLists(self.n_lists, self.quantizer_.n_subspaces_, n_codewords,
+                             fast_scan=fast_scan)
 
     # ------------------------------------------------------------ coarse quantizer
 

@@ -31,6 +31,10 @@ a time. A search has two stages:
    work depends on the quantization: items whose lower bound is close to
    the k-th distance are re-scored (a few tens per query on 1M codes).
 
+``ivf_fastscan_kneighbors`` applies the same filter to the probed cells of
+an inverted file (``IVFQuantizedNeighbors``), cell by cell, with the
+query's current k-th distance as the bound of each probe's table.
+
 Work is split over blocks of queries (OpenMP ``prange``), each block sharing
 the database scan, cut into cache-sized parts; on the AVX-512 path two
 queries at a time share the reading of the codes. The results do not depend on
@@ -39,7 +43,7 @@ chunks.
 """
 
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, fabs, floor, isfinite, rint
+from libc.math cimport INFINITY, fabs, isfinite, rint
 from libc.stdint cimport int32_t, int64_t, intptr_t, uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
 
@@ -65,6 +69,8 @@ cdef extern from "_fastscan.h":
     void sh_fs_offer(float* dist, int64_t* idx, Py_ssize_t* size, Py_ssize_t k,
                      float d, int64_t j) noexcept nogil
     void sh_fs_heap_sort(float* dist, int64_t* idx, Py_ssize_t size) noexcept nogil
+    int sh_fs_quantize_probe(int simd, const float* table, Py_ssize_t M, Py_ssize_t Mp, int qmax,
+                             float kth, float* lo, uint8_t* lut, double* out) noexcept nogil
 
 
 cdef enum:
@@ -191,7 +197,7 @@ cdef inline int _threshold(double d, double bias, double e_over, double slack,
         return 0
     if x >= 65535:
         return 65536
-    return <int> floor(x) + 1
+    return <int> x + 1  # x >= 0: the cast is the floor
 
 
 cdef void _quantize(
@@ -545,3 +551,373 @@ def fastscan_kneighbors(
         raise MemoryError("could not allocate the fast-scan search buffers.")
     return (distances, indices, stats) if return_stats else (distances, indices)
 
+
+
+# ------------------------------------------------------------------ inverted lists
+
+cdef enum:
+    # Rows of a cell's blocks scanned between two updates of the threshold.
+    PART_ROWS = 512
+
+
+def pack_cell_blocks(
+    const uint8_t[:, ::1] codes,   # IN (n, n_subspaces) grouped by cell, each value < 16
+    const int64_t[::1] starts,     # IN (n_cells + 1,) cell t holds rows starts[t]:starts[t + 1]
+    Py_ssize_t min_rows=1,
+):
+    """Block layouts of codes grouped by cell, each cell from a block boundary.
+
+    The rows of cell t are packed as ``pack_blocks(codes[starts[t] :
+    starts[t + 1]])`` would pack them, into ``ceil(n_t / 128)`` consecutive
+    blocks of their own (a cell's last block is zero-padded; no block mixes
+    two cells), when the cell holds at least ``min_rows`` rows; smaller
+    cells are left out (their codes are scored with float lookups).
+
+    Returns
+    -------
+    blocks : ndarray of shape (n_blocks, block_bytes(n_subspaces)), dtype=uint8
+    block_at : ndarray of shape (n_cells,), dtype=int64
+        The first block of each cell, -1 for cells left out.
+    """
+    cdef Py_ssize_t n = codes.shape[0]
+    cdef Py_ssize_t M = codes.shape[1]
+    cdef Py_ssize_t Mp = padded_subspaces(M)
+    cdef Py_ssize_t n_cells = starts.shape[0] - 1
+    if n_cells < 0:
+        raise ValueError("starts must hold n_cells + 1 entries.")
+    bounds = np.asarray(starts)
+    if bounds[0] != 0 or bounds[n_cells] != n or np.any(np.diff(bounds) < 0):
+        raise ValueError(f"starts must rise from 0 to the {n} rows of codes.")
+    if min_rows < 1:
+        raise ValueError(f"min_rows must be >= 1; got {min_rows}.")
+    check_4bit_codes(codes)
+    sizes = np.diff(bounds)
+    n_blocks = np.where(sizes >= min_rows, (sizes + BLOCK - 1) // BLOCK, 0)
+    first = np.cumsum(n_blocks) - n_blocks
+    block_at = np.where(n_blocks > 0, first, -1).astype(np.int64)
+    blocks = np.zeros((int(n_blocks.sum()), Mp * 64), dtype=np.uint8)
+    cdef uint8_t[:, ::1] out = blocks
+    cdef const int64_t[::1] at = block_at
+    cdef Py_ssize_t t
+    if blocks.shape[0] and M:
+        with nogil:
+            for t in range(n_cells):
+                if at[t] >= 0:
+                    sh_fs_pack(&codes[starts[t], 0], starts[t + 1] - starts[t], M, Mp,
+                               &out[at[t], 0])
+    return blocks, block_at
+
+
+cdef inline void _offer_rows(
+    const float* table,      # IN (M, 16)
+    const uint8_t* codes,    # IN the chunk's codes, (rows, M)
+    const int64_t* ids,      # IN the chunk's database indices
+    Py_ssize_t r0,
+    Py_ssize_t r1,
+    Py_ssize_t M,
+    int64_t own,
+    const uint8_t* allow,    # IN by database index, or NULL
+    float* hd,               # IN/OUT (k,) heap
+    int64_t* hi,             # IN/OUT (k,)
+    Py_ssize_t* size,        # IN/OUT
+    Py_ssize_t k,
+) noexcept nogil:
+    """Rows r0:r1 of a chunk scored with the float table and offered to the heap."""
+    cdef Py_ssize_t r
+    cdef int64_t j
+    for r in range(r0, r1):
+        j = ids[r]
+        if j == own or (allow != NULL and not allow[j]):
+            continue
+        sh_fs_offer(hd, hi, size, k, sh_fs_adc(table, codes + r * M, M), j)
+
+
+def _check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
+                         chunk_offsets, chunk_codes, chunk_ids, chunk_blocks, chunk_sizes,
+                         exclude, k, allowed, n_threads, second_rows, split):
+    n_tables, M, K = list_tables.shape
+    n_queries = query_tables.shape[0]
+    n_probe = probes.shape[1]
+    n_lists = chunk_offsets.shape[0] - 1
+    n_chunks = chunk_sizes.shape[0]
+    if K != 16 or query_tables.shape[2] != 16:
+        raise ValueError(f"fast-scan searches 4-bit codes: tables must have 16 codewords per "
+                         f"subspace; got {K}. Codes with more codewords are searched by "
+                         f"ivf_adc_kneighbors.")
+    if query_tables.shape[1] != M:
+        raise ValueError("list_tables and query_tables must have the same subspaces "
+                         "and codewords.")
+    if M < 1:
+        raise ValueError("tables must have at least one subspace.")
+    if (probes.shape[0] != n_queries or coarse.shape[0] != n_queries
+            or coarse.shape[1] != n_probe or table_rows.shape[0] != n_queries
+            or table_rows.shape[1] != n_probe or n_visit.shape[0] != n_queries
+            or exclude.shape[0] != n_queries):
+        raise ValueError("probes, table_rows and coarse must have shape (n_queries, n_probe) "
+                         "and n_visit, exclude shape (n_queries,).")
+    offsets = np.asarray(chunk_offsets)
+    if (n_lists < 1 or offsets[0] != 0 or offsets[-1] != n_chunks
+            or np.any(np.diff(offsets) < 0) or chunk_codes.shape[0] != n_chunks
+            or chunk_ids.shape[0] != n_chunks or chunk_blocks.shape[0] != n_chunks):
+        raise ValueError("chunk_offsets must rise from 0 to n_chunks, and chunk_codes, "
+                         "chunk_ids, chunk_blocks and chunk_sizes hold one entry per chunk.")
+    sizes = np.asarray(chunk_sizes)
+    if n_chunks and (sizes.min() < 0 or np.any(
+            (sizes > 0) & ((np.asarray(chunk_codes) == 0) | (np.asarray(chunk_ids) == 0)))):
+        raise ValueError("chunk sizes must be >= 0 and non-empty chunks need addresses.")
+    visit = np.asarray(n_visit)
+    if n_queries and (visit.min() < 0 or visit.max() > n_probe):
+        raise ValueError(f"n_visit must be in [0, {n_probe}].")
+    mask = np.arange(n_probe) < visit[:, None]
+    probe_arr = np.asarray(probes)
+    if np.any((probe_arr < 0) & mask) or np.any((probe_arr >= n_lists) & mask):
+        raise ValueError(f"probes must be list numbers in [0, {n_lists - 1}].")
+    for name, rows in (("table_rows", table_rows), ("second_rows", second_rows)):
+        if rows is None:
+            continue
+        if rows.shape[0] != n_queries or rows.shape[1] != n_probe:
+            raise ValueError(f"{name} must have shape (n_queries, n_probe).")
+        rows = np.asarray(rows)
+        if np.any((rows < 0) & mask) or np.any((rows >= n_tables) & mask):
+            raise ValueError(f"{name} must be rows of list_tables, in [0, {n_tables - 1}].")
+    if second_rows is not None and not 0 <= split <= M:
+        raise ValueError(f"split must be in [0, {M}]; got {split}.")
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got k={k}.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+
+
+def ivf_fastscan_kneighbors(
+    const float[:, :, ::1] list_tables,   # IN (n_tables, n_subspaces, 16)
+    const float[:, :, ::1] query_tables,  # IN (n_queries, n_subspaces, 16)
+    const float[:, ::1] coarse,           # IN (n_queries, n_probe)
+    const int64_t[:, ::1] probes,         # IN (n_queries, n_probe)
+    const int64_t[:, ::1] table_rows,     # IN (n_queries, n_probe)
+    const int64_t[::1] n_visit,           # IN (n_queries,)
+    const int64_t[::1] chunk_offsets,     # IN (n_lists + 1,)
+    const intptr_t[::1] chunk_codes,      # IN (n_chunks,) addresses of uint8 code rows
+    const intptr_t[::1] chunk_ids,        # IN (n_chunks,) addresses of int64 ids
+    const intptr_t[::1] chunk_blocks,     # IN (n_chunks,) addresses of block layouts, or 0
+    const int64_t[::1] chunk_sizes,       # IN (n_chunks,)
+    const int64_t[::1] exclude,           # IN (n_queries,)
+    Py_ssize_t k,
+    const uint8_t[::1] allowed=None,      # IN (n_ids,) or None
+    int n_threads=1,
+    const int64_t[:, ::1] second_rows=None,  # IN (n_queries, n_probe) or None
+    Py_ssize_t split=0,
+    simd=True,
+    bint return_stats=False,
+):
+    """``ivf_adc_kneighbors`` over 4-bit codes, with a fast-scan filter per probed cell.
+
+    The arguments and the answers are those of ``ivf_adc_kneighbors``
+    (``code_bytes=1``, 16 codewords): for probe p of query q the float32
+    table ``t = list_tables[table_rows[q, p]] (+ list_tables[second_rows[q,
+    p]] from subspace ``split``) + query_tables[q]``, ``coarse[q, p]`` added
+    to row 0, and a code's distance is its entries added in subspace order;
+    ranked by (distance, database index). Only the work differs.
+
+    ``chunk_blocks[c]`` is the address of chunk c's codes in the block
+    layout (``pack_cell_blocks``: the chunk's rows from the start of a block
+    of their own), or 0 for a chunk scored with float lookups alone (a
+    small one). For each probe, once the query's heap holds k items:
+
+    - a cell with blocks whose table's smallest possible sum (the sum of
+      its row minima, less the float32 rounding bound) exceeds the current
+      k-th distance is passed over: none of its codes can enter;
+    - otherwise its table is quantized to 8 bits (``sh_fs_quantize_probe``:
+      one scale for all subspaces, set by the current k-th distance as in
+      ``fastscan_kneighbors``, so entries beyond it saturate and a
+      dominant subspace drowns none of the others) and the blocks are
+      scanned by ``sh_fs_scan``; rows whose quantized lower bound does not
+      exceed the current k-th distance (plus the float32 rounding margin)
+      are re-scored with the float table. The threshold is updated every
+      512 rows and after every re-scored row.
+
+    Until the heap holds k items, a chunk's whole blocks are scored with
+    the float table (there is no k-th distance to scale the filter by).
+    Every row that can enter the top k is scored exactly, so the result
+    equals the float-table scan's, whatever the SIMD path and the thread
+    count.
+
+    Parameters
+    ----------
+    list_tables, query_tables, coarse, probes, table_rows, n_visit : ndarray
+        As in ``ivf_adc_kneighbors``; 16 codewords per subspace.
+    chunk_offsets, chunk_codes, chunk_ids, chunk_sizes : ndarray
+        As in ``ivf_adc_kneighbors`` (uint8 codes, each below 16: checked
+        when they entered the index).
+    chunk_blocks : ndarray of shape (n_chunks,), dtype=intp
+        Address of each chunk's first block, or 0.
+    exclude : ndarray of shape (n_queries,), dtype=int64
+    k : int
+    allowed : ndarray of shape (n_ids,), dtype=uint8, default=None
+        Tested, by database index, on the rows the filter passes.
+    n_threads : int, default=1
+    second_rows : ndarray of shape (n_queries, n_probe), dtype=int64, default=None
+    split : int, default=0
+    simd : bool or {"avx512", "avx2", "portable"}, default=True
+        Shuffle path, as in ``fastscan_kneighbors``.
+    return_stats : bool, default=False
+        Also return a dict of int64 counts per query: ``rescored`` (rows
+        scored with the float table, heap filling included), ``scanned``
+        (rows of blocks read by the filter) and ``skipped`` (probes passed
+        over whole).
+
+    Returns
+    -------
+    distances : ndarray of shape (n_queries, k), dtype=float32
+    indices : ndarray of shape (n_queries, k), dtype=int64
+    """
+    _check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
+                         chunk_offsets, chunk_codes, chunk_ids, chunk_blocks, chunk_sizes,
+                         exclude, k, allowed, n_threads, second_rows, split)
+    cdef Py_ssize_t n_queries = query_tables.shape[0]
+    cdef Py_ssize_t M = list_tables.shape[1]
+    cdef Py_ssize_t Mp = padded_subspaces(M)
+    cdef Py_ssize_t bb = Mp * 64
+    cdef Py_ssize_t n_probe = probes.shape[1]
+    if second_rows is None:
+        split = M
+    distances = np.full((n_queries, k), np.inf, dtype=np.float32)
+    indices = np.full((n_queries, k), -1, dtype=np.int64)
+    counts = np.zeros((3, n_queries), dtype=np.int64)
+    stats = {"rescored": counts[0], "scanned": counts[1], "skipped": counts[2]}
+    if n_queries == 0 or k == 0:
+        return (distances, indices, stats) if return_stats else (distances, indices)
+
+    cdef float[:, ::1] out_dist = distances
+    cdef int64_t[:, ::1] out_idx = indices
+    cdef int64_t[:, ::1] cnt = counts
+    cdef Py_ssize_t table_size = M * 16
+    cdef Py_ssize_t split_size = split * 16
+    cdef const uint8_t* allow = &allowed[0] if allowed is not None and allowed.shape[0] else NULL
+    cdef const int64_t* second = (
+        &second_rows[0, 0] if second_rows is not None and n_probe else NULL)
+    cdef int qmax = <int> min(127, 65535 // M)
+    cdef int use_simd = sh_detect(simd)
+
+    cdef Py_ssize_t q, p, lst, ch, n_rows, r, r1, c, n_found, size, e
+    cdef int64_t j, own
+    cdef int thr
+    cdef bint quantized
+    cdef int failed = 0
+    cdef int* failed_flag = &failed
+    cdef int32_t* found_pos
+    cdef uint16_t* found_q
+    cdef float* table
+    cdef uint8_t* lut
+    cdef double* par
+    cdef float* row_lo
+    cdef const float* lt
+    cdef const float* lt2
+    cdef const float* qt
+    cdef const int64_t* ids
+    cdef const uint8_t* codes
+    cdef const uint8_t* blocks
+    cdef float* hd
+    cdef int64_t* hi
+    cdef float base
+
+    with nogil, parallel(num_threads=n_threads):
+        found_pos = <int32_t*> malloc(PART_ROWS * sizeof(int32_t))
+        found_q = <uint16_t*> malloc(PART_ROWS * sizeof(uint16_t))
+        table = <float*> malloc(table_size * sizeof(float))
+        lut = <uint8_t*> malloc(Mp * 16 * sizeof(uint8_t))
+        par = <double*> malloc(4 * sizeof(double))
+        row_lo = <float*> malloc(M * sizeof(float))
+        if (found_pos == NULL or found_q == NULL or table == NULL or lut == NULL
+                or par == NULL or row_lo == NULL):
+            failed_flag[0] = 1
+        else:
+            for q in prange(n_queries, schedule="dynamic"):
+                hd = &out_dist[q, 0]
+                hi = &out_idx[q, 0]
+                size = 0
+                own = exclude[q]
+                qt = &query_tables[q, 0, 0]
+                for p in range(n_visit[q]):
+                    lst = probes[q, p]
+                    if chunk_offsets[lst] == chunk_offsets[lst + 1]:
+                        continue
+                    lt = &list_tables[table_rows[q, p], 0, 0]
+                    lt2 = &list_tables[second[q * n_probe + p], 0, 0] if second != NULL else lt
+                    base = coarse[q, p]
+                    # The float table, as ivf_adc_kneighbors builds it.
+                    for e in range(split_size):
+                        table[e] = lt[e] + qt[e]
+                    for e in range(split_size, table_size):
+                        table[e] = lt2[e] + qt[e]
+                    for e in range(16):
+                        table[e] = table[e] + base
+                    quantized = False
+                    if size == k:
+                        for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
+                            if chunk_blocks[ch] != 0:
+                                break
+                        else:
+                            ch = -1
+                        if ch >= 0:  # the cell has blocks: quantize its table
+                            quantized = True
+                            if sh_fs_quantize_probe(use_simd, table, M, Mp, qmax, hd[0], row_lo,
+                                                    lut, par):
+                                cnt[2, q] += 1  # no code of the cell can enter
+                                continue
+                    for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
+                        n_rows = chunk_sizes[ch]
+                        codes = <const uint8_t*> chunk_codes[ch]
+                        ids = <const int64_t*> chunk_ids[ch]
+                        blocks = <const uint8_t*> chunk_blocks[ch]
+                        if blocks == NULL:
+                            cnt[0, q] += n_rows
+                            _offer_rows(table, codes, ids, 0, n_rows, M, own, allow, hd, hi,
+                                        &size, k)
+                            continue
+                        # Whole blocks by float lookups until the heap is full.
+                        r = 0
+                        while r < n_rows and size < k:
+                            r1 = min(r + BLOCK, n_rows)
+                            cnt[0, q] += r1 - r
+                            _offer_rows(table, codes, ids, r, r1, M, own, allow, hd, hi,
+                                        &size, k)
+                            r = r1
+                        if r < n_rows and not quantized:
+                            quantized = True
+                            if sh_fs_quantize_probe(use_simd, table, M, Mp, qmax, hd[0], row_lo,
+                                                    lut, par):
+                                par[0] = 1.0  # out of reach: every threshold is 0
+                                par[1] = INFINITY
+                                par[2] = par[3] = 0
+                        while r < n_rows:
+                            r1 = min(r + PART_ROWS, n_rows)
+                            thr = _threshold(hd[0], par[1], par[2], par[3], par[0])
+                            if thr <= 0:
+                                break  # the k-th distance only falls: nothing more enters
+                            cnt[1, q] += r1 - r
+                            n_found = sh_fs_scan(use_simd, lut, blocks + (r // BLOCK) * bb,
+                                                 r1 - r, Mp, NULL, thr, found_pos, found_q)
+                            for c in range(n_found):
+                                if found_q[c] >= thr:
+                                    continue  # the bound fell since the scan began
+                                e = r + found_pos[c]
+                                j = ids[e]
+                                if j == own or (allow != NULL and not allow[j]):
+                                    continue
+                                cnt[0, q] += 1
+                                sh_fs_offer(hd, hi, &size, k, sh_fs_adc(table, codes + e * M, M),
+                                            j)
+                                thr = min(thr, _threshold(hd[0], par[1], par[2], par[3],
+                                                          par[0]))
+                            r = r1
+                sh_fs_heap_sort(hd, hi, size)
+        free(found_pos)
+        free(found_q)
+        free(table)
+        free(lut)
+        free(par)
+        free(row_lo)
+
+    if failed:
+        raise MemoryError("could not allocate the fast-scan search buffers.")
+    return (distances, indices, stats) if return_stats else (distances, indices)
