@@ -183,7 +183,7 @@ def test_training_lowers_the_pairwise_loss(fitted):
     assert not any("quantization_loss" in epoch for epoch in history[:10])
     assert all("quantization_loss" in epoch for epoch in history[10:])
     weights = [epoch["quantization_weight"] for epoch in history[10:]]
-    np.testing.assert_allclose(weights, 0.5 * np.arange(1, 11) / 10)
+    np.testing.assert_allclose(weights, 0.4 * np.arange(1, 11) / 10)
     assert history[-1]["pairwise_loss"] < history[0]["pairwise_loss"] - 0.05  # 0.891 -> 0.815
 
 
