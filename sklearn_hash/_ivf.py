@@ -51,6 +51,9 @@ from ._threads import effective_n_threads
 
 # Bytes of query tables (float64 inner products) built at a time when searching.
 _TABLE_BYTES = 1 << 25
+# Multiply-adds of the query tables under which they are built on one thread
+# (4-bit codes: 1,000 queries x 16 codewords x 128 features = 2M).
+_SMALL_PRODUCT = 1 << 24
 # Largest per-cell tables kept from fit; beyond, each query chunk builds those it visits.
 _MAX_CELL_TABLE_BYTES = 1 << 28
 
@@ -461,6 +464,10 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             X = np.ascontiguousarray(X @ pq.rotation_.astype(X.dtype, copy=False))
         bounds = pq.subspace_bounds_
         out = np.empty((X.shape[0], pq.n_subspaces_, pq.n_codewords_), dtype=X.dtype)
+        if X.shape[0] * pq.n_codewords_ * X.shape[1] < _SMALL_PRODUCT:
+            # One parallel region per subspace would cost more than the products
+            # (on busy cores, a region waits for its threads to be scheduled).
+            n_threads = 1
         for m in range(pq.n_subspaces_):
             lo, hi = bounds[m], bounds[m + 1]
             out[:, m] = codeword_scores(np.ascontiguousarray(X[:, lo:hi]),

@@ -441,15 +441,15 @@ static inline void sh_fs_scan2(int simd, const uint8_t* lut_a, const uint8_t* lu
  * padding subspace of lut is zero. Returns 0. Both versions write the same
  * numbers. */
 static inline int sh_fs_quantize_tail(const float* table, ptrdiff_t M, ptrdiff_t Mp, int qmax,
-                                      float kth, const float* lo, double bias, double widest,
-                                      double size, uint8_t* lut, double* out)
+                                      float kth, double fraction, const float* lo, double bias,
+                                      double widest, double size, uint8_t* lut, double* out)
 {
     const double slack = 4.0 * (double)M * size * 5.9604644775390625e-08 + 1e-30;
     if ((double)kth - bias + slack < 0)
         return 1;
     double span = widest;
-    if ((double)kth - bias > 0 && (double)kth - bias < span)
-        span = (double)kth - bias;
+    if ((double)kth - bias > 0 && fraction * ((double)kth - bias) < span)
+        span = fraction * ((double)kth - bias);
     memset(lut + M * 16, 0, (size_t)((Mp - M) * 16));
     double scale = 0, e_over = 0;
     if (span > 0) {
@@ -483,7 +483,8 @@ static inline int sh_fs_quantize_tail(const float* table, ptrdiff_t M, ptrdiff_t
 /* The same numbers as the portable version, 16 entries at a time. */
 __attribute__((target("avx2")))
 static int sh_fs_quantize_probe_avx2(const float* table, ptrdiff_t M, ptrdiff_t Mp, int qmax,
-                                     float kth, float* lo, uint8_t* lut, double* out)
+                                     float kth, double fraction, float* lo, uint8_t* lut,
+                                     double* out)
 {
     double bias = 0, widest = 0, size = 0;
     for (ptrdiff_t m = 0; m < M; ++m) {
@@ -505,10 +506,11 @@ static int sh_fs_quantize_probe_avx2(const float* table, ptrdiff_t M, ptrdiff_t 
     if ((double)kth - bias + slack < 0)
         return 1;
     double span = widest;
-    if ((double)kth - bias > 0 && (double)kth - bias < span)
-        span = (double)kth - bias;
+    if ((double)kth - bias > 0 && fraction * ((double)kth - bias) < span)
+        span = fraction * ((double)kth - bias);
     if (!(span > 0))
-        return sh_fs_quantize_tail(table, M, Mp, qmax, kth, lo, bias, widest, size, lut, out);
+        return sh_fs_quantize_tail(table, M, Mp, qmax, kth, fraction, lo, bias, widest, size,
+                                   lut, out);
     memset(lut + M * 16, 0, (size_t)((Mp - M) * 16));
     const double scale = span / qmax;
     const __m256 inv = _mm256_set1_ps((float)(qmax / span)), half = _mm256_set1_ps(0.5f);
@@ -556,11 +558,12 @@ static int sh_fs_quantize_probe_avx2(const float* table, ptrdiff_t M, ptrdiff_t 
 #endif
 
 static inline int sh_fs_quantize_probe(int simd, const float* table, ptrdiff_t M, ptrdiff_t Mp,
-                                       int qmax, float kth, float* lo, uint8_t* lut, double* out)
+                                       int qmax, float kth, double fraction, float* lo,
+                                       uint8_t* lut, double* out)
 {
 #if SH_FS_QUANTIZE_AVX2
     if (simd >= 1)
-        return sh_fs_quantize_probe_avx2(table, M, Mp, qmax, kth, lo, lut, out);
+        return sh_fs_quantize_probe_avx2(table, M, Mp, qmax, kth, fraction, lo, lut, out);
 #endif
     double bias = 0, widest = 0, size = 0;
     for (ptrdiff_t m = 0; m < M; ++m) {
@@ -575,7 +578,8 @@ static inline int sh_fs_quantize_probe(int simd, const float* table, ptrdiff_t M
         widest = (double)h - l > widest ? (double)h - l : widest;
         size += fabs((double)l) > fabs((double)h) ? fabs((double)l) : fabs((double)h);
     }
-    return sh_fs_quantize_tail(table, M, Mp, qmax, kth, lo, bias, widest, size, lut, out);
+    return sh_fs_quantize_tail(table, M, Mp, qmax, kth, fraction, lo, bias, widest, size, lut,
+                               out);
 }
 
 /* The float32 ADC distances of n codes (8 at a time: independent addition

@@ -70,7 +70,8 @@ cdef extern from "_fastscan.h":
                      float d, int64_t j) noexcept nogil
     void sh_fs_heap_sort(float* dist, int64_t* idx, Py_ssize_t size) noexcept nogil
     int sh_fs_quantize_probe(int simd, const float* table, Py_ssize_t M, Py_ssize_t Mp, int qmax,
-                             float kth, float* lo, uint8_t* lut, double* out) noexcept nogil
+                             float kth, double fraction, float* lo, uint8_t* lut,
+                             double* out) noexcept nogil
 
 
 cdef enum:
@@ -735,8 +736,9 @@ def ivf_fastscan_kneighbors(
       are re-scored with the float table. The threshold is updated every
       512 rows and after every re-scored row.
 
-    Until the heap holds k items, a chunk's whole blocks are scored with
-    the float table (there is no k-th distance to scale the filter by).
+    Until the heap holds k items, a chunk's rows are scored with the float
+    table (there is no k-th distance to scale the filter by); the scan
+    starts at the block of the first row not scored.
     Every row that can enter the top k is scored exactly, so the result
     equals the float-table scan's, whatever the SIMD path and the thread
     count.
@@ -798,7 +800,7 @@ def ivf_fastscan_kneighbors(
     cdef int qmax = <int> min(127, 65535 // M)
     cdef int use_simd = sh_detect(simd)
 
-    cdef Py_ssize_t q, p, lst, ch, n_rows, r, r1, c, n_found, size, e
+    cdef Py_ssize_t q, p, lst, ch, n_rows, r, r1, c, n_found, size, e, done
     cdef int64_t j, own
     cdef int thr
     cdef bint quantized
@@ -860,8 +862,8 @@ def ivf_fastscan_kneighbors(
                             ch = -1
                         if ch >= 0:  # the cell has blocks: quantize its table
                             quantized = True
-                            if sh_fs_quantize_probe(use_simd, table, M, Mp, qmax, hd[0], row_lo,
-                                                    lut, par):
+                            if sh_fs_quantize_probe(use_simd, table, M, Mp, qmax, hd[0], 1.0,
+                                                    row_lo, lut, par):
                                 cnt[2, q] += 1  # no code of the cell can enter
                                 continue
                     for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
@@ -874,18 +876,21 @@ def ivf_fastscan_kneighbors(
                             _offer_rows(table, codes, ids, 0, n_rows, M, own, allow, hd, hi,
                                         &size, k)
                             continue
-                        # Whole blocks by float lookups until the heap is full.
+                        # Rows by float lookups until the heap is full.
                         r = 0
                         while r < n_rows and size < k:
-                            r1 = min(r + BLOCK, n_rows)
-                            cnt[0, q] += r1 - r
-                            _offer_rows(table, codes, ids, r, r1, M, own, allow, hd, hi,
+                            cnt[0, q] += 1
+                            _offer_rows(table, codes, ids, r, r + 1, M, own, allow, hd, hi,
                                         &size, k)
-                            r = r1
-                        if r < n_rows and not quantized:
+                            r = r + 1
+                        done = r  # rows before it are scored already
+                        if done == n_rows:
+                            continue
+                        r = r - r % BLOCK
+                        if not quantized:
                             quantized = True
-                            if sh_fs_quantize_probe(use_simd, table, M, Mp, qmax, hd[0], row_lo,
-                                                    lut, par):
+                            if sh_fs_quantize_probe(use_simd, table, M, Mp, qmax, hd[0], 1.0,
+                                                    row_lo, lut, par):
                                 par[0] = 1.0  # out of reach: every threshold is 0
                                 par[1] = INFINITY
                                 par[2] = par[3] = 0
@@ -901,6 +906,8 @@ def ivf_fastscan_kneighbors(
                                 if found_q[c] >= thr:
                                     continue  # the bound fell since the scan began
                                 e = r + found_pos[c]
+                                if e < done:
+                                    continue
                                 j = ids[e]
                                 if j == own or (allow != NULL and not allow[j]):
                                     continue
