@@ -71,6 +71,9 @@ def main():
                         help="comma-separated subset of itq, small, uniform, imi")
     parser.add_argument("--imi-sizes", default="1000000,8000000",
                         help="database sizes of the imi case, comma-separated")
+    parser.add_argument("--imi-rotate", action="store_true",
+                        help="imi case: rotate the vectors (and queries) by a random orthogonal "
+                             "matrix first, spreading the leading directions over both halves")
     args = parser.parse_args()
     cases = set(args.cases.split(","))
     rng = np.random.default_rng(0)
@@ -90,7 +93,7 @@ def main():
         uniform_codes(args, rng)
     if "imi" in cases:
         for n in map(int, args.imi_sizes.split(",")):
-            inverted_files(n, args.threads)
+            inverted_files(n, args.threads, args.imi_rotate)
 
 
 def small_clusters(args, rng):
@@ -109,17 +112,21 @@ def uniform_codes(args, rng):
     compare("uniform random codes", uniform, queries, args.threads)
 
 
-def inverted_files(n, threads):
+def inverted_files(n, threads, rotate=False):
     """The inverted multi-index against the flat inverted file on n vectors."""
     X, Q = make_data(n, 1000)
+    if rotate:  # distances unchanged; variance spread over every coordinate
+        rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((128, 128)))[0]
+        rotation = rotation.astype(np.float32)
+        X, Q = X @ rotation, Q @ rotation
     truth = exact_top10(X, Q)
     small = n <= 2_000_000
     configs = [  # (coarse, n_lists, n_probe values)
         ("flat", 1024 if small else 4096, (1, 4, 16, 64)),
         ("multi-index", 256**2 if small else 1024**2, (4, 16, 64, 256, 1024)),
     ]
-    print(f"\n### Inverted files on {n:,} x 128 (YAMNet mixture), PQ 16 x 8 bits on the "
-          f"residuals, 1,000 queries, {threads} threads\n")
+    print(f"\n### Inverted files on {n:,} x 128 (YAMNet mixture{', rotated' if rotate else ''}), "
+          f"PQ 16 x 8 bits on the residuals, 1,000 queries, {threads} threads\n")
     print("| coarse | cells | coarse training | fit in all | n_probe | codes scanned / query "
           "| q/s | recall@10 | q/s, refine 10 | recall@10, refine 10 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
