@@ -47,6 +47,7 @@ from ._kernels._fastscan import (
 )
 from ._kernels._fastscan import simd_path as fastscan_simd_path  # noqa: F401 (for the searchers)
 from ._kernels._hamming import hamming_kneighbors, hamming_radius
+from ._kernels._simd import max_simd_level
 from ._storage import ChunkedRows, GrowableArray
 
 
@@ -449,14 +450,17 @@ class InvertedLists:
     """
 
     # A run's cell with fewer items is scored with float lookups: quantizing
-    # the probe's table and reading a whole block costs about what scoring
-    # this many codes does (measured, benchmarks/bench_ivf.py --fast-scan).
-    FAST_SCAN_MIN_ROWS = 32
+    # the probe's table and reading whole blocks costs more than scoring them.
+    # Measured per probe, 32 x 4-bit codes, 2 threads (benchmarks/bench_ivf.py
+    # --parts cells): float / fast-scan 0.66x at 32 codes, 0.86x at 64, 1.54x
+    # at 128, 6.1x at 1,024.
+    FAST_SCAN_MIN_ROWS = 96
 
     def __init__(self, n_lists, n_subspaces, n_codewords, fast_scan=False, simd=True):
         if fast_scan and n_codewords != 16:
             raise ValueError(f"fast-scan searches 4-bit codes (16 codewords per subspace, "
                              f"subspace_bits=4); these codes have {n_codewords}.")
+        max_simd_level(simd)  # a clear error for an unknown path
         self.n_lists = n_lists
         self.n_subspaces = n_subspaces
         self.n_codewords = n_codewords
@@ -627,9 +631,10 @@ class InvertedLists:
         if fast_scan and self.n_codewords != 16:
             raise ValueError(f"fast-scan searches 4-bit codes (16 codewords per subspace, "
                              f"subspace_bits=4); these codes have {self.n_codewords}.")
-        self.fast_scan = bool(fast_scan)
         if simd is not None:
+            max_simd_level(simd)  # a clear error for an unknown path
             self.simd = simd
+        self.fast_scan = bool(fast_scan)
         self._layout = None
         return self
 

@@ -198,8 +198,9 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     with the query's current k-th distance as its bound, and the codes that
     pass the filter are re-scored with the float table. The answers are
     those of the float tables, bit for bit (the filter is a proven lower
-    bound); only the speed differs. Cells of fewer than 32 codes (per
-    ``add`` batch) are scored with float lookups.
+    bound); only the speed differs. Cells of fewer than 96 codes (in one
+    ``add`` batch, or one run of merged batches) are scored with float
+    lookups, which is faster for them.
 
     Distances estimate the squared distance from the query to each item's
     reconstruction (centroid plus decoded residual), as float32 sums of
