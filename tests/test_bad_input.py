@@ -145,7 +145,16 @@ def test_one_sample_is_refused_in_fit(name):
 @pytest.mark.parametrize("name", ESTIMATORS)
 def test_one_sample_is_fine_after_fit(name):
     est = clone(ESTIMATORS[name]).fit(X, Y)
-    np.testing.assert_array_equal(output(est, X[3:4]), output(est, X[:10])[3:4])
+    one, batch = output(est, X[3:4]), output(est, X[:10])[3:4]
+    if name == "QN-DQN":
+        # The network's embedding comes from torch, whose matrix products round
+        # differently with the batch size: the neighbours are the same, their
+        # distances agree to float32 rounding.
+        k = one.shape[1] // 2
+        np.testing.assert_array_equal(one[:, k:], batch[:, k:])
+        np.testing.assert_allclose(one[:, :k], batch[:, :k], rtol=1e-6)
+    else:  # every query's tables are computed on their own: the same bits
+        np.testing.assert_array_equal(one, batch)
 
 
 @pytest.mark.parametrize("name", ESTIMATORS)
