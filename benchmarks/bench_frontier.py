@@ -11,8 +11,10 @@ resident bytes per vector (codes, ids and, with re-ranking, the float32
 vectors: 512 B at 128-d).
 
 Configurations: ours = IVFQuantizedNeighbors (1,024 cells; PQ or OPQ codes
-of 64 / 128 bits) swept over n_probe and refine_factor, and exhaustive
-QuantizedNeighbors over 4-bit PQ codes when 4-bit codes are searchable;
+of 64 / 128 bits) swept over n_probe and refine_factor; IVFQuantizedNeighbors
+over 4-bit codes (PQ 32x4 and 64x4, OPQ 32x4; the cells scanned by
+fast-scan, with the answers of the float tables), swept likewise; and
+exhaustive QuantizedNeighbors over 4-bit PQ codes;
 faiss = HNSW32 (efSearch 16..128), IVF1024,PQ16x8 + exact refine, IVF1024,
 PQ32x4fs (fast-scan) + exact refine; hnswlib (M=16) when installed. Then
 the best q/s reaching recall 0.90 / 0.95 / 0.99 for each library, and
@@ -20,6 +22,10 @@ exhaustive ADC recall of PQ vs OPQ (ours) vs faiss OPQ+PQ at 64 and 128
 bits.
 
     python benchmarks/bench_frontier.py [--n 1000000] [--threads 2] [--skip-hnsw]
+        [--parts ivf8 ivf4 flat4 faiss-hnsw faiss-ivf hnswlib opq] [--cache FILE.npz]
+
+``--parts`` runs some of the sections (default: all); ``--cache`` keeps the
+data and its exact neighbours in a file (made on the first run).
 """
 
 import argparse
@@ -72,37 +78,66 @@ def main():
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-hnsw", action="store_true")
+    parts = ["ivf8", "ivf4", "flat4", "faiss-hnsw", "faiss-ivf", "hnswlib", "opq"]
+    parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
+    parser.add_argument("--cache", type=Path, default=None)
     args = parser.parse_args()
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    X, Q = make_data(args.n, 1000)
+    if args.cache is not None and args.cache.exists():
+        cached = np.load(args.cache)
+        X, Q, truth, t_exact = cached["X"], cached["Q"], cached["truth"], float("nan")
+        if len(X) != args.n:
+            raise SystemExit(f"{args.cache} holds {len(X):,} items, not --n {args.n:,}.")
+    else:
+        X, Q = make_data(args.n, 1000)
+        truth, t_exact = timed(lambda: exact_top10(X, Q))
+        if args.cache is not None:
+            np.savez(args.cache, X=X, Q=Q, truth=truth)
     variances = np.sort(X.var(axis=0))[::-1]
     print(f"# {args.n:,} x 128 (variance: largest {variances[0]:.1f}, median "
           f"{np.median(variances):.2f}), 1,000 queries, {args.threads} threads\n")
-    truth, t_exact = timed(lambda: exact_top10(X, Q))
     table = []
     print("| library | configuration | q/s | recall@10 | memory per vector |")
     print("|---|---|---|---|---|")
 
     # ---- ours
-    for name, quantizer in [("PQ 64 bits", ProductQuantizer(64, random_state=0)),
-                            ("PQ 128 bits", ProductQuantizer(128, random_state=0)),
-                            ("OPQ 128 bits", OPQ(128, random_state=0, n_iter=5))]:
-        ivf = IVFQuantizedNeighbors(quantizer, n_lists=1024, refine_factor=4, random_state=0,
-                                    n_jobs=args.threads)
-        _, t_fit = timed(lambda: ivf.fit(X))
-        ivf.set_params(refine_factor=None)  # the vectors are kept; refine per call below
-        code_bytes = ivf.quantizer_.n_subspaces_ + 8  # codes + int64 id
-        for n_probe in (4, 8, 16, 32):
-            for refine in (None, 4, 16):
-                (_, ind), t = timed_best(lambda p=n_probe, r=refine: ivf.kneighbors(
-                    Q, n_probe=p, refine_factor=r))
-                row(table, "sklearn_hash", f"IVF1024 {name}, n_probe {n_probe}, refine "
-                    f"{refine or '-'} (fit {t_fit:.0f} s)", len(Q) / t,
-                    recall_at_10(ind, truth), code_bytes + (512 if refine else 0))
-        ivf = None
+    eight_bit = [("PQ 64 bits", ProductQuantizer(64, random_state=0)),
+                 ("PQ 128 bits", ProductQuantizer(128, random_state=0)),
+                 ("OPQ 128 bits", OPQ(128, random_state=0, n_iter=5))]
+    four_bit = [("PQ 32x4 fast-scan", ProductQuantizer(128, subspace_bits=4, random_state=0)),
+                ("PQ 64x4 fast-scan", ProductQuantizer(256, subspace_bits=4, random_state=0)),
+                ("OPQ 32x4 fast-scan", OPQ(128, subspace_bits=4, random_state=0, n_iter=5))]
+    sweeps = {"ivf8": (eight_bit, (4, 8, 16, 32), (None, 4, 16)),
+              "ivf4": (four_bit, (4, 8, 12, 16, 32), (None, 4, 8, 16))}
+    for part in ("ivf8", "ivf4"):
+        if part not in args.parts:
+            continue
+        configs, probes, refines = sweeps[part]
+        for name, quantizer in configs:
+            ivf = IVFQuantizedNeighbors(quantizer, n_lists=1024, refine_factor=4,
+                                        random_state=0, n_jobs=args.threads)
+            _, t_fit = timed(lambda: ivf.fit(X))
+            ivf.set_params(refine_factor=None)  # the vectors are kept; refine per call below
+            # codes (a byte per codeword index, 4-bit ones too) + int64 id, and the
+            # fast-scan blocks of 4-bit codes (half a byte per index, cells padded)
+            code_bytes = ivf.quantizer_.n_subspaces_ + 8
+            blocks = sum(run.blocks.nbytes for run in ivf._index.runs
+                         if getattr(run, "blocks", None) is not None) / len(X)
+            for n_probe in probes:
+                for refine in refines:
+                    (_, ind), t = timed_best(lambda p=n_probe, r=refine: ivf.kneighbors(
+                        Q, n_probe=p, refine_factor=r))
+                    row(table, "sklearn_hash" + (" 4-bit" if part == "ivf4" else ""),
+                        f"IVF1024 {name}, n_probe {n_probe}, refine "
+                        f"{refine or '-'} (fit {t_fit:.0f} s)", len(Q) / t,
+                        recall_at_10(ind, truth),
+                        code_bytes + blocks + (512 if refine else 0))
+            ivf = None
     try:
+        if "flat4" not in args.parts:
+            raise ValueError("not asked for")
         flat4 = QuantizedNeighbors(ProductQuantizer(128, subspace_bits=4, random_state=0),
                                    refine_factor=4, n_jobs=args.threads)
         _, t_fit = timed(lambda: flat4.fit(X))
@@ -117,7 +152,7 @@ def main():
         print(f"(4-bit exhaustive search skipped: {exc})")
 
     # ---- faiss
-    if not args.skip_hnsw:
+    if not args.skip_hnsw and "faiss-hnsw" in args.parts:
         hnsw = faiss.IndexHNSWFlat(128, 32)
         _, t_build = timed(lambda: hnsw.add(X))
         for ef in (16, 32, 64, 128):
@@ -127,6 +162,8 @@ def main():
                 recall_at_10(ind, truth), 512 + 32 * 2 * 4 + 8)
         hnsw = None
     for spec, code_bytes in (("IVF1024,PQ16x8", 16), ("IVF1024,PQ32x4fs", 16)):
+        if "faiss-ivf" not in args.parts:
+            break
         base = faiss.index_factory(128, spec)
         base.train(X[:100_000])
         refined = faiss.IndexRefineFlat(base)  # keeps the float vectors beside the codes
@@ -144,8 +181,9 @@ def main():
     try:
         import hnswlib
     except ImportError:
+        hnswlib = None
         print("(hnswlib not installed: skipped)")
-    else:
+    if hnswlib is not None and "hnswlib" in args.parts:
         for M in (16,):  # M=32 answers like faiss HNSW32 and takes twice as long to build
             index = hnswlib.Index(space="l2", dim=128)
             index.init_index(max_elements=len(X), M=M, ef_construction=100, random_seed=0)
@@ -169,6 +207,8 @@ def main():
             cells.append(f"{best[2]:,.0f} q/s, {best[4]:.0f} B ({best[1]})" if best else "-")
         print(f"| {library} | " + " | ".join(cells) + " |")
 
+    if "opq" not in args.parts:
+        return
     print("\n## Exhaustive ADC, recall@10: PQ vs OPQ (ours) vs faiss OPQ + PQ\n")
     print("| bits | PQ (ours) | OPQ (ours) | faiss OPQ + PQ |")
     print("|---|---|---|---|")
