@@ -110,7 +110,7 @@ def main():
                 ("PQ 64x4 fast-scan", ProductQuantizer(256, subspace_bits=4, random_state=0)),
                 ("OPQ 32x4 fast-scan", OPQ(128, subspace_bits=4, random_state=0, n_iter=5))]
     sweeps = {"ivf8": (eight_bit, (4, 8, 16, 32), (None, 4, 16)),
-              "ivf4": (four_bit, (4, 8, 12, 16, 32), (None, 4, 8, 16))}
+              "ivf4": (four_bit, (4, 8, 10, 12, 16, 32), (None, 4, 6, 8, 16))}
     for part in ("ivf8", "ivf4"):
         if part not in args.parts:
             continue
