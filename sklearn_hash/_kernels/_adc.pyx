@@ -308,6 +308,64 @@ cdef inline float _on_the_fly(
     return d
 
 
+def check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
+                        chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, exclude, k,
+                        n_threads, second_rows, split, chunk_blocks=None):
+    """Raise a clear ValueError unless the arguments of an IVF kernel agree.
+
+    Shared by ``ivf_adc_kneighbors`` and the fast-scan kernel
+    (``_fastscan.ivf_fastscan_kneighbors``, which also passes its
+    ``chunk_blocks``): shapes, the chunk table, the visited lists and table
+    rows of every probe, ``split``, ``k`` and ``n_threads``.
+    """
+    n_tables, n_subspaces, n_codewords = list_tables.shape[:3]
+    n_queries = query_tables.shape[0]
+    n_probe = probes.shape[1]
+    n_lists = chunk_offsets.shape[0] - 1
+    n_chunks = chunk_sizes.shape[0]
+    if query_tables.shape[1] != n_subspaces or query_tables.shape[2] != n_codewords:
+        raise ValueError("list_tables and query_tables must have the same subspaces "
+                         "and codewords.")
+    if (probes.shape[0] != n_queries or coarse.shape[0] != n_queries
+            or coarse.shape[1] != n_probe or table_rows.shape[0] != n_queries
+            or table_rows.shape[1] != n_probe or n_visit.shape[0] != n_queries
+            or exclude.shape[0] != n_queries):
+        raise ValueError("probes, table_rows and coarse must have shape (n_queries, n_probe) "
+                         "and n_visit, exclude shape (n_queries,).")
+    offsets = np.asarray(chunk_offsets)
+    tables = [chunk_codes, chunk_ids] + ([] if chunk_blocks is None else [chunk_blocks])
+    if (n_lists < 1 or offsets[0] != 0 or offsets[-1] != n_chunks
+            or np.any(np.diff(offsets) < 0) or any(t.shape[0] != n_chunks for t in tables)):
+        names = "chunk_codes, chunk_ids" + ("" if chunk_blocks is None else ", chunk_blocks")
+        raise ValueError(f"chunk_offsets must rise from 0 to n_chunks, and {names} and "
+                         f"chunk_sizes hold one entry per chunk.")
+    sizes = np.asarray(chunk_sizes)
+    if n_chunks and (sizes.min() < 0 or np.any(
+            (sizes > 0) & ((np.asarray(chunk_codes) == 0) | (np.asarray(chunk_ids) == 0)))):
+        raise ValueError("chunk sizes must be >= 0 and non-empty chunks need addresses.")
+    visit = np.asarray(n_visit)
+    if n_queries and (visit.min() < 0 or visit.max() > n_probe):
+        raise ValueError(f"n_visit must be in [0, {n_probe}].")
+    mask = np.arange(n_probe) < visit[:, None]
+    probe_arr = np.asarray(probes)
+    if np.any((probe_arr < 0) & mask) or np.any((probe_arr >= n_lists) & mask):
+        raise ValueError(f"probes must be list numbers in [0, {n_lists - 1}].")
+    for name, rows in (("table_rows", table_rows), ("second_rows", second_rows)):
+        if rows is None:
+            continue
+        if rows.shape[0] != n_queries or rows.shape[1] != n_probe:
+            raise ValueError(f"{name} must have shape (n_queries, n_probe).")
+        rows = np.asarray(rows)
+        if np.any((rows < 0) & mask) or np.any((rows >= n_tables) & mask):
+            raise ValueError(f"{name} must be rows of list_tables, in [0, {n_tables - 1}].")
+    if second_rows is not None and not 0 <= split <= n_subspaces:
+        raise ValueError(f"split must be in [0, {n_subspaces}]; got {split}.")
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got k={k}.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+
+
 def ivf_adc_kneighbors(
     const float[:, :, ::1] list_tables,   # IN (n_tables, n_subspaces, n_codewords)
     const float[:, :, ::1] query_tables,  # IN (n_queries, n_subspaces, n_codewords)
@@ -391,58 +449,17 @@ def ivf_adc_kneighbors(
         A query whose visited lists hold fewer than k candidates gets its
         last columns padded with distance ``inf`` and index -1.
     """
-    cdef Py_ssize_t n_tables = list_tables.shape[0]
-    cdef Py_ssize_t n_lists = chunk_offsets.shape[0] - 1
+    check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
+                        chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, exclude, k,
+                        n_threads, second_rows, split)
+    if code_bytes != 1 and code_bytes != 2:
+        raise ValueError(f"code_bytes must be 1 or 2; got {code_bytes}.")
     cdef Py_ssize_t n_subspaces = list_tables.shape[1]
     cdef Py_ssize_t n_codewords = list_tables.shape[2]
     cdef Py_ssize_t n_queries = query_tables.shape[0]
     cdef Py_ssize_t n_probe = probes.shape[1]
-    cdef Py_ssize_t n_chunks = chunk_sizes.shape[0]
-    if (query_tables.shape[1] != n_subspaces or query_tables.shape[2] != n_codewords):
-        raise ValueError("list_tables and query_tables must have the same subspaces "
-                         "and codewords.")
-    if (probes.shape[0] != n_queries or coarse.shape[0] != n_queries
-            or coarse.shape[1] != n_probe or table_rows.shape[0] != n_queries
-            or table_rows.shape[1] != n_probe or n_visit.shape[0] != n_queries
-            or exclude.shape[0] != n_queries):
-        raise ValueError("probes, table_rows and coarse must have shape (n_queries, n_probe) "
-                         "and n_visit, exclude shape (n_queries,).")
-    offsets = np.asarray(chunk_offsets)
-    if (n_lists < 1 or offsets[0] != 0 or offsets[-1] != n_chunks
-            or np.any(np.diff(offsets) < 0) or chunk_codes.shape[0] != n_chunks
-            or chunk_ids.shape[0] != n_chunks):
-        raise ValueError("chunk_offsets must rise from 0 to n_chunks, and chunk_codes, "
-                         "chunk_ids and chunk_sizes hold one entry per chunk.")
-    if n_chunks and (np.asarray(chunk_sizes).min() < 0
-                     or np.any((np.asarray(chunk_sizes) > 0)
-                               & ((np.asarray(chunk_codes) == 0) | (np.asarray(chunk_ids) == 0)))):
-        raise ValueError("chunk sizes must be >= 0 and non-empty chunks need addresses.")
-    if code_bytes != 1 and code_bytes != 2:
-        raise ValueError(f"code_bytes must be 1 or 2; got {code_bytes}.")
-    visit = np.asarray(n_visit)
-    if n_queries and (visit.min() < 0 or visit.max() > n_probe):
-        raise ValueError(f"n_visit must be in [0, {n_probe}].")
-    probe_arr = np.asarray(probes)
-    mask = np.arange(n_probe) < visit[:, None]
-    if np.any((probe_arr < 0) & mask) or np.any((probe_arr >= n_lists) & mask):
-        raise ValueError(f"probes must be list numbers in [0, {n_lists - 1}].")
-    rows_arr = np.asarray(table_rows)
-    if np.any((rows_arr < 0) & mask) or np.any((rows_arr >= n_tables) & mask):
-        raise ValueError(f"table_rows must be rows of list_tables, in [0, {n_tables - 1}].")
     if second_rows is None:
         split = n_subspaces
-    else:
-        if second_rows.shape[0] != n_queries or second_rows.shape[1] != n_probe:
-            raise ValueError("second_rows must have shape (n_queries, n_probe).")
-        rows_arr = np.asarray(second_rows)
-        if np.any((rows_arr < 0) & mask) or np.any((rows_arr >= n_tables) & mask):
-            raise ValueError(f"second_rows must be rows of list_tables, in [0, {n_tables - 1}].")
-        if split < 0 or split > n_subspaces:
-            raise ValueError(f"split must be in [0, {n_subspaces}]; got {split}.")
-    if k < 0:
-        raise ValueError(f"k must be >= 0; got k={k}.")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
 
     distances = np.full((n_queries, k), np.inf, dtype=np.float32)
     indices = np.full((n_queries, k), -1, dtype=np.int64)

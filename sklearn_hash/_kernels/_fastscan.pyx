@@ -49,6 +49,8 @@ from libc.stdlib cimport free, malloc
 
 import numpy as np
 
+from ._adc import check_ivf_arguments
+
 from ._simd import max_simd_level
 
 cdef extern from "_fastscan.h":
@@ -636,57 +638,16 @@ cdef inline void _offer_rows(
 def _check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
                          chunk_offsets, chunk_codes, chunk_ids, chunk_blocks, chunk_sizes,
                          exclude, k, allowed, n_threads, second_rows, split):
-    n_tables, M, K = list_tables.shape
-    n_queries = query_tables.shape[0]
-    n_probe = probes.shape[1]
-    n_lists = chunk_offsets.shape[0] - 1
-    n_chunks = chunk_sizes.shape[0]
+    K = list_tables.shape[2]
     if K != 16 or query_tables.shape[2] != 16:
         raise ValueError(f"fast-scan searches 4-bit codes: tables must have 16 codewords per "
                          f"subspace; got {K}. Codes with more codewords are searched by "
                          f"ivf_adc_kneighbors.")
-    if query_tables.shape[1] != M:
-        raise ValueError("list_tables and query_tables must have the same subspaces "
-                         "and codewords.")
-    if M < 1:
+    if list_tables.shape[1] < 1:
         raise ValueError("tables must have at least one subspace.")
-    if (probes.shape[0] != n_queries or coarse.shape[0] != n_queries
-            or coarse.shape[1] != n_probe or table_rows.shape[0] != n_queries
-            or table_rows.shape[1] != n_probe or n_visit.shape[0] != n_queries
-            or exclude.shape[0] != n_queries):
-        raise ValueError("probes, table_rows and coarse must have shape (n_queries, n_probe) "
-                         "and n_visit, exclude shape (n_queries,).")
-    offsets = np.asarray(chunk_offsets)
-    if (n_lists < 1 or offsets[0] != 0 or offsets[-1] != n_chunks
-            or np.any(np.diff(offsets) < 0) or chunk_codes.shape[0] != n_chunks
-            or chunk_ids.shape[0] != n_chunks or chunk_blocks.shape[0] != n_chunks):
-        raise ValueError("chunk_offsets must rise from 0 to n_chunks, and chunk_codes, "
-                         "chunk_ids, chunk_blocks and chunk_sizes hold one entry per chunk.")
-    sizes = np.asarray(chunk_sizes)
-    if n_chunks and (sizes.min() < 0 or np.any(
-            (sizes > 0) & ((np.asarray(chunk_codes) == 0) | (np.asarray(chunk_ids) == 0)))):
-        raise ValueError("chunk sizes must be >= 0 and non-empty chunks need addresses.")
-    visit = np.asarray(n_visit)
-    if n_queries and (visit.min() < 0 or visit.max() > n_probe):
-        raise ValueError(f"n_visit must be in [0, {n_probe}].")
-    mask = np.arange(n_probe) < visit[:, None]
-    probe_arr = np.asarray(probes)
-    if np.any((probe_arr < 0) & mask) or np.any((probe_arr >= n_lists) & mask):
-        raise ValueError(f"probes must be list numbers in [0, {n_lists - 1}].")
-    for name, rows in (("table_rows", table_rows), ("second_rows", second_rows)):
-        if rows is None:
-            continue
-        if rows.shape[0] != n_queries or rows.shape[1] != n_probe:
-            raise ValueError(f"{name} must have shape (n_queries, n_probe).")
-        rows = np.asarray(rows)
-        if np.any((rows < 0) & mask) or np.any((rows >= n_tables) & mask):
-            raise ValueError(f"{name} must be rows of list_tables, in [0, {n_tables - 1}].")
-    if second_rows is not None and not 0 <= split <= M:
-        raise ValueError(f"split must be in [0, {M}]; got {split}.")
-    if k < 0:
-        raise ValueError(f"k must be >= 0; got k={k}.")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
+                        chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, exclude, k,
+                        n_threads, second_rows, split, chunk_blocks=chunk_blocks)
 
 
 def ivf_fastscan_kneighbors(
