@@ -79,3 +79,54 @@ def _random_hyperplanes_map(X_db, y_db, X_q, y_q, n_bits, R, seeds=range(5)):
         _, ind = hamming_kneighbors(pack_bits(X_q @ P >= 0), pack_bits(X_db @ P >= 0), R)
         scores.append(map_at_r_score(y_q, y_db, ind))
     return float(np.mean(scores))
+
+
+# ---------------------------------------------------------------- inverted-file kernel oracles
+# (test_ivf.py, test_ivf_fastscan.py)
+
+def _ivf_oracle(list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets, codes,
+               ids, exclude, k, allowed=None):
+    """float32 sums in subspace order over the visited lists; ranked by (distance, index)."""
+    n_q, M, _ = query_tables.shape
+    out_d = np.full((n_q, k), np.inf, np.float32)
+    out_i = np.full((n_q, k), -1, np.int64)
+    for q in range(n_q):
+        dist, idx = [np.empty(0, np.float32)], [np.empty(0, np.int64)]
+        for p in range(n_visit[q]):
+            lst = probes[q, p]
+            table = list_tables[table_rows[q, p]] + query_tables[q]
+            table[0] += coarse[q, p]
+            rows = np.arange(offsets[lst], offsets[lst + 1])
+            d = table[0, codes[rows, 0].astype(np.intp)]
+            for m in range(1, M):
+                d = d + table[m, codes[rows, m].astype(np.intp)]
+            dist.append(d)
+            idx.append(ids[rows])
+        dist, idx = np.concatenate(dist), np.concatenate(idx)
+        keep = idx != exclude[q]
+        if allowed is not None:
+            keep &= allowed[idx].astype(bool)
+        dist, idx = dist[keep], idx[keep]
+        order = np.lexsort((idx, dist))[:k]
+        out_d[q, : order.size], out_i[q, : order.size] = dist[order], idx[order]
+    return out_d, out_i
+
+
+def _random_index(rng, n, n_lists, M, K, code_dtype=np.uint8):
+    lists = rng.integers(0, n_lists, n)
+    order = np.argsort(lists, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=n_lists))]).astype(np.int64)
+    codes = rng.integers(0, K, (n, M)).astype(code_dtype)
+    return offsets, codes, order.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def ivf_oracle():
+    """float32 sums over the visited lists, ranked by (distance, index): the IVF kernels' oracle."""
+    return _ivf_oracle
+
+
+@pytest.fixture(scope="session")
+def random_index():
+    """Random inverted lists as one grouped array: (offsets, codes, ids ascending per list)."""
+    return _random_index

@@ -12,34 +12,6 @@ from sklearn_hash._kernels._adc import ivf_adc_kneighbors
 from sklearn_hash import ITQ, IVFQuantizedNeighbors, ProductQuantizer
 
 
-def ivf_oracle(list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets, codes,
-               ids, exclude, k, allowed=None):
-    """float32 sums in subspace order over the visited lists; ranked by (distance, index)."""
-    n_q, M, _ = query_tables.shape
-    out_d = np.full((n_q, k), np.inf, np.float32)
-    out_i = np.full((n_q, k), -1, np.int64)
-    for q in range(n_q):
-        dist, idx = [np.empty(0, np.float32)], [np.empty(0, np.int64)]
-        for p in range(n_visit[q]):
-            lst = probes[q, p]
-            table = list_tables[table_rows[q, p]] + query_tables[q]
-            table[0] += coarse[q, p]
-            rows = np.arange(offsets[lst], offsets[lst + 1])
-            d = table[0, codes[rows, 0].astype(np.intp)]
-            for m in range(1, M):
-                d = d + table[m, codes[rows, m].astype(np.intp)]
-            dist.append(d)
-            idx.append(ids[rows])
-        dist, idx = np.concatenate(dist), np.concatenate(idx)
-        keep = idx != exclude[q]
-        if allowed is not None:
-            keep &= allowed[idx].astype(bool)
-        dist, idx = dist[keep], idx[keep]
-        order = np.lexsort((idx, dist))[:k]
-        out_d[q, : order.size], out_i[q, : order.size] = dist[order], idx[order]
-    return out_d, out_i
-
-
 def chunked(offsets, codes, ids, split=True):
     """The kernel's chunk layout of lists stored as one grouped array: each list cut in two."""
     chunk_offsets, codes_at, ids_at, sizes, keep = [0], [], [], [], []
@@ -64,20 +36,13 @@ def kernel(list_tables, query_tables, coarse, probes, rows, n_visit, offsets, co
                               exclude, k, allowed=allowed, n_threads=n_threads)
 
 
-def random_index(rng, n, n_lists, M, K, code_dtype=np.uint8):
-    lists = rng.integers(0, n_lists, n)
-    order = np.argsort(lists, kind="stable")
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=n_lists))]).astype(np.int64)
-    codes = rng.integers(0, K, (n, M)).astype(code_dtype)
-    return offsets, codes, order.astype(np.int64)
-
-
 # 12 lists of about 75 codes: tables built; 150 lists of about 6 (under K / 8):
 # scored on the fly, the same float32 operations.
 @pytest.mark.parametrize("n_lists", [12, 150])
 @pytest.mark.parametrize("M, K, code_dtype", [(8, 256, np.uint8), (16, 256, np.uint8),
                                                (3, 16, np.uint8), (4, 300, np.uint16)])
-def test_ivf_kernel_matches_the_oracle_with_ties(M, K, code_dtype, n_lists):
+def test_ivf_kernel_matches_the_oracle_with_ties(M, K, code_dtype, n_lists, ivf_oracle,
+                                                 random_index):
     rng = np.random.default_rng(M)
     n, n_q, n_probe = 900, 7, 5
     offsets, codes, ids = random_index(rng, n, n_lists, M, K, code_dtype)
@@ -111,7 +76,7 @@ def test_ivf_kernel_matches_the_oracle_with_ties(M, K, code_dtype, n_lists):
 
 
 @pytest.mark.parametrize("split", [0, 1, 3, 4])
-def test_ivf_kernel_joins_two_table_rows_at_split(split):
+def test_ivf_kernel_joins_two_table_rows_at_split(split, ivf_oracle, random_index):
     # The inverted multi-index's tables: subspaces before `split` from one row,
     # the rest from a second row; the oracle joins the rows beforehand.
     rng = np.random.default_rng(split)
@@ -150,7 +115,7 @@ def test_ivf_kernel_joins_two_table_rows_at_split(split):
                            exclude, 3, second_rows=second[:2], split=split)
 
 
-def test_ivf_kernel_rejects_bad_arguments():
+def test_ivf_kernel_rejects_bad_arguments(random_index):
     rng = np.random.default_rng(0)
     offsets, codes, ids = random_index(rng, 100, 4, 2, 16)
     lt = rng.random((4, 2, 16), dtype=np.float32)

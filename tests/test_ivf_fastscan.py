@@ -35,41 +35,6 @@ LEVEL = {"portable": 0, "avx2": 1, "avx512": 2}
 PATHS = [p for p in ("portable", "avx2", "avx512") if LEVEL[p] <= LEVEL[simd_path(True)]]
 
 
-def random_index(rng, n, n_lists, M, K):
-    """Lists as one grouped array: offsets, codes, ids (ascending within a list)."""
-    lists = rng.integers(0, n_lists, n)
-    order = np.argsort(lists, kind="stable")
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=n_lists))])
-    return offsets.astype(np.int64), rng.integers(0, K, (n, M)).astype(np.uint8), \
-        order.astype(np.int64)
-
-
-def ivf_oracle(list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets, codes,
-               ids, exclude, k):
-    """float32 sums in subspace order over the visited lists; ranked by (distance, index)."""
-    n_q, M, _ = query_tables.shape
-    out_d = np.full((n_q, k), np.inf, np.float32)
-    out_i = np.full((n_q, k), -1, np.int64)
-    for q in range(n_q):
-        dist, idx = [np.empty(0, np.float32)], [np.empty(0, np.int64)]
-        for p in range(n_visit[q]):
-            lst = probes[q, p]
-            table = list_tables[table_rows[q, p]] + query_tables[q]
-            table[0] += coarse[q, p]
-            rows = np.arange(offsets[lst], offsets[lst + 1])
-            d = table[0, codes[rows, 0].astype(np.intp)]
-            for m in range(1, M):
-                d = d + table[m, codes[rows, m].astype(np.intp)]
-            dist.append(d)
-            idx.append(ids[rows])
-        dist, idx = np.concatenate(dist), np.concatenate(idx)
-        keep = idx != exclude[q]
-        dist, idx = dist[keep], idx[keep]
-        order = np.lexsort((idx, dist))[:k]
-        out_d[q, : order.size], out_i[q, : order.size] = dist[order], idx[order]
-    return out_d, out_i
-
-
 def layout(offsets, codes, ids, min_rows=1, cuts=1):
     """Kernel arguments for lists stored grouped: each list cut into ``cuts`` chunks.
 
@@ -142,7 +107,7 @@ def test_packing_rejects_bad_input():
 
 # ------------------------------------------------------------------------ kernel
 
-def problem(rng, M, n, n_lists, n_q=9, n_probe=5, kind="random"):
+def problem(random_index, rng, M, n, n_lists, n_q=9, n_probe=5, kind="random"):
     offsets, codes, ids = random_index(rng, n, n_lists, M, 16)
     n_probe = min(n_probe, n_lists)
     if kind == "ties":  # small integers: exact sums, many equal distances
@@ -164,12 +129,12 @@ def problem(rng, M, n, n_lists, n_q=9, n_probe=5, kind="random"):
 @pytest.mark.parametrize("simd", PATHS)
 @pytest.mark.parametrize("kind", ["random", "dominant", "ties"])
 @pytest.mark.parametrize("M", [1, 5, 8, 16, 32, 33])
-def test_kernel_equals_float_tables(simd, kind, M):
+def test_kernel_equals_float_tables(simd, kind, M, random_index):
     rng = np.random.default_rng(M * 7 + len(kind))
     # 14 lists of about 150 codes (partly filled last blocks); 60 lists of
     # about 35 (under a block, around the packing threshold).
     for n, n_lists in ((2111, 14), (2111, 60)):
-        tables, probes, n_visit, offsets, codes, ids = problem(rng, M, n, n_lists, kind=kind)
+        tables, probes, n_visit, offsets, codes, ids = problem(random_index, rng, M, n, n_lists, kind=kind)
         n_q = len(probes)
         exclude = np.where(rng.random(n_q) < 0.5, ids[rng.integers(0, n, n_q)], -1)
         allowed = (rng.random(n) < 0.3).astype(np.uint8)
@@ -182,9 +147,9 @@ def test_kernel_equals_float_tables(simd, kind, M):
                                           allowed=mask, n_threads=n_threads, simd=simd))
 
 
-def test_kernel_equals_the_numpy_oracle_and_filters_most_rows():
+def test_kernel_equals_the_numpy_oracle_and_filters_most_rows(ivf_oracle, random_index):
     rng = np.random.default_rng(1)
-    tables, probes, n_visit, offsets, codes, ids = problem(rng, 16, 20000, 10, n_q=20)
+    tables, probes, n_visit, offsets, codes, ids = problem(random_index, rng, 16, 20000, 10, n_q=20)
     exclude = np.full(20, -1, np.int64)
     lay, _keep = layout(offsets, codes, ids)
     rows = probes[:, ::-1].copy()  # tables in another order than the lists
@@ -201,7 +166,7 @@ def test_kernel_equals_the_numpy_oracle_and_filters_most_rows():
 
 
 @pytest.mark.parametrize("split", [0, 3, 8])
-def test_kernel_joins_two_table_rows_at_split(split):
+def test_kernel_joins_two_table_rows_at_split(split, random_index):
     rng = np.random.default_rng(split)
     M, n_lists, n_q, n_probe = 8, 9, 6, 4
     offsets, codes, ids = random_index(rng, 3000, n_lists, M, 16)
@@ -219,7 +184,7 @@ def test_kernel_joins_two_table_rows_at_split(split):
                               exclude, k, n_threads=n_threads, second_rows=second, split=split))
 
 
-def test_kernel_passes_over_cells_out_of_reach():
+def test_kernel_passes_over_cells_out_of_reach(random_index):
     # A far cell's table cannot reach the k-th distance of the near one.
     rng = np.random.default_rng(2)
     offsets, codes, ids = random_index(rng, 4000, 2, 8, 16)
@@ -234,7 +199,7 @@ def test_kernel_passes_over_cells_out_of_reach():
     assert_same(ivf_adc_kneighbors(*args[:9], lay[4], 1, *args[11:]), (d, i))
 
 
-def test_kernel_rejects_bad_arguments():
+def test_kernel_rejects_bad_arguments(random_index):
     rng = np.random.default_rng(0)
     offsets, codes, ids = random_index(rng, 100, 4, 2, 16)
     lt = rng.random((4, 2, 16), dtype=np.float32)
