@@ -46,7 +46,7 @@ from ._kernels._imi import multi_sequence
 from ._kernels._nearest import codeword_scores, nearest_codewords
 from ._kmeans import kmeans, training_rows
 from ._opq import OPQ
-from ._pq import ProductQuantizer
+from ._pq import ProductQuantizer, subspace_sizes
 from ._threads import effective_n_threads
 
 # Bytes of query tables (float64 inner products) built at a time when searching.
@@ -641,6 +641,4 @@ def _halves_split(quantizer, n_features):
     n_subspaces = quantizer.n_bits // quantizer.subspace_bits
     if n_subspaces < 2 or n_subspaces > n_features:
         return n_features // 2
-    sizes = np.full(n_subspaces, n_features // n_subspaces)
-    sizes[: n_features % n_subspaces] += 1
-    return int(sizes[: n_subspaces // 2].sum())
+    return int(subspace_sizes(n_features, n_subspaces)[: n_subspaces // 2].sum())

@@ -26,7 +26,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._kmeans import training_rows
-from ._pq import ProductQuantizer, _check_codebooks
+from ._pq import ProductQuantizer, _check_codebooks, subspace_sizes
 
 # Lloyd iterations of the codebooks in the first alternation and in each later one.
 _FIRST_PQ_ITER = 10
@@ -45,8 +45,7 @@ def _eigenvalue_allocation(X, n_subspaces):
     eigval, eigvec = np.linalg.eigh(cov)
     order = np.argsort(eigval)[::-1]
     eigval, eigvec = np.maximum(eigval[order], 1e-12), eigvec[:, order]
-    sizes = np.full(n_subspaces, d // n_subspaces)
-    sizes[: d % n_subspaces] += 1
+    sizes = subspace_sizes(d, n_subspaces)
     log_products = np.zeros(n_subspaces)
     buckets = [[] for _ in range(n_subspaces)]
     for j in range(d):

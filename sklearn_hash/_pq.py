@@ -26,6 +26,13 @@ _CHUNK = 16384
 _MAX_SDC_CODEWORDS = 1024
 
 
+def subspace_sizes(n_features, n_subspaces):
+    """Features per subspace: ``n_features // n_subspaces``, the first ``n_features % n_subspaces`` one wider."""
+    sizes = np.full(n_subspaces, n_features // n_subspaces)
+    sizes[: n_features % n_subspaces] += 1
+    return sizes
+
+
 def _check_codebooks(estimator, n_samples, n_features=None):
     """Number of codebooks and of codewords for ``n_bits`` and ``subspace_bits``.
 
@@ -225,8 +232,7 @@ default="random"
         rng = check_random_state(self.random_state)
         X_train = training_rows(X, self.max_train_samples, n_codewords, rng)
 
-        sizes = np.full(n_subspaces, n_features // n_subspaces)
-        sizes[: n_features % n_subspaces] += 1
+        sizes = subspace_sizes(n_features, n_subspaces)
         init = self._check_init(n_subspaces, n_codewords, int(sizes.max()), X.dtype)
         self.subspace_bounds_ = np.concatenate([[0], np.cumsum(sizes)])
         self.n_subspaces_ = n_subspaces

@@ -55,6 +55,18 @@ cdef void _pop(double* hd, int64_t* hc, int64_t* ha, Py_ssize_t* size) noexcept 
     hd[i] = d; hc[i] = cell; ha[i] = a
 
 
+def _is_permutation(order):
+    """Whether each row holds every number of ``range(n_columns)`` once (O(n), no sort)."""
+    n, K = order.shape
+    if order.size == 0:
+        return True
+    if order.min() < 0 or order.max() >= K:
+        return False
+    seen = np.zeros((n, K), dtype=bool)
+    seen[np.arange(n)[:, None], order] = True
+    return bool(seen.all())
+
+
 def multi_sequence(
     const int64_t[:, ::1] order1,   # IN (n_queries, K1) first-half codewords, nearest first
     const double[:, ::1] dist1,     # IN (n_queries, K1) their distances, ascending
@@ -113,8 +125,8 @@ def multi_sequence(
         raise ValueError(f"n_probe and width must be >= 1; got {n_probe} and {width}.")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
-    if n_queries and (np.any(np.sort(np.asarray(order1), axis=1) != np.arange(K1))
-                      or np.any(np.sort(np.asarray(order2), axis=1) != np.arange(K2))):
+    if n_queries and not (_is_permutation(np.asarray(order1))
+                          and _is_permutation(np.asarray(order2))):
         raise ValueError("each row of order1 and order2 must be a permutation of the "
                          "codeword numbers.")
 

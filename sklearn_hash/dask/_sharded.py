@@ -122,6 +122,18 @@ def _sizeof_searcher(searcher):
     return sys.getsizeof(searcher) + _nbytes(vars(searcher), set())
 
 
+def _check_row_chunked(X):
+    """Raise a clear ValueError unless the dask array X is 2-D and chunked by rows only."""
+    if X.ndim != 2:
+        raise ValueError(f"Expected a 2D dask array, got a {X.ndim}D one instead.")
+    if len(X.chunks[1]) != 1:
+        raise ValueError(
+            f"X must be chunked by rows only (each chunk holding all {X.shape[1]} "
+            f"columns), but its columns are split into {len(X.chunks[1])} chunks "
+            f"{X.chunks[1]}. Rechunk it: X.rechunk({{1: -1}})."
+        )
+
+
 def _shard_info(shard):
     """Items, items per IVF cell, and bytes held by the shard's storage (codes, ids, labels)."""
     index = shard._index
@@ -349,14 +361,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
     def _row_blocks(self, X, client, *, fitting):
         """X as (blocks, rows per block): delayed chunks of a dask array, or futures of numpy chunks."""
         if isinstance(X, da.Array):
-            if X.ndim != 2:
-                raise ValueError(f"Expected a 2D dask array, got a {X.ndim}D one instead.")
-            if len(X.chunks[1]) != 1:
-                raise ValueError(
-                    f"X must be chunked by rows only (each chunk holding all {X.shape[1]} "
-                    f"columns), but its columns are split into {len(X.chunks[1])} chunks "
-                    f"{X.chunks[1]}. Rechunk it: X.rechunk({{1: -1}})."
-                )
+            _check_row_chunked(X)
             if any(math.isnan(c) for c in X.chunks[0]):
                 raise ValueError("X has chunks of unknown size; call X.compute_chunk_sizes() "
                                  "first.")
@@ -731,14 +736,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
         return (distances, indices) if return_distance else indices
 
     def _kneighbors_dask(self, client, X, n_neighbors, return_distance, params, dtype):
-        if X.ndim != 2:
-            raise ValueError(f"Expected a 2D dask array, got a {X.ndim}D one instead.")
-        if len(X.chunks[1]) != 1:
-            raise ValueError(
-                f"X must be chunked by rows only (each chunk holding all {X.shape[1]} "
-                f"columns), but its columns are split into {len(X.chunks[1])} chunks "
-                f"{X.chunks[1]}. Rechunk it: X.rechunk({{1: -1}})."
-            )
+        _check_row_chunked(X)
         self._check_n_features(X.shape[1], fitting=False)
         k = self._check_n_neighbors(n_neighbors, X.shape[0])
         groups = self._placement(client)
