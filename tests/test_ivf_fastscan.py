@@ -62,11 +62,13 @@ def layout(offsets, codes, ids, min_rows=1, cuts=1):
 def both(tables, probes, rows, n_visit, lay, exclude, k, **kwargs):
     """(float-table answer, fast-scan answer) on the same layout."""
     offsets, codes_at, ids_at, blocks_at, sizes = lay
-    simd = kwargs.pop("simd", True)
+    fast = {"simd": kwargs.pop("simd", True)}
+    if "span_fraction" in kwargs:
+        fast["span_fraction"] = kwargs.pop("span_fraction")
     expected = ivf_adc_kneighbors(*tables, probes, rows, n_visit, offsets, codes_at, ids_at,
                                   sizes, 1, exclude, k, **kwargs)
     got = ivf_fastscan_kneighbors(*tables, probes, rows, n_visit, offsets, codes_at, ids_at,
-                                  blocks_at, sizes, exclude, k, simd=simd, **kwargs)
+                                  blocks_at, sizes, exclude, k, **fast, **kwargs)
     return expected, got
 
 
@@ -165,6 +167,24 @@ def test_kernel_equals_the_numpy_oracle_and_filters_most_rows(ivf_oracle, random
     assert stats["rescored"].sum() < 0.1 * held.sum()
 
 
+@pytest.mark.parametrize("span_fraction", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("kind", ["random", "dominant", "ties"])
+def test_kernel_answers_do_not_depend_on_the_table_steps(span_fraction, kind, random_index):
+    # Cells of about 7,500 rows: several parts of 2,048, the table quantized
+    # again between them as the k-th distance falls; whatever the steps
+    # (span_fraction), the answers are the float tables'.
+    rng = np.random.default_rng(5)
+    tables, probes, n_visit, offsets, codes, ids = problem(random_index, rng, 16, 30000, 4,
+                                                           n_q=6, n_probe=3, kind=kind)
+    exclude = np.where(np.arange(6) % 2 == 0, ids[rng.integers(0, 30000, 6)], -1)
+    allowed = (rng.random(30000) < 0.5).astype(np.uint8)
+    lay, _keep = layout(offsets, codes, ids)
+    for k in (1, 10, 100):
+        for mask in (None, allowed):
+            assert_same(*both(tables, probes, probes, n_visit, lay, exclude, k, allowed=mask,
+                              n_threads=2, span_fraction=span_fraction))
+
+
 @pytest.mark.parametrize("split", [0, 3, 8])
 def test_kernel_joins_two_table_rows_at_split(split, random_index):
     rng = np.random.default_rng(split)
@@ -210,6 +230,10 @@ def test_kernel_rejects_bad_arguments(random_index):
     none = np.array([-1, -1], dtype=np.int64)
     lay, _keep = layout(offsets, codes, ids)
     ivf_fastscan_kneighbors(lt, qt, coarse, probes, probes, visit, *lay, none, 3)
+    for fraction in (0, -0.5, 1.5, np.nan):
+        with pytest.raises(ValueError, match=r"span_fraction must be in \(0, 1\]"):
+            ivf_fastscan_kneighbors(lt, qt, coarse, probes, probes, visit, *lay, none, 3,
+                                    span_fraction=fraction)
     with pytest.raises(ValueError, match="16 codewords per subspace"):
         wide = np.zeros((4, 2, 32), np.float32)
         ivf_fastscan_kneighbors(wide, wide[:2], coarse, probes, probes, visit, *lay, none, 3)

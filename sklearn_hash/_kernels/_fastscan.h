@@ -661,6 +661,105 @@ static inline void sh_fs_offer(float* dist, int64_t* idx, ptrdiff_t* size, ptrdi
     idx[i] = j;
 }
 
+#define SH_FS_MAX_FOUND 2048  /* rows of a part (PART_ROWS in _fastscan.pyx) */
+#define SH_FS_BUCKETS 64
+
+/* Exclusive bound on the quantized distance of rows that may be at most d
+ * (par = scale, bias, e_over, slack; 65536: no bound). */
+static inline int sh_fs_threshold(double d, const double* par)
+{
+    if (par[0] <= 0 || !isfinite(d))
+        return 65536;
+    const double x = (d - par[1] + par[2] + par[3]) / par[0];
+    if (x < 0)
+        return 0;
+    if (x >= 65535)
+        return 65536;
+    return (int)x + 1;  /* x >= 0: the cast is the floor */
+}
+
+/* Re-score, with the float table, the rows a scan of one part found and offer
+ * them to the heap: row r0 + pos[c] for each c whose quantized distance is
+ * still below the threshold (*thr, lowered as the heap's k-th distance falls)
+ * and which is not before `done` (scored already). Rows are taken 8 at a time:
+ * their code rows and ids are prefetched and their distances computed as
+ * independent chains (each added in subspace order, as sh_fs_adc: the same
+ * float32 numbers), then offered in row order. A row whose distance ranks
+ * after the heap's worst is dropped without reading its id unless a mask or
+ * an excluded index needs it. The heap ends as row-by-row offers leave it.
+ * Returns the number of rows scored. */
+static ptrdiff_t sh_fs_rescore_found(
+    const float* table, const uint8_t* codes, const int64_t* ids, ptrdiff_t M,
+    const int32_t* pos, const uint16_t* qd, ptrdiff_t n_found, ptrdiff_t r0, ptrdiff_t done,
+    int64_t own, const uint8_t* allow, const double* par, int* thr,
+    float* hd, int64_t* hi, ptrdiff_t* size, ptrdiff_t k)
+{
+    ptrdiff_t scored = 0, c = 0;
+    ptrdiff_t rows[8];
+    float d[8];
+    const int check_id = own >= 0 || allow != NULL;
+    /* Visit the rows by increasing quantized distance (64 buckets of the
+     * range below the threshold, row order within one): the nearest ones
+     * lower the k-th distance first, so fewer of the others pass. */
+    int32_t order[SH_FS_MAX_FOUND];
+    uint16_t start[SH_FS_BUCKETS + 1];
+    const int top = *thr;
+    if (n_found > SH_FS_MAX_FOUND)
+        n_found = 0;  /* never: a part holds at most SH_FS_MAX_FOUND rows */
+    {
+        uint16_t count[SH_FS_BUCKETS] = {0};
+        const double per = (double)SH_FS_BUCKETS / (top > 0 ? top : 1);
+        for (ptrdiff_t i = 0; i < n_found; ++i) {
+            int g = qd[i] < top ? (int)(qd[i] * per) : SH_FS_BUCKETS - 1;
+            ++count[g < SH_FS_BUCKETS ? g : SH_FS_BUCKETS - 1];
+        }
+        start[0] = 0;
+        for (int g = 0; g < SH_FS_BUCKETS; ++g)
+            start[g + 1] = start[g] + count[g];
+        uint16_t fill[SH_FS_BUCKETS];
+        memcpy(fill, start, sizeof(fill));
+        for (ptrdiff_t i = 0; i < n_found; ++i) {
+            int g = qd[i] < top ? (int)(qd[i] * per) : SH_FS_BUCKETS - 1;
+            order[fill[g < SH_FS_BUCKETS ? g : SH_FS_BUCKETS - 1]++] = (int32_t)i;
+        }
+    }
+    while (c < n_found) {
+        int nb = 0;
+        for (; c < n_found && nb < 8; ++c) {
+            const ptrdiff_t i = order[c];
+            const ptrdiff_t e = r0 + pos[i];
+            if (qd[i] >= *thr || e < done)
+                continue;
+            rows[nb++] = e;
+            __builtin_prefetch(codes + e * M);
+            if (M > 64)
+                __builtin_prefetch(codes + e * M + 64);
+            __builtin_prefetch(ids + e);
+        }
+        if (nb == 0)
+            break;
+        for (int b = 0; b < nb; ++b)
+            d[b] = table[codes[rows[b] * M]];
+        for (ptrdiff_t m = 1; m < M; ++m)
+            for (int b = 0; b < nb; ++b)
+                d[b] += table[m * 16 + codes[rows[b] * M + m]];
+        scored += nb;
+        for (int b = 0; b < nb; ++b) {
+            if (!check_id && *size == k && d[b] > hd[0])
+                continue;  /* ranks after the worst kept, whatever its index */
+            const int64_t j = ids[rows[b]];
+            if (j == own || (allow != NULL && !allow[j]))
+                continue;
+            sh_fs_offer(hd, hi, size, k, d[b], j);
+            if (*size == k) {
+                const int t = sh_fs_threshold(hd[0], par);
+                *thr = t < *thr ? t : *thr;
+            }
+        }
+    }
+    return scored;
+}
+
 /* Sort a max-heap in place into ascending (distance, index) order. */
 static void sh_fs_heap_sort(float* dist, int64_t* idx, ptrdiff_t size)
 {
