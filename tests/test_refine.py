@@ -106,6 +106,7 @@ def test_refine_kernel_matches_numpy_over_chunks_threads_and_ties():
     Q = rng.integers(0, 3, (9, 6)).astype(np.float64)
     cand = np.stack([rng.permutation(200)[:40] for _ in range(9)]).astype(np.int64)
     cand[0, 5:] = -1  # a short row: padded
+    cand[1, ::3] = -1  # gaps inside the groups of candidates the kernel scores together
     for n_threads in (1, 2):
         d, i = refine_kneighbors(Q, cand, starts, pointers, 12, n_threads=n_threads)
         for q in range(9):

@@ -11,9 +11,25 @@ are returned by (distance, index).
 
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+
+
+cdef extern from *:
+    void __builtin_prefetch(const void* p) noexcept nogil
 from libc.stdint cimport int64_t, intptr_t
 
 import numpy as np
+
+
+cdef enum:
+    GROUP = 8  # candidates scored side by side
+
+
+cdef inline void _prefetch_row(const float* row, Py_ssize_t n_features) noexcept nogil:
+    """Ask for a vector's cache lines ahead of its use."""
+    cdef Py_ssize_t j
+    for j in range(0, n_features, 16):
+        __builtin_prefetch(row + j)
 
 
 cdef inline bint _before(double da, int64_t ia, double db, int64_t ib) noexcept nogil:
@@ -91,39 +107,70 @@ def refine_kneighbors(
     cdef double[:, ::1] out_d = distances
     cdef int64_t[:, ::1] out_i = indices
     cdef const int64_t* st = &chunk_starts[0]
-    cdef Py_ssize_t q, c, j, pos, size, ch
+    cdef Py_ssize_t q, c, j, b, nb, pos, size, ch
     cdef int64_t idx
-    cdef double acc, diff
-    cdef const float* row
+    cdef double diff
+    cdef const double* query
     cdef double* hd
     cdef int64_t* hi
+    cdef const float** rows
+    cdef int64_t* ids
+    cdef double* acc
+    cdef int failed = 0
+    cdef int* failed_flag = &failed
+
     with nogil, parallel(num_threads=n_threads):
-        for q in prange(n_queries, schedule="static"):
-            hd = &out_d[q, 0]
-            hi = &out_i[q, 0]
-            size = 0
-            for c in range(n_cand):
-                idx = candidates[q, c]
-                if idx < 0:
-                    continue
-                ch = _chunk_of(st, n_chunks, idx)
-                row = (<const float*> chunk_ptrs[ch]) + (idx - st[ch]) * n_features
-                acc = 0.0
-                for j in range(n_features):
-                    diff = <double> row[j] - queries[q, j]
-                    acc = acc + diff * diff
-                # Insertion into the sorted top k (k is small: tens to hundreds).
-                if size == k and not _before(acc, idx, hd[k - 1], hi[k - 1]):
-                    continue
-                pos = size if size < k else k - 1
-                while pos > 0 and _before(acc, idx, hd[pos - 1], hi[pos - 1]):
-                    hd[pos] = hd[pos - 1]
-                    hi[pos] = hi[pos - 1]
-                    pos = pos - 1
-                hd[pos] = acc
-                hi[pos] = idx
-                if size < k:
-                    size = size + 1
-            for c in range(size):
-                hd[c] = sqrt(hd[c])
+        # Per-thread buffers (arrays declared outside would be shared).
+        rows = <const float**> malloc(GROUP * sizeof(float*))
+        ids = <int64_t*> malloc(GROUP * sizeof(int64_t))
+        acc = <double*> malloc(GROUP * sizeof(double))
+        if rows == NULL or ids == NULL or acc == NULL:
+            failed_flag[0] = 1
+        else:
+            for q in prange(n_queries, schedule="static"):
+                hd = &out_d[q, 0]
+                hi = &out_i[q, 0]
+                query = &queries[q, 0]
+                size = 0
+                c = 0
+                while c < n_cand:
+                    # GROUP candidates at a time: their rows fetched together and
+                    # their sums accumulated side by side (each in feature order).
+                    nb = 0
+                    while c < n_cand and nb < GROUP:
+                        idx = candidates[q, c]
+                        c = c + 1
+                        if idx < 0:
+                            continue
+                        ch = _chunk_of(st, n_chunks, idx)
+                        rows[nb] = (<const float*> chunk_ptrs[ch]) + (idx - st[ch]) * n_features
+                        _prefetch_row(rows[nb], n_features)
+                        ids[nb] = idx
+                        nb = nb + 1
+                    for b in range(nb):
+                        acc[b] = 0.0
+                    for j in range(n_features):
+                        for b in range(nb):
+                            diff = <double> rows[b][j] - query[j]
+                            acc[b] = acc[b] + diff * diff
+                    for b in range(nb):
+                        # Insertion into the sorted top k (k is small: tens to hundreds).
+                        if size == k and not _before(acc[b], ids[b], hd[k - 1], hi[k - 1]):
+                            continue
+                        pos = size if size < k else k - 1
+                        while pos > 0 and _before(acc[b], ids[b], hd[pos - 1], hi[pos - 1]):
+                            hd[pos] = hd[pos - 1]
+                            hi[pos] = hi[pos - 1]
+                            pos = pos - 1
+                        hd[pos] = acc[b]
+                        hi[pos] = ids[b]
+                        if size < k:
+                            size = size + 1
+                for c in range(size):
+                    hd[c] = sqrt(hd[c])
+        free(rows)
+        free(ids)
+        free(acc)
+    if failed:
+        raise MemoryError("could not allocate the re-ranking buffers.")
     return distances, indices
