@@ -43,7 +43,7 @@ from sklearn.utils.validation import check_consistent_length, validate_data
 from ._backends import InvertedLists, fastscan_simd_path
 from ._index import IndexMixin
 from ._kernels._imi import multi_sequence
-from ._kernels._nearest import codeword_scores, nearest_codewords
+from ._kernels._nearest import codeword_scores, nearest_codewords, smallest_per_row
 from ._kmeans import kmeans, training_rows
 from ._opq import OPQ
 from ._pq import ProductQuantizer, subspace_sizes
@@ -513,23 +513,14 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         d2 = self._squared_distances(X, self.coarse_centers_, n_threads)
         n_lists = d2.shape[1]
         n_probe = min(n_probe, n_lists)
-        if n_probe == 1:  # the nearest cell, ties to the smaller number: argmin says so
-            near = np.argmin(d2, axis=1)[:, None]
-        elif n_probe < n_lists:
-            near = np.argpartition(d2, n_probe - 1, axis=1)[:, :n_probe]
-        else:
-            near = np.broadcast_to(np.arange(n_lists), d2.shape)
         # Nearest first; equal distances by cell number.
-        near_d2 = np.take_along_axis(d2, near, axis=1)
-        order = np.lexsort((near, near_d2), axis=1)
-        probes = np.take_along_axis(near, order, axis=1)
+        probes = smallest_per_row(d2, n_probe, n_threads=n_threads)
         n_visit = np.full(len(X), n_probe, dtype=np.int64)
 
         short = np.flatnonzero(sizes[probes].sum(axis=1) < n_required)
         if short.size:
             # Too few items in the probed cells: visit the next nearest too.
-            full = np.lexsort((np.broadcast_to(np.arange(n_lists), (short.size, n_lists)),
-                               d2[short]), axis=1)
+            full = smallest_per_row(d2[short], n_lists, n_threads=n_threads)
             needed = (np.cumsum(sizes[full], axis=1) < n_required).sum(axis=1) + 1
             width = max(n_probe, int(needed.max()))
             probes = np.pad(probes, ((0, 0), (0, width - n_probe)))

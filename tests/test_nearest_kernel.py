@@ -10,6 +10,7 @@ from sklearn_hash._kernels._nearest import (
     encode,
     nearest_codewords,
     simd_level,
+    smallest_per_row,
 )
 
 from sklearn_hash import ProductQuantizer
@@ -210,3 +211,28 @@ def test_codeword_scores_match_numpy_and_do_not_depend_on_the_batch(dtype, rtol,
             codeword_scores(np.ascontiguousarray(X[rows]), centers, bias, simd=simd), scores[rows])
     with pytest.raises(ValueError, match="bias must have shape"):
         codeword_scores(X, centers, bias[:-1] if n_codewords > 1 else np.zeros(2))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_smallest_per_row_is_a_stable_argsort_cut_to_n(dtype):
+    rng = np.random.default_rng(0)
+    # Small integers: many equal values, ranked by column.
+    values = rng.integers(0, 20, (57, 300)).astype(dtype)
+    values[3] = 7  # a row of one value: the first n columns
+    values[4] = -np.inf
+    values[5, ::3] = np.inf
+    strided = values[:, ::2]  # rows that are not contiguous
+    for v in (values, strided):
+        expected = np.argsort(v, axis=1, kind="stable")
+        for n in (0, 1, 2, 10, 64, v.shape[1]):
+            for n_threads in (1, 2):
+                got = smallest_per_row(v, n, n_threads=n_threads)
+                assert got.dtype == np.int64 and got.shape == (len(v), n)
+                np.testing.assert_array_equal(got, expected[:, :n])
+    assert smallest_per_row(values[:0], 3).shape == (0, 3)
+    with pytest.raises(ValueError, match=r"n must be in \[0, 300\]; got n=301"):
+        smallest_per_row(values, 301)
+    with pytest.raises(ValueError, match="n must be in"):
+        smallest_per_row(values, -1)
+    with pytest.raises(ValueError, match="n_threads must be >= 1"):
+        smallest_per_row(values, 3, n_threads=0)
