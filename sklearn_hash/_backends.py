@@ -513,6 +513,28 @@ class InvertedLists:
         self.live_sizes += counts
         self._changed()
 
+    def merge_since(self, first):
+        """Merge the trailing runs holding items from database index ``first`` on into one.
+
+        An ``add`` of a large batch arrives in chunks, each its own run; once
+        the batch is in, its runs become one (then merged on by the usual
+        rule), so a cell is one chunk for the kernel rather than one per run:
+        its candidates are sorted together, and an index right after ``fit``
+        is laid out as a loaded one.
+        """
+        runs = self.runs
+        merged = False
+        while (len(runs) >= 2 and not runs[-2].sealed
+               and runs[-2].first + len(runs[-2]) > first):
+            runs[-2:] = [runs[-2].then(runs[-1])]
+            merged = True
+        while len(runs) >= 2 and not runs[-2].sealed and len(runs[-2]) <= len(runs[-1]):
+            runs[-2:] = [runs[-2].then(runs[-1])]
+            merged = True
+        if merged:
+            self._pack(runs[-1])
+            self._changed()
+
     def add_segment(self, arrays):
         """Add a saved segment: codes grouped by cell, their ids and the cells' offsets."""
         codes, ids, offsets = arrays["codes"], arrays["ids"], arrays["offsets"]

@@ -422,8 +422,10 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         )
 
     def _append(self, X, y):
+        first = self.n_samples_fit_
         with config_context(transform_output="default"):
             super()._append(X, y)
+        self._index.merge_since(first)  # the chunks of one batch: one run
 
     def _index_items(self, X):
         """Residual codes of the rows of X, appended to their cells' lists."""

@@ -263,6 +263,33 @@ def test_ivf_add_appends_to_cells_and_keeps_indices(data, tmp_path):
         np.testing.assert_array_equal(grown.ids_, whole.ids_)
 
 
+def test_ivf_batch_indexed_in_chunks_becomes_one_run(data, monkeypatch):
+    # fit and add encode a batch ENCODE_CHUNK rows at a time, each chunk a
+    # run; the batch's runs are merged once it is in, so each cell is one
+    # chunk for the kernel, as after load.
+    import sklearn_hash._index as index_module
+
+    monkeypatch.setattr(index_module, "ENCODE_CHUNK", 64)
+    X_db, y_db, X_q, _ = data
+    fitted = clone(IVF).fit(X_db[:700], y_db[:700])  # 11 chunks
+    assert [len(run) for run in fitted._index.runs] == [700]
+    fitted.add(X_db[700:710], y_db[700:710])  # one chunk: a run of its own
+    assert [len(run) for run in fitted._index.runs] == [700, 10]
+    fitted.add(X_db[710:], y_db[710:])  # several chunks, merged with the run before
+    rest = len(X_db) - 700
+    # then the usual rule: the older run merges in when no larger
+    assert [len(run) for run in fitted._index.runs] == ([700, rest] if rest < 700
+                                                       else [len(X_db)])
+    monkeypatch.setattr(index_module, "ENCODE_CHUNK", 65536)
+    whole = clone(IVF).fit(X_db[:700], y_db[:700])  # the same quantizers, all in one chunk
+    whole._start_index(y_db)
+    whole._append(X_db, y_db)
+    assert len(whole._index.runs) == 1
+    np.testing.assert_array_equal(fitted.kneighbors(X_q)[1], whole.kneighbors(X_q)[1])
+    np.testing.assert_array_equal(fitted.codes_, whole.codes_)
+    np.testing.assert_array_equal(fitted.ids_, whole.ids_)
+
+
 # ---------------------------------------------------------------- persistence
 
 
