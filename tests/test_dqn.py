@@ -84,6 +84,7 @@ def test_y_is_required():
         (dict(n_bits=16, subspace_bits=4, embedding_dim=3), "embedding_dim must be at least"),
         (dict(subspace_bits=8), "at least 2\\*\\*subspace_bits = 256"),
         (dict(hidden_layer_sizes=(4, 0)), "hidden_layer_sizes must be"),
+        (dict(quantization_start=1.0), "quantization_start"),
         (dict(device="cuda:0" if not torch.cuda.is_available() else "bogus"), "device="),
     ],
 )
@@ -178,13 +179,27 @@ def test_transform_is_the_quantizer_of_the_embeddings(fitted, digits):
 def test_training_lowers_the_pairwise_loss(fitted):
     history = fitted.history_
     assert len(history) == 20
-    # the quantization term starts halfway, after 10 epochs of the pairwise term,
-    # and its weight rises linearly to quantization_weight in the last epoch
-    assert not any("quantization_loss" in epoch for epoch in history[:10])
-    assert all("quantization_loss" in epoch for epoch in history[10:])
-    weights = [epoch["quantization_weight"] for epoch in history[10:]]
-    np.testing.assert_allclose(weights, 0.4 * np.arange(1, 11) / 10)
+    # the quantization term starts after int(quantization_start * 20) epochs of
+    # the pairwise term, and its weight rises linearly to quantization_weight
+    # in the last epoch
+    start = int(fitted.quantization_start * 20)
+    assert not any("quantization_loss" in epoch for epoch in history[:start])
+    assert all("quantization_loss" in epoch for epoch in history[start:])
+    weights = [epoch["quantization_weight"] for epoch in history[start:]]
+    np.testing.assert_allclose(weights, fitted.quantization_weight
+                               * np.arange(1, 21 - start) / (20 - start))
     assert history[-1]["pairwise_loss"] < history[0]["pairwise_loss"] - 0.05  # 0.891 -> 0.815
+
+
+@pytest.mark.parametrize("start, first", [(0.0, 1), (0.3, 3), (0.9, 9)])
+def test_quantization_start_sets_when_the_term_begins(digits, start, first):
+    X_db, _, y_partial, _, _ = digits
+    history = small_dqn(max_epochs=10, quantization_start=start,
+                        quantization_weight=1.0).fit(X_db, y_partial).history_
+    assert [("quantization_loss" in epoch) for epoch in history] == [False] * first + [True] * (
+        10 - first)
+    weights = [epoch["quantization_weight"] for epoch in history[first:]]
+    np.testing.assert_allclose(weights, np.arange(1, 11 - first) / (10 - first))
 
 
 def test_adc_search_ranks_by_distance_to_the_reconstructions(fitted, digits):
