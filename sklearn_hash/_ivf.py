@@ -516,7 +516,10 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         n_lists = d2.shape[1]
         n_probe = min(n_probe, n_lists)
         # Nearest first; equal distances by cell number.
-        probes = smallest_per_row(d2, n_probe, n_threads=n_threads)
+        if n_probe == 1:  # the nearest cell, ties to the smaller number: argmin says so
+            probes = np.argmin(d2, axis=1)[:, None]
+        else:
+            probes = smallest_per_row(d2, n_probe, n_threads=n_threads)
         n_visit = np.full(len(X), n_probe, dtype=np.int64)
 
         short = np.flatnonzero(sizes[probes].sum(axis=1) < n_required)
