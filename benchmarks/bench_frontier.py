@@ -169,7 +169,7 @@ def main():
                 ("PQ 64x4 fast-scan", ProductQuantizer(256, subspace_bits=4, random_state=0)),
                 ("OPQ 32x4 fast-scan", OPQ(128, subspace_bits=4, random_state=0, n_iter=5))]
     sweeps = {"ivf8": (eight_bit, (4, 8, 16, 32), (None, 4, 16)),
-              "ivf4": (four_bit, (4, 6, 8, 10, 12, 16, 32), (None, 2, 3, 4, 6, 8, 16))}
+              "ivf4": (four_bit, (4, 6, 8, 9, 10, 12, 16, 32), (None, 2, 3, 4, 5, 6, 8, 16))}
     for part in ("ivf8", "ivf4"):
         if part not in args.parts:
             continue
@@ -214,7 +214,7 @@ def main():
     if not args.skip_hnsw and "faiss-hnsw" in args.parts:
         hnsw = faiss.IndexHNSWFlat(128, 32)
         _, t_build = timed(lambda: hnsw.add(X))
-        for ef in (16, 24, 32, 48, 64, 128):
+        for ef in (16, 20, 24, 28, 32, 48, 64, 128):
             hnsw.hnsw.efSearch = ef
             (_, ind), t = timed_best(lambda: hnsw.search(Q, 10))
             row(table, "faiss", f"HNSW32 efSearch {ef} (build {t_build:.0f} s)", len(Q) / t,
@@ -227,9 +227,9 @@ def main():
         base.train(X[:100_000])
         refined = faiss.IndexRefineFlat(base)  # keeps the float vectors beside the codes
         refined.add(X)
-        for n_probe in (4, 8, 12, 16, 32):
+        for n_probe in (4, 6, 8, 10, 12, 16, 32):
             faiss.extract_index_ivf(base).nprobe = n_probe
-            for k_factor in (1, 2, 4, 8, 16):
+            for k_factor in (1, 2, 4, 8, 12, 16, 24):
                 refined.k_factor = k_factor
                 (_, ind), t = timed_best(lambda: refined.search(Q, 10))
                 row(table, "faiss", f"{spec} + refine, nprobe {n_probe}, k_factor {k_factor}",
@@ -248,7 +248,7 @@ def main():
             index.init_index(max_elements=len(X), M=M, ef_construction=100, random_seed=0)
             index.set_num_threads(args.threads)
             _, t_build = timed(lambda: index.add_items(X))
-            for ef in (16, 24, 32, 48, 64, 128):
+            for ef in (16, 20, 24, 28, 32, 48, 64, 128):
                 index.set_ef(ef)
                 (ind, _), t = timed_best(lambda: index.knn_query(Q, k=10))
                 row(table, "hnswlib", f"M {M}, ef {ef} (build {t_build:.0f} s)", len(Q) / t,
