@@ -43,7 +43,12 @@ from sklearn.utils.validation import check_consistent_length, validate_data
 from ._backends import InvertedLists, fastscan_simd_path
 from ._index import IndexMixin
 from ._kernels._imi import multi_sequence
-from ._kernels._nearest import codeword_scores, nearest_codewords, smallest_per_row
+from ._kernels._nearest import (
+    codeword_scores,
+    nearest_codewords,
+    pack_codewords,
+    smallest_per_row,
+)
 from ._kmeans import kmeans, training_rows
 from ._opq import OPQ
 from ._pq import ProductQuantizer, subspace_sizes
@@ -239,7 +244,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     True
     """
 
-    _TRANSIENT = (*IndexMixin._TRANSIENT, "_list_tables")
+    _TRANSIENT = (*IndexMixin._TRANSIENT, "_list_tables", "_packed_cache")
     _SEARCH_PARAMS = {**IndexMixin._SEARCH_PARAMS,
                       "n_probe": [Interval(Integral, 1, None, closed="left")]}
 
@@ -308,6 +313,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         n_samples, n_features = X.shape
         quantizer = self.quantizer if self.quantizer is not None else ProductQuantizer()
         rng = check_random_state(self.random_state)
+        self._packed_cache = {}  # codewords packed for queries: of the model being fitted
         if self.coarse == "flat":
             n_centroids = self.n_lists
             if n_centroids > n_samples:
@@ -400,6 +406,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
 
     def _after_load(self):
         """Rebuild the per-cell tables (a cache, not saved)."""
+        self._packed_cache = {}
         pq = self.quantizer_
         n_threads = effective_n_threads(self.n_jobs)
         split = self._split_subspace()
@@ -420,6 +427,11 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             self._cell_tables(np.arange(n_cells), n_threads)
             if table_bytes <= _MAX_CELL_TABLE_BYTES else None
         )
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_packed_cache", None)  # rebuilt on the first search
+        return state
 
     def _append(self, X, y):
         first = self.n_samples_fit_
@@ -454,6 +466,31 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
                 + 2 * self._inner_products(centroids.astype(np.float64), n_threads)
                 ).astype(np.float32)
 
+    def _packed(self, name, dtype):
+        """Codewords packed for ``codeword_scores`` in dtype (a cache: built once per fit/load).
+
+        ``name``: ``"coarse"`` (the flat file's centroids, with their halved
+        squared norms), ``("half", h)`` (a multi-index codebook, likewise) or
+        ``("sub", m)`` (the residual quantizer's codewords of subspace m).
+        Packing costs about what scoring one query does, so a searcher
+        answering one query at a time would pay it on every call.
+        """
+        cache = self.__dict__.setdefault("_packed_cache", {})
+        key = (name, np.dtype(dtype).str)
+        if key not in cache:
+            if name == "coarse":
+                centers = self.coarse_centers_
+            elif name[0] == "half":
+                centers = self._halves()[name[1]][0]
+            else:
+                pq, m = self.quantizer_, name[1]
+                bounds = pq.subspace_bounds_
+                centers = pq.cluster_centers_[m, :, : bounds[m + 1] - bounds[m]]
+            centers = np.asarray(centers, dtype=dtype)
+            norms = -0.5 * np.einsum("ij,ij->i", centers, centers)
+            cache[key] = (pack_codewords(centers, dtype), norms)
+        return cache[key]
+
     def _inner_products(self, X, n_threads):
         """``<x_m, p_mk>`` for each row x, subspace m and codeword k: shape (n, M, K).
 
@@ -474,7 +511,8 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         for m in range(pq.n_subspaces_):
             lo, hi = bounds[m], bounds[m + 1]
             out[:, m] = codeword_scores(np.ascontiguousarray(X[:, lo:hi]),
-                                        pq.cluster_centers_[m, :, : hi - lo], n_threads=n_threads)
+                                        self._packed(("sub", m), X.dtype)[0],
+                                        n_threads=n_threads)
         return out
 
     def _residuals(self, X, n_threads):
@@ -491,13 +529,11 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         lists = i.astype(np.int64) * first.shape[0] + j
         return X - np.hstack([first[i], second[j]]), lists
 
-    @staticmethod
-    def _squared_distances(X, centers, n_threads):
-        """``||x - c||^2`` for every row and center, each row on its own, in X's precision."""
-        centers = centers.astype(X.dtype, copy=False)
+    def _squared_distances(self, X, name, n_threads):
+        """``||x - c||^2`` for every row and center of ``_packed(name)``, in X's precision."""
+        packed, half_norms = self._packed(name, X.dtype)
         # ||x - c||^2 = ||x||^2 - 2 (x.c - ||c||^2 / 2).
-        d2 = codeword_scores(X, centers, -0.5 * np.einsum("ij,ij->i", centers, centers),
-                             n_threads=n_threads)
+        d2 = codeword_scores(X, packed, half_norms, n_threads=n_threads)
         d2 *= -2
         d2 += np.einsum("ij,ij->i", X, X)[:, None]
         return d2
@@ -512,7 +548,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         """
         if self._multi_index():
             return self._multi_sequence(X, n_probe, sizes, n_required, n_threads)
-        d2 = self._squared_distances(X, self.coarse_centers_, n_threads)
+        d2 = self._squared_distances(X, "coarse", n_threads)
         n_lists = d2.shape[1]
         n_probe = min(n_probe, n_lists)
         # Nearest first; equal distances by cell number.
@@ -545,8 +581,9 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         ``n_required`` items are found.
         """
         ranked = []
-        for codebook, half in self._halves():
-            d2 = self._squared_distances(np.ascontiguousarray(X[:, half]), codebook, n_threads)
+        for h, (_, half) in enumerate(self._halves()):
+            d2 = self._squared_distances(np.ascontiguousarray(X[:, half]), ("half", h),
+                                         n_threads)
             d2 = np.maximum(d2, 0, dtype=np.float64)
             order = np.argsort(d2, axis=1, kind="stable")  # equal distances by number
             ranked += [order.astype(np.int64), np.take_along_axis(d2, order, axis=1)]

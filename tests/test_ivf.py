@@ -282,3 +282,22 @@ def test_cells_beyond_the_table_budget_build_their_tables_per_query_chunk(blobs,
         np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(built.kneighbors(n_neighbors=5)[1],
                                   search.kneighbors(n_neighbors=5)[1])
+
+
+def test_codewords_packed_for_queries_follow_refits_and_query_dtypes():
+    # The searcher packs its codewords once per fit/load for the queries'
+    # dtype; a refit on other data must not search with the old ones.
+    X1, _ = make_blobs(600, 8, centers=5, random_state=0)
+    X2, _ = make_blobs(600, 8, centers=5, random_state=1)
+    Q = X2[:20]
+    search = IVFQuantizedNeighbors(ProductQuantizer(16, random_state=0), n_lists=8, n_probe=2,
+                                   random_state=0)
+    search.fit(X1)
+    for queries in (Q, Q.astype(np.float32)):
+        search.kneighbors(queries)
+    search.fit(X2)
+    fresh = IVFQuantizedNeighbors(ProductQuantizer(16, random_state=0), n_lists=8, n_probe=2,
+                                  random_state=0).fit(X2)
+    for queries in (Q, Q.astype(np.float32)):
+        np.testing.assert_array_equal(search.kneighbors(queries)[1], fresh.kneighbors(queries)[1])
+        np.testing.assert_array_equal(search.kneighbors(queries)[0], fresh.kneighbors(queries)[0])

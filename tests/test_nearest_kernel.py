@@ -9,6 +9,7 @@ from sklearn_hash._kernels._nearest import (
     codeword_scores,
     encode,
     nearest_codewords,
+    pack_codewords,
     simd_level,
     smallest_per_row,
 )
@@ -211,6 +212,23 @@ def test_codeword_scores_match_numpy_and_do_not_depend_on_the_batch(dtype, rtol,
             codeword_scores(np.ascontiguousarray(X[rows]), centers, bias, simd=simd), scores[rows])
     with pytest.raises(ValueError, match="bias must have shape"):
         codeword_scores(X, centers, bias[:-1] if n_codewords > 1 else np.zeros(2))
+    # Packed once (a searcher's cache): the same bits.
+    packed = pack_codewords(centers, dtype)
+    np.testing.assert_array_equal(codeword_scores(X, packed, bias, n_threads=2, simd=simd),
+                                  scores)
+
+
+def test_packed_codewords_are_checked():
+    X = np.zeros((3, 4))
+    centers = np.ones((5, 4))
+    with pytest.raises(ValueError, match=r"pack_codewords\(centers, float64\) with 4 features"):
+        codeword_scores(X, pack_codewords(centers, np.float32))
+    with pytest.raises(ValueError, match="with 4 features"):
+        codeword_scores(X, pack_codewords(np.ones((5, 3)), np.float64))
+    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+        pack_codewords(centers, np.int64)
+    with pytest.raises(ValueError, match="centers must have shape"):
+        pack_codewords(np.ones(4), np.float64)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -159,9 +159,32 @@ def nearest_codewords(
     return labels, sq_distances
 
 
+def pack_codewords(centers, dtype):
+    """Codewords of shape (n_codewords, n_features) as :func:`codeword_scores` reads them.
+
+    Packing transposes and pads the codewords (about as long as scoring one
+    query against them): a searcher that scores queries against the same
+    codewords again and again packs them once and passes the result.
+
+    Returns
+    -------
+    packed : tuple
+        ``(CT, n_codewords)``, CT of shape (n_features, Kp) in ``dtype``.
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64; got {dtype}.")
+    centers = np.asarray(centers, dtype=dtype)
+    if centers.ndim != 2 or centers.shape[0] < 1 or centers.shape[1] < 1:
+        raise ValueError(f"centers must have shape (n_codewords >= 1, n_features >= 1); "
+                         f"got {centers.shape}.")
+    CT, _ = _packed_codebooks(centers[None], dtype)
+    return CT[0], centers.shape[0]
+
+
 def codeword_scores(
     const floating[:, ::1] X,   # IN (n_samples, n_features)
-    centers,                     # IN (n_codewords, n_features)
+    centers,                     # IN (n_codewords, n_features), or pack_codewords(...)
     bias=None,                   # IN (n_codewords,)
     int n_threads=1,
     simd=True,
@@ -177,8 +200,9 @@ def codeword_scores(
     ----------
     X : ndarray of shape (n_samples, n_features), dtype=float32 or float64
         C-contiguous, finite.
-    centers : array-like of shape (n_codewords, n_features)
-        Codewords, converted to X's dtype.
+    centers : array-like of shape (n_codewords, n_features), or tuple
+        Codewords, converted to X's dtype; or ``pack_codewords(centers,
+        X.dtype)``, the same codewords packed once for many calls.
     bias : array-like of shape (n_codewords,), default=None
         Added to each codeword's score; ``None`` means zeros.
     n_threads : int, default=1
@@ -193,13 +217,23 @@ def codeword_scores(
     cdef Py_ssize_t n = X.shape[0]
     cdef Py_ssize_t d = X.shape[1]
     dtype = np.float32 if floating is float else np.float64
-    centers = _check_centers(centers, d, dtype, n_threads)
-    K = centers.shape[0]
+    if isinstance(centers, tuple):
+        CT_arr, K = centers
+        if (not isinstance(CT_arr, np.ndarray) or CT_arr.dtype != dtype or CT_arr.ndim != 2
+                or CT_arr.shape[0] != d or not CT_arr.flags.c_contiguous
+                or not 1 <= K <= CT_arr.shape[1] or CT_arr.shape[1] % PAD):
+            raise ValueError(f"packed centers must come from pack_codewords(centers, "
+                             f"{np.dtype(dtype).name}) with {d} features.")
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    else:
+        centers = _check_centers(centers, d, dtype, n_threads)
+        K = centers.shape[0]
+        CT_arr = _packed_codebooks(centers[None], dtype)[0][0]
     bias = np.zeros(K, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype)
     if bias.shape != (K,):
         raise ValueError(f"bias must have shape ({K},); got {bias.shape}.")
-    CT_all, _ = _packed_codebooks(centers[None], dtype)
-    cdef const floating[:, ::1] CT = CT_all[0]
+    cdef const floating[:, ::1] CT = CT_arr
     cdef Py_ssize_t Kp = CT.shape[1]
     padded_bias = np.zeros(Kp, dtype=dtype)
     padded_bias[:K] = bias
