@@ -35,7 +35,7 @@ Flat back-ends also answer range queries (``radius``), for
 
 import numpy as np
 
-from ._kernels._adc import adc_kneighbors, adc_radius, ivf_adc_kneighbors
+from ._kernels._adc import adc_kneighbors, adc_radius, check_chunk_table, ivf_adc_kneighbors
 from ._kernels._fastscan import (
     BLOCK_ROWS,
     block_bytes,
@@ -704,6 +704,9 @@ class InvertedLists:
                             np.asarray(ids_at, dtype=np.intp),
                             np.asarray(sizes, dtype=np.int64),
                             np.asarray(blocks_at, dtype=np.intp), list(self.runs))
+            # Checked once here; the searches pass check_chunks=False.
+            check_chunk_table(*self._layout[:4],
+                              chunk_blocks=self._layout[4] if self.fast_scan else None)
         return self._layout
 
     def search(self, list_tables, query_tables, coarse, probes, table_rows, n_visit, k, *,
@@ -720,12 +723,14 @@ class InvertedLists:
                 list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
                 codes_at, ids_at, blocks_at, sizes, exclude, k, allowed=allowed,
                 n_threads=n_threads, second_rows=second_rows, split=split, simd=self.simd,
+                check_chunks=False,
             )
         else:
             result = ivf_adc_kneighbors(
                 list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
                 codes_at, ids_at, sizes, self.code_dtype.itemsize, exclude, k,
                 allowed=allowed, n_threads=n_threads, second_rows=second_rows, split=split,
+                check_chunks=False,
             )
         del keep  # the runs stayed alive, referenced by the layout, during the scan
         return result

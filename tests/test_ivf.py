@@ -7,7 +7,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.datasets import make_blobs
 from sklearn.exceptions import NotFittedError
-from sklearn_hash._kernels._adc import ivf_adc_kneighbors
+from sklearn_hash._kernels._adc import check_chunk_table, ivf_adc_kneighbors
 
 from sklearn_hash import ITQ, IVFQuantizedNeighbors, ProductQuantizer
 
@@ -142,6 +142,21 @@ def test_ivf_kernel_rejects_bad_arguments(random_index):
     with pytest.raises(ValueError, match="need addresses"):
         ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, layout[0],
                            np.zeros_like(layout[1]), *layout[2:], none, 3)
+    # A back-end checks its chunk table once (check_chunk_table) and then
+    # skips that O(n_chunks) part: the same answers; the per-query checks stay.
+    checked = ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, *layout, none, 3)
+    trusted = ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, *layout, none, 3,
+                                 check_chunks=False)
+    np.testing.assert_array_equal(checked[0], trusted[0])
+    np.testing.assert_array_equal(checked[1], trusted[1])
+    check_chunk_table(*layout[:4])
+    with pytest.raises(ValueError, match="chunk_offsets must rise"):
+        check_chunk_table(layout[0][::-1].copy(), *layout[1:4])
+    with pytest.raises(ValueError, match="need addresses"):
+        check_chunk_table(layout[0], np.zeros_like(layout[1]), *layout[2:4])
+    with pytest.raises(ValueError, match="probes must be list numbers"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes + 3, probes, visit, *layout, none, 3,
+                           check_chunks=False)
 
 
 

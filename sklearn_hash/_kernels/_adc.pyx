@@ -308,30 +308,14 @@ cdef inline float _on_the_fly(
     return d
 
 
-def check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
-                        chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, exclude, k,
-                        n_threads, second_rows, split, chunk_blocks=None):
-    """Raise a clear ValueError unless the arguments of an IVF kernel agree.
+def check_chunk_table(chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, chunk_blocks=None):
+    """Raise a clear ValueError unless an IVF kernel's chunk table is consistent.
 
-    Shared by ``ivf_adc_kneighbors`` and the fast-scan kernel
-    (``_fastscan.ivf_fastscan_kneighbors``, which also passes its
-    ``chunk_blocks``): shapes, the chunk table, the visited lists and table
-    rows of every probe, ``split``, ``k`` and ``n_threads``.
+    O(n_chunks): a back-end that keeps its table between searches checks it
+    once when it builds it and passes ``check_chunks=False`` to the kernels.
     """
-    n_tables, n_subspaces, n_codewords = list_tables.shape[:3]
-    n_queries = query_tables.shape[0]
-    n_probe = probes.shape[1]
-    n_lists = chunk_offsets.shape[0] - 1
     n_chunks = chunk_sizes.shape[0]
-    if query_tables.shape[1] != n_subspaces or query_tables.shape[2] != n_codewords:
-        raise ValueError("list_tables and query_tables must have the same subspaces "
-                         "and codewords.")
-    if (probes.shape[0] != n_queries or coarse.shape[0] != n_queries
-            or coarse.shape[1] != n_probe or table_rows.shape[0] != n_queries
-            or table_rows.shape[1] != n_probe or n_visit.shape[0] != n_queries
-            or exclude.shape[0] != n_queries):
-        raise ValueError("probes, table_rows and coarse must have shape (n_queries, n_probe) "
-                         "and n_visit, exclude shape (n_queries,).")
+    n_lists = chunk_offsets.shape[0] - 1
     offsets = np.asarray(chunk_offsets)
     tables = [chunk_codes, chunk_ids] + ([] if chunk_blocks is None else [chunk_blocks])
     if (n_lists < 1 or offsets[0] != 0 or offsets[-1] != n_chunks
@@ -343,6 +327,37 @@ def check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n
     if n_chunks and (sizes.min() < 0 or np.any(
             (sizes > 0) & ((np.asarray(chunk_codes) == 0) | (np.asarray(chunk_ids) == 0)))):
         raise ValueError("chunk sizes must be >= 0 and non-empty chunks need addresses.")
+
+
+def check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
+                        chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, exclude, k,
+                        n_threads, second_rows, split, chunk_blocks=None, check_chunks=True):
+    """Raise a clear ValueError unless the arguments of an IVF kernel agree.
+
+    Shared by ``ivf_adc_kneighbors`` and the fast-scan kernel
+    (``_fastscan.ivf_fastscan_kneighbors``, which also passes its
+    ``chunk_blocks``): shapes, the chunk table (``check_chunk_table``,
+    unless ``check_chunks=False``: checked by the caller when it was
+    built), the visited lists and table rows of every probe, ``split``,
+    ``k`` and ``n_threads``.
+    """
+    n_tables, n_subspaces, n_codewords = list_tables.shape[:3]
+    n_queries = query_tables.shape[0]
+    n_probe = probes.shape[1]
+    n_lists = chunk_offsets.shape[0] - 1
+    if query_tables.shape[1] != n_subspaces or query_tables.shape[2] != n_codewords:
+        raise ValueError("list_tables and query_tables must have the same subspaces "
+                         "and codewords.")
+    if (probes.shape[0] != n_queries or coarse.shape[0] != n_queries
+            or coarse.shape[1] != n_probe or table_rows.shape[0] != n_queries
+            or table_rows.shape[1] != n_probe or n_visit.shape[0] != n_queries
+            or exclude.shape[0] != n_queries):
+        raise ValueError("probes, table_rows and coarse must have shape (n_queries, n_probe) "
+                         "and n_visit, exclude shape (n_queries,).")
+    if check_chunks:
+        check_chunk_table(chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, chunk_blocks)
+    elif n_lists < 1:
+        raise ValueError("chunk_offsets must rise from 0 to n_chunks.")
     visit = np.asarray(n_visit)
     if n_queries and (visit.min() < 0 or visit.max() > n_probe):
         raise ValueError(f"n_visit must be in [0, {n_probe}].")
@@ -384,6 +399,7 @@ def ivf_adc_kneighbors(
     int n_threads=1,
     const int64_t[:, ::1] second_rows=None,  # IN (n_queries, n_probe) or None
     Py_ssize_t split=0,
+    bint check_chunks=True,
 ):
     """k nearest database codes of each query over its probed inverted lists.
 
@@ -441,6 +457,9 @@ def ivf_adc_kneighbors(
     split : int, default=0
         First subspace read from ``second_rows``; in ``[0, n_subspaces]``,
         used only with ``second_rows``.
+    check_chunks : bool, default=True
+        Check the chunk table (``check_chunk_table``, O(n_chunks)); a
+        back-end that checked it when it built it passes False.
 
     Returns
     -------
@@ -451,7 +470,7 @@ def ivf_adc_kneighbors(
     """
     check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
                         chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, exclude, k,
-                        n_threads, second_rows, split)
+                        n_threads, second_rows, split, check_chunks=check_chunks)
     if code_bytes != 1 and code_bytes != 2:
         raise ValueError(f"code_bytes must be 1 or 2; got {code_bytes}.")
     cdef Py_ssize_t n_subspaces = list_tables.shape[1]

@@ -654,7 +654,7 @@ cdef inline void _offer_rows(
 
 def _check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
                          chunk_offsets, chunk_codes, chunk_ids, chunk_blocks, chunk_sizes,
-                         exclude, k, allowed, n_threads, second_rows, split):
+                         exclude, k, allowed, n_threads, second_rows, split, check_chunks):
     K = list_tables.shape[2]
     if K != 16 or query_tables.shape[2] != 16:
         raise ValueError(f"fast-scan searches 4-bit codes: tables must have 16 codewords per "
@@ -664,7 +664,8 @@ def _check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, 
         raise ValueError("tables must have at least one subspace.")
     check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
                         chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, exclude, k,
-                        n_threads, second_rows, split, chunk_blocks=chunk_blocks)
+                        n_threads, second_rows, split, chunk_blocks=chunk_blocks,
+                        check_chunks=check_chunks)
 
 
 def ivf_fastscan_kneighbors(
@@ -688,6 +689,7 @@ def ivf_fastscan_kneighbors(
     simd=True,
     bint return_stats=False,
     double span_fraction=0.3,
+    bint check_chunks=True,
 ):
     """``ivf_adc_kneighbors`` over 4-bit codes, with a fast-scan filter per probed cell.
 
@@ -756,6 +758,8 @@ def ivf_fastscan_kneighbors(
         whole gap let fewer rows through to the float re-scoring (0.3
         measured best on the frontier benchmark's skewed data, between 0.2
         and 1); the answers do not depend on it.
+    check_chunks : bool, default=True
+        As in ``ivf_adc_kneighbors``.
 
     Returns
     -------
@@ -764,7 +768,7 @@ def ivf_fastscan_kneighbors(
     """
     _check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
                          chunk_offsets, chunk_codes, chunk_ids, chunk_blocks, chunk_sizes,
-                         exclude, k, allowed, n_threads, second_rows, split)
+                         exclude, k, allowed, n_threads, second_rows, split, check_chunks)
     if not (0 < span_fraction <= 1):
         raise ValueError(f"span_fraction must be in (0, 1]; got {span_fraction}.")
     cdef Py_ssize_t n_queries = query_tables.shape[0]
