@@ -26,6 +26,15 @@ rows and its network):
     # choose ancestor_similarity without fold 1: each of folds 2-5 in turn is
     # the query fold, the other three the database; 1 seed per fold
     python benchmarks/bench_hierarchy.py --validation --jobs 2
+    # the same, also choosing how back-off rows enter the epochs, fresh seeds
+    python benchmarks/bench_hierarchy.py --validation --values -0.7 -0.65 -0.6 \
+        --backoff once balanced --seeds 2 --first-seed 2 --jobs 2
+
+Back-off rows (labelled at a category) enter each epoch either once, like
+unlabelled rows ("once"), or repeated until they fill about as many places as
+the rows with fine labels ("balanced", the package's behaviour,
+``sklearn_hash._dqn._BALANCE_BACKOFF``). The switch only changes the "+ 40%
+coarse-only" setting.
 """
 
 import argparse
@@ -40,6 +49,7 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 
+import sklearn_hash._dqn as _dqn
 from sklearn_hash import (
     AGH,
     ITQ,
@@ -132,9 +142,10 @@ def print_table(title, rows, columns=("fine mAP", "coarse mAP", "nDCG")):
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
-def validation_run(path, query_fold, seed, setting, a, bits, R):
+def validation_run(path, query_fold, seed, setting, a, bits, R, backoff="balanced"):
     """One validation fit: ``setting`` is "flat", "fine" or "coarse" (+ 40% coarse-only)."""
     torch.set_num_threads(1)
+    _dqn._BALANCE_BACKOFF = backoff == "balanced"
     X_db, y_db, X_q, y_q, hierarchy, _ = load(path, validation=True, query_fold=query_fold)
     fine, with_coarse = label_settings(y_db, hierarchy, seed)
     params = {} if setting == "flat" else {"hierarchy": hierarchy, "ancestor_similarity": a}
@@ -143,44 +154,63 @@ def validation_run(path, query_fold, seed, setting, a, bits, R):
 
 
 def validation(args):
-    """Grid of ancestor_similarity on folds 2-5 only; the rule picks the default.
+    """Grid of ancestor_similarity (and back-off handling) on folds 2-5 only; the rule picks.
 
     Each of folds 2-5 in turn is the query fold, the other three the
-    database; ``args.seeds`` seeds per fold. Rule (stated before looking):
-    among the values whose mean fine mAP@100 is at least flat DQN's - 0.01
-    with both label settings, the one with the highest mean nDCG@100 over
-    the two settings.
+    database; ``args.seeds`` seeds per fold from ``args.first_seed``. Rule
+    (stated before looking): among the settings (value of ``a``, and back-off
+    handling when several are given) whose mean fine mAP@100 is at least
+    flat DQN's - 0.01 with both label settings, the one with the highest mean
+    nDCG@100 over the two label settings.
     """
-    runs = [(q, seed, setting, a) for q in VALIDATION_FOLDS for seed in range(args.seeds)
-            for setting, a in [("flat", None)] + [(s, a) for a in args.values
-                                                  for s in ("fine", "coarse")]]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    backoffs = args.backoff
+    runs = [(q, seed, "flat", None, backoffs[0]) for q in VALIDATION_FOLDS for seed in seeds]
+    runs += [(q, seed, "fine", a, backoffs[0]) for q in VALIDATION_FOLDS for seed in seeds
+             for a in args.values]
+    runs += [(q, seed, "coarse", a, b) for q in VALIDATION_FOLDS for seed in seeds
+             for a in args.values for b in backoffs]
     results = Parallel(n_jobs=args.jobs, verbose=5)(
-        delayed(validation_run)(args.data, q, seed, setting, a, args.bits, args.R)
-        for q, seed, setting, a in runs)
+        delayed(validation_run)(args.data, q, seed, setting, a, args.bits, args.R, b)
+        for q, seed, setting, a, b in runs)
     by_run = dict(zip(runs, results))
-    flat = [r for (_, _, setting, _), r in by_run.items() if setting == "flat"]
-    grid = {a: ([by_run[q, s, "fine", a] for q in VALIDATION_FOLDS for s in range(args.seeds)],
-                [by_run[q, s, "coarse", a] for q in VALIDATION_FOLDS for s in range(args.seeds)])
+    flat = [r for (_, _, setting, _, _), r in by_run.items() if setting == "flat"]
+    fine = {a: [by_run[q, s, "fine", a, backoffs[0]] for q in VALIDATION_FOLDS for s in seeds]
             for a in args.values}
+    coarse = {(a, b): [by_run[q, s, "coarse", a, b] for q in VALIDATION_FOLDS for s in seeds]
+              for a in args.values for b in backoffs}
     name = (f"{Path(args.data).name}, validation: folds 2-5, each the query fold in turn "
             f"against the other three")
+    label = "a={:g}, back-off {}".format if len(backoffs) > 1 else "a={:g}".format
     rows = {"flat DQN, 10% fine": summarise(flat)}
     for a in args.values:
-        rows[f"hierarchical, a={a:g}, 10% fine"] = summarise(grid[a][0])
-        rows[f"hierarchical, a={a:g}, + 40% coarse"] = summarise(grid[a][1])
+        rows[f"hierarchical, a={a:g}, 10% fine"] = summarise(fine[a])
+        for b in backoffs:
+            rows[f"hierarchical, {label(a, b)}, + 40% coarse"] = summarise(coarse[a, b])
     print_table(f"Validation on {name}, {args.bits} bits, mean +- std over "
-                f"{len(VALIDATION_FOLDS) * args.seeds} runs ({args.seeds} seed(s) per fold)", rows)
+                f"{len(VALIDATION_FOLDS) * args.seeds} runs (seeds {seeds.start}-"
+                f"{seeds.stop - 1} for each fold)", rows)
     floor = rows["flat DQN, 10% fine"]["fine mAP"][0] - 0.01
-    eligible = [a for a in args.values
-                if min(rows[f"hierarchical, a={a:g}, 10% fine"]["fine mAP"][0],
-                       rows[f"hierarchical, a={a:g}, + 40% coarse"]["fine mAP"][0]) >= floor]
+    candidates = [(a, b) for a in args.values for b in backoffs]
+
+    def both(a, b, metric):
+        return (rows[f"hierarchical, a={a:g}, 10% fine"][metric][0],
+                rows[f"hierarchical, {label(a, b)}, + 40% coarse"][metric][0])
+
+    flat_row = rows["flat DQN, 10% fine"]
+    print("\nAgainst flat DQN (coarse mAP, nDCG, fine mAP; 10% fine | + 40% coarse-only):")
+    metrics = ("coarse mAP", "nDCG", "fine mAP")
+    for k in candidates:
+        cells = [" ".join(f"{both(*k, m)[i] - flat_row[m][0]:+.3f}" for m in metrics)
+                 for i in (0, 1)]
+        print(f"- {label(*k)}: {cells[0]} | {cells[1]}")
+    eligible = [k for k in candidates if min(both(*k, "fine mAP")) >= floor]
     if not eligible:
-        print(f"\nNo value keeps fine mAP@100 >= flat - 0.01 = {floor:.3f}.")
+        print(f"\nNo setting keeps fine mAP@100 >= flat - 0.01 = {floor:.3f}.")
         return
-    best = max(eligible, key=lambda a: rows[f"hierarchical, a={a:g}, 10% fine"]["nDCG"][0]
-               + rows[f"hierarchical, a={a:g}, + 40% coarse"]["nDCG"][0])
-    print(f"\nRule's choice: ancestor_similarity = {best:g} (eligible: "
-          f"{', '.join(f'{a:g}' for a in eligible)}; fine mAP floor {floor:.3f})")
+    best = max(eligible, key=lambda k: sum(both(*k, "nDCG")))
+    print(f"\nRule's choice: {label(*best)} (eligible: "
+          f"{'; '.join(label(*k) for k in eligible)}; fine mAP floor {floor:.3f})")
 
 
 def main():
@@ -192,6 +222,10 @@ def main():
     parser.add_argument("--validation", action="store_true")
     parser.add_argument("--values", type=float, nargs="+",
                         default=[-0.8, -0.7, -0.6, -0.5])
+    parser.add_argument("--backoff", nargs="+", default=["balanced"],
+                        choices=["once", "balanced"],
+                        help="--validation: how back-off rows enter the epochs")
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1,
                         help="validation fits in parallel (one torch thread each)")
     parser.add_argument("--no-reference", action="store_true",

@@ -104,6 +104,22 @@ def test_epoch_rows_balance_labelled_rows():
     np.testing.assert_array_equal(_epoch_rows(np.ones(7, dtype=bool)), np.arange(7))
 
 
+@pytest.mark.parametrize("n_backoff, expected", [(40, 3), (90, 1), (5, 18)])
+def test_epoch_rows_balance_backoff_rows_with_the_leaf_rows(n_backoff, expected):
+    # 10 leaf rows repeated 9 times (90 places); back-off rows fill about as
+    # many places, ceil(90 / n_backoff) each, and never fewer than once
+    labelled = np.zeros(100, dtype=bool)
+    labelled[:10] = True
+    backoff = np.zeros(100, dtype=bool)
+    backoff[10:10 + n_backoff] = True
+    counts = np.bincount(_epoch_rows(labelled, backoff), minlength=100)
+    np.testing.assert_array_equal(counts[:10], 9)
+    np.testing.assert_array_equal(counts[10:10 + n_backoff], expected)
+    np.testing.assert_array_equal(counts[10 + n_backoff:], 1)
+    np.testing.assert_array_equal(_epoch_rows(labelled, np.zeros(100, dtype=bool)),
+                                  _epoch_rows(labelled))
+
+
 # ---------------------------------------------------------------- loss
 
 

@@ -461,8 +461,9 @@ def test_back_off_rows_take_part(tree_data):
 
 def test_back_off_rows_do_not_dilute_the_fine_pairs(tree_data):
     # The rows labelled at a leaf are repeated up to about half of an epoch
-    # (as the labelled rows of the flat model); back-off rows count with the
-    # unlabelled ones, so adding coarse labels keeps as many fine pairs.
+    # (as the labelled rows of the flat model), whatever the back-off rows;
+    # these are repeated until they fill about as many places as the leaf
+    # rows, so adding coarse labels adds places and keeps the fine ones.
     X, y, _, hierarchy = tree_data
     n = 100
     fine = np.full(n, -1)
@@ -473,7 +474,8 @@ def test_back_off_rows_do_not_dilute_the_fine_pairs(tree_data):
     for name, labels in [("fine", fine), ("coarse", with_coarse)]:
         dqn = small_dqn(hierarchy=hierarchy, max_epochs=1).fit(X[:n], labels)
         rows[name] = sum(batch["train_batch_size"] for batch in dqn.net_.history[0]["batches"])
-    assert rows == {"fine": 100 + 8 * 10, "coarse": 100 + 8 * 10}  # ceil(90 / 10) = 9 in all
+    # leaf rows: ceil(90 / 10) = 9 in all; back-off rows: ceil(9 * 10 / 40) = 3 in all
+    assert rows == {"fine": 100 + 8 * 10, "coarse": 100 + 8 * 10 + 2 * 40}
 
 
 @pytest.mark.parametrize(
