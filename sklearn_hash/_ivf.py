@@ -47,7 +47,9 @@ from ._kernels._nearest import (
     codeword_scores,
     nearest_codewords,
     pack_codewords,
+    pack_subspace_codewords,
     smallest_per_row,
+    subspace_scores,
 )
 from ._kmeans import kmeans, training_rows
 from ._opq import OPQ
@@ -471,21 +473,18 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
 
         ``name``: ``"coarse"`` (the flat file's centroids, with their halved
         squared norms), ``("half", h)`` (a multi-index codebook, likewise) or
-        ``("sub", m)`` (the residual quantizer's codewords of subspace m).
-        Packing costs about what scoring one query does, so a searcher
-        answering one query at a time would pay it on every call.
+        ``"subspaces"`` (the residual quantizer's codebooks, for
+        ``subspace_scores``). Packing costs about what scoring one query
+        does, so a searcher answering one query at a time would pay it on
+        every call.
         """
         cache = self.__dict__.setdefault("_packed_cache", {})
         key = (name, np.dtype(dtype).str)
         if key not in cache:
-            if name == "coarse":
-                centers = self.coarse_centers_
-            elif name[0] == "half":
-                centers = self._halves()[name[1]][0]
-            else:
-                pq, m = self.quantizer_, name[1]
-                bounds = pq.subspace_bounds_
-                centers = pq.cluster_centers_[m, :, : bounds[m + 1] - bounds[m]]
+            if name == "subspaces":
+                cache[key] = pack_subspace_codewords(self.quantizer_.cluster_centers_, dtype)
+                return cache[key]
+            centers = self.coarse_centers_ if name == "coarse" else self._halves()[name[1]][0]
             centers = np.asarray(centers, dtype=dtype)
             norms = -0.5 * np.einsum("ij,ij->i", centers, centers)
             cache[key] = (pack_codewords(centers, dtype), norms)
@@ -502,18 +501,12 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         pq = self.quantizer_
         if hasattr(pq, "rotation_"):  # OPQ: codewords live in the rotated space
             X = np.ascontiguousarray(X @ pq.rotation_.astype(X.dtype, copy=False))
-        bounds = pq.subspace_bounds_
-        out = np.empty((X.shape[0], pq.n_subspaces_, pq.n_codewords_), dtype=X.dtype)
         if X.shape[0] * pq.n_codewords_ * X.shape[1] < _SMALL_PRODUCT:
-            # One parallel region per subspace would cost more than the products
-            # (on busy cores, a region waits for its threads to be scheduled).
+            # A parallel region would cost more than the products (on busy
+            # cores, a region waits for its threads to be scheduled).
             n_threads = 1
-        for m in range(pq.n_subspaces_):
-            lo, hi = bounds[m], bounds[m + 1]
-            out[:, m] = codeword_scores(np.ascontiguousarray(X[:, lo:hi]),
-                                        self._packed(("sub", m), X.dtype)[0],
-                                        n_threads=n_threads)
-        return out
+        return subspace_scores(X, self._packed("subspaces", X.dtype), pq.subspace_bounds_,
+                               n_threads=n_threads)
 
     def _residuals(self, X, n_threads):
         """Each row minus its nearest coarse centroid, and that centroid's cell."""

@@ -10,8 +10,10 @@ from sklearn_hash._kernels._nearest import (
     encode,
     nearest_codewords,
     pack_codewords,
+    pack_subspace_codewords,
     simd_level,
     smallest_per_row,
+    subspace_scores,
 )
 
 from sklearn_hash import ProductQuantizer
@@ -254,3 +256,35 @@ def test_smallest_per_row_is_a_stable_argsort_cut_to_n(dtype):
         smallest_per_row(values, -1)
     with pytest.raises(ValueError, match="n_threads must be >= 1"):
         smallest_per_row(values, 3, n_threads=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_codewords", [16, 256, 70])
+def test_subspace_scores_are_codeword_scores_per_subspace_bit_for_bit(dtype, n_codewords):
+    rng = np.random.default_rng(n_codewords)
+    bounds = np.array([0, 3, 6, 8, 10, 11])  # unequal subspaces, as 11 features in 5 give
+    M, width = len(bounds) - 1, 3
+    centers = np.zeros((M, n_codewords, width), dtype=dtype)  # padded beyond each subspace
+    for m in range(M):
+        w = bounds[m + 1] - bounds[m]
+        centers[m, :, :w] = rng.standard_normal((n_codewords, w))
+    X = rng.standard_normal((600, 11)).astype(dtype)  # more rows than one task's block
+    packed = pack_subspace_codewords(centers, dtype)
+    for n_threads in (1, 2):
+        got = subspace_scores(X, packed, bounds, n_threads=n_threads)
+        assert got.shape == (600, M, n_codewords) and got.dtype == dtype
+        for m in range(M):
+            lo, hi = bounds[m], bounds[m + 1]
+            expected = codeword_scores(np.ascontiguousarray(X[:, lo:hi]),
+                                       centers[m, :, : hi - lo])
+            np.testing.assert_array_equal(got[:, m], expected)
+    assert subspace_scores(X[:0], packed, bounds).shape == (0, M, n_codewords)
+    with pytest.raises(ValueError, match="bounds must rise from 0 to 11"):
+        subspace_scores(X, packed, [0, 4, 6, 8, 10, 11])  # a subspace wider than 3
+    with pytest.raises(ValueError, match="bounds must rise"):
+        subspace_scores(X, packed, bounds[:-1])
+    other = np.float64 if dtype == np.float32 else np.float32
+    with pytest.raises(ValueError, match="pack_subspace_codewords"):
+        subspace_scores(X, pack_subspace_codewords(centers, other), bounds)
+    with pytest.raises(ValueError, match="centers must have shape"):
+        pack_subspace_codewords(centers[0], dtype)

@@ -477,3 +477,108 @@ def smallest_per_row(
     if failed:
         raise MemoryError("could not allocate the selection heap.")
     return out
+
+
+def pack_subspace_codewords(centers, dtype):
+    """Codebooks of shape (n_subspaces, n_codewords, width) packed for :func:`subspace_scores`.
+
+    ``width`` is the widest subspace's; a narrower subspace's codewords are
+    read over its own features only (what lies beyond is never used).
+
+    Returns
+    -------
+    packed : tuple
+        ``(CT, n_codewords)``, CT of shape (n_subspaces, width, Kp) in ``dtype``.
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64; got {dtype}.")
+    centers = np.asarray(centers, dtype=dtype)
+    if centers.ndim != 3 or min(centers.shape) < 1:
+        raise ValueError(f"centers must have shape (n_subspaces >= 1, n_codewords >= 1, "
+                         f"width >= 1); got {centers.shape}.")
+    CT, _ = _packed_codebooks(centers, dtype)
+    return CT, centers.shape[1]
+
+
+def subspace_scores(
+    const floating[:, ::1] X,   # IN (n_samples, n_features)
+    packed,                      # IN pack_subspace_codewords(centers, X.dtype)
+    bounds,                      # IN (n_subspaces + 1,) feature bounds of the subspaces
+    int n_threads=1,
+    simd=True,
+):
+    """``x[b_m:b_{m+1}] . c_mk`` for every row, subspace m and codeword k: (n, M, K).
+
+    One call for every subspace of a product quantizer (a query's lookup
+    table): the numbers of :func:`codeword_scores` on each subspace's
+    columns with its codewords, bit for bit (the same kernel, reading the
+    columns in place).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features), dtype=float32 or float64
+    packed : tuple
+        ``pack_subspace_codewords(centers, X.dtype)``.
+    bounds : array-like of shape (n_subspaces + 1,)
+        Rising from 0 to n_features; subspace m is ``bounds[m]:bounds[m + 1]``,
+        at most ``width`` features.
+    n_threads : int, default=1
+    simd : bool or {"avx512", "avx2", "portable"}, default=True
+
+    Returns
+    -------
+    scores : ndarray of shape (n_samples, n_subspaces, n_codewords), dtype of X
+    """
+    cdef Py_ssize_t n = X.shape[0]
+    cdef Py_ssize_t d = X.shape[1]
+    dtype = np.float32 if floating is float else np.float64
+    CT_arr, K = packed
+    if (not isinstance(CT_arr, np.ndarray) or CT_arr.dtype != dtype or CT_arr.ndim != 3
+            or not CT_arr.flags.c_contiguous or not 1 <= K <= CT_arr.shape[2]
+            or CT_arr.shape[2] % PAD):
+        raise ValueError(f"packed must come from pack_subspace_codewords(centers, "
+                         f"{np.dtype(dtype).name}).")
+    cdef Py_ssize_t M = CT_arr.shape[0]
+    cdef Py_ssize_t width = CT_arr.shape[1]
+    cdef Py_ssize_t Kp = CT_arr.shape[2]
+    cdef Py_ssize_t n_codewords = K
+    b_arr = np.asarray(bounds, dtype=np.intp)
+    if (b_arr.shape != (M + 1,) or b_arr[0] != 0 or b_arr[M] != d
+            or np.any(np.diff(b_arr) < 1) or np.any(np.diff(b_arr) > width)):
+        raise ValueError(f"bounds must rise from 0 to {d} in {M} steps of 1 to {width} "
+                         f"features.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    cdef const floating[:, :, ::1] CT = CT_arr
+    cdef const Py_ssize_t[::1] bnd = b_arr
+    zeros = np.zeros(Kp, dtype=dtype)
+    cdef const floating[::1] z = zeros
+    cdef int level = _check_level(simd)
+    out = np.empty((n, M, n_codewords), dtype=dtype)
+    if n == 0:
+        return out
+    cdef floating[:, :, ::1] o = out
+    cdef Py_ssize_t n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+    cdef Py_ssize_t blk, start, stop, m, r, c
+    cdef floating* tmp
+    cdef int failed = 0
+    cdef int* failed_flag = &failed
+    with nogil, parallel(num_threads=n_threads):
+        tmp = <floating*> malloc(ROW_BLOCK * Kp * sizeof(floating))
+        if tmp == NULL:
+            failed_flag[0] = 1
+        else:
+            for blk in prange(n_blocks, schedule="static"):
+                start = blk * ROW_BLOCK
+                stop = min(start + ROW_BLOCK, n)
+                for m in range(M):
+                    _nearest(level, &X[start, bnd[m]], d, stop - start, bnd[m + 1] - bnd[m],
+                             &CT[m, 0, 0], &z[0], Kp, NULL, NULL, tmp)
+                    for r in range(stop - start):
+                        for c in range(n_codewords):
+                            o[start + r, m, c] = tmp[r * Kp + c]
+            free(tmp)
+    if failed:
+        raise MemoryError("could not allocate the scores buffer.")
+    return out
