@@ -502,11 +502,8 @@ class InvertedLists:
         if len(codes):
             ids = np.arange(first, first + len(codes), dtype=np.int64)
             self.runs.append(_CellRun.grouped(codes, ids, lists, first))
-            runs = self.runs
-            while (len(runs) >= 2 and not runs[-2].sealed
-                   and len(runs[-2]) <= len(runs[-1])):
-                runs[-2:] = [runs[-2].then(runs[-1])]
-            self._pack(runs[-1])
+            self._merge_last(lambda older, newer: len(older) <= len(newer))
+            self._pack(self.runs[-1])
         counts = np.bincount(lists, minlength=self.n_lists)
         self.list_of.append(lists.astype(np.int32))
         self.sizes += counts
@@ -522,18 +519,22 @@ class InvertedLists:
         its candidates are sorted together, and an index right after ``fit``
         is laid out as a loaded one.
         """
-        runs = self.runs
-        merged = False
-        while (len(runs) >= 2 and not runs[-2].sealed
-               and runs[-2].first + len(runs[-2]) > first):
-            runs[-2:] = [runs[-2].then(runs[-1])]
-            merged = True
-        while len(runs) >= 2 and not runs[-2].sealed and len(runs[-2]) <= len(runs[-1]):
-            runs[-2:] = [runs[-2].then(runs[-1])]
-            merged = True
+        merged = self._merge_last(lambda older, newer: older.first + len(older) > first)
+        merged += self._merge_last(lambda older, newer: len(older) <= len(newer))
         if merged:
-            self._pack(runs[-1])
+            self._pack(self.runs[-1])
             self._changed()
+
+    def _merge_last(self, rule):
+        """Merge the last two runs while the older is unsealed and ``rule(older, newer)``.
+
+        Returns how many merges were made.
+        """
+        runs, merges = self.runs, 0
+        while len(runs) >= 2 and not runs[-2].sealed and rule(runs[-2], runs[-1]):
+            runs[-2:] = [runs[-2].then(runs[-1])]
+            merges += 1
+        return merges
 
     def add_segment(self, arrays):
         """Add a saved segment: codes grouped by cell, their ids and the cells' offsets."""

@@ -440,16 +440,27 @@ static inline void sh_fs_scan2(int simd, const uint8_t* lut_a, const uint8_t* lu
  * D - bias for every code (Q its quantized sum, D its exact sum); the
  * padding subspace of lut is zero. Returns 0. Both versions write the same
  * numbers. */
+
+/* The slack and span above, for both versions; 1 when no sum can reach kth. */
+static inline int sh_fs_steps(ptrdiff_t M, float kth, double fraction, double bias,
+                              double widest, double size, double* slack, double* span)
+{
+    *slack = 4.0 * (double)M * size * 5.9604644775390625e-08 + 1e-30;
+    if ((double)kth - bias + *slack < 0)
+        return 1;
+    *span = widest;
+    if ((double)kth - bias > 0 && fraction * ((double)kth - bias) < *span)
+        *span = fraction * ((double)kth - bias);
+    return 0;
+}
+
 static inline int sh_fs_quantize_tail(const float* table, ptrdiff_t M, ptrdiff_t Mp, int qmax,
                                       float kth, double fraction, const float* lo, double bias,
                                       double widest, double size, uint8_t* lut, double* out)
 {
-    const double slack = 4.0 * (double)M * size * 5.9604644775390625e-08 + 1e-30;
-    if ((double)kth - bias + slack < 0)
+    double slack, span;
+    if (sh_fs_steps(M, kth, fraction, bias, widest, size, &slack, &span))
         return 1;
-    double span = widest;
-    if ((double)kth - bias > 0 && fraction * ((double)kth - bias) < span)
-        span = fraction * ((double)kth - bias);
     memset(lut + M * 16, 0, (size_t)((Mp - M) * 16));
     double scale = 0, e_over = 0;
     if (span > 0) {
@@ -502,12 +513,9 @@ static int sh_fs_quantize_probe_avx2(const float* table, ptrdiff_t M, ptrdiff_t 
         widest = (double)h - l > widest ? (double)h - l : widest;
         size += fabs((double)l) > fabs((double)h) ? fabs((double)l) : fabs((double)h);
     }
-    const double slack = 4.0 * (double)M * size * 5.9604644775390625e-08 + 1e-30;
-    if ((double)kth - bias + slack < 0)
+    double slack, span;
+    if (sh_fs_steps(M, kth, fraction, bias, widest, size, &slack, &span))
         return 1;
-    double span = widest;
-    if ((double)kth - bias > 0 && fraction * ((double)kth - bias) < span)
-        span = fraction * ((double)kth - bias);
     if (!(span > 0))
         return sh_fs_quantize_tail(table, M, Mp, qmax, kth, fraction, lo, bias, widest, size,
                                    lut, out);

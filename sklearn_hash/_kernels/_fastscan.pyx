@@ -75,6 +75,7 @@ cdef extern from "_fastscan.h":
     void sh_fs_offer(float* dist, int64_t* idx, Py_ssize_t* size, Py_ssize_t k,
                      float d, int64_t j) noexcept nogil
     void sh_fs_heap_sort(float* dist, int64_t* idx, Py_ssize_t size) noexcept nogil
+    int sh_fs_threshold(double d, const double* par) noexcept nogil
     Py_ssize_t sh_fs_rescore_found(
         const float* table, const uint8_t* codes, const int64_t* ids, Py_ssize_t M,
         const int32_t* pos, const uint16_t* qd, Py_ssize_t n_found, Py_ssize_t r0,
@@ -198,20 +199,6 @@ def quantized_candidates(
     return pos[:found], dist[:found]
 
 
-cdef inline int _threshold(double d, double bias, double e_over, double slack,
-                           double scale) noexcept nogil:
-    """Exclusive bound on the quantized distance of items that may be at most d."""
-    cdef double x
-    if scale <= 0 or not isfinite(d):
-        return 65536
-    x = (d - bias + e_over + slack) / scale
-    if x < 0:
-        return 0
-    if x >= 65535:
-        return 65536
-    return <int> x + 1  # x >= 0: the cast is the floor
-
-
 cdef void _quantize(
     const float* table,   # IN (M, 16)
     Py_ssize_t M,
@@ -290,7 +277,7 @@ cdef void _take(
         rescored[0] += 1
         sh_fs_offer(hd, hi, size, k, sh_fs_adc(table, codes + pos[c] * M, M), j)
         if size[0] == k:
-            thr = min(thr, _threshold(hd[0], p[1], p[2], p[3], p[0]))
+            thr = min(thr, sh_fs_threshold(hd[0], p))
 
 
 def fastscan_kneighbors(
@@ -521,12 +508,11 @@ def fastscan_kneighbors(
                         q = q0
                         while q < q1:
                             d = out_dist[q, 0] if heap_sizes[q - q0] == k else bound_v[q]
-                            thr = _threshold(d, par[q, 1], par[q, 2], par[q, 3], par[q, 0])
+                            thr = sh_fs_threshold(d, &par[q, 0])
                             if q + 1 < q1:
                                 d = (out_dist[q + 1, 0] if heap_sizes[q + 1 - q0] == k
                                      else bound_v[q + 1])
-                                thr2 = _threshold(d, par[q + 1, 1], par[q + 1, 2],
-                                                  par[q + 1, 3], par[q + 1, 0])
+                                thr2 = sh_fs_threshold(d, &par[q + 1, 0])
                                 sh_fs_scan2(
                                     use_simd, &lut_v[q, 0, 0], &lut_v[q + 1, 0, 0],
                                     chunk_blocks + (j0 // BLOCK) * bb, j1 - j0, Mp,
@@ -903,7 +889,7 @@ def ivf_fastscan_kneighbors(
                                                         span_fraction, row_lo, lut, par):
                                     break  # no code of the cell can enter any more
                             r1 = min(r + PART_ROWS, n_rows)
-                            thr = _threshold(hd[0], par[1], par[2], par[3], par[0])
+                            thr = sh_fs_threshold(hd[0], par)
                             if thr <= 0:
                                 break  # the k-th distance only falls: nothing more enters
                             cnt[1, q] += r1 - r
