@@ -8,12 +8,14 @@ full-covariance components fitted to the real ESC-50 YAMNet embeddings
 Recall@10 is against exact float search; q/s for a batch of 1,000 queries
 on ``--threads`` threads (best of up to 3 runs); memory is the index's
 resident bytes per vector (codes, ids and, with re-ranking, the float32
-vectors: 512 B at 128-d).
+vectors: 512 B at 128-d, or with ``refine_storage="sq8"`` a byte per
+feature of the residual plus its cell: 132 B).
 
 Configurations: ours = IVFQuantizedNeighbors (1,024 cells; PQ or OPQ codes
 of 64 / 128 bits) swept over n_probe and refine_factor; IVFQuantizedNeighbors
 over 4-bit codes (PQ 32x4 and 64x4, OPQ 32x4; the cells scanned by
-fast-scan, with the answers of the float tables), swept likewise; and
+fast-scan, with the answers of the float tables; PQ 64x4 also with 8-bit
+re-ranking rows), swept likewise; and
 exhaustive QuantizedNeighbors over 4-bit PQ codes;
 faiss = HNSW32 (efSearch 16..128), IVF1024,PQ16x8 + exact refine, IVF1024,
 PQ32x4fs (fast-scan) + exact refine; hnswlib (M=16) when installed. Then
@@ -22,13 +24,19 @@ exhaustive ADC recall of PQ vs OPQ (ours) vs faiss OPQ+PQ at 64 and 128
 bits.
 
     python benchmarks/bench_frontier.py [--n 1000000] [--threads 2] [--skip-hnsw]
-        [--parts ivf8 ivf4 flat4 faiss-hnsw faiss-ivf hnswlib opq mmap] [--cache FILE.npz]
+        [--parts ivf8 ivf4 flat4 faiss-hnsw faiss-ivf hnswlib opq mmap storage]
+        [--cache FILE.npz]
+        [--only TEXT ...]
 
-``--parts`` runs some of the sections (default: all); ``--cache`` keeps the
-data and its exact neighbours in a file (made on the first run). ``mmap``
-saves the IVF1024 + PQ 64x4 index, loads it memory-mapped in a fresh
-process and reports its resident memory (anonymous and file-backed) after
-searching.
+``--parts`` runs some of the sections (default: all); ``--only`` keeps our
+configurations whose name contains one of the texts (e.g. ``--only "sq8
+rows"``); ``--cache`` keeps the data and its exact neighbours in a file
+(made on the first run). ``mmap`` saves the IVF1024 + PQ 64x4 index (float32
+and sq8 re-ranking rows), loads it memory-mapped in a fresh process and
+reports its resident memory (anonymous and file-backed) after searching.
+``storage`` re-ranks the same candidates by rows of fewer bytes (the two
+built storages and others computed with numpy) to show what recall each
+row size can reach.
 """
 
 import argparse
@@ -76,7 +84,7 @@ def row(table, library, config, qps, recall, memory):
     print(f"| {library} | {config} | {qps:,.0f} | {recall:.3f} | {memory:.0f} B |", flush=True)
 
 
-MMAP_CONFIGS = ((8, 4), (10, 4), (12, 4), (16, 4))
+MMAP_CONFIGS = ((8, 4), (10, 4), (12, 4), (9, 6), (12, 6), (16, 4))
 
 
 def rss():
@@ -105,21 +113,22 @@ def child_mmap(folder, threads):
           f"{(loaded[1] - before[1]) / n:.0f} B file-backed per vector)")
 
 
-def mmap_part(X, Q, truth, threads):
+def mmap_part(X, Q, truth, threads, storage):
     """Resident memory of the fast-scan index with memory-mapped rows and vectors (after load)."""
     import subprocess
     import sys
     import tempfile
 
-    print("\n## IVF1024 + PQ 64x4 fast-scan, saved and loaded memory-mapped (fresh process)\n")
+    print(f"\n## IVF1024 + PQ 64x4 fast-scan, refine_storage={storage!r}, saved and loaded "
+          f"memory-mapped (fresh process)\n")
     print("Resident bytes per vector grown since before `load`: anonymous (the fast-scan blocks "
           "and what the search allocates) and file-backed (pages of the memory-mapped code rows, "
-          "ids and float vectors read so far: page cache, which the system can evict).\n")
+          "ids and re-ranking rows read so far: page cache, which the system can evict).\n")
     print("| search | q/s | recall@10 | anonymous | file-backed |")
     print("|---|---|---|---|---|")
     ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
-                                n_lists=1024, refine_factor=4, random_state=0,
-                                n_jobs=threads).fit(X)
+                                n_lists=1024, refine_factor=4, refine_storage=storage,
+                                random_state=0, n_jobs=threads).fit(X)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         ivf.save(folder / "index")
@@ -129,14 +138,79 @@ def mmap_part(X, Q, truth, threads):
                         "--threads", str(threads)], check=True)
 
 
+def storage_part(X, Q, truth, threads):
+    """Recall when the same candidates are re-ranked by rows of fewer bytes (numpy).
+
+    The candidates are those of IVF1024 + PQ 64x4 at a few (n_probe,
+    refine_factor); each is re-ranked by its distance to the row's decoded
+    vector. Only ``float32`` and ``sq8`` (residual) are built as
+    ``refine_storage``; the others are what a smaller row would give, to
+    show where recall 0.95 needs how many bytes.
+    """
+    print("\n## Re-ranking rows: recall@10 of the same candidates by bytes per row\n")
+    ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
+                                n_lists=1024, random_state=0, n_jobs=threads).fit(X)
+    settings = ((9, 4), (12, 4), (9, 8), (16, 8))
+    candidates = {s: ivf.kneighbors(Q, n_neighbors=10 * s[1], n_probe=s[0],
+                                    return_distance=False) for s in settings}
+    C = ivf.coarse_centers_.astype(np.float32)
+    cells = np.concatenate([ivf._residuals(X[i : i + 65536], threads)[1]
+                            for i in range(0, len(X), 65536)])
+    R = X - C[cells]  # the residuals to the cells' centroids
+    first = np.concatenate([ivf.quantizer_.inverse_transform(ivf.quantizer_.transform(
+        R[i : i + 65536])) for i in range(0, len(X), 65536)]).astype(np.float32)
+    rng = np.random.default_rng(0)
+    train = rng.choice(len(X), 200_000, replace=False)
+
+    def scalar(Z, bits, q=1e-4):
+        low, high = np.quantile(Z[::10], [q, 1 - q], axis=0)
+        levels = 2**bits - 1
+        codes = np.clip(np.rint((Z - low) / (high - low) * levels), 0, levels)
+        return (low + codes / levels * (high - low)).astype(np.float32)
+
+    def product(Z, n_bits):
+        pq = ProductQuantizer(n_bits, random_state=0).fit(Z[train])
+        return np.concatenate([pq.inverse_transform(pq.transform(Z[i : i + 65536]))
+                               for i in range(0, len(Z), 65536)]).astype(np.float32)
+
+    rows = [
+        ("float32 vector (refine_storage='float32')", 512, lambda: X),
+        ("8-bit per feature of the residual + cell (refine_storage='sq8')", 132,
+         lambda: C[cells] + scalar(R, 8)),
+        ("8-bit per feature of the vector", 128, lambda: scalar(X, 8)),
+        ("4-bit per feature of the residual + cell", 68, lambda: C[cells] + scalar(R, 4)),
+        ("PQ 64x8 of the residual + cell", 68, lambda: C[cells] + product(R, 512)),
+        ("PQ 32x8 of the residual + cell", 36, lambda: C[cells] + product(R, 256)),
+        ("PQ 64x8 of the 4-bit codes' error (IVFPQR), + cell, codes read again", 68,
+         lambda: C[cells] + first + product(R - first, 512)),
+        ("8-bit per feature of the 4-bit codes' error, + cell, codes read again", 132,
+         lambda: C[cells] + first + scalar(R - first, 8)),
+    ]
+    print("| re-ranked by | bytes per row | "
+          + " | ".join(f"n_probe {p}, refine {r}" for p, r in settings) + " |")
+    print("|---|---|" + "---|" * len(settings))
+    for name, size, decode in rows:
+        V = decode()
+        recalls = []
+        for cand in candidates.values():
+            dist = ((V[cand] - Q[:, None]) ** 2).sum(-1)
+            order = np.argsort(dist, axis=1, kind="stable")[:, :10]
+            recalls.append(recall_at_10(np.take_along_axis(cand, order, 1), truth))
+        print(f"| {name} | {size} B | " + " | ".join(f"{r:.3f}" for r in recalls) + " |",
+              flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-hnsw", action="store_true")
-    parts = ["ivf8", "ivf4", "flat4", "faiss-hnsw", "faiss-ivf", "hnswlib", "opq", "mmap"]
+    parts = ["ivf8", "ivf4", "flat4", "faiss-hnsw", "faiss-ivf", "hnswlib", "opq", "mmap",
+             "storage"]
     parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
     parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="run only our configurations whose name contains one of these")
     parser.add_argument("--child-mmap", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_mmap is not None:
@@ -167,6 +241,8 @@ def main():
                  ("OPQ 128 bits", OPQ(128, random_state=0, n_iter=5))]
     four_bit = [("PQ 32x4 fast-scan", ProductQuantizer(128, subspace_bits=4, random_state=0)),
                 ("PQ 64x4 fast-scan", ProductQuantizer(256, subspace_bits=4, random_state=0)),
+                ("PQ 64x4 fast-scan, sq8 rows",
+                 (ProductQuantizer(256, subspace_bits=4, random_state=0), "sq8")),
                 ("OPQ 32x4 fast-scan", OPQ(128, subspace_bits=4, random_state=0, n_iter=5))]
     sweeps = {"ivf8": (eight_bit, (4, 8, 16, 32), (None, 4, 16)),
               "ivf4": (four_bit, (4, 6, 8, 9, 10, 12, 16, 32), (None, 2, 3, 4, 5, 6, 8, 16))}
@@ -175,8 +251,13 @@ def main():
             continue
         configs, probes, refines = sweeps[part]
         for name, quantizer in configs:
+            if args.only and not any(text in name for text in args.only):
+                continue
+            quantizer, storage = quantizer if isinstance(quantizer, tuple) else (quantizer,
+                                                                                 "float32")
             ivf = IVFQuantizedNeighbors(quantizer, n_lists=1024, refine_factor=4,
-                                        random_state=0, n_jobs=args.threads)
+                                        refine_storage=storage, random_state=0,
+                                        n_jobs=args.threads)
             _, t_fit = timed(lambda: ivf.fit(X))
             ivf.set_params(refine_factor=None)  # the vectors are kept; refine per call below
             # codes (a byte per codeword index, 4-bit ones too) + int64 id, and the
@@ -184,6 +265,8 @@ def main():
             code_bytes = ivf.quantizer_.n_subspaces_ + 8
             blocks = sum(run.blocks.nbytes for run in ivf._index.runs
                          if getattr(run, "blocks", None) is not None) / len(X)
+            # the re-ranking rows: float32 vectors (512 B) or sq8 ones (128 B + the cell)
+            row_bytes = ivf._vectors.dtype.itemsize * ivf._vectors.row_shape[0]
             for n_probe in probes:
                 for refine in refines:
                     (_, ind), t = timed_best(lambda p=n_probe, r=refine: ivf.kneighbors(
@@ -192,7 +275,7 @@ def main():
                         f"IVF1024 {name}, n_probe {n_probe}, refine "
                         f"{refine or '-'} (fit {t_fit:.0f} s)", len(Q) / t,
                         recall_at_10(ind, truth),
-                        code_bytes + blocks + (512 if refine else 0))
+                        code_bytes + blocks + (row_bytes if refine else 0))
             ivf = None
     try:
         if "flat4" not in args.parts:
@@ -256,7 +339,10 @@ def main():
             index = None
 
     if "mmap" in args.parts:
-        mmap_part(X, Q, truth, args.threads)
+        for storage in ("float32", "sq8"):
+            mmap_part(X, Q, truth, args.threads, storage)
+    if "storage" in args.parts:
+        storage_part(X, Q, truth, args.threads)
 
     print("\n## Best q/s reaching each recall@10\n")
     print("| library | recall >= 0.90 | recall >= 0.95 | recall >= 0.99 |")

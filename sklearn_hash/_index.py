@@ -32,7 +32,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from ._kernels._refine import refine_kneighbors
+from ._rerank import FloatRows, SQ8Rows
 from ._storage import ChunkedRows, GrowableArray
 from ._threads import effective_n_threads, single_threaded_blas
 from .metrics import map_at_r_score
@@ -46,7 +46,7 @@ class IndexMixin:
 
     # Attributes that hold storage or caches: never part of the saved state.
     _TRANSIENT = ("_index", "_labels", "_vectors", "_live", "_n_removed", "_saved",
-                  "_fit_y_cache")
+                  "_fit_y_cache", "_rerank_cache")
     # Per-call search settings accepted by kneighbors: name -> constraints.
     _SEARCH_PARAMS: dict = {"refine_factor": [Interval(Integral, 1, None, closed="left")]}
 
@@ -55,9 +55,10 @@ class IndexMixin:
         """Empty storage for a fitted searcher, labels kept iff y is given."""
         self._index = self._new_index()
         self._labels = None if y is None else ChunkedRows(y.shape[1:], y.dtype)
-        # The original vectors, float32, for exact re-ranking (refine_factor).
+        # The rows candidates are re-ranked by (refine_factor): see _rerank.py.
+        self._rerank_cache = None
         self._vectors = (None if self.refine_factor is None
-                         else ChunkedRows((self.n_features_in_,), np.float32))
+                         else ChunkedRows(*self._rerank_step().layout))
         self._live = None  # uint8 per item once something is removed
         self._n_removed = 0
         self._saved = None
@@ -69,14 +70,15 @@ class IndexMixin:
         n_new = X.shape[0]
         verbose = getattr(self, "verbose", 0)
         for start in range(0, n_new, ENCODE_CHUNK):
-            self._index_items(X[start : start + ENCODE_CHUNK])
+            chunk = X[start : start + ENCODE_CHUNK]
+            cells = self._index_items(chunk)
+            if self._vectors is not None:
+                self._vectors.append(self._rerank_step().encode(chunk, cells))
             if verbose:
                 print(f"[{type(self).__name__}] indexed {min(start + ENCODE_CHUNK, n_new):,}"
                       f"/{n_new:,} rows.")
         if y is not None:
             self._append_labels(y)
-        if self._vectors is not None:
-            self._vectors.append(X.astype(np.float32, copy=False))
         if self._live is not None:
             self._live.append(np.ones(n_new, dtype=np.uint8))
         self.n_samples_fit_ += n_new
@@ -242,9 +244,9 @@ class IndexMixin:
                 self._labels = ChunkedRows(labels.shape[1:], labels.dtype)
                 self._labels.append(labels)
             if self._vectors is not None:
-                vectors = self._vectors.to_array()[keep]
-                self._vectors = ChunkedRows(self._vectors.row_shape, np.float32)
-                self._vectors.append(vectors)
+                rows = self._vectors.to_array()[keep]
+                self._vectors = ChunkedRows(rows.shape[1:], rows.dtype)
+                self._vectors.append(rows)
             self.n_samples_fit_ = int(keep.sum())
             self._live = None
             self._n_removed = 0
@@ -396,7 +398,7 @@ class IndexMixin:
             else:
                 if self._vectors is None:
                     raise ValueError(
-                        f"refine_factor={refine} re-ranks by the original vectors, but this "
+                        f"refine_factor={refine} re-ranks by the stored vectors, but this "
                         f"index keeps none: fit it with refine_factor set (the vectors are "
                         f"kept from then on)."
                     )
@@ -405,17 +407,43 @@ class IndexMixin:
                 distances, indices = self._refine(X, candidates, n_neighbors)
         return (distances, indices) if return_distance else indices
 
+    # ---------------------------------------------------------------- re-ranking
+    def _fit_rerank(self, R):
+        """Learn what the re-ranking rows need from training rows R (fit calls it).
+
+        R: the vectors, or their residuals to their cells' centroids where
+        ``_rerank_centroids()`` is not None.
+        """
+        if self.refine_factor is not None and self.refine_storage == "sq8":
+            self.refine_offset_, self.refine_scale_ = SQ8Rows.fit(R)
+        else:
+            for name in ("refine_offset_", "refine_scale_"):
+                self.__dict__.pop(name, None)
+
+    def _rerank_centroids(self):
+        """The cells' centroids SQ8 rows quantize residuals to (None: the vectors)."""
+        return None
+
+    def _rerank_step(self):
+        """The re-ranking step of the fitted index (built once per fit/load)."""
+        step = getattr(self, "_rerank_cache", None)
+        if step is None:
+            if self.refine_storage == "sq8":
+                step = SQ8Rows(self.refine_offset_, self.refine_scale_, self._rerank_centroids())
+            else:
+                step = FloatRows(self.n_features_in_)
+            self._rerank_cache = step
+        return step
+
     def _refine(self, X, candidates, n_neighbors):
-        """Re-rank candidates by exact L2 distance to the stored vectors, ties by index."""
-        chunks = self._vectors.chunks()
-        starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
-        pointers = np.array([c.ctypes.data for c in chunks], dtype=np.intp)
+        """Re-rank candidates by L2 distance to the stored rows, ties by index."""
+        step = self._rerank_step()
         n_threads = effective_n_threads(getattr(self, "n_jobs", None))
-        if X is None:  # the items query with their own vectors
-            X = self._vectors.to_array()
+        if X is None:  # the items query with their own (stored) vectors
+            X = step.decode(self._vectors.to_array())
         queries = np.ascontiguousarray(X, dtype=np.float64)
-        return refine_kneighbors(queries, np.ascontiguousarray(candidates), starts, pointers,
-                                 n_neighbors, n_threads=n_threads)
+        return step.rerank(queries, np.ascontiguousarray(candidates), self._vectors,
+                           n_neighbors, n_threads)
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity", *, allowed=None,
                          **search_params):

@@ -102,6 +102,14 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         distances returned are then exact L2 distances (float64), ties by
         index. ``kneighbors(..., refine_factor=...)`` changes r for one call
         (the vectors must have been kept from ``fit`` on).
+    refine_storage : {"float32", "sq8"}, default="float32"
+        How the re-ranking vectors are kept (with ``refine_factor``).
+        ``"float32"``: as they are, distances exact. ``"sq8"``: 8 bits per
+        feature (a quarter of the memory), each feature's steps spanning
+        its 0.01%-99.99% quantiles in the training data (``refine_offset_``,
+        ``refine_scale_``); the distances returned are those to the decoded
+        vectors. :class:`IVFQuantizedNeighbors` quantizes the residuals to
+        the cells' centroids instead, which is more accurate.
     n_jobs : int, default=None
         OpenMP threads of the search kernel. ``None`` uses the OpenMP default
         (all cores, or ``OMP_NUM_THREADS``); ``-1`` all cores, ``-2`` all but
@@ -120,6 +128,9 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         items keep their rows until :meth:`compact`. (A view when the codes
         sit in one chunk; an index grown by :meth:`add` after :meth:`load`
         holds several and this builds their concatenation.)
+    refine_offset_, refine_scale_ : ndarray of shape (n_features,)
+        With ``refine_storage="sq8"`` (and ``refine_factor``): feature j of a
+        stored row decodes as ``refine_scale_[j] * byte + refine_offset_[j]``.
     n_samples_fit_ : int
         Number of database items (removed ones included until
         :meth:`compact`).
@@ -193,13 +204,15 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         "algorithm": [StrOptions({"auto", "brute", "multi-index"})],
         "n_substrings": [Interval(Integral, 1, None, closed="left"), None],
         "refine_factor": [Interval(Integral, 1, None, closed="left"), None],
+        "refine_storage": [StrOptions({"float32", "sq8"})],
         "n_jobs": [Integral, None],
     }
 
     _TRANSIENT = (*IndexMixin._TRANSIENT, "_sdc_tables")
 
     def __init__(self, quantizer=None, *, n_neighbors=10, radius=1.0, metric="auto",
-                 algorithm="auto", n_substrings=None, refine_factor=None, n_jobs=None):
+                 algorithm="auto", n_substrings=None, refine_factor=None, refine_storage="float32",
+                 n_jobs=None):
         self.quantizer = quantizer
         self.n_neighbors = n_neighbors
         self.radius = radius
@@ -207,6 +220,7 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         self.algorithm = algorithm
         self.n_substrings = n_substrings
         self.refine_factor = refine_factor
+        self.refine_storage = refine_storage
         self.n_jobs = n_jobs
 
     @_fit_context(prefer_skip_nested_validation=False)
@@ -237,6 +251,7 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
             self.metric_ = self._resolve_metric()
             self.code_shape_ = self._code_shape(X[:1])
             self._sdc_tables = None
+            self._fit_rerank(X)
             self._start_index(y)
             self._append(X, y)
         return self

@@ -261,6 +261,9 @@ def load_index(cls, path, mmap_mode):
                                                                labels["dtype"])
     searcher._live, searcher._n_removed, searcher._fit_y_cache = None, 0, None
     keeps_vectors = getattr(searcher, "refine_factor", None) is not None
+    if keeps_vectors:
+        searcher._rerank_cache = None
+        row_shape, row_dtype = searcher._rerank_step().layout
     label_chunks, vector_chunks, expected_start = [], [], 0
     for segment in manifest["segments"]:
         if segment["start"] != expected_start or segment["stop"] < segment["start"]:
@@ -275,7 +278,8 @@ def load_index(cls, path, mmap_mode):
         if codes_rows != size or ("labels" in seg) != (labels is not None) or (
                 "labels" in seg and len(seg["labels"]) != size) or (
                 ("vectors" in seg) != keeps_vectors) or (
-                "vectors" in seg and seg["vectors"].shape != (size, searcher.n_features_in_)):
+                "vectors" in seg and (seg["vectors"].shape != (size, *row_shape)
+                                      or seg["vectors"].dtype != row_dtype)):
             raise ValueError(f"{path / segment['dir']} holds arrays of inconsistent lengths "
                              f"for its {size} items; the index directory is damaged.")
         searcher._index.add_segment(seg)
@@ -289,7 +293,7 @@ def load_index(cls, path, mmap_mode):
                          f"{expected_start}; the index directory is damaged.")
     if labels is not None:
         searcher._labels = ChunkedRows(labels["row_shape"], labels["dtype"], label_chunks)
-    searcher._vectors = (ChunkedRows((searcher.n_features_in_,), np.float32, vector_chunks)
+    searcher._vectors = (ChunkedRows(row_shape, row_dtype, vector_chunks)
                          if keeps_vectors else None)
     searcher.n_samples_fit_ = n
     removed = manifest.get("removed")

@@ -120,3 +120,169 @@ def test_refine_kernel_matches_numpy_over_chunks_threads_and_ties():
         refine_kneighbors(Q, cand + 300, starts, pointers, 3)
     with pytest.raises(ValueError, match="k must be in"):
         refine_kneighbors(Q, cand, starts, pointers, 41)
+
+
+# --------------------------------------------------------------- 8-bit rows (sq8)
+def sq8_oracle_rows(fitted, X):
+    """The decoded vectors, from the public attributes alone (numpy)."""
+    X = X.astype(np.float64)
+    offset, scale = fitted.refine_offset_, fitted.refine_scale_
+    base = 0.0
+    if isinstance(fitted, IVFQuantizedNeighbors) and fitted.coarse == "flat":
+        C = fitted.coarse_centers_.astype(X.dtype)
+        cells = np.argmin(((X[:, None] - C[None]) ** 2).sum(2), axis=1)
+        base = fitted.coarse_centers_[cells].astype(np.float64)
+    steps = np.divide(X - base - offset, scale, out=np.zeros_like(X), where=scale > 0)
+    return scale * np.clip(np.rint(steps), 0, 255) + offset + base, X - base
+
+
+SQ8_SEARCHERS = [clone(s).set_params(refine_storage="sq8") for s in SEARCHERS] + [
+    IVFQuantizedNeighbors(ProductQuantizer(n_bits=16, random_state=0), n_lists=16,
+                          coarse="multi-index", n_probe=4, n_neighbors=5, refine_factor=3,
+                          refine_storage="sq8", random_state=0)]
+SQ8_IDS = IDS + ["ivf-multi-index"]
+
+
+@pytest.mark.parametrize("searcher", SQ8_SEARCHERS, ids=SQ8_IDS)
+def test_sq8_refine_equals_search_over_the_decoded_candidates(searcher, data):
+    X_db, y_db, X_q, _ = data
+    fitted = clone(searcher).fit(X_db, y_db)
+    plain = clone(searcher).set_params(refine_factor=None).fit(X_db, y_db)
+    candidates = plain.kneighbors(X_q, n_neighbors=15, return_distance=False)
+    decoded, quantized = sq8_oracle_rows(fitted, X_db)
+    dist, ind = fitted.kneighbors(X_q)
+    exp_d, exp_i = exact_rerank(X_q, decoded, candidates, 5)
+    np.testing.assert_array_equal(ind, exp_i)
+    np.testing.assert_allclose(dist, exp_d, rtol=1e-12)
+    # Each decoded feature within the range is within half a step of the vector.
+    inside = (quantized >= fitted.refine_offset_) & (quantized <= fitted.refine_offset_
+                                                     + 255 * fitted.refine_scale_)
+    assert inside.mean() > 0.99
+    err = np.abs(decoded - X_db)
+    assert np.all(err[inside] <= np.broadcast_to(fitted.refine_scale_, X_db.shape)[inside]
+                  * (0.5 + 1e-9) + 1e-9)
+    # Memory: one byte per feature, plus the int32 cell where residuals are quantized.
+    carries_cells = isinstance(fitted, IVFQuantizedNeighbors) and fitted.coarse == "flat"
+    assert fitted._vectors.dtype == np.uint8
+    assert fitted._vectors.row_shape == (X_db.shape[1] + 4 * carries_cells,)
+
+
+@pytest.mark.parametrize("searcher", SQ8_SEARCHERS[2:], ids=SQ8_IDS[2:])
+def test_sq8_refine_with_growth_removal_self_queries_and_persistence(searcher, data, tmp_path):
+    X_db, y_db, X_q, _ = data
+    fitted = clone(searcher).fit(X_db[:900], y_db[:900])
+    fitted.add(X_db[900:], y_db[900:])  # rows added later: encoded with the fitted ranges
+    one_go = clone(searcher).fit(X_db[:900], y_db[:900])
+    decoded = sq8_oracle_rows(fitted, X_db)[0]
+    # The items query with their decoded vectors.
+    own_d, own = fitted.kneighbors(n_neighbors=3)
+    assert not (own == np.arange(len(X_db))[:, None]).any()
+    np.testing.assert_allclose(own_d[:, 0], np.sqrt(((decoded[own[:, 0]] - decoded) ** 2).sum(1)),
+                               rtol=1e-12)
+    gone = np.unique(fitted.kneighbors(X_q, return_distance=False)[:, 0])
+    fitted.remove(gone)
+    dist, ind = fitted.kneighbors(X_q)
+    assert not np.isin(ind, gone).any()
+    loaded = type(fitted).load(fitted.save(tmp_path / "index"))
+    assert loaded.refine_storage == "sq8"
+    np.testing.assert_array_equal(loaded.refine_scale_, one_go.refine_scale_)
+    for chunk in loaded._vectors.chunks():
+        assert not chunk.flags.writeable and chunk.dtype == np.uint8
+    d2, i2 = loaded.kneighbors(X_q)
+    np.testing.assert_array_equal(i2, ind)
+    np.testing.assert_array_equal(d2, dist)
+    mapping = fitted.compact()
+    np.testing.assert_array_equal(fitted.kneighbors(X_q)[1], mapping[ind])
+
+
+def test_sq8_keeps_recall_close_to_float32(data):
+    """On digits, re-ranking by 8-bit rows finds nearly what float32 rows find."""
+    X_db, _, X_q, _ = data
+    true = np.argsort(((X_q[:, None] - X_db[None]) ** 2).sum(2), axis=1, kind="stable")[:, :5]
+    recall = {}
+    for storage in ("float32", "sq8"):
+        s = clone(SEARCHERS[2]).set_params(refine_storage=storage, refine_factor=8).fit(X_db)
+        ind = s.kneighbors(X_q, return_distance=False)
+        recall[storage] = np.mean([len(np.intersect1d(a, b)) / 5 for a, b in zip(ind, true)])
+    assert recall["float32"] > 0.8
+    assert recall["sq8"] >= recall["float32"] - 0.03
+
+
+def test_sq8_rows_encode_and_decode():
+    from sklearn_hash._rerank import SQ8Rows
+
+    rng = np.random.default_rng(0)
+    R = rng.normal(size=(5000, 3)) * [1.0, 10.0, 0.0]  # the last feature constant
+    offset, scale = SQ8Rows.fit(R)
+    assert scale[2] == 0 and offset[2] == 0
+    np.testing.assert_allclose(offset[:2], np.quantile(R[:, :2], 1e-4, axis=0))
+    np.testing.assert_allclose(offset[:2] + 255 * scale[:2], np.quantile(R[:, :2], 1 - 1e-4, axis=0))
+    step = SQ8Rows(offset, scale)
+    rows = step.encode(R)
+    assert rows.dtype == np.uint8 and rows.shape == (5000, 3)
+    back = step.decode(rows)
+    # Values beyond the range are clipped to its ends; the others within half a step.
+    clipped = np.clip(R, offset, offset + 255 * scale)
+    assert np.all(np.abs(back - clipped) <= scale / 2 + 1e-12)
+    assert np.all(back[:, 2] == 0)
+    # With cells: the residual to the cell's centroid, then the cell id as int32.
+    C = np.array([[0.0, 0.0, 0.0], [100.0, -50.0, 0.0]])
+    cells = np.arange(5000) % 2
+    with_cells = SQ8Rows(offset, scale, C)
+    rows = with_cells.encode(R + C[cells], cells)
+    assert rows.shape == (5000, 7)
+    np.testing.assert_array_equal(rows[:, 3:].copy().view(np.int32).ravel(), cells)
+    np.testing.assert_allclose(with_cells.decode(rows), back + C[cells], rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="cells are needed"):
+        with_cells.encode(R)
+
+
+def test_sq8_kernel_matches_numpy_over_chunks_threads_cells_and_ties():
+    from sklearn_hash._kernels._refine import refine_sq8_kneighbors
+
+    rng = np.random.default_rng(1)
+    n, d = 300, 5
+    codes = rng.integers(0, 4, (n, d)).astype(np.uint8)  # few values: many exact ties
+    cells = rng.integers(0, 3, n).astype(np.int32)
+    scale = np.array([0.5, 1.0, 0.0, 2.0, 0.25])
+    offset = np.array([-1.0, 0.0, 3.0, 0.5, 0.0])
+    C = rng.integers(-2, 3, (3, d)).astype(np.float64)
+    Q = rng.integers(-2, 3, (11, d)).astype(np.float64)
+    cand = np.stack([rng.permutation(n)[:50] for _ in range(11)]).astype(np.int64)
+    cand[0, 7:] = -1
+    cand[1, ::4] = -1
+    for with_cells in (False, True):
+        rows = np.hstack([codes, cells[:, None].view(np.uint8)]) if with_cells else codes
+        chunks = [np.ascontiguousarray(rows[a:b]) for a, b in ((0, 120), (120, 120), (120, n))]
+        starts = np.array([0, 120, 120, n], dtype=np.int64)
+        pointers = np.array([c.ctypes.data for c in chunks], dtype=np.intp)
+        V = scale * codes + offset + (C[cells] if with_cells else C[0])  # one row: no cells
+        for n_threads in (1, 2):
+            dist, ind = refine_sq8_kneighbors(Q, cand, starts, pointers, scale, offset,
+                                              C if with_cells else C[:1], with_cells, 9,
+                                              n_threads=n_threads)
+            for q in range(11):
+                c = cand[q][cand[q] >= 0]
+                exp = np.sqrt(((V[c] - Q[q]) ** 2).sum(1))
+                order = np.lexsort((c, exp))[:9]
+                np.testing.assert_array_equal(ind[q, : order.size], c[order])
+                np.testing.assert_allclose(dist[q, : order.size], exp[order], rtol=1e-13)
+                assert np.all(ind[q, order.size :] == -1)
+    bad = np.hstack([codes, np.full((n, 1), 7, np.int32).view(np.uint8)])
+    ptr = np.array([bad.ctypes.data], dtype=np.intp)
+    with pytest.raises(ValueError, match="names a cell outside"):
+        refine_sq8_kneighbors(Q, cand, np.array([0, n], dtype=np.int64), ptr, scale, offset,
+                              C, True, 3)
+    with pytest.raises(ValueError, match="one value per feature"):
+        refine_sq8_kneighbors(Q, cand, starts, pointers, scale[:4], offset, C, True, 3)
+    with pytest.raises(ValueError, match="k must be in"):
+        refine_sq8_kneighbors(Q, cand, starts, pointers, scale, offset, C, True, 51)
+
+
+def test_refine_storage_is_validated(data):
+    X_db = data[0]
+    with pytest.raises(ValueError, match="refine_storage"):
+        QuantizedNeighbors(refine_factor=2, refine_storage="sq4").fit(X_db)
+    # Without refine_factor nothing is kept and no range is learned.
+    plain = clone(SQ8_SEARCHERS[2]).set_params(refine_factor=None).fit(X_db)
+    assert plain._vectors is None and not hasattr(plain, "refine_scale_")

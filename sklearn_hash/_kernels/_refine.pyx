@@ -1,6 +1,9 @@
-"""Exact re-ranking of candidates by L2 distance to stored float32 vectors.
+"""Re-ranking of candidates by L2 distance to stored vectors.
 
-The vectors of an index are stored in chunks (the segments of a loaded
+``refine_kneighbors`` reads float32 vectors (exact distances),
+``refine_sq8_kneighbors`` 8-bit scalar-quantized ones (each feature's byte
+scaled and shifted, plus the centroid of the item's cell where rows carry
+one). The rows of an index are stored in chunks (the segments of a loaded
 index, memory-mapped, then the rows added since); chunk c holds the
 database indices ``chunk_starts[c]:chunk_starts[c + 1]`` at address
 ``chunk_ptrs[c]``. Each query's candidates are scored with the squared L2
@@ -14,9 +17,12 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 
+from libc.stdint cimport int32_t, int64_t, intptr_t, uint8_t
+from libc.string cimport memcpy
+
+
 cdef extern from *:
     void __builtin_prefetch(const void* p) noexcept nogil
-from libc.stdint cimport int64_t, intptr_t
 
 import numpy as np
 
@@ -37,6 +43,25 @@ cdef inline bint _before(double da, int64_t ia, double db, int64_t ib) noexcept 
     return da < db or (da == db and ia < ib)
 
 
+cdef inline Py_ssize_t _insert(double* hd, int64_t* hi, Py_ssize_t size, Py_ssize_t k,
+                               double d, int64_t idx) noexcept nogil:
+    """Insert (d, idx) into the sorted top k of hd/hi holding size items; the new size.
+
+    k is small (tens to hundreds): insertion beats a heap here.
+    """
+    cdef Py_ssize_t pos
+    if size == k and not _before(d, idx, hd[k - 1], hi[k - 1]):
+        return size
+    pos = size if size < k else k - 1
+    while pos > 0 and _before(d, idx, hd[pos - 1], hi[pos - 1]):
+        hd[pos] = hd[pos - 1]
+        hi[pos] = hi[pos - 1]
+        pos = pos - 1
+    hd[pos] = d
+    hi[pos] = idx
+    return size + 1 if size < k else size
+
+
 cdef inline Py_ssize_t _chunk_of(const int64_t* starts, Py_ssize_t n_chunks,
                                  int64_t index) noexcept nogil:
     """The chunk holding a database index (binary search over the starts)."""
@@ -48,6 +73,27 @@ cdef inline Py_ssize_t _chunk_of(const int64_t* starts, Py_ssize_t n_chunks,
         else:
             hi = mid - 1
     return lo
+
+
+def _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads):
+    """The checks both kernels make before touching memory."""
+    starts = np.asarray(chunk_starts)
+    n_chunks = np.asarray(chunk_ptrs).shape[0]
+    n_cand = candidates.shape[1]
+    if candidates.shape[0] != n_queries:
+        raise ValueError("candidates must have one row per query.")
+    if starts.shape[0] != n_chunks + 1 or starts[0] != 0 or np.any(np.diff(starts) < 0):
+        raise ValueError("chunk_starts must rise from 0, with one more entry than chunk_ptrs.")
+    if n_chunks and np.any((np.diff(starts) > 0) & (np.asarray(chunk_ptrs) == 0)):
+        raise ValueError("every non-empty chunk needs an address.")
+    if k < 0 or k > n_cand:
+        raise ValueError(f"k must be in [0, {n_cand}]; got k={k}.")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    cand = np.asarray(candidates)
+    n_rows = int(starts[n_chunks])
+    if cand.size and (cand.max() >= n_rows or cand.min() < -1):
+        raise ValueError(f"candidates must be database indices in [0, {n_rows - 1}] or -1.")
 
 
 def refine_kneighbors(
@@ -85,21 +131,7 @@ def refine_kneighbors(
     cdef Py_ssize_t n_features = queries.shape[1]
     cdef Py_ssize_t n_cand = candidates.shape[1]
     cdef Py_ssize_t n_chunks = chunk_ptrs.shape[0]
-    starts = np.asarray(chunk_starts)
-    if candidates.shape[0] != n_queries:
-        raise ValueError("candidates must have one row per query.")
-    if starts.shape[0] != n_chunks + 1 or starts[0] != 0 or np.any(np.diff(starts) < 0):
-        raise ValueError("chunk_starts must rise from 0, with one more entry than chunk_ptrs.")
-    if n_chunks and np.any((np.diff(starts) > 0) & (np.asarray(chunk_ptrs) == 0)):
-        raise ValueError("every non-empty chunk needs an address.")
-    if k < 0 or k > n_cand:
-        raise ValueError(f"k must be in [0, {n_cand}]; got k={k}.")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
-    cand = np.asarray(candidates)
-    if cand.size and (cand.max() >= starts[-1] or cand.min() < -1):
-        raise ValueError(f"candidates must be database indices in [0, {starts[-1] - 1}] "
-                         f"or -1.")
+    _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads)
     distances = np.full((n_queries, k), np.inf)
     indices = np.full((n_queries, k), -1, dtype=np.int64)
     if n_queries == 0 or k == 0:
@@ -154,18 +186,7 @@ def refine_kneighbors(
                             diff = <double> rows[b][j] - query[j]
                             acc[b] = acc[b] + diff * diff
                     for b in range(nb):
-                        # Insertion into the sorted top k (k is small: tens to hundreds).
-                        if size == k and not _before(acc[b], ids[b], hd[k - 1], hi[k - 1]):
-                            continue
-                        pos = size if size < k else k - 1
-                        while pos > 0 and _before(acc[b], ids[b], hd[pos - 1], hi[pos - 1]):
-                            hd[pos] = hd[pos - 1]
-                            hi[pos] = hi[pos - 1]
-                            pos = pos - 1
-                        hd[pos] = acc[b]
-                        hi[pos] = ids[b]
-                        if size < k:
-                            size = size + 1
+                        size = _insert(hd, hi, size, k, acc[b], ids[b])
                 for c in range(size):
                     hd[c] = sqrt(hd[c])
         free(rows)
@@ -173,4 +194,147 @@ def refine_kneighbors(
         free(acc)
     if failed:
         raise MemoryError("could not allocate the re-ranking buffers.")
+    return distances, indices
+
+
+def refine_sq8_kneighbors(
+    const double[:, ::1] queries,        # IN (n_queries, n_features)
+    const int64_t[:, ::1] candidates,    # IN (n_queries, n_candidates)
+    const int64_t[::1] chunk_starts,     # IN (n_chunks + 1,)
+    const intptr_t[::1] chunk_ptrs,      # IN (n_chunks,) addresses of uint8 rows
+    const double[::1] scale,             # IN (n_features,)
+    const double[::1] offset,            # IN (n_features,)
+    const double[:, ::1] centroids,      # IN (n_cells, n_features)
+    bint with_cells,
+    Py_ssize_t k,
+    int n_threads=1,
+):
+    """The k candidates of each query nearest to their 8-bit scalar-quantized vectors.
+
+    Item i's stored row holds n_features bytes ``code`` and, with
+    ``with_cells``, then the int32 ``cell`` of the item (native byte order,
+    4 bytes, unaligned); its vector is read as ``(scale * code + offset) +
+    centroids[cell]`` (``centroids[0]`` without cells), each feature in
+    double precision.
+
+    Parameters
+    ----------
+    queries : ndarray of shape (n_queries, n_features), dtype=float64
+    candidates : ndarray of shape (n_queries, n_candidates), dtype=int64
+        Database indices, each in ``[0, chunk_starts[-1])``, or -1 (ignored).
+    chunk_starts : ndarray of shape (n_chunks + 1,), dtype=int64
+        Rising from 0 to the number of stored rows.
+    chunk_ptrs : ndarray of shape (n_chunks,), dtype=intp
+        Address of each chunk's C-contiguous uint8 rows of ``n_features``
+        bytes (``n_features + 4`` with cells).
+    scale, offset : ndarray of shape (n_features,), dtype=float64
+    centroids : ndarray of shape (n_cells, n_features), dtype=float64
+        At least one row; without cells only the first is read.
+    with_cells : bool
+    k : int
+        Neighbours kept, ``0 <= k <= n_candidates``.
+    n_threads : int, default=1
+
+    Returns
+    -------
+    distances : ndarray of shape (n_queries, k), dtype=float64
+        L2 distances to the decoded vectors, ascending; ``inf`` where a
+        query has fewer than k candidates.
+    indices : ndarray of shape (n_queries, k), dtype=int64
+        Ties by ascending index; -1 where a query has fewer candidates.
+
+    Raises
+    ------
+    ValueError
+        A stored cell outside ``[0, n_cells)``.
+    """
+    cdef Py_ssize_t n_queries = queries.shape[0]
+    cdef Py_ssize_t n_features = queries.shape[1]
+    cdef Py_ssize_t n_cand = candidates.shape[1]
+    cdef Py_ssize_t n_chunks = chunk_ptrs.shape[0]
+    cdef Py_ssize_t n_cells = centroids.shape[0]
+    cdef Py_ssize_t row_bytes = n_features + (4 if with_cells else 0)
+    _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads)
+    if scale.shape[0] != n_features or offset.shape[0] != n_features:
+        raise ValueError("scale and offset need one value per feature.")
+    if n_cells < 1 or centroids.shape[1] != n_features:
+        raise ValueError("centroids must be (n_cells >= 1, n_features).")
+    distances = np.full((n_queries, k), np.inf)
+    indices = np.full((n_queries, k), -1, dtype=np.int64)
+    if n_queries == 0 or k == 0:
+        return distances, indices
+    cdef double[:, ::1] out_d = distances
+    cdef int64_t[:, ::1] out_i = indices
+    cdef const int64_t* st = &chunk_starts[0]
+    cdef const double* sc = &scale[0]
+    cdef const double* of = &offset[0]
+    cdef Py_ssize_t q, c, j, b, nb, size, ch
+    cdef int64_t idx
+    cdef int32_t cell
+    cdef double diff
+    cdef const double* query
+    cdef double* hd
+    cdef int64_t* hi
+    cdef const uint8_t** rows
+    cdef const double** cents
+    cdef int64_t* ids
+    cdef double* acc
+    cdef int failed = 0
+    cdef int bad_cell = 0
+    cdef int* failed_flag = &failed
+    cdef int* bad_flag = &bad_cell
+
+    with nogil, parallel(num_threads=n_threads):
+        rows = <const uint8_t**> malloc(GROUP * sizeof(uint8_t*))
+        cents = <const double**> malloc(GROUP * sizeof(double*))
+        ids = <int64_t*> malloc(GROUP * sizeof(int64_t))
+        acc = <double*> malloc(GROUP * sizeof(double))
+        if rows == NULL or cents == NULL or ids == NULL or acc == NULL:
+            failed_flag[0] = 1
+        else:
+            for q in prange(n_queries, schedule="static"):
+                hd = &out_d[q, 0]
+                hi = &out_i[q, 0]
+                query = &queries[q, 0]
+                size = 0
+                c = 0
+                while c < n_cand:
+                    nb = 0
+                    while c < n_cand and nb < GROUP:
+                        idx = candidates[q, c]
+                        c = c + 1
+                        if idx < 0:
+                            continue
+                        ch = _chunk_of(st, n_chunks, idx)
+                        rows[nb] = (<const uint8_t*> chunk_ptrs[ch]) + (idx - st[ch]) * row_bytes
+                        cell = 0
+                        if with_cells:
+                            memcpy(&cell, rows[nb] + n_features, 4)
+                            if cell < 0 or cell >= n_cells:
+                                bad_flag[0] = 1
+                                cell = 0
+                        cents[nb] = &centroids[cell, 0]
+                        for j in range(0, row_bytes, 64):
+                            __builtin_prefetch(rows[nb] + j)
+                        ids[nb] = idx
+                        nb = nb + 1
+                    for b in range(nb):
+                        acc[b] = 0.0
+                    for j in range(n_features):
+                        for b in range(nb):
+                            diff = (sc[j] * rows[b][j] + of[j]) + cents[b][j] - query[j]
+                            acc[b] = acc[b] + diff * diff
+                    for b in range(nb):
+                        size = _insert(hd, hi, size, k, acc[b], ids[b])
+                for c in range(size):
+                    hd[c] = sqrt(hd[c])
+        free(rows)
+        free(cents)
+        free(ids)
+        free(acc)
+    if failed:
+        raise MemoryError("could not allocate the re-ranking buffers.")
+    if bad_cell:
+        raise ValueError(f"a stored row names a cell outside [0, {n_cells}): the rows are "
+                         f"not those of this index.")
     return distances, indices
