@@ -689,21 +689,25 @@ static inline int sh_fs_threshold(double d, const double* par)
 /* Re-score, with the float table, the rows a scan of one part found and offer
  * them to the heap: row r0 + pos[c] for each c whose quantized distance is
  * still below the threshold (*thr, lowered as the heap's k-th distance falls)
- * and which is not before `done` (scored already). Rows are taken 8 at a time:
- * their code rows and ids are prefetched and their distances computed as
- * independent chains (each added in subspace order, as sh_fs_adc: the same
- * float32 numbers), then offered in row order. A row whose distance ranks
+ * and which is not before `done` (scored already). A row's codes are read
+ * from the block layout `blocks` (of the chunk, Mp subspaces), which the scan
+ * has just brought into cache, not from code rows (which then need not be
+ * resident). Rows are taken 8 at a time: their ids are prefetched and their
+ * distances computed as independent chains (each added in subspace order, as
+ * sh_fs_adc: the same float32 numbers), then offered in row order. A row whose distance ranks
  * after the heap's worst is dropped without reading its id unless a mask or
  * an excluded index needs it. The heap ends as row-by-row offers leave it.
  * Returns the number of rows scored. */
 static ptrdiff_t sh_fs_rescore_found(
-    const float* table, const uint8_t* codes, const int64_t* ids, ptrdiff_t M,
+    const float* table, const uint8_t* blocks, ptrdiff_t Mp, const int64_t* ids, ptrdiff_t M,
     const int32_t* pos, const uint16_t* qd, ptrdiff_t n_found, ptrdiff_t r0, ptrdiff_t done,
     int64_t own, const uint8_t* allow, const double* par, int* thr,
     float* hd, int64_t* hi, ptrdiff_t* size, ptrdiff_t k)
 {
     ptrdiff_t scored = 0, c = 0;
     ptrdiff_t rows[8];
+    const uint8_t* at[8];  /* each row's byte of subspace 0 in its block */
+    int shift[8];          /* 0: the low nibble holds the row's code, 4: the high one */
     float d[8];
     const int check_id = own >= 0 || allow != NULL;
     /* Visit the rows by increasing quantized distance (64 buckets of the
@@ -738,19 +742,19 @@ static ptrdiff_t sh_fs_rescore_found(
             const ptrdiff_t e = r0 + pos[i];
             if (qd[i] >= *thr || e < done)
                 continue;
+            const int in_block = (int)(e % SH_FS_BLOCK);
+            at[nb] = blocks + (e / SH_FS_BLOCK) * Mp * 64 + 16 * (in_block / 32) + (in_block % 16);
+            shift[nb] = (in_block % 32) < 16 ? 0 : 4;
             rows[nb++] = e;
-            __builtin_prefetch(codes + e * M);
-            if (M > 64)
-                __builtin_prefetch(codes + e * M + 64);
             __builtin_prefetch(ids + e);
         }
         if (nb == 0)
             break;
         for (int b = 0; b < nb; ++b)
-            d[b] = table[codes[rows[b] * M]];
+            d[b] = table[(at[b][0] >> shift[b]) & 15];
         for (ptrdiff_t m = 1; m < M; ++m)
             for (int b = 0; b < nb; ++b)
-                d[b] += table[m * 16 + codes[rows[b] * M + m]];
+                d[b] += table[m * 16 + ((at[b][64 * m] >> shift[b]) & 15)];
         scored += nb;
         for (int b = 0; b < nb; ++b) {
             if (!check_id && *size == k && d[b] > hd[0])

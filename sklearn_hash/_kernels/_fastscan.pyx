@@ -77,7 +77,8 @@ cdef extern from "_fastscan.h":
     void sh_fs_heap_sort(float* dist, int64_t* idx, Py_ssize_t size) noexcept nogil
     int sh_fs_threshold(double d, const double* par) noexcept nogil
     Py_ssize_t sh_fs_rescore_found(
-        const float* table, const uint8_t* codes, const int64_t* ids, Py_ssize_t M,
+        const float* table, const uint8_t* blocks, Py_ssize_t Mp, const int64_t* ids,
+        Py_ssize_t M,
         const int32_t* pos, const uint16_t* qd, Py_ssize_t n_found, Py_ssize_t r0,
         Py_ssize_t done, int64_t own, const uint8_t* allow, const double* par, int* thr,
         float* hd, int64_t* hi, Py_ssize_t* size, Py_ssize_t k) noexcept nogil
@@ -703,7 +704,8 @@ def ivf_fastscan_kneighbors(
       distance (plus the float32 rounding margin) are re-scored with the
       float table (``sh_fs_rescore_found``: by increasing quantized
       distance, so that the nearest lower the bound first; 8 rows at a
-      time). The threshold falls after every re-scored row; the table is
+      time, their codes read from the blocks just scanned: the code rows
+      are not read there). The threshold falls after every re-scored row; the table is
       quantized again, between two parts, once the k-th distance has
       fallen below half the range its steps were set for.
 
@@ -897,7 +899,7 @@ def ivf_fastscan_kneighbors(
                                                  r1 - r, Mp, NULL, thr, found_pos, found_q)
                             # Rows still below the (falling) bound, re-scored exactly.
                             cnt[0, q] += sh_fs_rescore_found(
-                                table, codes, ids, M, found_pos, found_q, n_found, r, done,
+                                table, blocks, Mp, ids, M, found_pos, found_q, n_found, r, done,
                                 own, allow, par, &thr, hd, hi, &size, k)
                             r = r1
                 sh_fs_heap_sort(hd, hi, size)
