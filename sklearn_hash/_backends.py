@@ -48,7 +48,7 @@ from ._kernels._fastscan import (
 from ._kernels._fastscan import simd_path as fastscan_simd_path  # noqa: F401 (for the searchers)
 from ._kernels._hamming import hamming_kneighbors, hamming_radius
 from ._kernels._simd import max_simd_level
-from ._storage import ChunkedRows, GrowableArray
+from ._storage import ChunkedRows, GrowableArray, release_pages
 
 
 def _merge(parts, k):
@@ -564,6 +564,11 @@ class InvertedLists:
             starts = np.concatenate([offsets[cells], [len(codes)]]).astype(np.int64)
             self.runs.append(_CellRun(codes, ids, cells, starts, first, sealed=True))
             self._pack(self.runs[-1])
+        # Validating and packing read these whole; a search reads few of their pages
+        # again (with fast-scan, only rows before a query's heap is full, small cells).
+        release_pages(ids)
+        if self.fast_scan:
+            release_pages(codes)
         self.list_of.append(list_of)
         self.sizes += counts
         self.live_sizes += counts

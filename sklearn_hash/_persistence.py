@@ -240,7 +240,8 @@ def save_index(searcher, path):
 
 def load_index(cls, path, mmap_mode):
     """Read an index directory written by :func:`save_index` (no pickle)."""
-    from ._storage import ChunkedRows, GrowableArray, load_array, read_manifest
+    from ._storage import (ChunkedRows, GrowableArray, expect_random_reads, load_array,
+                           read_manifest)
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -287,6 +288,7 @@ def load_index(cls, path, mmap_mode):
             label_chunks.append(seg["labels"])
         if keeps_vectors:
             vector_chunks.append(seg["vectors"])
+            expect_random_reads(seg["vectors"])  # re-ranking reads a few rows per query
         expected_start = segment["stop"]
     if expected_start != n or len(searcher._index) != n:
         raise ValueError(f"{path / 'index.json'} declares {n} items but its segments hold "

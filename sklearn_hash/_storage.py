@@ -264,5 +264,50 @@ def load_array(file, expected_shape, expected_dtype, mmap_mode):
     return array
 
 
+def _advise(array, names):
+    """Apply the ``madvise`` advice ``names`` (in order) to the map holding array, if any."""
+    import mmap
+
+    while array is not None and getattr(array, "_mmap", None) is None:
+        array = getattr(array, "base", None)  # a view of a map, e.g. np.asarray(memmap)
+    if array is None:
+        return
+    for name in names:
+        advice = getattr(mmap, name, None)
+        if advice is None:  # not on this system
+            continue
+        try:
+            array._mmap.madvise(advice)
+        except (OSError, ValueError):  # e.g. a closed map
+            return
+
+
+def expect_random_reads(array):
+    """Tell the system a memory-mapped array is read at random places.
+
+    A page fault then maps that page alone instead of reading around it
+    (Linux reads ahead up to megabytes by default): a search that reads a
+    few rows of re-ranking vectors, ids or codes keeps only their pages
+    resident. A no-op for in-memory arrays and where ``madvise`` is
+    unavailable.
+    """
+    _advise(array, ["MADV_RANDOM"])
+
+
+def release_pages(array):
+    """Let the system drop the resident pages of a memory-mapped array (read back on use).
+
+    For arrays read whole once (validated, or packed into another layout)
+    and then rarely, at random places: the process's resident memory stops
+    counting them, and later reads map single pages. Read-only maps only
+    (dropping a copy-on-write page would lose its changes); a no-op for
+    in-memory arrays and where ``madvise`` is unavailable.
+    """
+    while array is not None and getattr(array, "_mmap", None) is None:
+        array = getattr(array, "base", None)
+    if array is not None and getattr(array, "mode", None) == "r":
+        _advise(array, ["MADV_DONTNEED", "MADV_RANDOM"])
+
+
 def array_entry(array):
     return {"shape": list(array.shape), "dtype": array.dtype.str}

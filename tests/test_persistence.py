@@ -1,6 +1,7 @@
 """Persistence and growth: pickling, saved indices, adding items, threads, big indices."""
 
 import io
+import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 
@@ -258,3 +259,41 @@ def test_indices_beyond_int32(tmp_path):
     assert indices.dtype == np.int64
     np.testing.assert_array_equal(indices, [[target, 0]])
     np.testing.assert_array_equal(distances, [[0.0, 1.0]])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's RssFile")
+def test_release_pages_drops_only_read_only_maps(tmp_path):
+    """Released pages of a read-only map read back the same; other arrays are left alone."""
+    from sklearn_hash._storage import release_pages
+
+    def rss_file():
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return int(fields["RssFile"].split()[0]) * 1024
+
+    values = np.arange(4_000_000, dtype=np.int64)  # 32 MB
+    np.save(tmp_path / "a.npy", values)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    int(mapped.sum())  # every page read
+    before = rss_file()
+    release_pages(np.asarray(mapped))  # a view of the map: its map is found
+    assert rss_file() < before - 16_000_000
+    np.testing.assert_array_equal(mapped, values)  # read back from the file
+    changed = np.load(tmp_path / "a.npy", mmap_mode="c")
+    changed[0] = -1  # copy-on-write: dropping the page would lose the change
+    release_pages(changed)
+    assert changed[0] == -1
+    in_memory = values.copy()
+    release_pages(in_memory)
+    np.testing.assert_array_equal(in_memory, values)
+
+
+def test_loaded_fast_scan_index_answers_the_same_after_releasing_its_pages(data, tmp_path):
+    X_db, y_db, X_q, _ = data
+    ivf = IVFQuantizedNeighbors(ProductQuantizer(n_bits=32, subspace_bits=4, random_state=0),
+                                n_lists=4, n_probe=2, random_state=0).fit(X_db, y_db)
+    loaded = IVFQuantizedNeighbors.load(ivf.save(tmp_path / "index"), mmap_mode="r")
+    d, i = ivf.kneighbors(X_q)
+    d2, i2 = loaded.kneighbors(X_q)
+    np.testing.assert_array_equal(i2, i)
+    np.testing.assert_array_equal(d2, d)
+    np.testing.assert_array_equal(loaded.codes_, ivf.codes_)
