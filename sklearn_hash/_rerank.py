@@ -35,13 +35,6 @@ SQ8_QUANTILE = 1e-4
 SQ8_MAX_TRAIN = 262_144
 
 
-def _chunk_table(rows):
-    chunks = rows.chunks()
-    starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
-    pointers = np.array([c.ctypes.data for c in chunks], dtype=np.intp)
-    return starts, pointers
-
-
 class FloatRows:
     """The vectors as float32: exact re-ranking."""
 
@@ -62,8 +55,11 @@ class FloatRows:
         return np.asarray(rows, dtype=np.float64)
 
     def rerank(self, queries, candidates, rows, k, n_threads):
-        starts, pointers = _chunk_table(rows)
-        return refine_kneighbors(queries, candidates, starts, pointers, k, n_threads=n_threads)
+        # The address table and the candidates come from the index itself: not checked
+        # again on every call (a one-query search would spend most of its time there).
+        starts, pointers = rows.addresses()
+        return refine_kneighbors(queries, candidates, starts, pointers, k, n_threads=n_threads,
+                                 check_inputs=False)
 
 
 class SQ8Rows:
@@ -127,7 +123,7 @@ class SQ8Rows:
         return out
 
     def rerank(self, queries, candidates, rows, k, n_threads):
-        starts, pointers = _chunk_table(rows)
+        starts, pointers = rows.addresses()
         return refine_sq8_kneighbors(queries, candidates, starts, pointers, self.scale,
                                      self.offset, self.centroids, self.with_cells, k,
-                                     n_threads=n_threads)
+                                     n_threads=n_threads, check_inputs=False)

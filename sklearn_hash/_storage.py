@@ -103,6 +103,23 @@ class ChunkedRows:
                              f"{self.row_shape}.")
         self._tail.append(rows)
         self._len += rows.shape[0]
+        self._addresses = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_addresses", None)  # addresses of this process's memory
+        return state
+
+    def addresses(self):
+        """``(starts, pointers)``: chunk c holds rows ``starts[c]:starts[c + 1]`` at address
+        ``pointers[c]`` (int64, intp), as the kernels read them; kept until the next append."""
+        if getattr(self, "_addresses", None) is None:
+            chunks = self.chunks()
+            starts = np.zeros(len(chunks) + 1, dtype=np.int64)
+            np.cumsum([len(c) for c in chunks], out=starts[1:])
+            pointers = np.array([c.ctypes.data for c in chunks], dtype=np.intp)
+            self._addresses = (starts, pointers)
+        return self._addresses
 
     def chunks(self):
         """The chunks holding the rows, in order (views; valid until the next append)."""

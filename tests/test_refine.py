@@ -286,3 +286,25 @@ def test_refine_storage_is_validated(data):
     # Without refine_factor nothing is kept and no range is learned.
     plain = clone(SQ8_SEARCHERS[2]).set_params(refine_factor=None).fit(X_db)
     assert plain._vectors is None and not hasattr(plain, "refine_scale_")
+
+
+@pytest.mark.parametrize("storage", ["float32", "sq8"])
+def test_refine_after_pickling_a_searched_index(storage, data):
+    """The rows' address table is rebuilt in the copy, never carried over."""
+    import pickle
+
+    X_db, _, X_q, _ = data
+    fitted = clone(SEARCHERS[2]).set_params(refine_storage=storage).fit(X_db)
+    expected = fitted.kneighbors(X_q)  # the address table is cached now
+    copy = pickle.loads(pickle.dumps(fitted))
+    del fitted  # its memory may be reused
+    rubbish = [np.full(X_db.shape, 1e6, dtype=np.float32) for _ in range(4)]
+    got = copy.kneighbors(X_q)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])
+    copy.add(X_q[:7])  # an append invalidates the table
+    same = clone(SEARCHERS[2]).set_params(refine_storage=storage).fit(X_db)
+    same.add(X_q[:7])
+    np.testing.assert_array_equal(copy.kneighbors(X_q)[1], same.kneighbors(X_q)[1])
+    assert np.isin(np.arange(len(X_db), len(X_db) + 7), copy.kneighbors(X_q[:7])[1]).all()
+    del rubbish

@@ -75,21 +75,29 @@ cdef inline Py_ssize_t _chunk_of(const int64_t* starts, Py_ssize_t n_chunks,
     return lo
 
 
-def _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads):
-    """The checks both kernels make before touching memory."""
+def _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads, full):
+    """The checks both kernels make before touching memory.
+
+    ``full=False`` (a caller whose chunk table and candidates come from its
+    own index) keeps the checks that cost O(1): shapes, k and n_threads.
+    """
     starts = np.asarray(chunk_starts)
     n_chunks = np.asarray(chunk_ptrs).shape[0]
     n_cand = candidates.shape[1]
     if candidates.shape[0] != n_queries:
         raise ValueError("candidates must have one row per query.")
-    if starts.shape[0] != n_chunks + 1 or starts[0] != 0 or np.any(np.diff(starts) < 0):
-        raise ValueError("chunk_starts must rise from 0, with one more entry than chunk_ptrs.")
-    if n_chunks and np.any((np.diff(starts) > 0) & (np.asarray(chunk_ptrs) == 0)):
-        raise ValueError("every non-empty chunk needs an address.")
     if k < 0 or k > n_cand:
         raise ValueError(f"k must be in [0, {n_cand}]; got k={k}.")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    if starts.shape[0] != n_chunks + 1:
+        raise ValueError("chunk_starts must rise from 0, with one more entry than chunk_ptrs.")
+    if not full:
+        return
+    if starts[0] != 0 or np.any(np.diff(starts) < 0):
+        raise ValueError("chunk_starts must rise from 0, with one more entry than chunk_ptrs.")
+    if n_chunks and np.any((np.diff(starts) > 0) & (np.asarray(chunk_ptrs) == 0)):
+        raise ValueError("every non-empty chunk needs an address.")
     cand = np.asarray(candidates)
     n_rows = int(starts[n_chunks])
     if cand.size and (cand.max() >= n_rows or cand.min() < -1):
@@ -103,6 +111,7 @@ def refine_kneighbors(
     const intptr_t[::1] chunk_ptrs,      # IN (n_chunks,) addresses of float32 rows
     Py_ssize_t k,
     int n_threads=1,
+    bint check_inputs=True,
 ):
     """The k candidates of each query nearest by exact L2 distance.
 
@@ -118,6 +127,9 @@ def refine_kneighbors(
     k : int
         Neighbours kept, ``0 <= k <= n_candidates``.
     n_threads : int, default=1
+    check_inputs : bool, default=True
+        ``False`` skips the checks that read the chunk table and the
+        candidates (for a caller that built both from its own index).
 
     Returns
     -------
@@ -131,7 +143,8 @@ def refine_kneighbors(
     cdef Py_ssize_t n_features = queries.shape[1]
     cdef Py_ssize_t n_cand = candidates.shape[1]
     cdef Py_ssize_t n_chunks = chunk_ptrs.shape[0]
-    _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads)
+    _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads,
+                  check_inputs)
     distances = np.full((n_queries, k), np.inf)
     indices = np.full((n_queries, k), -1, dtype=np.int64)
     if n_queries == 0 or k == 0:
@@ -208,6 +221,7 @@ def refine_sq8_kneighbors(
     bint with_cells,
     Py_ssize_t k,
     int n_threads=1,
+    bint check_inputs=True,
 ):
     """The k candidates of each query nearest to their 8-bit scalar-quantized vectors.
 
@@ -234,6 +248,9 @@ def refine_sq8_kneighbors(
     k : int
         Neighbours kept, ``0 <= k <= n_candidates``.
     n_threads : int, default=1
+    check_inputs : bool, default=True
+        ``False`` skips the checks that read the chunk table and the
+        candidates (for a caller that built both from its own index).
 
     Returns
     -------
@@ -254,7 +271,8 @@ def refine_sq8_kneighbors(
     cdef Py_ssize_t n_chunks = chunk_ptrs.shape[0]
     cdef Py_ssize_t n_cells = centroids.shape[0]
     cdef Py_ssize_t row_bytes = n_features + (4 if with_cells else 0)
-    _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads)
+    _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads,
+                  check_inputs)
     if scale.shape[0] != n_features or offset.shape[0] != n_features:
         raise ValueError("scale and offset need one value per feature.")
     if n_cells < 1 or centroids.shape[1] != n_features:
