@@ -2,10 +2,14 @@
 
 A searcher subclasses :class:`IndexMixin` and provides:
 
-- ``fit``, which sets the fitted state and calls ``_start_index(n_features)``;
+- ``fit``, which sets the fitted state, calls ``_fit_rerank(rows)`` (what
+  8-bit re-ranking rows learn from the training rows) and
+  ``_start_index(y)``, then appends the rows;
 - ``_new_index()``: an empty back-end (:mod:`sklearn_hash._backends`) for
   the fitted state;
-- ``_index_items(X)``: encodes rows and appends them to the back-end;
+- ``_index_items(X)``: encodes rows and appends them to the back-end,
+  returning each row's cell (or ``None``) for the re-ranking rows
+  (:mod:`sklearn_hash._rerank`);
 - ``_search(X, n_neighbors, allowed, exclude_self, params)``: the queries
   turned into what the back-end reads, searched (``X=None``: the database
   items query the others);
