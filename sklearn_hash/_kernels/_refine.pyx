@@ -31,13 +31,6 @@ cdef enum:
     GROUP = 8  # candidates scored side by side
 
 
-cdef inline void _prefetch_row(const float* row, Py_ssize_t n_features) noexcept nogil:
-    """Ask for a vector's cache lines ahead of its use."""
-    cdef Py_ssize_t j
-    for j in range(0, n_features, 16):
-        __builtin_prefetch(row + j)
-
-
 cdef inline bint _before(double da, int64_t ia, double db, int64_t ib) noexcept nogil:
     """Whether (da, ia) ranks before (db, ib)."""
     return da < db or (da == db and ia < ib)
@@ -73,6 +66,138 @@ cdef inline Py_ssize_t _chunk_of(const int64_t* starts, Py_ssize_t n_chunks,
         else:
             hi = mid - 1
     return lo
+
+
+cdef enum:
+    FLOAT32 = 0  # rows of n_features float32
+    SQ8 = 1      # rows of n_features bytes (+ an int32 cell)
+
+
+cdef struct RowFormat:
+    int kind
+    Py_ssize_t row_bytes
+    Py_ssize_t n_features
+    # SQ8 only: feature j is (scale[j] * byte + offset[j]) + centroids[cell, j].
+    const double* scale
+    const double* offset
+    const double* centroids
+    Py_ssize_t n_cells
+    bint with_cells
+
+
+cdef Py_ssize_t _rerank_query(
+    const RowFormat* fmt,
+    const double* query,        # IN (n_features,)
+    const int64_t* cand,        # IN (n_cand,)
+    Py_ssize_t n_cand,
+    const int64_t* st,          # IN (n_chunks + 1,)
+    const intptr_t* ptrs,       # IN (n_chunks,)
+    Py_ssize_t n_chunks,
+    Py_ssize_t k,
+    double* hd,                 # OUT (k,) distances, ascending
+    int64_t* hi,                # OUT (k,) indices
+    const uint8_t** rows,       # scratch (GROUP,)
+    const double** cents,       # scratch (GROUP,)
+    int64_t* ids,               # scratch (GROUP,)
+    double* acc,                # scratch (GROUP,)
+    int* bad_cell,              # OUT set to 1 on a cell outside the centroids
+) noexcept nogil:
+    """One query's candidates scored and the k best kept; the number kept.
+
+    GROUP candidates at a time: their rows fetched together and their sums
+    accumulated side by side, each in feature order (double precision).
+    """
+    cdef Py_ssize_t size = 0, c = 0, nb, b, j, ch
+    cdef Py_ssize_t n_features = fmt.n_features
+    cdef int64_t idx
+    cdef int32_t cell
+    cdef double diff
+    while c < n_cand:
+        nb = 0
+        while c < n_cand and nb < GROUP:
+            idx = cand[c]
+            c = c + 1
+            if idx < 0:
+                continue
+            ch = _chunk_of(st, n_chunks, idx)
+            rows[nb] = (<const uint8_t*> ptrs[ch]) + (idx - st[ch]) * fmt.row_bytes
+            for j in range(0, fmt.row_bytes, 64):
+                __builtin_prefetch(rows[nb] + j)
+            if fmt.kind == SQ8:
+                cell = 0
+                if fmt.with_cells:
+                    memcpy(&cell, rows[nb] + n_features, 4)
+                    if cell < 0 or cell >= fmt.n_cells:
+                        bad_cell[0] = 1
+                        cell = 0
+                cents[nb] = fmt.centroids + cell * n_features
+            ids[nb] = idx
+            nb = nb + 1
+        for b in range(nb):
+            acc[b] = 0.0
+        if fmt.kind == FLOAT32:
+            for j in range(n_features):
+                for b in range(nb):
+                    diff = <double> (<const float*> rows[b])[j] - query[j]
+                    acc[b] = acc[b] + diff * diff
+        else:
+            for j in range(n_features):
+                for b in range(nb):
+                    diff = (fmt.scale[j] * rows[b][j] + fmt.offset[j]) + cents[b][j] - query[j]
+                    acc[b] = acc[b] + diff * diff
+        for b in range(nb):
+            size = _insert(hd, hi, size, k, acc[b], ids[b])
+    for c in range(size):
+        hd[c] = sqrt(hd[c])
+    return size
+
+
+cdef _rerank(RowFormat fmt, const double[:, ::1] queries, const int64_t[:, ::1] candidates,
+             const int64_t[::1] chunk_starts, const intptr_t[::1] chunk_ptrs, Py_ssize_t k,
+             int n_threads):
+    """Both kernels' search over checked inputs: (distances, indices)."""
+    cdef Py_ssize_t n_queries = queries.shape[0]
+    cdef Py_ssize_t n_cand = candidates.shape[1]
+    cdef Py_ssize_t n_chunks = chunk_ptrs.shape[0]
+    distances = np.full((n_queries, k), np.inf)
+    indices = np.full((n_queries, k), -1, dtype=np.int64)
+    if n_queries == 0 or k == 0:
+        return distances, indices
+    cdef double[:, ::1] out_d = distances
+    cdef int64_t[:, ::1] out_i = indices
+    cdef Py_ssize_t q
+    cdef const uint8_t** rows
+    cdef const double** cents
+    cdef int64_t* ids
+    cdef double* acc
+    cdef int failed = 0
+    cdef int bad_cell = 0
+    cdef int* failed_flag = &failed
+    cdef int* bad_flag = &bad_cell
+
+    with nogil, parallel(num_threads=n_threads):
+        # Per-thread buffers (arrays declared outside would be shared).
+        rows = <const uint8_t**> malloc(GROUP * sizeof(uint8_t*))
+        cents = <const double**> malloc(GROUP * sizeof(double*))
+        ids = <int64_t*> malloc(GROUP * sizeof(int64_t))
+        acc = <double*> malloc(GROUP * sizeof(double))
+        if rows == NULL or cents == NULL or ids == NULL or acc == NULL:
+            failed_flag[0] = 1
+        else:
+            for q in prange(n_queries, schedule="static"):
+                _rerank_query(&fmt, &queries[q, 0], &candidates[q, 0], n_cand,
+                              &chunk_starts[0], &chunk_ptrs[0], n_chunks, k,
+                              &out_d[q, 0], &out_i[q, 0], rows, cents, ids, acc, bad_flag)
+        free(rows)
+        free(cents)
+        free(ids)
+        free(acc)
+    if failed:
+        raise MemoryError("could not allocate the re-ranking buffers.")
+    if bad_cell:
+        raise ValueError(f"a stored row names a cell outside [0, {fmt.n_cells}): the rows are "
+                         f"not those of this index.")
+    return distances, indices
 
 
 def _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads, full):
@@ -139,75 +264,16 @@ def refine_kneighbors(
     indices : ndarray of shape (n_queries, k), dtype=int64
         Ties by ascending index; -1 where a query has fewer candidates.
     """
-    cdef Py_ssize_t n_queries = queries.shape[0]
-    cdef Py_ssize_t n_features = queries.shape[1]
-    cdef Py_ssize_t n_cand = candidates.shape[1]
-    cdef Py_ssize_t n_chunks = chunk_ptrs.shape[0]
-    _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads,
+    _check_inputs(queries.shape[0], candidates, chunk_starts, chunk_ptrs, k, n_threads,
                   check_inputs)
-    distances = np.full((n_queries, k), np.inf)
-    indices = np.full((n_queries, k), -1, dtype=np.int64)
-    if n_queries == 0 or k == 0:
-        return distances, indices
-    cdef double[:, ::1] out_d = distances
-    cdef int64_t[:, ::1] out_i = indices
-    cdef const int64_t* st = &chunk_starts[0]
-    cdef Py_ssize_t q, c, j, b, nb, pos, size, ch
-    cdef int64_t idx
-    cdef double diff
-    cdef const double* query
-    cdef double* hd
-    cdef int64_t* hi
-    cdef const float** rows
-    cdef int64_t* ids
-    cdef double* acc
-    cdef int failed = 0
-    cdef int* failed_flag = &failed
-
-    with nogil, parallel(num_threads=n_threads):
-        # Per-thread buffers (arrays declared outside would be shared).
-        rows = <const float**> malloc(GROUP * sizeof(float*))
-        ids = <int64_t*> malloc(GROUP * sizeof(int64_t))
-        acc = <double*> malloc(GROUP * sizeof(double))
-        if rows == NULL or ids == NULL or acc == NULL:
-            failed_flag[0] = 1
-        else:
-            for q in prange(n_queries, schedule="static"):
-                hd = &out_d[q, 0]
-                hi = &out_i[q, 0]
-                query = &queries[q, 0]
-                size = 0
-                c = 0
-                while c < n_cand:
-                    # GROUP candidates at a time: their rows fetched together and
-                    # their sums accumulated side by side (each in feature order).
-                    nb = 0
-                    while c < n_cand and nb < GROUP:
-                        idx = candidates[q, c]
-                        c = c + 1
-                        if idx < 0:
-                            continue
-                        ch = _chunk_of(st, n_chunks, idx)
-                        rows[nb] = (<const float*> chunk_ptrs[ch]) + (idx - st[ch]) * n_features
-                        _prefetch_row(rows[nb], n_features)
-                        ids[nb] = idx
-                        nb = nb + 1
-                    for b in range(nb):
-                        acc[b] = 0.0
-                    for j in range(n_features):
-                        for b in range(nb):
-                            diff = <double> rows[b][j] - query[j]
-                            acc[b] = acc[b] + diff * diff
-                    for b in range(nb):
-                        size = _insert(hd, hi, size, k, acc[b], ids[b])
-                for c in range(size):
-                    hd[c] = sqrt(hd[c])
-        free(rows)
-        free(ids)
-        free(acc)
-    if failed:
-        raise MemoryError("could not allocate the re-ranking buffers.")
-    return distances, indices
+    cdef RowFormat fmt
+    fmt.kind = FLOAT32
+    fmt.n_features = queries.shape[1]
+    fmt.row_bytes = 4 * fmt.n_features
+    fmt.scale = fmt.offset = fmt.centroids = NULL
+    fmt.n_cells = 0
+    fmt.with_cells = False
+    return _rerank(fmt, queries, candidates, chunk_starts, chunk_ptrs, k, n_threads)
 
 
 def refine_sq8_kneighbors(
@@ -265,94 +331,20 @@ def refine_sq8_kneighbors(
     ValueError
         A stored cell outside ``[0, n_cells)``.
     """
-    cdef Py_ssize_t n_queries = queries.shape[0]
     cdef Py_ssize_t n_features = queries.shape[1]
-    cdef Py_ssize_t n_cand = candidates.shape[1]
-    cdef Py_ssize_t n_chunks = chunk_ptrs.shape[0]
-    cdef Py_ssize_t n_cells = centroids.shape[0]
-    cdef Py_ssize_t row_bytes = n_features + (4 if with_cells else 0)
-    _check_inputs(n_queries, candidates, chunk_starts, chunk_ptrs, k, n_threads,
+    _check_inputs(queries.shape[0], candidates, chunk_starts, chunk_ptrs, k, n_threads,
                   check_inputs)
     if scale.shape[0] != n_features or offset.shape[0] != n_features:
         raise ValueError("scale and offset need one value per feature.")
-    if n_cells < 1 or centroids.shape[1] != n_features:
+    if centroids.shape[0] < 1 or centroids.shape[1] != n_features:
         raise ValueError("centroids must be (n_cells >= 1, n_features).")
-    distances = np.full((n_queries, k), np.inf)
-    indices = np.full((n_queries, k), -1, dtype=np.int64)
-    if n_queries == 0 or k == 0:
-        return distances, indices
-    cdef double[:, ::1] out_d = distances
-    cdef int64_t[:, ::1] out_i = indices
-    cdef const int64_t* st = &chunk_starts[0]
-    cdef const double* sc = &scale[0]
-    cdef const double* of = &offset[0]
-    cdef Py_ssize_t q, c, j, b, nb, size, ch
-    cdef int64_t idx
-    cdef int32_t cell
-    cdef double diff
-    cdef const double* query
-    cdef double* hd
-    cdef int64_t* hi
-    cdef const uint8_t** rows
-    cdef const double** cents
-    cdef int64_t* ids
-    cdef double* acc
-    cdef int failed = 0
-    cdef int bad_cell = 0
-    cdef int* failed_flag = &failed
-    cdef int* bad_flag = &bad_cell
-
-    with nogil, parallel(num_threads=n_threads):
-        rows = <const uint8_t**> malloc(GROUP * sizeof(uint8_t*))
-        cents = <const double**> malloc(GROUP * sizeof(double*))
-        ids = <int64_t*> malloc(GROUP * sizeof(int64_t))
-        acc = <double*> malloc(GROUP * sizeof(double))
-        if rows == NULL or cents == NULL or ids == NULL or acc == NULL:
-            failed_flag[0] = 1
-        else:
-            for q in prange(n_queries, schedule="static"):
-                hd = &out_d[q, 0]
-                hi = &out_i[q, 0]
-                query = &queries[q, 0]
-                size = 0
-                c = 0
-                while c < n_cand:
-                    nb = 0
-                    while c < n_cand and nb < GROUP:
-                        idx = candidates[q, c]
-                        c = c + 1
-                        if idx < 0:
-                            continue
-                        ch = _chunk_of(st, n_chunks, idx)
-                        rows[nb] = (<const uint8_t*> chunk_ptrs[ch]) + (idx - st[ch]) * row_bytes
-                        cell = 0
-                        if with_cells:
-                            memcpy(&cell, rows[nb] + n_features, 4)
-                            if cell < 0 or cell >= n_cells:
-                                bad_flag[0] = 1
-                                cell = 0
-                        cents[nb] = &centroids[cell, 0]
-                        for j in range(0, row_bytes, 64):
-                            __builtin_prefetch(rows[nb] + j)
-                        ids[nb] = idx
-                        nb = nb + 1
-                    for b in range(nb):
-                        acc[b] = 0.0
-                    for j in range(n_features):
-                        for b in range(nb):
-                            diff = (sc[j] * rows[b][j] + of[j]) + cents[b][j] - query[j]
-                            acc[b] = acc[b] + diff * diff
-                    for b in range(nb):
-                        size = _insert(hd, hi, size, k, acc[b], ids[b])
-                for c in range(size):
-                    hd[c] = sqrt(hd[c])
-        free(rows)
-        free(cents)
-        free(ids)
-        free(acc)
-    if failed:
-        raise MemoryError("could not allocate the re-ranking buffers.")
-    if bad_cell:
-        raise ValueError(f"a stored row names a cell outside [0, {n_cells}): the rows are "
-                         f"not those of this index.")
-    return distances, indices
+    cdef RowFormat fmt
+    fmt.kind = SQ8
+    fmt.n_features = n_features
+    fmt.row_bytes = n_features + (4 if with_cells else 0)
+    fmt.scale = &scale[0] if n_features else NULL
+    fmt.offset = &offset[0] if n_features else NULL
+    fmt.centroids = &centroids[0, 0] if n_features else NULL
+    fmt.n_cells = centroids.shape[0]
+    fmt.with_cells = with_cells
+    return _rerank(fmt, queries, candidates, chunk_starts, chunk_ptrs, k, n_threads)
