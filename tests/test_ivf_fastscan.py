@@ -375,3 +375,24 @@ def test_growth_persistence_pickling_and_compaction(skewed, tmp_path):
     loaded.compact()
     assert loaded._index.fast_scan and loaded._index.runs[0].blocks is not None
     assert_searches_agree(loaded, Q, n_neighbors=10)
+
+
+@needs_shuffles
+def test_cells_with_blocks_are_searched_without_their_code_rows(skewed):
+    """The code rows of cells kept in blocks are never read by a search (so a
+    memory-mapped index needs only its blocks resident): overwriting them leaves
+    every answer unchanged, while a cell without blocks still reads its rows."""
+    X, Q = skewed
+    search = IVFQuantizedNeighbors(ProductQuantizer(32, subspace_bits=4, random_state=0),
+                                   n_lists=8, n_probe=3, n_neighbors=12,
+                                   random_state=0).fit(X)
+    expected = search.kneighbors(Q)
+    runs = search._index.runs
+    assert all((run.block_at >= 0).all() for run in runs)  # every cell has its blocks
+    for run in runs:
+        run.codes[...] = 15 - run.codes  # every codeword index changed
+    got = search.kneighbors(Q)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])
+    # The check can fail: the float-table path reads the (now wrong) rows.
+    assert not np.array_equal(float_answers(search, Q)[1], expected[1])

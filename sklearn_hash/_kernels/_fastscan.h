@@ -619,6 +619,28 @@ static inline float sh_fs_adc(const float* table, const uint8_t* code, ptrdiff_t
     return d;
 }
 
+/* Where row e of a block layout (Mp subspaces) keeps its code of subspace 0;
+ * that of subspace m is 64 m bytes further, in the nibble *shift says. */
+static inline const uint8_t* sh_fs_block_row(const uint8_t* blocks, ptrdiff_t Mp, ptrdiff_t e,
+                                             int* shift)
+{
+    const int in_block = (int)(e % SH_FS_BLOCK);
+    *shift = (in_block % 32) < 16 ? 0 : 4;
+    return blocks + (e / SH_FS_BLOCK) * Mp * 64 + 16 * (in_block / 32) + (in_block % 16);
+}
+
+/* sh_fs_adc of row e read from a block layout: the same float32 sum. */
+static inline float sh_fs_adc_block(const float* table, const uint8_t* blocks, ptrdiff_t Mp,
+                                    ptrdiff_t M, ptrdiff_t e)
+{
+    int shift;
+    const uint8_t* at = sh_fs_block_row(blocks, Mp, e, &shift);
+    float d = table[(at[0] >> shift) & 15];
+    for (ptrdiff_t m = 1; m < M; ++m)
+        d += table[m * 16 + ((at[64 * m] >> shift) & 15)];
+    return d;
+}
+
 /* ---- a max-heap of (distance, index), worst on top; ties by larger index ---- */
 
 static inline int sh_fs_worse(float da, int64_t ia, float db, int64_t ib)
@@ -742,9 +764,7 @@ static ptrdiff_t sh_fs_rescore_found(
             const ptrdiff_t e = r0 + pos[i];
             if (qd[i] >= *thr || e < done)
                 continue;
-            const int in_block = (int)(e % SH_FS_BLOCK);
-            at[nb] = blocks + (e / SH_FS_BLOCK) * Mp * 64 + 16 * (in_block / 32) + (in_block % 16);
-            shift[nb] = (in_block % 32) < 16 ? 0 : 4;
+            at[nb] = sh_fs_block_row(blocks, Mp, e, &shift[nb]);
             rows[nb++] = e;
             __builtin_prefetch(ids + e);
         }

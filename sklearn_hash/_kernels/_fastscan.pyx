@@ -70,6 +70,8 @@ cdef extern from "_fastscan.h":
                      int32_t* pos_a, uint16_t* dist_a, Py_ssize_t* count_a,
                      int32_t* pos_b, uint16_t* dist_b, Py_ssize_t* count_b) noexcept nogil
     float sh_fs_adc(const float* table, const uint8_t* code, Py_ssize_t M) noexcept nogil
+    float sh_fs_adc_block(const float* table, const uint8_t* blocks, Py_ssize_t Mp,
+                          Py_ssize_t M, Py_ssize_t e) noexcept nogil
     void sh_fs_adc_rows(const float* table, const uint8_t* codes, Py_ssize_t n, Py_ssize_t M,
                         float* out) noexcept nogil
     void sh_fs_offer(float* dist, int64_t* idx, Py_ssize_t* size, Py_ssize_t k,
@@ -639,6 +641,27 @@ cdef inline void _offer_rows(
         sh_fs_offer(hd, hi, size, k, sh_fs_adc(table, codes + r * M, M), j)
 
 
+cdef inline void _offer_block_row(
+    const float* table,      # IN (M, 16)
+    const uint8_t* blocks,   # IN the chunk's block layout (Mp subspaces)
+    Py_ssize_t Mp,
+    Py_ssize_t M,
+    const int64_t* ids,      # IN the chunk's database indices
+    Py_ssize_t r,
+    int64_t own,
+    const uint8_t* allow,    # IN by database index, or NULL
+    float* hd,               # IN/OUT (k,) heap
+    int64_t* hi,             # IN/OUT (k,)
+    Py_ssize_t* size,        # IN/OUT
+    Py_ssize_t k,
+) noexcept nogil:
+    """Row r of a chunk, read from its blocks, scored with the float table and offered."""
+    cdef int64_t j = ids[r]
+    if j == own or (allow != NULL and not allow[j]):
+        return
+    sh_fs_offer(hd, hi, size, k, sh_fs_adc_block(table, blocks, Mp, M, r), j)
+
+
 def _check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
                          chunk_offsets, chunk_codes, chunk_ids, chunk_blocks, chunk_sizes,
                          exclude, k, allowed, n_threads, second_rows, split, check_chunks):
@@ -710,8 +733,9 @@ def ivf_fastscan_kneighbors(
       fallen below half the range its steps were set for.
 
     Until the heap holds k items, a chunk's rows are scored with the float
-    table (there is no k-th distance to scale the filter by); the scan
-    starts at the block of the first row not scored.
+    table (there is no k-th distance to scale the filter by; their codes
+    read from the blocks too); the scan starts at the block of the first
+    row not scored. Code rows are read only for cells kept without blocks.
     Every row that can enter the top k is scored exactly, so the result
     equals the float-table scan's, whatever the SIMD path and the thread
     count.
@@ -863,12 +887,12 @@ def ivf_fastscan_kneighbors(
                             _offer_rows(table, codes, ids, 0, n_rows, M, own, allow, hd, hi,
                                         &size, k)
                             continue
-                        # Rows by float lookups until the heap is full.
+                        # Rows by float lookups (from the blocks) until the heap is full.
                         r = 0
                         while r < n_rows and size < k:
                             cnt[0, q] += 1
-                            _offer_rows(table, codes, ids, r, r + 1, M, own, allow, hd, hi,
-                                        &size, k)
+                            _offer_block_row(table, blocks, Mp, M, ids, r, own, allow, hd,
+                                             hi, &size, k)
                             r = r + 1
                         done = r  # rows before it are scored already
                         if done == n_rows:
