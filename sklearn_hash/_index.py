@@ -59,9 +59,11 @@ class IndexMixin:
         """Empty storage for a fitted searcher, labels kept iff y is given."""
         self._index = self._new_index()
         self._labels = None if y is None else ChunkedRows(y.shape[1:], y.dtype)
-        # The rows candidates are re-ranked by (refine_factor): see _rerank.py.
+        # The rows candidates are re-ranked by (refine_factor): see _rerank.py. What the
+        # index keeps is fitted state: set_params afterwards does not change it.
+        self.refine_storage_ = None if self.refine_factor is None else self.refine_storage
         self._rerank_cache = None
-        self._vectors = (None if self.refine_factor is None
+        self._vectors = (None if self.refine_storage_ is None
                          else ChunkedRows(*self._rerank_step().layout))
         self._live = None  # uint8 per item once something is removed
         self._n_removed = 0
@@ -428,11 +430,18 @@ class IndexMixin:
         """The cells' centroids SQ8 rows quantize residuals to (None: the vectors)."""
         return None
 
+    def _kept_rows(self):
+        """How the fitted index keeps re-ranking rows: None (none), "float32" or "sq8"."""
+        if hasattr(self, "refine_storage_"):
+            return self.refine_storage_
+        # An index saved before refine_storage_ existed: float32 vectors iff refine_factor.
+        return None if self.refine_factor is None else "float32"
+
     def _rerank_step(self):
         """The re-ranking step of the fitted index (built once per fit/load)."""
         step = getattr(self, "_rerank_cache", None)
         if step is None:
-            if self.refine_storage == "sq8":
+            if self._kept_rows() == "sq8":
                 step = SQ8Rows(self.refine_offset_, self.refine_scale_, self._rerank_centroids())
             else:
                 step = FloatRows(self.n_features_in_)

@@ -190,6 +190,11 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         Database index of each row of ``codes_`` (ascending within a cell).
     list_offsets_ : ndarray of shape (n_lists + 1,), dtype=int64
         Where each cell starts in ``codes_``.
+    refine_storage_ : {"float32", "sq8"} or None
+        How the index keeps the rows it re-ranks by: ``refine_storage`` if
+        it was fitted with ``refine_factor``, else ``None`` (no rows, and
+        ``kneighbors(..., refine_factor=r)`` is refused). Parameters set
+        after ``fit`` do not change it.
     refine_offset_, refine_scale_ : ndarray of shape (n_features,)
         With ``refine_storage="sq8"`` (and ``refine_factor``): feature j of a
         stored row decodes as ``refine_scale_[j] * byte + refine_offset_[j]``

@@ -128,6 +128,11 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         items keep their rows until :meth:`compact`. (A view when the codes
         sit in one chunk; an index grown by :meth:`add` after :meth:`load`
         holds several and this builds their concatenation.)
+    refine_storage_ : {"float32", "sq8"} or None
+        How the index keeps the rows it re-ranks by: ``refine_storage`` if
+        it was fitted with ``refine_factor``, else ``None`` (no rows, and
+        ``kneighbors(..., refine_factor=r)`` is refused). Parameters set
+        after ``fit`` do not change it.
     refine_offset_, refine_scale_ : ndarray of shape (n_features,)
         With ``refine_storage="sq8"`` (and ``refine_factor``): feature j of a
         stored row decodes as ``refine_scale_[j] * byte + refine_offset_[j]``.

@@ -308,3 +308,25 @@ def test_refine_after_pickling_a_searched_index(storage, data):
     np.testing.assert_array_equal(copy.kneighbors(X_q)[1], same.kneighbors(X_q)[1])
     assert np.isin(np.arange(len(X_db), len(X_db) + 7), copy.kneighbors(X_q[:7])[1]).all()
     del rubbish
+
+
+@pytest.mark.parametrize("storage", ["float32", "sq8"])
+def test_rows_kept_are_fitted_state_not_the_parameters(storage, data, tmp_path):
+    """set_params after fit (refine_factor=None to search the codes alone, another
+    storage) changes neither the rows kept nor what save/load and pickle rebuild."""
+    import pickle
+
+    X_db, _, X_q, _ = data
+    fitted = clone(SEARCHERS[2]).set_params(refine_storage=storage).fit(X_db)
+    expected = fitted.kneighbors(X_q, refine_factor=3)
+    other = "float32" if storage == "sq8" else "sq8"
+    fitted.set_params(refine_factor=None, refine_storage=other)
+    assert fitted.refine_storage_ == storage
+    codes_only = fitted.kneighbors(X_q)
+    for copy in (type(fitted).load(fitted.save(tmp_path / "index")),
+                 pickle.loads(pickle.dumps(fitted))):
+        assert copy.refine_storage_ == storage
+        np.testing.assert_array_equal(copy.kneighbors(X_q, refine_factor=3)[1], expected[1])
+        np.testing.assert_array_equal(copy.kneighbors(X_q)[1], codes_only[1])
+    plain = clone(SEARCHERS[2]).set_params(refine_factor=None).fit(X_db)
+    assert plain.refine_storage_ is None
