@@ -29,6 +29,9 @@ rows and its network):
     # the same, also choosing how back-off rows enter the epochs, fresh seeds
     python benchmarks/bench_hierarchy.py --validation --values -0.7 -0.65 -0.6 \
         --backoff once balanced --seeds 2 --first-seed 2 --jobs 2
+    # the weight of the ancestor term at the default a, fresh seeds again
+    python benchmarks/bench_hierarchy.py --validation --values -0.6 \
+        --ancestor-weights 0 0.1 0.2 0.3 --seeds 2 --first-seed 5
 
 Back-off rows (labelled at a category) enter each epoch either once, like
 unlabelled rows ("once"), or repeated until they fill about as many places as
@@ -142,13 +145,16 @@ def print_table(title, rows, columns=("fine mAP", "coarse mAP", "nDCG")):
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
-def validation_run(path, query_fold, seed, setting, a, bits, R, backoff="balanced"):
-    """One validation fit: ``setting`` is "flat", "fine" or "coarse" (+ 40% coarse-only)."""
+def validation_run(path, query_fold, seed, setting, a, bits, R, backoff="balanced", w=None):
+    """One validation fit: ``setting`` is "flat", "fine" or "coarse" (+ 40% coarse-only);
+    ``w`` the ancestor_weight (None: the default)."""
     torch.set_num_threads(1)
     _dqn._BALANCE_BACKOFF = backoff == "balanced"
     X_db, y_db, X_q, y_q, hierarchy, _ = load(path, validation=True, query_fold=query_fold)
     fine, with_coarse = label_settings(y_db, hierarchy, seed)
     params = {} if setting == "flat" else {"hierarchy": hierarchy, "ancestor_similarity": a}
+    if setting != "flat" and w is not None:
+        params["ancestor_weight"] = w
     y_train = with_coarse if setting == "coarse" else fine
     return dqn_scores(Scores(hierarchy, R), X_db, y_db, X_q, y_q, y_train, bits, seed, **params)
 
@@ -159,43 +165,61 @@ def validation(args):
     Each of folds 2-5 in turn is the query fold, the other three the
     database; ``args.seeds`` seeds per fold from ``args.first_seed``. Rule
     (stated before looking): among the settings (value of ``a``, and back-off
-    handling when several are given) whose mean fine mAP@100 is at least
-    flat DQN's - 0.01 with both label settings, the one with the highest mean
-    nDCG@100 over the two label settings.
+    handling and ``ancestor_weight`` when several are given) whose mean fine
+    mAP@100 is at least flat DQN's - 0.01 with both label settings, the one
+    with the highest mean nDCG@100 over the two label settings. When several
+    ancestor weights are given, the first 0, a setting with a positive weight
+    is eligible only if, in addition, its fine mAP@100 is at least that of
+    weight 0 (same ``a`` and back-off handling) - 0.002 in both label
+    settings: the ancestor term must not trade fine mAP for coarse.
     """
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     backoffs = args.backoff
-    runs = [(q, seed, "flat", None, backoffs[0]) for q in VALIDATION_FOLDS for seed in seeds]
-    runs += [(q, seed, "fine", a, backoffs[0]) for q in VALIDATION_FOLDS for seed in seeds
-             for a in args.values]
-    runs += [(q, seed, "coarse", a, b) for q in VALIDATION_FOLDS for seed in seeds
-             for a in args.values for b in backoffs]
+    weights = args.ancestor_weights or [None]
+    runs = [(q, seed, "flat", None, backoffs[0], None) for q in VALIDATION_FOLDS
+            for seed in seeds]
+    runs += [(q, seed, "fine", a, backoffs[0], w) for q in VALIDATION_FOLDS for seed in seeds
+             for a in args.values for w in weights]
+    runs += [(q, seed, "coarse", a, b, w) for q in VALIDATION_FOLDS for seed in seeds
+             for a in args.values for b in backoffs for w in weights]
     results = Parallel(n_jobs=args.jobs, verbose=5)(
-        delayed(validation_run)(args.data, q, seed, setting, a, args.bits, args.R, b)
-        for q, seed, setting, a, b in runs)
+        delayed(validation_run)(args.data, q, seed, setting, a, args.bits, args.R, b, w)
+        for q, seed, setting, a, b, w in runs)
     by_run = dict(zip(runs, results))
-    flat = [r for (_, _, setting, _, _), r in by_run.items() if setting == "flat"]
-    fine = {a: [by_run[q, s, "fine", a, backoffs[0]] for q in VALIDATION_FOLDS for s in seeds]
-            for a in args.values}
-    coarse = {(a, b): [by_run[q, s, "coarse", a, b] for q in VALIDATION_FOLDS for s in seeds]
-              for a in args.values for b in backoffs}
+    flat = [r for (_, _, setting, _, _, _), r in by_run.items() if setting == "flat"]
+    fine = {(a, w): [by_run[q, s, "fine", a, backoffs[0], w] for q in VALIDATION_FOLDS
+                     for s in seeds]
+            for a in args.values for w in weights}
+    coarse = {(a, b, w): [by_run[q, s, "coarse", a, b, w] for q in VALIDATION_FOLDS
+                          for s in seeds]
+              for a in args.values for b in backoffs for w in weights}
     name = (f"{Path(args.data).name}, validation: folds 2-5, each the query fold in turn "
             f"against the other three")
-    label = "a={:g}, back-off {}".format if len(backoffs) > 1 else "a={:g}".format
+
+    def label(a, b=None, w=None):
+        text = f"a={a:g}"
+        if b is not None and len(backoffs) > 1:
+            text += f", back-off {b}"
+        if len(weights) > 1:
+            text += f", ancestor_weight={w:g}"
+        return text
+
     rows = {"flat DQN, 10% fine": summarise(flat)}
     for a in args.values:
-        rows[f"hierarchical, a={a:g}, 10% fine"] = summarise(fine[a])
-        for b in backoffs:
-            rows[f"hierarchical, {label(a, b)}, + 40% coarse"] = summarise(coarse[a, b])
+        for w in weights:
+            rows[f"hierarchical, {label(a, None, w)}, 10% fine"] = summarise(fine[a, w])
+            for b in backoffs:
+                rows[f"hierarchical, {label(a, b, w)}, + 40% coarse"] = summarise(
+                    coarse[a, b, w])
     print_table(f"Validation on {name}, {args.bits} bits, mean +- std over "
                 f"{len(VALIDATION_FOLDS) * args.seeds} runs (seeds {seeds.start}-"
                 f"{seeds.stop - 1} for each fold)", rows)
     floor = rows["flat DQN, 10% fine"]["fine mAP"][0] - 0.01
-    candidates = [(a, b) for a in args.values for b in backoffs]
+    candidates = [(a, b, w) for a in args.values for b in backoffs for w in weights]
 
-    def both(a, b, metric):
-        return (rows[f"hierarchical, a={a:g}, 10% fine"][metric][0],
-                rows[f"hierarchical, {label(a, b)}, + 40% coarse"][metric][0])
+    def both(a, b, w, metric):
+        return (rows[f"hierarchical, {label(a, None, w)}, 10% fine"][metric][0],
+                rows[f"hierarchical, {label(a, b, w)}, + 40% coarse"][metric][0])
 
     flat_row = rows["flat DQN, 10% fine"]
     print("\nAgainst flat DQN (coarse mAP, nDCG, fine mAP; 10% fine | + 40% coarse-only):")
@@ -205,6 +229,10 @@ def validation(args):
                  for i in (0, 1)]
         print(f"- {label(*k)}: {cells[0]} | {cells[1]}")
     eligible = [k for k in candidates if min(both(*k, "fine mAP")) >= floor]
+    if len(weights) > 1 and weights[0] == 0:
+        eligible = [(a, b, w) for a, b, w in eligible
+                    if w == 0 or all(x >= x0 - 0.002 for x, x0 in zip(
+                        both(a, b, w, "fine mAP"), both(a, b, 0.0, "fine mAP")))]
     if not eligible:
         print(f"\nNo setting keeps fine mAP@100 >= flat - 0.01 = {floor:.3f}.")
         return
@@ -225,6 +253,8 @@ def main():
     parser.add_argument("--backoff", nargs="+", default=["balanced"],
                         choices=["once", "balanced"],
                         help="--validation: how back-off rows enter the epochs")
+    parser.add_argument("--ancestor-weights", type=float, nargs="+", default=None,
+                        help="--validation: ancestor_weight values (default: the default)")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1,
                         help="validation fits in parallel (one torch thread each)")
@@ -239,10 +269,11 @@ def main():
 
     X_db, y_db, X_q, y_q, hierarchy, name = load(args.data, validation=False)
     scores = Scores(hierarchy, args.R)
-    default = DeepQuantizationNetwork().ancestor_similarity
+    defaults = DeepQuantizationNetwork()
+    default = f"a={defaults.ancestor_similarity:g}, ancestor_weight={defaults.ancestor_weight:g}"
     runs = {"flat DQN, 10% fine labels": [],
-            f"hierarchical DQN (a={default:g}), 10% fine labels": [],
-            f"hierarchical DQN (a={default:g}), 10% fine + 40% coarse-only": []}
+            f"hierarchical DQN ({default}), 10% fine labels": [],
+            f"hierarchical DQN ({default}), 10% fine + 40% coarse-only": []}
     start = time.perf_counter()
     for seed in range(args.seeds):
         fine, with_coarse = label_settings(y_db, hierarchy, seed)
@@ -279,9 +310,9 @@ def main():
     print("\nAgainst flat DQN (10% fine labels):")
     for label in list(runs)[1:]:
         row = rows[label]
-        print(f"- {label}: coarse mAP {row['coarse mAP'][0] - flat['coarse mAP'][0]:+.3f}, "
-              f"nDCG {row['nDCG'][0] - flat['nDCG'][0]:+.3f}, "
-              f"fine mAP {row['fine mAP'][0] - flat['fine mAP'][0]:+.3f}")
+        print(f"- {label}: coarse mAP {row['coarse mAP'][0] - flat['coarse mAP'][0]:+.4f}, "
+              f"nDCG {row['nDCG'][0] - flat['nDCG'][0]:+.4f}, "
+              f"fine mAP {row['fine mAP'][0] - flat['fine mAP'][0]:+.4f}")
 
 
 if __name__ == "__main__":

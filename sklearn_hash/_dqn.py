@@ -161,6 +161,34 @@ def _encode_tree_labels(y, n_samples, hierarchy, ancestor_similarity):
     return labelled, classes, row_nodes, targets.astype(np.float32)
 
 
+def _row_ancestors(hierarchy, classes, row_nodes, labelled):
+    """Each labelled row's ancestor at every depth above the leaves, as class indices.
+
+    Returns an (n_samples, H - 1) int64 array, ``H`` the depth of the tree:
+    column ``d - 1`` holds the index (into the ancestors at depth ``d`` that
+    labelled rows have, in increasing node order) of the row's ancestor at
+    depth ``d``, or -1 where the row has none (unlabelled, or labelled at a
+    node shallower than ``d``). A row labelled at a node of depth ``d``
+    counts that node as its own ancestor at depth ``d``. No columns for a
+    flat tree.
+    """
+    table, _ = ancestor_table(hierarchy)
+    out = np.full((len(row_nodes), table.shape[1] - 1), -1, dtype=np.int64)
+    rows = np.flatnonzero(labelled)
+    for column in range(table.shape[1] - 1):
+        nodes = table[classes[row_nodes[rows]], column]
+        has = nodes >= 0
+        _, index = np.unique(nodes[has], return_inverse=True)
+        out[rows[has], column] = index
+    return out
+
+
+# Scale of the cosines in the ancestor term's softmax (an inverse temperature):
+# cosines in [-1, 1] become logits in [-10, 10]. Screened on the validation
+# folds of ESC-50 against 5 and 20 (benchmarks/README.md).
+_ANCESTOR_SCALE = 10.0
+
+
 # Whether the rows labelled at an inner node of a label tree (back-off) are
 # repeated in each epoch until they fill about as many places as the rows
 # labelled at a leaf (True), or appear once like unlabelled rows (False).
@@ -255,6 +283,19 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
     fill about as many places as the leaf rows (each at least once), so
     that coarse labels add pairs without diluting the fine ones.
 
+    With a tree, a third term, ``ancestor_weight * ancestor``, asks each
+    labelled row to be nearer the centroid of its own ancestor than those
+    of the other ancestors of that depth: for every depth ``d`` above the
+    leaves, the softmax cross-entropy of the row's ancestor at depth ``d``
+    (a back-off row's own node at its depth) with logits ``10 * cos(z_i,
+    m_a)``, ``m_a`` the normalised mean embedding of the labelled rows
+    under ancestor ``a``, averaged over the depths. The centroids are
+    recomputed from the network before training and after every epoch and
+    held fixed during an epoch, as the codebooks are. Unlike the graded
+    pairwise targets, which set how far apart two classes of one category
+    lie, the term only asks for the order (own category first) and uses a
+    back-off row's label exactly, without the uncertainty about its leaf.
+
     **Semi-supervised.** ``y = -1`` marks an unlabelled row (for a 2-D y, a
     row of -1): it takes part in the quantization term and in the codebooks,
     not in the pairwise term. The study this package follows labels about
@@ -340,6 +381,19 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         earlier run on seed 0 had found -0.6 at -0.014 and chosen -0.7;
         values nearer 0 raise coarse mAP and nDCG further but cost more
         fine mAP (at -0.5, 0.024 there).
+    ancestor_weight : float, default=0.1
+        With ``hierarchy``: weight of the ancestor term (see above), ``>= 0``;
+        0 leaves the graded pairwise term alone. Unused without
+        ``hierarchy`` or with a tree of one level. The default was chosen on
+        ESC-50 YAMNet as ``ancestor_similarity`` was, on two fresh seeds
+        (``benchmarks/bench_hierarchy.py --validation --values -0.6
+        --ancestor-weights 0 0.1 0.2 0.3 --seeds 2 --first-seed 5``). Rule:
+        the rule of ``ancestor_similarity``, and a positive weight only if
+        its fine mAP@100 stays within 0.002 of weight 0's in both label
+        settings: 0.1 (0.2 and 0.3 raised coarse mAP a little more but cost
+        fine mAP with the coarse-only rows). Against weight 0 there: coarse
+        mAP@100 +0.002 / +0.010 and nDCG@100 +0.008 / +0.008 (10% fine
+        labels / with 40% coarse-only rows), fine mAP@100 +0.003 / -0.001.
     random_state : int, RandomState instance or None, default=None
         Seeds the network's initialisation, the mini-batch order and the
         codebooks. Refits with the same seed on CPU give the same model.
@@ -360,9 +414,10 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         Number of labelled training rows.
     history_ : list of dict
         One entry per epoch: ``train_loss``, ``pairwise_loss``,
-        ``quantization_loss`` and ``quantization_weight`` (the weight the
-        epoch used; both once the term has started, halfway) and ``dur``
-        (seconds).
+        ``ancestor_loss`` (with ``hierarchy`` and a positive
+        ``ancestor_weight``), ``quantization_loss`` and
+        ``quantization_weight`` (the weight the epoch used; both once the
+        term has started, halfway) and ``dur`` (seconds).
     n_features_in_ : int
         Number of features seen during ``fit``.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -413,6 +468,7 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         "device": [str],
         "hierarchy": ["array-like", None],
         "ancestor_similarity": [Interval(Real, -1, 1, closed="both")],
+        "ancestor_weight": [Interval(Real, 0, None, closed="left")],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
@@ -433,6 +489,7 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         device="cpu",
         hierarchy=None,
         ancestor_similarity=-0.6,
+        ancestor_weight=0.1,
         random_state=None,
         verbose=0,
     ):
@@ -449,6 +506,7 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         self.device = device
         self.hierarchy = hierarchy
         self.ancestor_similarity = ancestor_similarity
+        self.ancestor_weight = ancestor_weight
         self.random_state = random_state
         self.verbose = verbose
 
@@ -516,6 +574,8 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         n_samples, n_features = X.shape
         hidden = self._check_params(n_samples)
         graded = {}
+        callbacks = []
+        X32 = np.ascontiguousarray(X, dtype=np.float32)
         if self.hierarchy is None:
             label_matrix, labelled, self.classes_ = _encode_labels(y, n_samples)
         else:
@@ -525,12 +585,20 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
             leaf_labelled = labelled & is_leaf[row_nodes]
             label_matrix = np.zeros((n_samples, 1), dtype=np.float32)
             graded = {"criterion__pair_targets": targets, "criterion__row_nodes": row_nodes}
+            row_ancestors = _row_ancestors(check_hierarchy(self.hierarchy), self.classes_,
+                                           row_nodes, labelled)
+            if self.ancestor_weight > 0 and row_ancestors.shape[1]:
+                graded.update(criterion__row_ancestors=row_ancestors,
+                              criterion__ancestor_weight=self.ancestor_weight,
+                              criterion__ancestor_scale=_ANCESTOR_SCALE)
+                with_ancestor = np.flatnonzero((row_ancestors >= 0).any(axis=1))
+                callbacks.append(("ancestors", dqn_torch.AncestorCentroids(
+                    X32[with_ancestor], row_ancestors[with_ancestor])))
         self.n_labelled_ = int(labelled.sum())
         self.n_subspaces_ = self.n_bits // self.subspace_bits
 
         rng = check_random_state(self.random_state)
         torch_seed = int(rng.randint(np.iinfo(np.int32).max))
-        X32 = np.ascontiguousarray(X, dtype=np.float32)
         if self.hierarchy is None:
             epoch_rows = _epoch_rows(labelled)
         else:
@@ -558,7 +626,7 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
             batch_size=min(self.batch_size, n_samples),
             iterator_train__shuffle=True,
             train_split=None,
-            callbacks=[("codebooks", codebooks)],
+            callbacks=[("codebooks", codebooks)] + callbacks,
             device=self.device,
             verbose=self.verbose,
         )
@@ -572,8 +640,8 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
             self._quantizer(rng, _FINAL_KMEANS_ITER), Z, previous=codebooks.quantizer_
         )
         self.history_ = [
-            {key: epoch[key] for key in ("train_loss", "pairwise_loss", "quantization_loss",
-                                         "quantization_weight", "dur")
+            {key: epoch[key] for key in ("train_loss", "pairwise_loss", "ancestor_loss",
+                                         "quantization_loss", "quantization_weight", "dur")
              if key in epoch}
             for epoch in net.history
         ]

@@ -76,8 +76,14 @@ class DQNLoss(nn.Module):
     """
 
     def __init__(self, label_matrix, labelled, quantization_weight, pair_targets=None,
-                 row_nodes=None):
+                 row_nodes=None, row_ancestors=None, ancestor_weight=0.0, ancestor_scale=10.0):
         super().__init__()
+        self.register_buffer("row_ancestors", torch.as_tensor(
+            np.zeros((len(labelled), 0)) if row_ancestors is None else row_ancestors,
+            dtype=torch.long))
+        self.ancestor_weight = ancestor_weight
+        self.ancestor_scale = ancestor_scale
+        self.ancestor_centroids = []
         self.register_buffer("label_matrix", torch.as_tensor(label_matrix, dtype=torch.float32))
         self.register_buffer("labelled", torch.as_tensor(labelled, dtype=torch.bool))
         self.graded = pair_targets is not None
@@ -91,7 +97,23 @@ class DQNLoss(nn.Module):
         self.reset_running_losses()
 
     def reset_running_losses(self):
-        self.running = {"pairwise": 0.0, "quantization": 0.0, "batches": 0}
+        self.running = {"pairwise": 0.0, "ancestor": 0.0, "quantization": 0.0, "batches": 0}
+
+    def set_ancestor_centroids(self, centroids, device):
+        """Hold each depth's ancestor centroids (unit rows) fixed for the next steps."""
+        self.ancestor_centroids = [torch.as_tensor(np.asarray(c, dtype=np.float32), device=device)
+                                   for c in centroids]
+
+    def ancestor_loss(self, z, index):
+        """Mean over the depths of the softmax cross-entropy of the rows' ancestors."""
+        terms = []
+        for column, centroids in enumerate(self.ancestor_centroids):
+            target = self.row_ancestors[index, column]
+            has = target >= 0
+            if has.any() and centroids.shape[0] > 1:
+                logits = self.ancestor_scale * z[has] @ centroids.T
+                terms.append(F.cross_entropy(logits, target[has]))
+        return torch.stack(terms).mean() if terms else None
 
     def set_codebooks(self, centers, bounds, device):
         """Hold ``centers`` (n_subspaces, K, max block) fixed for the next steps."""
@@ -123,6 +145,11 @@ class DQNLoss(nn.Module):
             off_diagonal = ~torch.eye(zl.shape[0], dtype=torch.bool, device=z.device)
             pairwise = ((similar - zl @ zl.T)[off_diagonal] ** 2).mean()
         loss = pairwise
+        if self.ancestor_weight > 0 and self.ancestor_centroids:
+            ancestor = self.ancestor_loss(z, index)
+            if ancestor is not None:
+                loss = loss + self.ancestor_weight * ancestor
+                self.running["ancestor"] += float(ancestor.detach())
         if self.codebooks.numel():
             quantization = ((z - self.reconstruct(z)) ** 2).sum(dim=1).mean()
             loss = loss + self.quantization_weight * quantization
@@ -165,6 +192,8 @@ class CodebookUpdate(Callback):
         criterion = net.criterion_
         batches = max(criterion.running["batches"], 1)
         net.history.record("pairwise_loss", criterion.running["pairwise"] / batches)
+        if criterion.ancestor_weight > 0 and criterion.ancestor_centroids:
+            net.history.record("ancestor_loss", criterion.running["ancestor"] / batches)
         if criterion.codebooks.numel():
             net.history.record("quantization_loss", criterion.running["quantization"] / batches)
             net.history.record("quantization_weight", criterion.quantization_weight)
@@ -184,6 +213,44 @@ class CodebookUpdate(Callback):
         # pickled with the estimator; the final codebooks live in quantizer_.
         self.X = None
         net.criterion_.codebooks = torch.empty(0, device=net.device)
+
+
+class AncestorCentroids(Callback):
+    """The centroids of the ancestor term, recomputed from the network after each epoch.
+
+    ``X`` holds the training rows that have an ancestor at some depth and
+    ``row_ancestors`` their ancestors (one column per depth, -1 for none, as
+    in :class:`DQNLoss`). Before training and after each epoch the rows are
+    embedded (eval mode) and each ancestor's centroid is the normalised mean
+    of the embeddings of its rows; the loss holds the centroids fixed during
+    the epoch, as it does the codebooks.
+    """
+
+    def __init__(self, X, row_ancestors):
+        self.X = X
+        self.row_ancestors = row_ancestors
+
+    def update(self, net):
+        Z = embed(net, self.X).astype(np.float64)
+        centroids = []
+        for column in self.row_ancestors.T:
+            has = column >= 0
+            sums = np.zeros((int(column.max()) + 1 if has.any() else 0, Z.shape[1]))
+            np.add.at(sums, column[has], Z[has])
+            norms = np.linalg.norm(sums, axis=1, keepdims=True)
+            centroids.append(sums / np.maximum(norms, 1e-12))
+        net.criterion_.set_ancestor_centroids(centroids, net.device)
+
+    def on_train_begin(self, net, **kwargs):
+        self.update(net)
+
+    def on_epoch_end(self, net, **kwargs):
+        self.update(net)
+
+    def on_train_end(self, net, **kwargs):
+        # Not needed after fit; the training rows would otherwise be pickled.
+        self.X = None
+        net.criterion_.ancestor_centroids = []
 
 
 def fit_codebooks(quantizer, Z, previous=None):

@@ -491,6 +491,8 @@ def test_back_off_rows_do_not_dilute_the_fine_pairs(tree_data):
         ({"hierarchy": [2, 2, -1], "ancestor_similarity": 1.5}, np.arange(40) % 3, ValueError,
          "ancestor_similarity"),
         ({"hierarchy": "tree"}, np.arange(40) % 3, ValueError, "hierarchy"),
+        ({"hierarchy": [2, 2, -1], "ancestor_weight": -0.1}, np.arange(40) % 3, ValueError,
+         "ancestor_weight"),
     ],
 )
 def test_dqn_bad_tree_input(params, y, error, match):
@@ -521,3 +523,87 @@ def test_hierarchy_survives_clone_pickle_and_saved_indices(tree_data, tmp_path):
     # the loaded parameters refit to the same model
     refit = clone(loaded.quantizer).fit(X, y)
     np.testing.assert_array_equal(refit.transform(X), search.quantizer_.transform(X))
+
+
+def test_row_ancestors_of_a_three_level_tree():
+    from sklearn_hash._dqn import _row_ancestors
+
+    # labels: leaves 5 (dog), 7 (crow), 8 (saw); inner 2 (mammal), 0 (animal); unlabelled
+    y = np.array([5, 7, 8, 2, 0, -1, 6])
+    labelled, classes, nodes, _ = _encode_tree_labels(y, len(y), TREE3, 0.0)
+    out = _row_ancestors(TREE3, classes, nodes, labelled)
+    # depth 1: animal (0) -> 0, thing (1) -> 1; depth 2: mammal (2) -> 0, bird (3) -> 1,
+    # machine (4) -> 2; the row labelled "animal" has no ancestor at depth 2
+    np.testing.assert_array_equal(out, [[0, 0], [0, 1], [1, 2], [0, 0], [0, -1], [-1, -1],
+                                        [0, 0]])
+    # a flat tree has no level above the leaves
+    flat = np.full(3, -1)
+    labelled, classes, nodes, _ = _encode_tree_labels(np.array([0, 1, 2]), 3, flat, 0.0)
+    assert _row_ancestors(flat, classes, nodes, labelled).shape == (3, 0)
+
+
+def test_ancestor_loss_matches_a_numpy_oracle():
+    from sklearn_hash._dqn_torch import DQNLoss
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(6, 4))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    hierarchy = make_hierarchy({0: 3, 1: 3, 2: 4})
+    y = np.array([0, 1, -1, 3, 2, 0])
+    labelled, _, nodes, targets = _encode_tree_labels(y, 6, hierarchy, 0.1)
+    ancestors = np.array([[0], [0], [-1], [0], [1], [0]])
+    centroids = rng.normal(size=(2, 4))
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    loss = DQNLoss(np.zeros((6, 1)), labelled, 0.0, pair_targets=targets, row_nodes=nodes,
+                   row_ancestors=ancestors, ancestor_weight=0.3, ancestor_scale=7.0)
+    z_t = torch.tensor(z, dtype=torch.float32)
+    pairwise = float(loss(z_t, torch.arange(6)))  # no centroids yet: the pairwise term alone
+    loss.set_ancestor_centroids([centroids], "cpu")
+    value = float(loss(z_t, torch.arange(6)))
+    keep = np.flatnonzero(ancestors[:, 0] >= 0)
+    logits = 7.0 * z[keep] @ centroids.T
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    cross_entropy = -log_p[np.arange(len(keep)), ancestors[keep, 0]].mean()
+    assert value == pytest.approx(pairwise + 0.3 * cross_entropy, rel=1e-5)
+    # rows of the batch only: the term follows the index
+    sub = float(loss(z_t[[4, 5]], torch.tensor([4, 5])))
+    log_p_sub = log_p[[3, 4], [1, 0]]
+    assert sub == pytest.approx(0.3 * -log_p_sub.mean() + (targets[nodes[4], nodes[5]]
+                                                            - z[4] @ z[5]) ** 2, rel=1e-5)
+
+
+def test_ancestor_term_separates_the_categories(tree_data):
+    X, y, _, hierarchy = tree_data
+    # a few fine labels: the pairwise term sees few pairs of sibling classes
+    y_partial = np.where(np.arange(len(y)) % 20 == 1, y, -1)
+    params = {"n_bits": 16, "embedding_dim": 16, "max_epochs": 15, "hierarchy": hierarchy}
+    without = small_dqn(ancestor_weight=0.0, **params).fit(X, y_partial)
+    with_term = small_dqn(ancestor_weight=2.0, **params).fit(X, y_partial)
+    assert "ancestor_loss" not in without.history_[-1]
+    losses = [epoch["ancestor_loss"] for epoch in with_term.history_]
+    assert losses[-1] < 0.5 * losses[0]
+
+    def category_cross_entropy(Z, rows):
+        # the term's loss, scale 10, with the categories' centroids over the labelled rows
+        labelled, category = y_partial >= 0, y // 2
+        centroids = np.stack([Z[labelled & (category == c)].mean(axis=0) for c in range(3)])
+        centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+        logits = 10.0 * Z[rows] @ centroids.T
+        log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return -log_p[np.arange(rows.sum()), category[rows]].mean()
+
+    for rows, factor in [(y_partial >= 0, 0.6), (np.ones(len(y), dtype=bool), 0.85)]:
+        # lower on the labelled rows, and on all rows: the categories generalise
+        assert (category_cross_entropy(with_term.embed(X), rows)
+                < factor * category_cross_entropy(without.embed(X), rows))
+    # the centroids and rows are not kept after fit
+    assert with_term.net_.criterion_.ancestor_centroids == []
+    assert dict(with_term.net_.callbacks_)["ancestors"].X is None
+
+
+def test_ancestor_weight_is_unused_without_a_hierarchy(tree_data):
+    X, y, _, _ = tree_data
+    a = small_dqn(ancestor_weight=0.0).fit(X, y)
+    b = small_dqn(ancestor_weight=3.0).fit(X, y)
+    np.testing.assert_array_equal(a.embed(X), b.embed(X))
+    assert "ancestor_loss" not in b.history_[-1]
