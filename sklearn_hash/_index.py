@@ -449,14 +449,26 @@ class IndexMixin:
         return step
 
     def _refine(self, X, candidates, n_neighbors):
-        """Re-rank candidates by L2 distance to the stored rows, ties by index."""
+        """Re-rank candidates by L2 distance to the stored rows, ties by index.
+
+        ``X=None``: the items query with their stored rows, decoded (with
+        ``"sq8"`` rows, decoded vectors against decoded vectors), a chunk of
+        items at a time.
+        """
         step = self._rerank_step()
         n_threads = effective_n_threads(getattr(self, "n_jobs", None))
-        if X is None:  # the items query with their own (stored) vectors
-            X = step.decode(self._vectors.to_array())
-        queries = np.ascontiguousarray(X, dtype=np.float64)
-        return step.rerank(queries, np.ascontiguousarray(candidates), self._vectors,
-                           n_neighbors, n_threads)
+        candidates = np.ascontiguousarray(candidates)
+        if X is not None:
+            return step.rerank(np.ascontiguousarray(X, dtype=np.float64), candidates,
+                               self._vectors, n_neighbors, n_threads)
+        parts = []
+        for start in range(0, len(candidates), ENCODE_CHUNK):
+            stop = min(start + ENCODE_CHUNK, len(candidates))
+            queries = step.decode(self._vectors.slice(start, stop))
+            parts.append(step.rerank(np.ascontiguousarray(queries, dtype=np.float64),
+                                     candidates[start:stop], self._vectors, n_neighbors,
+                                     n_threads))
+        return tuple(np.concatenate(p) for p in zip(*parts))
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity", *, allowed=None,
                          **search_params):

@@ -139,23 +139,27 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         for the multi-index), as faiss. The residual quantizer subsamples on its
         own (``ProductQuantizer.max_train_samples``).
     refine_factor : int, default=None
-        Exact re-ranking, as in :class:`QuantizedNeighbors`: with an int r
-        the index keeps the original vectors (float32, memory-mapped after
-        :meth:`load`) and re-orders the ``r * n_neighbors`` best candidates
-        of the probed cells by exact L2 distance. Per call:
-        ``kneighbors(..., refine_factor=...)``.
+        Re-ranking, as in :class:`QuantizedNeighbors`: with an int r the
+        index keeps the vectors (as ``refine_storage`` says; memory-mapped
+        after :meth:`load`) and re-orders the ``r * n_neighbors`` best
+        candidates of the probed cells by their L2 distance to them (exact
+        with float32 rows). Per call: ``kneighbors(..., refine_factor=...)``.
     refine_storage : {"float32", "sq8"}, default="float32"
         How the re-ranking vectors are kept (with ``refine_factor``).
         ``"float32"``: as they are (4 bytes per feature), distances exact.
-        ``"sq8"``: 8 bits per feature of each vector's residual to its cell
-        centroid (with ``coarse="flat"``; of the vector itself with the
-        multi-index), plus the cell's int32 id: ``n_features + 4`` bytes,
-        a quarter of the memory; the steps span the training residuals'
-        0.01%-99.99% quantiles per feature (``refine_offset_``,
-        ``refine_scale_``), and the distances returned are those to the
-        decoded vectors. At 1M x 128 (``benchmarks/bench_frontier.py``)
-        it costs about 0.01 of recall@10 against float32 at the same
-        ``n_probe`` and ``refine_factor``.
+        ``"sq8"``: a byte per feature, a quarter of the memory; with
+        ``coarse="flat"``, of each vector's residual to its cell centroid,
+        followed by the cell's int32 id (``n_features + 4`` bytes); with
+        the multi-index, of the vector itself (``n_features`` bytes). Each
+        feature's 255 steps span the 0.01%-99.99% quantiles of the coarse
+        quantizer's training rows (residuals, or vectors with the
+        multi-index): ``refine_offset_``, ``refine_scale_``; values beyond
+        are clipped, rows added later included. The distances returned
+        are those to the decoded vectors; the items querying themselves
+        (``X=None``) use their decoded vectors too. On
+        ``benchmarks/bench_frontier.py``'s 1M x 128 it costs about 0.01 of
+        recall@10 against float32 at the same ``n_probe`` and
+        ``refine_factor``.
     random_state : int, RandomState instance or None, default=None
         Seeds the subsample and the coarse k-means initialisation.
     verbose : int, default=0

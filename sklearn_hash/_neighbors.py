@@ -94,22 +94,25 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         log2(n_samples_fit)`` as the paper suggests (no substring longer
         than 24 bits).
     refine_factor : int, default=None
-        Exact re-ranking. ``None``: results come from the codes alone. An
-        int r: the index also keeps the original vectors (float32;
-        memory-mapped after :meth:`load`, so RAM holds only the codes), a
-        search takes ``r * n_neighbors`` candidates from the codes and
-        re-orders them by exact L2 distance to the stored vectors; the
-        distances returned are then exact L2 distances (float64), ties by
-        index. ``kneighbors(..., refine_factor=...)`` changes r for one call
-        (the vectors must have been kept from ``fit`` on).
+        Re-ranking. ``None``: results come from the codes alone. An int r:
+        the index also keeps the vectors (as ``refine_storage`` says;
+        memory-mapped after :meth:`load`), a search takes ``r *
+        n_neighbors`` candidates from the codes and re-orders them by L2
+        distance to the stored vectors; with float32 rows the distances
+        returned are then exact L2 distances (float64), ties by index.
+        ``kneighbors(..., refine_factor=...)`` changes r for one call (the
+        vectors must have been kept from ``fit`` on).
     refine_storage : {"float32", "sq8"}, default="float32"
         How the re-ranking vectors are kept (with ``refine_factor``).
-        ``"float32"``: as they are, distances exact. ``"sq8"``: 8 bits per
-        feature (a quarter of the memory), each feature's steps spanning
-        its 0.01%-99.99% quantiles in the training data (``refine_offset_``,
-        ``refine_scale_``); the distances returned are those to the decoded
-        vectors. :class:`IVFQuantizedNeighbors` quantizes the residuals to
-        the cells' centroids instead, which is more accurate.
+        ``"float32"``: as they are, distances exact. ``"sq8"``: a byte per
+        feature (a quarter of the memory), each feature's 255 steps
+        spanning its 0.01%-99.99% quantiles in the data given to ``fit``
+        (``refine_offset_``, ``refine_scale_``; values beyond are clipped,
+        rows added later included); the distances returned are those to
+        the decoded vectors, and the items querying themselves (``X=None``)
+        use their decoded vectors. :class:`IVFQuantizedNeighbors` quantizes
+        the residuals to the cells' centroids instead, which is more
+        accurate.
     n_jobs : int, default=None
         OpenMP threads of the search kernel. ``None`` uses the OpenMP default
         (all cores, or ``OMP_NUM_THREADS``); ``-1`` all cores, ``-2`` all but

@@ -261,7 +261,8 @@ def load_index(cls, path, mmap_mode):
     searcher._labels = None if labels is None else ChunkedRows(labels["row_shape"],
                                                                labels["dtype"])
     searcher._live, searcher._n_removed, searcher._fit_y_cache = None, 0, None
-    keeps_vectors = searcher._kept_rows() is not None
+    searcher.refine_storage_ = searcher._kept_rows()  # also for indexes saved before it
+    keeps_vectors = searcher.refine_storage_ is not None
     if keeps_vectors:
         searcher._rerank_cache = None
         row_shape, row_dtype = searcher._rerank_step().layout

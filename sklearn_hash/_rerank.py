@@ -10,8 +10,8 @@ business, chosen by the searcher's ``refine_storage``:
   feature; the distances returned are exact.
 - :class:`SQ8Rows` (``"sq8"``): 8 bits per feature, a uniform scalar
   quantizer per feature whose range is learned at ``fit`` (the 0.01% and
-  99.99% quantiles of the training rows, beyond which values are clipped),
-  a quarter of the memory. Where the index has cells (an IVF with a flat
+  99.99% quantiles of the training rows, beyond which values are clipped,
+  rows added later included), a quarter of the memory. Where the index has cells (an IVF with a flat
   coarse quantizer) the row quantizes the residual to the item's cell
   centroid, whose int32 id follows the bytes (the residual's range is far
   narrower than the vector's, so its steps are finer); the distances
@@ -85,12 +85,23 @@ class SQ8Rows:
 
     @staticmethod
     def fit(R):
-        """``(offset, scale)`` spanning each feature's central 99.98% of the rows R."""
+        """``(offset, scale)`` spanning each feature's central 99.98% of the rows R.
+
+        A feature constant in R (no range to learn) gets the median step of
+        the others, centred so that the constant decodes exactly (byte 128):
+        rows added later that vary there are still coded, at a typical step.
+        """
         R = np.asarray(R)
         if R.shape[0] > SQ8_MAX_TRAIN:
             R = R[:: -(-R.shape[0] // SQ8_MAX_TRAIN)]
         low, high = np.quantile(R, [SQ8_QUANTILE, 1 - SQ8_QUANTILE], axis=0)
-        return low.astype(np.float64), ((high - low) / 255).astype(np.float64)
+        low, scale = low.astype(np.float64), ((high - low) / 255).astype(np.float64)
+        flat = scale == 0
+        if flat.any():
+            step = np.median(scale[~flat]) if (~flat).any() else 1.0
+            scale[flat] = step
+            low[flat] -= 128 * step
+        return low, scale
 
     @property
     def layout(self):
@@ -103,7 +114,7 @@ class SQ8Rows:
             if cells is None:
                 raise ValueError("these rows quantize residuals: the rows' cells are needed.")
             R = R - self.centroids[cells]
-        # A feature constant in the training rows (scale 0) keeps byte 0.
+        # (fit gives no feature a zero step; one set by hand keeps byte 0)
         steps = np.divide(R - self.offset, self.scale, out=np.zeros_like(R),
                           where=self.scale > 0)
         codes = np.clip(np.rint(steps), 0, 255).astype(np.uint8)
@@ -119,6 +130,10 @@ class SQ8Rows:
         out = self.scale * rows[:, :n_features] + self.offset
         if self.with_cells:
             cells = np.ascontiguousarray(rows[:, n_features:]).view(np.int32).ravel()
+            if cells.size and (cells.min() < 0 or cells.max() >= len(self.centroids)):
+                raise ValueError(f"a stored row names a cell outside [0, "
+                                 f"{len(self.centroids)}): the rows are not those of this "
+                                 f"index.")
             out += self.centroids[cells]
         return out
 

@@ -278,6 +278,9 @@ def load_array(file, expected_shape, expected_dtype, mmap_mode):
     if list(array.shape) != list(expected_shape) or array.dtype.str != expected_dtype:
         raise ValueError(f"{file} has shape {array.shape} and dtype {array.dtype.str}; the "
                          f"manifest expects {tuple(expected_shape)} and {expected_dtype}.")
+    if array.ndim > 1 and not array.flags.c_contiguous:
+        raise ValueError(f"{file} holds a Fortran-ordered array; the index writes and reads "
+                         f"C order only (the directory was not written by save).")
     return array
 
 
@@ -302,11 +305,12 @@ def _advise(array, names):
 def expect_random_reads(array):
     """Tell the system a memory-mapped array is read at random places.
 
-    A page fault then maps that page alone instead of reading around it
-    (Linux reads ahead up to megabytes by default): a search that reads a
-    few rows of re-ranking vectors, ids or codes keeps only their pages
-    resident. A no-op for in-memory arrays and where ``madvise`` is
-    unavailable.
+    A page fault from a cold cache then reads that page alone instead of
+    reading around it (Linux reads ahead up to megabytes by default): a
+    search reads a few rows of re-ranking vectors per query. The price: a
+    bulk read of the whole array from a cold cache (saving the index to
+    another directory, ``compact``) also goes a page at a time. A no-op for
+    in-memory arrays and where ``madvise`` is unavailable.
     """
     _advise(array, ["MADV_RANDOM"])
 
@@ -315,15 +319,15 @@ def release_pages(array):
     """Let the system drop the resident pages of a memory-mapped array (read back on use).
 
     For arrays read whole once (validated, or packed into another layout)
-    and then rarely, at random places: the process's resident memory stops
-    counting them, and later reads map single pages. Read-only maps only
-    (dropping a copy-on-write page would lose its changes); a no-op for
-    in-memory arrays and where ``madvise`` is unavailable.
+    and then rarely: the process's resident memory stops counting them.
+    Read-only maps only (dropping a copy-on-write page would lose its
+    changes); a no-op for in-memory arrays and where ``madvise`` is
+    unavailable.
     """
     while array is not None and getattr(array, "_mmap", None) is None:
         array = getattr(array, "base", None)
     if array is not None and getattr(array, "mode", None) == "r":
-        _advise(array, ["MADV_DONTNEED", "MADV_RANDOM"])
+        _advise(array, ["MADV_DONTNEED"])
 
 
 def array_entry(array):

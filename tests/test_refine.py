@@ -214,7 +214,8 @@ def test_sq8_rows_encode_and_decode():
     rng = np.random.default_rng(0)
     R = rng.normal(size=(5000, 3)) * [1.0, 10.0, 0.0]  # the last feature constant
     offset, scale = SQ8Rows.fit(R)
-    assert scale[2] == 0 and offset[2] == 0
+    # The constant feature: the others' median step, the constant at byte 128.
+    assert scale[2] == np.median(scale[:2]) and offset[2] == -128 * scale[2]
     np.testing.assert_allclose(offset[:2], np.quantile(R[:, :2], 1e-4, axis=0))
     np.testing.assert_allclose(offset[:2] + 255 * scale[:2], np.quantile(R[:, :2], 1 - 1e-4, axis=0))
     step = SQ8Rows(offset, scale)
@@ -225,6 +226,11 @@ def test_sq8_rows_encode_and_decode():
     clipped = np.clip(R, offset, offset + 255 * scale)
     assert np.all(np.abs(back - clipped) <= scale / 2 + 1e-12)
     assert np.all(back[:, 2] == 0)
+    # Rows added later that vary on the constant feature are still coded there.
+    later = np.zeros((50, 3))
+    later[:, 2] = np.linspace(-100, 100, 50) * scale[2]
+    np.testing.assert_allclose(step.decode(step.encode(later))[:, 2], later[:, 2],
+                               atol=scale[2] / 2 + 1e-12)
     # With cells: the residual to the cell's centroid, then the cell id as int32.
     C = np.array([[0.0, 0.0, 0.0], [100.0, -50.0, 0.0]])
     cells = np.arange(5000) % 2
@@ -330,3 +336,23 @@ def test_rows_kept_are_fitted_state_not_the_parameters(storage, data, tmp_path):
         np.testing.assert_array_equal(copy.kneighbors(X_q)[1], codes_only[1])
     plain = clone(SEARCHERS[2]).set_params(refine_factor=None).fit(X_db)
     assert plain.refine_storage_ is None
+
+
+def test_damaged_rows_are_refused(data, tmp_path):
+    """A Fortran-ordered array in a segment, and a row naming a cell outside the index."""
+    X_db, _, X_q, _ = data
+    fitted = clone(SQ8_SEARCHERS[2]).fit(X_db)
+    path = fitted.save(tmp_path / "index")
+    (vectors,) = path.glob("seg-*/vectors.npy")
+    rows = np.load(vectors)
+    np.save(vectors, np.asfortranarray(rows))
+    with pytest.raises(ValueError, match="Fortran-ordered"):
+        type(fitted).load(path)
+    bad = rows.copy()
+    bad[3, -4:] = np.array([fitted.n_lists], dtype=np.int32).view(np.uint8)
+    np.save(vectors, bad)
+    loaded = type(fitted).load(path)
+    with pytest.raises(ValueError, match="names a cell outside"):
+        loaded.kneighbors(n_neighbors=2)  # the items decode their own rows
+    with pytest.raises(ValueError, match="names a cell outside"):
+        loaded.kneighbors(X_q, n_probe=loaded.n_lists, refine_factor=len(X_db) // 5)
