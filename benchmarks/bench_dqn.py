@@ -22,11 +22,16 @@ the squared distance of the bottleneck to its PQ reconstruction)::
     # the same over quantization_start too (when the term starts), on fresh seeds
     python benchmarks/bench_dqn.py --validation --starts 0.5 0.25 --weights 0 0.3 0.4 \
         --first-seed 2 --jobs 2
+    # the same over codebook_momentum (codebooks following the embeddings
+    # within an epoch), seeds 5-6
+    python benchmarks/bench_dqn.py --validation --momenta none 0.7 0.5 \
+        --weights 0.4 0.5 0.6 --first-seed 5
     # the ablation reported: weight 0 / the default / 4x the default, on the protocol
     python benchmarks/bench_dqn.py --ablation --jobs 2
 
 The validation rule, stated before the runs: among the settings (weight >
-0, and ``quantization_start`` when several are given) whose quantization
+0, and ``quantization_start`` and ``codebook_momentum`` when several are
+given) whose quantization
 error is at least 30% lower than weight 0's (at the same start) at every code
 length, the one with the highest mean over code lengths of its paired mAP@100
 difference to weight 0 (same start, split, seed and labelled rows); a setting
@@ -87,61 +92,79 @@ def validation_split(path, query_fold):
     return Xn[db].astype(np.float32), y[db], Xn[q].astype(np.float32), y[q], name
 
 
-def fit_and_score(X_db, y_db, X_q, y_q, weight, b, seed, R, hidden, start=None):
+def fit_and_score(X_db, y_db, X_q, y_q, weight, b, seed, R, hidden, start=None,
+                  momentum="default"):
     """(mAP@R, quantization error) of DQN with 10% labels drawn by ``seed``."""
     if N_JOBS > 1:
         torch.set_num_threads(1)
     y_partial = partial_labels(y_db, 0.1, random_state=seed)
     params = {} if start is None else {"quantization_start": start}
+    if momentum != "default":
+        params["codebook_momentum"] = momentum
+    if weight == 0:
+        # the model without the term: codebooks fixed within an epoch (the
+        # codewords' moves would otherwise carry into the refits' warm starts)
+        params["codebook_momentum"] = None
     dqn = DeepQuantizationNetwork(
         b, hidden_layer_sizes=hidden, quantization_weight=weight, random_state=seed, **params
     ).fit(X_db, y_partial)
     return score(FrozenEstimator(dqn), X_db, y_db, X_q, y_q, R), quantization_error(dqn, X_db)
 
 
-def validation(path, weights, bits, seeds, R, hidden, starts, first_seed=0):
-    """The (start, weight) study on folds 2-5, each in turn the query fold; the rule's choice.
+def validation(path, weights, bits, seeds, R, hidden, starts, first_seed=0, momenta=("default",)):
+    """The (start, momentum, weight) study on folds 2-5, each in turn the query fold; the rule's choice.
 
     Every weight is paired with weight 0 at the same ``quantization_start``
-    (same split, seed and labelled rows).
+    (same split, seed and labelled rows); ``codebook_momentum`` has no effect
+    at weight 0, which is fitted once per start.
     """
     if 0.0 not in weights:
         weights = [0.0] + list(weights)
     seed_list = range(first_seed, first_seed + seeds)
     splits = {q: validation_split(path, q)[:4] for q in VALIDATION_FOLDS}
-    keys = [(start, weight, b, q, s) for start in starts for weight in weights for b in bits
-            for q in VALIDATION_FOLDS for s in seed_list]
+    settings = [(start, momentum, weight) for start in starts for momentum in momenta
+                for weight in weights if weight > 0 or momentum == momenta[0]]
+    keys = [(start, momentum, weight, b, q, s) for start, momentum, weight in settings
+            for b in bits for q in VALIDATION_FOLDS for s in seed_list]
     results = Parallel(n_jobs=N_JOBS, verbose=5)(
-        delayed(fit_and_score)(*splits[q], weight, b, s, R, hidden, start)
-        for start, weight, b, q, s in keys)
-    runs = {}  # (start, weight, bits) -> list of (mAP, error), one per (query fold, seed)
-    for (start, weight, b, _, _), result in zip(keys, results):
-        runs.setdefault((start, weight, b), []).append(result)
+        delayed(fit_and_score)(*splits[q], weight, b, s, R, hidden, start, momentum)
+        for start, momentum, weight, b, q, s in keys)
+    runs = {}  # (start, momentum, weight, bits) -> list of (mAP, error), one per (fold, seed)
+    for (start, momentum, weight, b, _, _), result in zip(keys, results):
+        runs.setdefault((start, momentum, weight, b), []).append(result)
     n = len(VALIDATION_FOLDS) * seeds
     print(f"\nValidation on {Path(path).name}, folds 2-5 (each the query fold in turn, the "
           f"other three the database), 10% labels, seeds {seed_list.start}-"
           f"{seed_list.stop - 1}: means over {n} runs; differences to weight 0 (same "
           f"quantization_start) paired by split and seed (+- standard error)")
-    print("| quantization_start | quantization_weight | " + " | ".join(
-        f"mAP@{R} {b} bits | vs 0 | quant. error {b} bits | vs 0" for b in bits) + " |")
-    print("|---" * (4 * len(bits) + 2) + "|")
+    show_momentum = momenta != ("default",)
+    print("| quantization_start | " + ("codebook_momentum | " if show_momentum else "")
+          + "quantization_weight | " + " | ".join(
+              f"mAP@{R} {b} bits | vs 0 | quant. error {b} bits | vs 0" for b in bits) + " |")
+    print("|---" * (4 * len(bits) + 2 + show_momentum) + "|")
     summary = {}
-    for start in starts:
-        for weight in weights:
-            cells, diffs, ratios = [], [], []
-            for b in bits:
-                run, base = np.array(runs[start, weight, b]), np.array(runs[start, 0.0, b])
-                diff = run[:, 0] - base[:, 0]
-                ratio = run[:, 1].mean() / base[:, 1].mean() - 1
-                diffs.append(diff.mean())
-                ratios.append(ratio)
-                se = diff.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
-                cells += [f"{run[:, 0].mean():.3f}", f"{diff.mean():+.4f} +- {se:.4f}",
-                          f"{run[:, 1].mean():.4f}", f"{ratio:+.0%}"]
-            summary[start, weight] = (diffs, ratios)
-            print(f"| {start:g} | {weight:g} | " + " | ".join(cells) + " |")
-    eligible = [k for k in summary if k[1] > 0 and max(summary[k][1]) <= -0.30]
-    name = "quantization_start = {:g}, quantization_weight = {:g}".format
+    for start, momentum, weight in settings:
+        cells, diffs, ratios = [], [], []
+        for b in bits:
+            run = np.array(runs[start, momentum, weight, b])
+            base = np.array(runs[start, momenta[0], 0.0, b])
+            diff = run[:, 0] - base[:, 0]
+            ratio = run[:, 1].mean() / base[:, 1].mean() - 1
+            diffs.append(diff.mean())
+            ratios.append(ratio)
+            se = diff.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
+            cells += [f"{run[:, 0].mean():.3f}", f"{diff.mean():+.4f} +- {se:.4f}",
+                      f"{run[:, 1].mean():.4f}", f"{ratio:+.0%}"]
+        summary[start, momentum, weight] = (diffs, ratios)
+        print(f"| {start:g} | " + (f"{momentum} | " if show_momentum else "")
+              + f"{weight:g} | " + " | ".join(cells) + " |")
+    eligible = [k for k in summary if k[2] > 0 and max(summary[k][1]) <= -0.30]
+
+    def name(start, momentum, weight):
+        return (f"quantization_start = {start:g}, "
+                + (f"codebook_momentum = {momentum}, " if show_momentum else "")
+                + f"quantization_weight = {weight:g}")
+
     if not eligible:
         print("\nRule: no setting lowers the quantization error by 30% at every code length.")
         return
@@ -201,6 +224,9 @@ def main():
     parser.add_argument("--weights", type=float, nargs="+", default=None)
     parser.add_argument("--starts", type=float, nargs="+", default=None,
                         help="--validation: quantization_start values (default: the default)")
+    parser.add_argument("--momenta", nargs="+", default=None,
+                        help="--validation: codebook_momentum values ('none' for None; "
+                             "default: the default)")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="--validation: seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--jobs", type=int, default=1,
@@ -217,8 +243,10 @@ def main():
         for path in args.data[:1] if args.data == parser.get_default("data") else args.data:
             if args.validation:
                 starts = args.starts or [DeepQuantizationNetwork().quantization_start]
+                momenta = ("default",) if args.momenta is None else tuple(
+                    None if m == "none" else float(m) for m in args.momenta)
                 validation(path, weights, bits, args.seeds or 2, args.R, hidden, starts,
-                           args.first_seed)
+                           args.first_seed, momenta)
             else:
                 X_db, y_db, X_q, y_q, name = load_retrieval_split(path, query_fold=1)
                 split = (X_db.astype(np.float32), y_db, X_q.astype(np.float32), y_q, name)

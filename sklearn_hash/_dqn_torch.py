@@ -76,8 +76,10 @@ class DQNLoss(nn.Module):
     """
 
     def __init__(self, label_matrix, labelled, quantization_weight, pair_targets=None,
-                 row_nodes=None, row_ancestors=None, ancestor_weight=0.0, ancestor_scale=10.0):
+                 row_nodes=None, row_ancestors=None, ancestor_weight=0.0, ancestor_scale=10.0,
+                 codebook_momentum=None):
         super().__init__()
+        self.codebook_momentum = codebook_momentum
         self.register_buffer("row_ancestors", torch.as_tensor(
             np.zeros((len(labelled), 0)) if row_ancestors is None else row_ancestors,
             dtype=torch.long))
@@ -120,6 +122,26 @@ class DQNLoss(nn.Module):
         self.codebooks = torch.as_tensor(np.asarray(centers, dtype=np.float32), device=device)
         self.bounds = [int(b) for b in bounds]
 
+    def follow(self, z):
+        """Move each codeword towards the mean of the batch rows nearest to it (no gradient).
+
+        ``c <- momentum * c + (1 - momentum) * mean``, for the codewords that
+        some row of the batch is nearest to; the others stay.
+        """
+        momentum = self.codebook_momentum
+        with torch.no_grad():
+            for m in range(len(self.bounds) - 1):
+                lo, hi = self.bounds[m], self.bounds[m + 1]
+                block, centers = z[:, lo:hi], self.codebooks[m, :, : hi - lo]
+                sq = (centers**2).sum(dim=1)[None, :] - 2.0 * block @ centers.T
+                nearest = sq.argmin(dim=1)
+                counts = torch.bincount(nearest, minlength=centers.shape[0]).to(z.dtype)
+                sums = torch.zeros_like(centers).index_add_(0, nearest, block)
+                used = counts > 0
+                means = sums[used] / counts[used][:, None]
+                self.codebooks[m, used, : hi - lo] = (momentum * centers[used]
+                                                      + (1.0 - momentum) * means)
+
     def reconstruct(self, z):
         """Each row's nearest codeword in every block (no gradient)."""
         with torch.no_grad():
@@ -151,6 +173,8 @@ class DQNLoss(nn.Module):
                 loss = loss + self.ancestor_weight * ancestor
                 self.running["ancestor"] += float(ancestor.detach())
         if self.codebooks.numel():
+            if self.codebook_momentum is not None and self.training:
+                self.follow(z.detach())
             quantization = ((z - self.reconstruct(z)) ** 2).sum(dim=1).mean()
             loss = loss + self.quantization_weight * quantization
             self.running["quantization"] += float(quantization.detach())

@@ -85,6 +85,8 @@ def test_y_is_required():
         (dict(subspace_bits=8), "at least 2\\*\\*subspace_bits = 256"),
         (dict(hidden_layer_sizes=(4, 0)), "hidden_layer_sizes must be"),
         (dict(quantization_start=1.0), "quantization_start"),
+        (dict(codebook_momentum=1.0), "codebook_momentum"),
+        (dict(codebook_momentum=-0.1), "codebook_momentum"),
         (dict(device="cuda:0" if not torch.cuda.is_available() else "bogus"), "device="),
     ],
 )
@@ -330,3 +332,54 @@ def test_quantization_weight_controls_the_quantization_error(digits):
     }
     # measured: 0.313, 0.269, 0.165 (the weight ramps up over the last 8 epochs)
     assert errors[0.0] > 1.1 * errors[0.5] and errors[0.5] > 1.2 * errors[5.0], errors
+
+
+def test_codebooks_follow_the_batch_with_a_momentum():
+    from sklearn_hash._dqn_torch import DQNLoss
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(8, 4))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    centers = rng.normal(size=(2, 3, 2))
+    matrix, labelled = np.zeros((8, 1), np.float32), np.zeros(8, bool)  # the term alone
+    loss = DQNLoss(matrix, labelled, quantization_weight=1.0, codebook_momentum=0.7)
+    loss.set_codebooks(centers, [0, 2, 4], "cpu")
+    zt = torch.tensor(z, dtype=torch.float32)
+    loss.train()
+    value = float(loss(zt, torch.arange(8)))
+    expected = centers.copy()
+    for m in range(2):
+        block = z[:, 2 * m:2 * m + 2]
+        nearest = np.argmin(((block[:, None] - centers[m][None]) ** 2).sum(-1), axis=1)
+        for k in np.unique(nearest):
+            expected[m, k] = 0.7 * centers[m, k] + 0.3 * block[nearest == k].mean(axis=0)
+    assert not np.allclose(expected, centers)  # some codeword moved
+    np.testing.assert_allclose(loss.codebooks.numpy(), expected, rtol=1e-5, atol=1e-6)
+    # the term uses the moved codewords
+    recon = np.hstack([expected[m][np.argmin(((z[:, None, 2 * m:2 * m + 2] - expected[m][None])
+                                              ** 2).sum(-1), 1)] for m in range(2)])
+    assert value == pytest.approx(np.mean(((z - recon) ** 2).sum(axis=1)), rel=1e-5)
+    # not in eval mode, nor without a momentum
+    before = loss.codebooks.clone()
+    loss.eval()
+    loss(zt, torch.arange(8))
+    np.testing.assert_array_equal(loss.codebooks.numpy(), before.numpy())
+    still = DQNLoss(matrix, labelled, quantization_weight=1.0)
+    still.set_codebooks(centers, [0, 2, 4], "cpu")
+    still.train()
+    still(zt, torch.arange(8))
+    np.testing.assert_array_equal(still.codebooks.numpy(), centers.astype(np.float32))
+
+
+def test_codebook_momentum_reaches_the_network_through_the_term_only(digits):
+    X_db, _, y_partial, _, _ = digits
+    off = small_dqn(quantization_weight=0.0, codebook_momentum=None).fit(X_db, y_partial)
+    off_moving = small_dqn(quantization_weight=0.0, codebook_momentum=0.5).fit(X_db, y_partial)
+    # the network never sees the codebooks at weight 0 (the codes may differ: the
+    # moved codewords warm-start the refits)
+    np.testing.assert_array_equal(off.embed(X_db), off_moving.embed(X_db))
+    on = small_dqn(quantization_weight=1.0, codebook_momentum=None).fit(X_db, y_partial)
+    on_moving = small_dqn(quantization_weight=1.0, codebook_momentum=0.5).fit(X_db, y_partial)
+    assert not np.allclose(on.embed(X_db), on_moving.embed(X_db))
+    again = small_dqn(quantization_weight=1.0, codebook_momentum=0.5).fit(X_db, y_partial)
+    np.testing.assert_array_equal(again.embed(X_db), on_moving.embed(X_db))
