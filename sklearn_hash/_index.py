@@ -434,8 +434,11 @@ class IndexMixin:
         """How the fitted index keeps re-ranking rows: None (none), "float32" or "sq8"."""
         if hasattr(self, "refine_storage_"):
             return self.refine_storage_
-        # An index saved before refine_storage_ existed: float32 vectors iff refine_factor.
-        return None if self.refine_factor is None else "float32"
+        # An index saved before refine_storage_ existed: rows iff refine_factor, 8-bit iff
+        # their ranges were learned.
+        if self.refine_factor is None:
+            return None
+        return "sq8" if hasattr(self, "refine_scale_") else "float32"
 
     def _rerank_step(self):
         """The re-ranking step of the fitted index (built once per fit/load)."""

@@ -356,3 +356,15 @@ def test_damaged_rows_are_refused(data, tmp_path):
         loaded.kneighbors(n_neighbors=2)  # the items decode their own rows
     with pytest.raises(ValueError, match="names a cell outside"):
         loaded.kneighbors(X_q, n_probe=loaded.n_lists, refine_factor=len(X_db) // 5)
+
+
+@pytest.mark.parametrize("storage", ["float32", "sq8"])
+def test_indexes_saved_before_refine_storage_existed_load(storage, data, tmp_path):
+    """Without a saved refine_storage_, the rows kept follow from the fitted state."""
+    X_db, _, X_q, _ = data
+    fitted = clone(SEARCHERS[2]).set_params(refine_storage=storage).fit(X_db)
+    expected = fitted.kneighbors(X_q)
+    del fitted.refine_storage_  # as an index written before the attribute existed
+    loaded = type(fitted).load(fitted.save(tmp_path / "index"))
+    assert loaded.refine_storage_ == storage
+    np.testing.assert_array_equal(loaded.kneighbors(X_q)[1], expected[1])
