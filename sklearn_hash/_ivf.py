@@ -343,7 +343,6 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         n_samples, n_features = X.shape
         quantizer = self.quantizer if self.quantizer is not None else ProductQuantizer()
         rng = check_random_state(self.random_state)
-        self._packed_cache = {}  # codewords packed for queries: of the model being fitted
         if self.coarse == "flat":
             n_centroids = self.n_lists
             if n_centroids > n_samples:

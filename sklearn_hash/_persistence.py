@@ -264,7 +264,6 @@ def load_index(cls, path, mmap_mode):
     searcher.refine_storage_ = searcher._kept_rows()  # also for indexes saved before it
     keeps_vectors = searcher.refine_storage_ is not None
     if keeps_vectors:
-        searcher._rerank_cache = None
         row_shape, row_dtype = searcher._rerank_step().layout
     label_chunks, vector_chunks, expected_start = [], [], 0
     for segment in manifest["segments"]:

@@ -38,8 +38,6 @@ SQ8_MAX_TRAIN = 262_144
 class FloatRows:
     """The vectors as float32: exact re-ranking."""
 
-    name = "float32"
-
     def __init__(self, n_features):
         self.n_features = n_features
 
@@ -73,8 +71,6 @@ class SQ8Rows:
         The cells' centroids when rows quantize residuals (and carry their
         cell), ``None`` when they quantize the vectors.
     """
-
-    name = "sq8"
 
     def __init__(self, offset, scale, centroids=None):
         self.offset = np.ascontiguousarray(offset, dtype=np.float64)

@@ -284,22 +284,24 @@ def load_array(file, expected_shape, expected_dtype, mmap_mode):
     return array
 
 
-def _advise(array, names):
-    """Apply the ``madvise`` advice ``names`` (in order) to the map holding array, if any."""
-    import mmap
-
+def _map_of(array):
+    """The ``np.memmap`` holding array (itself, or the map it views), or None."""
     while array is not None and getattr(array, "_mmap", None) is None:
         array = getattr(array, "base", None)  # a view of a map, e.g. np.asarray(memmap)
-    if array is None:
+    return array
+
+
+def _advise(mapped, name):
+    """Apply the ``madvise`` advice ``name`` to a memory map, where the system has it."""
+    import mmap
+
+    advice = getattr(mmap, name, None)
+    if mapped is None or advice is None:
         return
-    for name in names:
-        advice = getattr(mmap, name, None)
-        if advice is None:  # not on this system
-            continue
-        try:
-            array._mmap.madvise(advice)
-        except (OSError, ValueError):  # e.g. a closed map
-            return
+    try:
+        mapped._mmap.madvise(advice)
+    except (OSError, ValueError):  # e.g. a closed map
+        pass
 
 
 def expect_random_reads(array):
@@ -312,7 +314,7 @@ def expect_random_reads(array):
     another directory, ``compact``) also goes a page at a time. A no-op for
     in-memory arrays and where ``madvise`` is unavailable.
     """
-    _advise(array, ["MADV_RANDOM"])
+    _advise(_map_of(array), "MADV_RANDOM")
 
 
 def release_pages(array):
@@ -324,10 +326,9 @@ def release_pages(array):
     changes); a no-op for in-memory arrays and where ``madvise`` is
     unavailable.
     """
-    while array is not None and getattr(array, "_mmap", None) is None:
-        array = getattr(array, "base", None)
-    if array is not None and getattr(array, "mode", None) == "r":
-        _advise(array, ["MADV_DONTNEED"])
+    mapped = _map_of(array)
+    if mapped is not None and getattr(mapped, "mode", None) == "r":
+        _advise(mapped, "MADV_DONTNEED")
 
 
 def array_entry(array):
