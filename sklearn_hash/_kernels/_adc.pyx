@@ -231,6 +231,7 @@ def adc_kneighbors(
     cdef int64_t j
     cdef float d, threshold
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed
     cdef Py_ssize_t* sizes
     cdef int32_t* found_pos
@@ -242,10 +243,12 @@ def adc_kneighbors(
         sizes = <Py_ssize_t*> malloc(query_block * sizeof(Py_ssize_t))
         found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
         found_dist = <float*> malloc(db_block * sizeof(float))
-        if sizes == NULL or found_pos == NULL or found_dist == NULL:
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (sizes == NULL or found_pos == NULL or found_dist == NULL)
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for b in prange(n_query_blocks, schedule="static"):
+        for b in prange(n_query_blocks, schedule="static"):
+            if ok:
                 q0 = b * query_block
                 q1 = min(q0 + query_block, n_queries)
                 for q in range(q1 - q0):
@@ -497,6 +500,7 @@ def ivf_adc_kneighbors(
     cdef int64_t j
     cdef float d, threshold, base
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed
     cdef int32_t* found_pos
     cdef float* found_dist
@@ -515,10 +519,12 @@ def ivf_adc_kneighbors(
         found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
         found_dist = <float*> malloc(db_block * sizeof(float))
         table = <float*> malloc(table_size * sizeof(float))
-        if found_pos == NULL or found_dist == NULL or table == NULL:
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (found_pos == NULL or found_dist == NULL or table == NULL)
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for q in prange(n_queries, schedule="dynamic"):
+        for q in prange(n_queries, schedule="dynamic"):
+            if ok:
                 hd = &out_dist[q, 0]
                 hi = &out_idx[q, 0]
                 size = 0
@@ -648,6 +654,7 @@ def adc_radius(
     cdef int64_t[::1] out_idx
     cdef Py_ssize_t q, j, jb, j0, j1, c, n_found, at, p
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed
     cdef int32_t* found_pos
     cdef float* found_dist
@@ -666,10 +673,12 @@ def adc_radius(
         with nogil, parallel(num_threads=n_threads):
             found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
             found_dist = <float*> malloc(db_block * sizeof(float))
-            if found_pos == NULL or found_dist == NULL:
+            # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+            ok = not (found_pos == NULL or found_dist == NULL)
+            if not ok:
                 failed_flag[0] = 1
-            else:
-                for q in prange(n_queries, schedule="static"):
+            for q in prange(n_queries, schedule="static"):
+                if ok:
                     for jb in range(n_db_blocks):
                         j0 = jb * db_block
                         j1 = min(j0 + db_block, n_database)

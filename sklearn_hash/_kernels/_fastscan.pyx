@@ -447,6 +447,7 @@ def fastscan_kneighbors(
     cdef const uint8_t* chunk_blocks
     cdef const float* tq
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed
     cdef float* sd
     cdef float* sample_d
@@ -464,10 +465,12 @@ def fastscan_kneighbors(
         sd = <float*> malloc(k * sizeof(float))
         si = <int64_t*> malloc(k * sizeof(int64_t))
         sample_d = <float*> malloc(n_sample * sizeof(float))
-        if sd == NULL or si == NULL or sample_d == NULL:
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (sd == NULL or si == NULL or sample_d == NULL)
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for q in prange(n_queries, schedule="static"):
+        for q in prange(n_queries, schedule="static"):
+            if ok:
                 own = excl[q] if excl != NULL else -1
                 size = 0
                 tq = tab + q * M * 16
@@ -490,11 +493,13 @@ def fastscan_kneighbors(
         found_q = <uint16_t*> malloc(db_block * sizeof(uint16_t))
         found_pos2 = <int32_t*> malloc(db_block * sizeof(int32_t))
         found_q2 = <uint16_t*> malloc(db_block * sizeof(uint16_t))
-        if (heap_sizes == NULL or found_pos == NULL or found_q == NULL
-                or found_pos2 == NULL or found_q2 == NULL):
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (heap_sizes == NULL or found_pos == NULL or found_q == NULL
+                    or found_pos2 == NULL or found_q2 == NULL)
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for b in prange(n_query_blocks, schedule="static"):
+        for b in prange(n_query_blocks, schedule="static"):
+            if ok:
                 q0 = b * query_block
                 q1 = min(q0 + query_block, n_queries)
                 for q in range(q1 - q0):
@@ -813,6 +818,7 @@ def ivf_fastscan_kneighbors(
     cdef int thr
     cdef bint quantized
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed
     cdef int32_t* found_pos
     cdef uint16_t* found_q
@@ -837,11 +843,13 @@ def ivf_fastscan_kneighbors(
         lut = <uint8_t*> malloc(Mp * 16 * sizeof(uint8_t))
         par = <double*> malloc(4 * sizeof(double))
         row_lo = <float*> malloc(M * sizeof(float))
-        if (found_pos == NULL or found_q == NULL or table == NULL or lut == NULL
-                or par == NULL or row_lo == NULL):
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (found_pos == NULL or found_q == NULL or table == NULL or lut == NULL
+                    or par == NULL or row_lo == NULL)
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for q in prange(n_queries, schedule="dynamic"):
+        for q in prange(n_queries, schedule="dynamic"):
+            if ok:
                 hd = &out_dist[q, 0]
                 hi = &out_idx[q, 0]
                 size = 0

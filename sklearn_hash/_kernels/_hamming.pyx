@@ -214,6 +214,7 @@ def hamming_kneighbors(
     cdef Py_ssize_t b, q, q0, q1, j, jb, j0, j1, w, c, n_found
     cdef int d
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed  # written through a pointer: shared by threads
     cdef TopK* states
     cdef TopK* t
@@ -233,12 +234,14 @@ def hamming_kneighbors(
         block = <uint64_t*> malloc(db_block * n_words * sizeof(uint64_t))
         found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
         found_dist = <int32_t*> malloc(db_block * sizeof(int32_t))
-        if (states == NULL or dist_buf == NULL or idx_buf == NULL
-                or hist == NULL or block == NULL or found_pos == NULL
-                or found_dist == NULL):
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (states == NULL or dist_buf == NULL or idx_buf == NULL
+                    or hist == NULL or block == NULL or found_pos == NULL
+                    or found_dist == NULL)
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for b in prange(n_query_blocks, schedule="static"):
+        for b in prange(n_query_blocks, schedule="static"):
+            if ok:
                 q0 = b * query_block
                 q1 = min(q0 + query_block, n_queries)
                 for q in range(q1 - q0):
@@ -363,6 +366,7 @@ def hamming_radius(
     cdef int64_t[::1] out_idx
     cdef Py_ssize_t q, j, jb, j0, j1, w, c, n_found, at, p
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed
     cdef int32_t* found_pos
     cdef int32_t* found_dist
@@ -390,10 +394,12 @@ def hamming_radius(
         with nogil, parallel(num_threads=n_threads):
             found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
             found_dist = <int32_t*> malloc(db_block * sizeof(int32_t))
-            if found_pos == NULL or found_dist == NULL:
+            # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+            ok = not (found_pos == NULL or found_dist == NULL)
+            if not ok:
                 failed_flag[0] = 1
-            else:
-                for q in prange(n_queries, schedule="static"):
+            for q in prange(n_queries, schedule="static"):
+                if ok:
                     for jb in range(n_db_blocks):
                         j0 = jb * db_block
                         j1 = min(j0 + db_block, n_database)

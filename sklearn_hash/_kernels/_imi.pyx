@@ -143,6 +143,7 @@ def multi_sequence(
     cdef int64_t cell, items
     cdef double d
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed
     cdef int64_t* popped      # per row a: how many of its pairs were popped
     cdef double* hd
@@ -154,10 +155,12 @@ def multi_sequence(
         hd = <double*> malloc((K1 + 1) * sizeof(double))
         hc = <int64_t*> malloc((K1 + 1) * sizeof(int64_t))
         ha = <int64_t*> malloc((K1 + 1) * sizeof(int64_t))
-        if popped == NULL or hd == NULL or hc == NULL or ha == NULL:
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (popped == NULL or hd == NULL or hc == NULL or ha == NULL)
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for q in prange(n_queries, schedule="dynamic"):
+        for q in prange(n_queries, schedule="dynamic"):
+            if ok:
                 for a in range(K1):
                     popped[a] = 0
                 size = 0

@@ -173,6 +173,7 @@ def mih_kneighbors(
     cdef uint64_t key, mask, low, r, limit
     cdef int d, bound
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed
     cdef uint64_t* seen
     cdef Touched* touched
@@ -193,11 +194,13 @@ def mih_kneighbors(
             touched.ids = <int64_t*> malloc(touched.cap * sizeof(int64_t))
         hd = <int*> malloc(k * sizeof(int))
         hi = <int64_t*> malloc(k * sizeof(int64_t))
-        if (seen == NULL or touched == NULL or touched.ids == NULL or hd == NULL
-                or hi == NULL):
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (seen == NULL or touched == NULL or touched.ids == NULL or hd == NULL
+                    or hi == NULL)
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for q in prange(n_queries, schedule="dynamic"):
+        for q in prange(n_queries, schedule="dynamic"):
+            if ok:
                 qc = &queries[q, 0]
                 size = 0
                 touched.size = 0

@@ -320,16 +320,19 @@ def encode(
     cdef Py_ssize_t n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
     cdef Py_ssize_t b, m, i, start, stop
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed
     cdef int32_t* lab
     cdef floating* sc
     with nogil, parallel(num_threads=n_threads):
         lab = <int32_t*> malloc(ROW_BLOCK * sizeof(int32_t))
         sc = <floating*> malloc(ROW_BLOCK * sizeof(floating))
-        if lab == NULL or sc == NULL:
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (lab == NULL or sc == NULL)
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for b in prange(n_blocks, schedule="static"):
+        for b in prange(n_blocks, schedule="static"):
+            if ok:
                 start = b * ROW_BLOCK
                 stop = min(start + ROW_BLOCK, n)
                 for m in range(M):
@@ -443,13 +446,16 @@ def smallest_per_row(
     cdef double* heap_v
     cdef int64_t* heap_c
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed
     with nogil, parallel(num_threads=n_threads):
         heap_v = <double*> malloc(n * sizeof(double))
-        if heap_v == NULL:
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = heap_v != NULL
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for r in prange(n_rows, schedule="static"):
+        for r in prange(n_rows, schedule="static"):
+            if ok:
                 heap_c = &o[r, 0]
                 size = 0
                 for j in range(width):
@@ -473,7 +479,7 @@ def smallest_per_row(
                     tv = heap_v[0]; heap_v[0] = heap_v[end]; heap_v[end] = tv
                     tc = heap_c[0]; heap_c[0] = heap_c[end]; heap_c[end] = tc
                     _sift_down(heap_v, heap_c, end, 0)
-            free(heap_v)
+        free(heap_v)
     if failed:
         raise MemoryError("could not allocate the selection heap.")
     return out
@@ -563,13 +569,16 @@ def subspace_scores(
     cdef Py_ssize_t blk, start, stop, m, r, c
     cdef floating* tmp
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int* failed_flag = &failed
     with nogil, parallel(num_threads=n_threads):
         tmp = <floating*> malloc(ROW_BLOCK * Kp * sizeof(floating))
-        if tmp == NULL:
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = tmp != NULL
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for blk in prange(n_blocks, schedule="static"):
+        for blk in prange(n_blocks, schedule="static"):
+            if ok:
                 start = blk * ROW_BLOCK
                 stop = min(start + ROW_BLOCK, n)
                 for m in range(M):
@@ -578,7 +587,7 @@ def subspace_scores(
                     for r in range(stop - start):
                         for c in range(n_codewords):
                             o[start + r, m, c] = tmp[r * Kp + c]
-            free(tmp)
+        free(tmp)
     if failed:
         raise MemoryError("could not allocate the scores buffer.")
     return out

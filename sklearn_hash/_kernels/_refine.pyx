@@ -189,6 +189,7 @@ cdef _rerank(RowFormat fmt, const double[:, ::1] queries, const int64_t[:, ::1] 
     cdef int64_t* ids
     cdef double* acc
     cdef int failed = 0
+    cdef bint ok  # per thread: its buffers were allocated
     cdef int bad_cell = 0
     cdef int* failed_flag = &failed
     cdef int* bad_flag = &bad_cell
@@ -199,10 +200,12 @@ cdef _rerank(RowFormat fmt, const double[:, ::1] queries, const int64_t[:, ::1] 
         cents = <const double**> malloc(GROUP * sizeof(double*))
         ids = <int64_t*> malloc(GROUP * sizeof(int64_t))
         acc = <double*> malloc(GROUP * sizeof(double))
-        if rows == NULL or cents == NULL or ids == NULL or acc == NULL:
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (rows == NULL or cents == NULL or ids == NULL or acc == NULL)
+        if not ok:
             failed_flag[0] = 1
-        else:
-            for q in prange(n_queries, schedule="static"):
+        for q in prange(n_queries, schedule="static"):
+            if ok:
                 _rerank_query(&fmt, &queries[q, 0], &candidates[q, 0], n_cand,
                               &chunk_starts[0], &chunk_ptrs[0], n_chunks, k,
                               &out_d[q, 0], &out_i[q, 0], rows, cents, ids, acc, bad_flag)
