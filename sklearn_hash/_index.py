@@ -358,7 +358,8 @@ class IndexMixin:
             Database indices of the neighbours; equal distances in ascending
             index order.
         """
-        check_is_fitted(self)
+        if "n_samples_fit_" not in self.__dict__:  # check_is_fitted costs ~10 us a call
+            check_is_fitted(self)
         params = self._check_search_params(search_params)
         if n_neighbors is None:
             n_neighbors = self.n_neighbors

@@ -594,7 +594,8 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             probes[short, :width] = full[:, :width]
             n_visit[short] = needed
         probes = np.ascontiguousarray(probes, dtype=np.int64)
-        coarse = np.maximum(np.take_along_axis(d2, probes, axis=1), 0).astype(np.float32)
+        coarse = d2[np.arange(len(d2))[:, None], probes].astype(np.float32)
+        np.maximum(coarse, 0, out=coarse)
         return probes, coarse, n_visit
 
     def _multi_sequence(self, X, n_probe, sizes, n_required, n_threads):
@@ -666,7 +667,9 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
                 queries = X[begin:end]
             probes, coarse, n_visit = self._probes(queries, params["n_probe"], sizes,
                                                    n_required, n_threads)
-            query_tables = (-2 * self._inner_products(queries, n_threads)).astype(np.float32)
+            query_tables = self._inner_products(queries, n_threads)
+            query_tables *= -2
+            query_tables = query_tables.astype(np.float32, copy=False)
             second = None
             if split is not None:  # multi-index: the halves' tables, joined by the kernel
                 n_codewords = self.coarse_codebooks_.shape[1]

@@ -366,7 +366,7 @@ def check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n
         raise ValueError(f"n_visit must be in [0, {n_probe}].")
     mask = np.arange(n_probe) < visit[:, None]
     probe_arr = np.asarray(probes)
-    if np.any((probe_arr < 0) & mask) or np.any((probe_arr >= n_lists) & mask):
+    if (((probe_arr < 0) | (probe_arr >= n_lists)) & mask).any():
         raise ValueError(f"probes must be list numbers in [0, {n_lists - 1}].")
     for name, rows in (("table_rows", table_rows), ("second_rows", second_rows)):
         if rows is None:
@@ -374,7 +374,7 @@ def check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n
         if rows.shape[0] != n_queries or rows.shape[1] != n_probe:
             raise ValueError(f"{name} must have shape (n_queries, n_probe).")
         rows = np.asarray(rows)
-        if np.any((rows < 0) & mask) or np.any((rows >= n_tables) & mask):
+        if (((rows < 0) | (rows >= n_tables)) & mask).any():
             raise ValueError(f"{name} must be rows of list_tables, in [0, {n_tables - 1}].")
     if second_rows is not None and not 0 <= split <= n_subspaces:
         raise ValueError(f"split must be in [0, {n_subspaces}]; got {split}.")

@@ -550,8 +550,9 @@ def subspace_scores(
     cdef Py_ssize_t Kp = CT_arr.shape[2]
     cdef Py_ssize_t n_codewords = K
     b_arr = np.asarray(bounds, dtype=np.intp)
-    if (b_arr.shape != (M + 1,) or b_arr[0] != 0 or b_arr[M] != d
-            or np.any(np.diff(b_arr) < 1) or np.any(np.diff(b_arr) > width)):
+    steps = np.diff(b_arr) if b_arr.shape == (M + 1,) else None
+    if (steps is None or b_arr[0] != 0 or b_arr[M] != d or steps.min() < 1
+            or steps.max() > width):
         raise ValueError(f"bounds must rise from 0 to {d} in {M} steps of 1 to {width} "
                          f"features.")
     if n_threads < 1:
