@@ -1,5 +1,9 @@
 """The nearest-codeword kernel (k-means assignment, PQ encoding) against numpy."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
@@ -17,6 +21,7 @@ from sklearn_hash._kernels._nearest import (
 )
 
 from sklearn_hash import ProductQuantizer
+from sklearn_hash._kernels._openmp import openmp_enabled
 from sklearn_hash._kmeans import kmeans as _kmeans
 
 SIMD = [True, "avx2", False]  # the widest path, AVX2 (where the processor has it), portable
@@ -288,3 +293,40 @@ def test_subspace_scores_are_codeword_scores_per_subspace_bit_for_bit(dtype, n_c
         subspace_scores(X, pack_subspace_codewords(centers, other), bounds)
     with pytest.raises(ValueError, match="centers must have shape"):
         pack_subspace_codewords(centers[0], dtype)
+
+
+_HEAP_LIMIT_CHILD = """
+import resource, sys
+import numpy as np
+from sklearn_hash._kernels._nearest import smallest_per_row
+
+n, heaps = 5_000_000, float(sys.argv[1])  # a thread's heap: 40 MB, mapped on its own by malloc
+values = np.tile(np.arange(n, 0, -1, dtype=np.float32), (2, 1))
+smallest_per_row(values[:, :100], 10, n_threads=2)  # start the worker thread first
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+# Address space for the output and `heaps` threads' heaps.
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2 * n * 8 + int(heaps * n * 8),
+                                        resource.RLIM_INFINITY))
+try:
+    got = smallest_per_row(values, n, n_threads=2)
+except MemoryError as exc:
+    print("MemoryError:", exc)
+else:
+    print("right" if np.array_equal(got[:, :3], [[n - 1, n - 2, n - 3]] * 2) else "wrong")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not openmp_enabled(),
+                    reason="needs Linux's RLIMIT_AS and an OpenMP build")
+@pytest.mark.parametrize("heaps, expected", [(0.5, "MemoryError"), (2.5, "right")])
+def test_threads_without_their_buffers_give_memory_error_not_a_crash(heaps, expected):
+    # No room for a thread's heap: every thread still meets the parallel loop
+    # (OpenMP requires it) and the call raises MemoryError; with room for
+    # both, the right answer. (With room for one heap, one thread or both may
+    # get it, as the second may start after the first freed its heap.)
+    done = subprocess.run([sys.executable, "-c", _HEAP_LIMIT_CHILD, str(heaps)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split(":")[0].strip() == expected, done.stdout
