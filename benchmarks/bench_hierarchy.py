@@ -32,6 +32,11 @@ rows and its network):
     # the weight of the ancestor term at the default a, fresh seeds again
     python benchmarks/bench_hierarchy.py --validation --values -0.6 \
         --ancestor-weights 0 0.1 0.2 0.3 --seeds 2 --first-seed 5
+    # the leaf and entropy terms against the defaults of the time (listed
+    # first), fresh seeds 9-11, the rule "coarse"
+    python benchmarks/bench_hierarchy.py --validation --rule coarse --settings \
+        a=-0.6,w=0.1,lw=0,ew=0 a=-0.5,w=0.1,lw=0.1,ew=0.05 a=-0.4,w=0.1,lw=0.1,ew=0.05 \
+        a=-0.5,w=0.1,lw=0.1,ew=0.1 a=-0.6,w=0.1,lw=0,ew=0.05 --seeds 3 --first-seed 9 --jobs 2
 
 Back-off rows (labelled at a category) enter each epoch either once, like
 unlabelled rows ("once"), or repeated until they fill about as many places as
@@ -145,9 +150,11 @@ def print_table(title, rows, columns=("fine mAP", "coarse mAP", "nDCG")):
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
-def validation_run(path, query_fold, seed, setting, a, bits, R, backoff="balanced", w=None):
+def validation_run(path, query_fold, seed, setting, a, bits, R, backoff="balanced", w=None,
+                   lw=None, ew=None):
     """One validation fit: ``setting`` is "flat", "fine" or "coarse" (+ 40% coarse-only);
-    ``w`` the ancestor_weight (None: the default)."""
+    ``w``, ``lw`` and ``ew`` the ancestor_weight, leaf_weight and entropy_weight (None: the
+    default)."""
     torch.set_num_threads(1)
     _dqn._BALANCE_BACKOFF = backoff == "balanced"
     X_db, y_db, X_q, y_q, hierarchy, _ = load(path, validation=True, query_fold=query_fold)
@@ -155,71 +162,102 @@ def validation_run(path, query_fold, seed, setting, a, bits, R, backoff="balance
     params = {} if setting == "flat" else {"hierarchy": hierarchy, "ancestor_similarity": a}
     if setting != "flat" and w is not None:
         params["ancestor_weight"] = w
+    if setting != "flat" and lw is not None:
+        params["leaf_weight"] = lw
+    if setting != "flat" and ew is not None:
+        params["entropy_weight"] = ew
     y_train = with_coarse if setting == "coarse" else fine
     return dqn_scores(Scores(hierarchy, R), X_db, y_db, X_q, y_q, y_train, bits, seed, **params)
 
 
 def validation(args):
-    """Grid of ancestor_similarity (and back-off handling) on folds 2-5 only; the rule picks.
+    """Grid of ancestor_similarity (and back-off handling, term weights) on folds 2-5; a rule picks.
 
     Each of folds 2-5 in turn is the query fold, the other three the
-    database; ``args.seeds`` seeds per fold from ``args.first_seed``. Rule
-    (stated before looking): among the settings (value of ``a``, and back-off
-    handling and ``ancestor_weight`` when several are given) whose mean fine
-    mAP@100 is at least flat DQN's - 0.01 with both label settings, the one
-    with the highest mean nDCG@100 over the two label settings. When several
-    ancestor weights are given, the first 0, a setting with a positive weight
-    is eligible only if, in addition, its fine mAP@100 is at least that of
-    weight 0 (same ``a`` and back-off handling) - 0.002 in both label
-    settings: the ancestor term must not trade fine mAP for coarse.
+    database; ``args.seeds`` seeds per fold from ``args.first_seed``.
+
+    Rule ``--rule ndcg`` (stated before looking): among the settings (value
+    of ``a``, and back-off handling and ``ancestor_weight`` when several are
+    given) whose mean fine mAP@100 is at least flat DQN's - 0.01 with both
+    label settings, the one with the highest mean nDCG@100 over the two
+    label settings. When several ancestor weights are given, the first 0, a
+    setting with a positive weight is eligible only if, in addition, its
+    fine mAP@100 is at least that of weight 0 (same ``a`` and back-off
+    handling) - 0.002 in both label settings: the ancestor term must not
+    trade fine mAP for coarse.
+
+    Rule ``--rule coarse`` (stated before the run that chose
+    ``leaf_weight``): the first setting of the grid is the reference (the
+    defaults of the time; list them first). Eligible: the settings whose
+    mean fine mAP@100 is at least flat DQN's - 0.01 in both label settings
+    and whose mean nDCG@100 over the two label settings is at least the
+    reference's. Choice: the eligible setting with the highest mean coarse
+    mAP@100 over the two label settings; the reference stays unless that
+    setting beats it by at least 0.003 (a change must clear the noise of
+    paired means).
     """
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     backoffs = args.backoff
     weights = args.ancestor_weights or [None]
-    runs = [(q, seed, "flat", None, backoffs[0], None) for q in VALIDATION_FOLDS
+    leaf_weights = args.leaf_weights or [None]
+    entropy_weights = args.entropy_weights or [None]
+    if args.settings:  # explicit settings "a=-0.6,w=0.1,lw=0,ew=0"
+        grid = []
+        for text in args.settings:
+            values = dict(item.split("=") for item in text.split(","))
+            grid.append(tuple(float(values[k]) for k in ("a", "w", "lw", "ew")))
+        weights, leaf_weights, entropy_weights = ([None, None] for _ in range(3))  # label all
+    else:
+        grid = [(a, w, lw, ew) for a in args.values for w in weights for lw in leaf_weights
+                for ew in entropy_weights]
+    runs = [(q, seed, "flat", None, backoffs[0], None, None, None) for q in VALIDATION_FOLDS
             for seed in seeds]
-    runs += [(q, seed, "fine", a, backoffs[0], w) for q in VALIDATION_FOLDS for seed in seeds
-             for a in args.values for w in weights]
-    runs += [(q, seed, "coarse", a, b, w) for q in VALIDATION_FOLDS for seed in seeds
-             for a in args.values for b in backoffs for w in weights]
+    runs += [(q, seed, "fine", a, backoffs[0], w, lw, ew) for q in VALIDATION_FOLDS
+             for seed in seeds for a, w, lw, ew in grid]
+    runs += [(q, seed, "coarse", a, b, w, lw, ew) for q in VALIDATION_FOLDS for seed in seeds
+             for a, w, lw, ew in grid for b in backoffs]
     results = Parallel(n_jobs=args.jobs, verbose=5)(
-        delayed(validation_run)(args.data, q, seed, setting, a, args.bits, args.R, b, w)
-        for q, seed, setting, a, b, w in runs)
+        delayed(validation_run)(args.data, q, seed, setting, a, args.bits, args.R, b, w, lw, ew)
+        for q, seed, setting, a, b, w, lw, ew in runs)
     by_run = dict(zip(runs, results))
-    flat = [r for (_, _, setting, _, _, _), r in by_run.items() if setting == "flat"]
-    fine = {(a, w): [by_run[q, s, "fine", a, backoffs[0], w] for q in VALIDATION_FOLDS
-                     for s in seeds]
-            for a in args.values for w in weights}
-    coarse = {(a, b, w): [by_run[q, s, "coarse", a, b, w] for q in VALIDATION_FOLDS
-                          for s in seeds]
-              for a in args.values for b in backoffs for w in weights}
+    flat = [r for (_, _, setting, *_), r in by_run.items() if setting == "flat"]
+    fine = {(a, w, lw, ew): [by_run[q, s, "fine", a, backoffs[0], w, lw, ew]
+                             for q in VALIDATION_FOLDS for s in seeds]
+            for a, w, lw, ew in grid}
+    coarse = {(a, b, w, lw, ew): [by_run[q, s, "coarse", a, b, w, lw, ew]
+                                  for q in VALIDATION_FOLDS for s in seeds]
+              for a, w, lw, ew in grid for b in backoffs}
     name = (f"{Path(args.data).name}, validation: folds 2-5, each the query fold in turn "
             f"against the other three")
 
-    def label(a, b=None, w=None):
+    def label(a, b=None, w=None, lw=None, ew=None):
         text = f"a={a:g}"
         if b is not None and len(backoffs) > 1:
             text += f", back-off {b}"
         if len(weights) > 1:
             text += f", ancestor_weight={w:g}"
+        if len(leaf_weights) > 1:
+            text += f", leaf_weight={lw:g}"
+        if len(entropy_weights) > 1:
+            text += f", entropy_weight={ew:g}"
         return text
 
     rows = {"flat DQN, 10% fine": summarise(flat)}
-    for a in args.values:
-        for w in weights:
-            rows[f"hierarchical, {label(a, None, w)}, 10% fine"] = summarise(fine[a, w])
-            for b in backoffs:
-                rows[f"hierarchical, {label(a, b, w)}, + 40% coarse"] = summarise(
-                    coarse[a, b, w])
+    for a, w, lw, ew in grid:
+        rows[f"hierarchical, {label(a, None, w, lw, ew)}, 10% fine"] = summarise(
+            fine[a, w, lw, ew])
+        for b in backoffs:
+            rows[f"hierarchical, {label(a, b, w, lw, ew)}, + 40% coarse"] = summarise(
+                coarse[a, b, w, lw, ew])
     print_table(f"Validation on {name}, {args.bits} bits, mean +- std over "
                 f"{len(VALIDATION_FOLDS) * args.seeds} runs (seeds {seeds.start}-"
                 f"{seeds.stop - 1} for each fold)", rows)
     floor = rows["flat DQN, 10% fine"]["fine mAP"][0] - 0.01
-    candidates = [(a, b, w) for a in args.values for b in backoffs for w in weights]
+    candidates = [(a, b, w, lw, ew) for a, w, lw, ew in grid for b in backoffs]
 
-    def both(a, b, w, metric):
-        return (rows[f"hierarchical, {label(a, None, w)}, 10% fine"][metric][0],
-                rows[f"hierarchical, {label(a, b, w)}, + 40% coarse"][metric][0])
+    def both(a, b, w, lw, ew, metric):
+        return (rows[f"hierarchical, {label(a, None, w, lw, ew)}, 10% fine"][metric][0],
+                rows[f"hierarchical, {label(a, b, w, lw, ew)}, + 40% coarse"][metric][0])
 
     flat_row = rows["flat DQN, 10% fine"]
     print("\nAgainst flat DQN (coarse mAP, nDCG, fine mAP; 10% fine | + 40% coarse-only):")
@@ -229,10 +267,27 @@ def validation(args):
                  for i in (0, 1)]
         print(f"- {label(*k)}: {cells[0]} | {cells[1]}")
     eligible = [k for k in candidates if min(both(*k, "fine mAP")) >= floor]
+    if args.rule == "coarse":
+        reference = candidates[0]
+        eligible = [k for k in eligible
+                    if np.mean(both(*k, "nDCG")) >= np.mean(both(*reference, "nDCG"))]
+        print(f"\nReference (first setting): {label(*reference)}; eligible: "
+              f"{'; '.join(label(*k) for k in eligible) or 'none'} (fine mAP floor {floor:.3f})")
+        if not eligible:
+            print("No setting is eligible: the reference stays.")
+            return
+        best = max(eligible, key=lambda k: np.mean(both(*k, "coarse mAP")))
+        gain = np.mean(both(*best, "coarse mAP")) - np.mean(both(*reference, "coarse mAP"))
+        if best == reference or gain < 0.003:
+            print(f"Rule's choice: the reference, {label(*reference)} (best other: "
+                  f"{label(*best)}, coarse mAP {gain:+.4f} over it)")
+        else:
+            print(f"Rule's choice: {label(*best)} (coarse mAP {gain:+.4f} over the reference)")
+        return
     if len(weights) > 1 and weights[0] == 0:
-        eligible = [(a, b, w) for a, b, w in eligible
+        eligible = [(a, b, w, lw, ew) for a, b, w, lw, ew in eligible
                     if w == 0 or all(x >= x0 - 0.002 for x, x0 in zip(
-                        both(a, b, w, "fine mAP"), both(a, b, 0.0, "fine mAP")))]
+                        both(a, b, w, lw, ew, "fine mAP"), both(a, b, 0.0, lw, ew, "fine mAP")))]
     if not eligible:
         print(f"\nNo setting keeps fine mAP@100 >= flat - 0.01 = {floor:.3f}.")
         return
@@ -255,6 +310,16 @@ def main():
                         help="--validation: how back-off rows enter the epochs")
     parser.add_argument("--ancestor-weights", type=float, nargs="+", default=None,
                         help="--validation: ancestor_weight values (default: the default)")
+    parser.add_argument("--leaf-weights", type=float, nargs="+", default=None,
+                        help="--validation: leaf_weight values (default: the default)")
+    parser.add_argument("--entropy-weights", type=float, nargs="+", default=None,
+                        help="--validation: entropy_weight values (default: the default)")
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help="--validation: explicit settings 'a=-0.6,w=0.1,lw=0,ew=0' (a, "
+                             "ancestor_weight, leaf_weight, entropy_weight) instead of the "
+                             "grid of --values and the weights")
+    parser.add_argument("--rule", choices=["ndcg", "coarse"], default="ndcg",
+                        help="--validation: the selection rule (see validation's docstring)")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1,
                         help="validation fits in parallel (one torch thread each)")
@@ -270,7 +335,8 @@ def main():
     X_db, y_db, X_q, y_q, hierarchy, name = load(args.data, validation=False)
     scores = Scores(hierarchy, args.R)
     defaults = DeepQuantizationNetwork()
-    default = f"a={defaults.ancestor_similarity:g}, ancestor_weight={defaults.ancestor_weight:g}"
+    default = (f"a={defaults.ancestor_similarity:g}, ancestor_weight={defaults.ancestor_weight:g}, "
+               f"leaf_weight={defaults.leaf_weight:g}, entropy_weight={defaults.entropy_weight:g}")
     runs = {"flat DQN, 10% fine labels": [],
             f"hierarchical DQN ({default}), 10% fine labels": [],
             f"hierarchical DQN ({default}), 10% fine + 40% coarse-only": []}

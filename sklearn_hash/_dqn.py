@@ -184,6 +184,14 @@ def _row_ancestors(hierarchy, classes, row_nodes, labelled):
     return out
 
 
+def _row_leaves(classes, row_nodes, leaf_labelled):
+    """Each leaf-labelled row's leaf as an index into the leaves that rows have, else -1."""
+    out = np.full(len(row_nodes), -1, dtype=np.int64)
+    rows = np.flatnonzero(leaf_labelled)
+    _, out[rows] = np.unique(classes[row_nodes[rows]], return_inverse=True)
+    return out
+
+
 # Scale of the cosines in the ancestor term's softmax (an inverse temperature):
 # cosines in [-1, 1] become logits in [-10, 10]. Screened on the validation
 # folds of ESC-50 against 5 and 20 (benchmarks/README.md).
@@ -412,6 +420,19 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         fine mAP with the coarse-only rows). Against weight 0 there: coarse
         mAP@100 +0.002 / +0.010 and nDCG@100 +0.008 / +0.008 (10% fine
         labels / with 40% coarse-only rows), fine mAP@100 +0.003 / -0.001.
+    leaf_weight : float, default=0.0
+        With ``hierarchy``: weight of the leaf term, ``>= 0``: the ancestor
+        term's softmax cross-entropy at the leaves, each row labelled at a
+        leaf asked to be nearer the centroid of its own leaf (the normalised
+        mean embedding of the rows labelled there) than those of the other
+        leaves. 0: no leaf term. Unused without ``hierarchy``.
+    entropy_weight : float, default=0.0
+        With ``hierarchy``: weight of the entropy term, ``>= 0``: the mean
+        over the depths above the leaves of the entropy of each unlabelled
+        row's softmax over the ancestors' centroids (the ancestor term's
+        logits), which asks an unlabelled row to lie near one ancestor
+        (entropy minimisation, Grandvalet and Bengio, 2005). 0: no entropy
+        term. Unused without ``hierarchy`` or with a tree of one level.
     random_state : int, RandomState instance or None, default=None
         Seeds the network's initialisation, the mini-batch order and the
         codebooks. Refits with the same seed on CPU give the same model.
@@ -488,6 +509,8 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         "hierarchy": ["array-like", None],
         "ancestor_similarity": [Interval(Real, -1, 1, closed="both")],
         "ancestor_weight": [Interval(Real, 0, None, closed="left")],
+        "leaf_weight": [Interval(Real, 0, None, closed="left")],
+        "entropy_weight": [Interval(Real, 0, None, closed="left")],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
@@ -510,6 +533,8 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         hierarchy=None,
         ancestor_similarity=-0.6,
         ancestor_weight=0.1,
+        leaf_weight=0.0,
+        entropy_weight=0.0,
         random_state=None,
         verbose=0,
     ):
@@ -528,6 +553,8 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         self.hierarchy = hierarchy
         self.ancestor_similarity = ancestor_similarity
         self.ancestor_weight = ancestor_weight
+        self.leaf_weight = leaf_weight
+        self.entropy_weight = entropy_weight
         self.random_state = random_state
         self.verbose = verbose
 
@@ -608,10 +635,17 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
             graded = {"criterion__pair_targets": targets, "criterion__row_nodes": row_nodes}
             row_ancestors = _row_ancestors(check_hierarchy(self.hierarchy), self.classes_,
                                            row_nodes, labelled)
-            if self.ancestor_weight > 0 and row_ancestors.shape[1]:
+            n_depths = row_ancestors.shape[1]
+            if self.leaf_weight > 0:
+                row_ancestors = np.column_stack(
+                    [row_ancestors, _row_leaves(self.classes_, row_nodes, leaf_labelled)])
+            if ((self.ancestor_weight > 0 or self.entropy_weight > 0) and n_depths
+                    or self.leaf_weight > 0):
                 graded.update(criterion__row_ancestors=row_ancestors,
                               criterion__ancestor_weight=self.ancestor_weight,
-                              criterion__ancestor_scale=_ANCESTOR_SCALE)
+                              criterion__ancestor_scale=_ANCESTOR_SCALE,
+                              criterion__leaf_weight=self.leaf_weight,
+                              criterion__entropy_weight=self.entropy_weight)
                 with_ancestor = np.flatnonzero((row_ancestors >= 0).any(axis=1))
                 callbacks.append(("ancestors", dqn_torch.AncestorCentroids(
                     X32[with_ancestor], row_ancestors[with_ancestor])))
@@ -663,7 +697,8 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
         )
         self.history_ = [
             {key: epoch[key] for key in ("train_loss", "pairwise_loss", "ancestor_loss",
-                                         "quantization_loss", "quantization_weight", "dur")
+                                         "leaf_loss", "entropy_loss", "quantization_loss",
+                                         "quantization_weight", "dur")
              if key in epoch}
             for epoch in net.history
         ]

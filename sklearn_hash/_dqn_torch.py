@@ -73,11 +73,21 @@ class DQNLoss(nn.Module):
       the codebooks held fixed, so the gradient draws each embedding towards
       its nearest codewords: the network step of the alternating
       optimisation of Cao et al. (2016).
+
+    With a label tree, three optional terms use the centroids of
+    :class:`AncestorCentroids` (one set per column of ``row_ancestors``):
+    ``ancestor_weight`` times the mean over the depths above the leaves (the
+    first ``n_depths`` columns) of the softmax cross-entropy of each labelled
+    row's ancestor, logits ``ancestor_scale * cos(z_i, m_a)``;
+    ``leaf_weight`` times the same cross-entropy of the leaf-labelled rows'
+    leaves (then the last column of ``row_ancestors``); and
+    ``entropy_weight`` times the mean over the depths of the entropy of the
+    unlabelled rows' softmax over the ancestors.
     """
 
     def __init__(self, label_matrix, labelled, quantization_weight, pair_targets=None,
                  row_nodes=None, row_ancestors=None, ancestor_weight=0.0, ancestor_scale=10.0,
-                 codebook_momentum=None):
+                 codebook_momentum=None, leaf_weight=0.0, entropy_weight=0.0):
         super().__init__()
         self.codebook_momentum = codebook_momentum
         self.register_buffer("row_ancestors", torch.as_tensor(
@@ -85,6 +95,10 @@ class DQNLoss(nn.Module):
             dtype=torch.long))
         self.ancestor_weight = ancestor_weight
         self.ancestor_scale = ancestor_scale
+        # with a leaf term, the last column of row_ancestors holds the rows' leaves
+        self.leaf_weight = leaf_weight
+        self.n_depths = self.row_ancestors.shape[1] - (1 if leaf_weight > 0 else 0)
+        self.entropy_weight = entropy_weight
         self.ancestor_centroids = []
         self.register_buffer("label_matrix", torch.as_tensor(label_matrix, dtype=torch.float32))
         self.register_buffer("labelled", torch.as_tensor(labelled, dtype=torch.bool))
@@ -99,23 +113,52 @@ class DQNLoss(nn.Module):
         self.reset_running_losses()
 
     def reset_running_losses(self):
-        self.running = {"pairwise": 0.0, "ancestor": 0.0, "quantization": 0.0, "batches": 0}
+        self.running = {"pairwise": 0.0, "ancestor": 0.0, "leaf": 0.0, "entropy": 0.0,
+                        "quantization": 0.0, "batches": 0}
 
     def set_ancestor_centroids(self, centroids, device):
         """Hold each depth's ancestor centroids (unit rows) fixed for the next steps."""
         self.ancestor_centroids = [torch.as_tensor(np.asarray(c, dtype=np.float32), device=device)
                                    for c in centroids]
 
+    def _node_cross_entropy(self, z, index, column):
+        """Softmax cross-entropy of the rows' nodes in one column, None without two nodes."""
+        centroids = self.ancestor_centroids[column]
+        target = self.row_ancestors[index, column]
+        has = target >= 0
+        if has.any() and centroids.shape[0] > 1:
+            logits = self.ancestor_scale * z[has] @ centroids.T
+            return F.cross_entropy(logits, target[has])
+        return None
+
     def ancestor_loss(self, z, index):
         """Mean over the depths of the softmax cross-entropy of the rows' ancestors."""
-        terms = []
-        for column, centroids in enumerate(self.ancestor_centroids):
-            target = self.row_ancestors[index, column]
-            has = target >= 0
-            if has.any() and centroids.shape[0] > 1:
-                logits = self.ancestor_scale * z[has] @ centroids.T
-                terms.append(F.cross_entropy(logits, target[has]))
+        terms = [self._node_cross_entropy(z, index, column) for column in range(self.n_depths)]
+        terms = [t for t in terms if t is not None]
         return torch.stack(terms).mean() if terms else None
+
+    def entropy_loss(self, z, index):
+        """Mean over the depths of the entropy of the unlabelled rows' ancestor posteriors.
+
+        The posterior of an unlabelled row over the ancestors of a depth is
+        the softmax of its logits against their centroids, as in the
+        ancestor term; lowering its entropy asks the row to lie near one
+        ancestor's centroid (entropy minimisation, Grandvalet and Bengio
+        2005). None when the batch has no unlabelled row.
+        """
+        unlabelled = ~self.labelled[index]
+        if not unlabelled.any():
+            return None
+        terms = []
+        for centroids in self.ancestor_centroids[: self.n_depths]:
+            if centroids.shape[0] > 1:
+                log_p = F.log_softmax(self.ancestor_scale * z[unlabelled] @ centroids.T, dim=1)
+                terms.append(-(log_p.exp() * log_p).sum(dim=1).mean())
+        return torch.stack(terms).mean() if terms else None
+
+    def leaf_loss(self, z, index):
+        """The softmax cross-entropy of the leaf-labelled rows' leaves (the last column)."""
+        return self._node_cross_entropy(z, index, self.row_ancestors.shape[1] - 1)
 
     def set_codebooks(self, centers, bounds, device):
         """Hold ``centers`` (n_subspaces, K, max block) fixed for the next steps."""
@@ -172,6 +215,16 @@ class DQNLoss(nn.Module):
             if ancestor is not None:
                 loss = loss + self.ancestor_weight * ancestor
                 self.running["ancestor"] += float(ancestor.detach())
+        if self.entropy_weight > 0 and self.ancestor_centroids:
+            entropy = self.entropy_loss(z, index)
+            if entropy is not None:
+                loss = loss + self.entropy_weight * entropy
+                self.running["entropy"] += float(entropy.detach())
+        if self.leaf_weight > 0 and self.ancestor_centroids:
+            leaf = self.leaf_loss(z, index)
+            if leaf is not None:
+                loss = loss + self.leaf_weight * leaf
+                self.running["leaf"] += float(leaf.detach())
         if self.codebooks.numel():
             if self.codebook_momentum is not None and self.training:
                 self.follow(z.detach())
@@ -216,8 +269,12 @@ class CodebookUpdate(Callback):
         criterion = net.criterion_
         batches = max(criterion.running["batches"], 1)
         net.history.record("pairwise_loss", criterion.running["pairwise"] / batches)
-        if criterion.ancestor_weight > 0 and criterion.ancestor_centroids:
+        if criterion.ancestor_weight > 0 and criterion.n_depths and criterion.ancestor_centroids:
             net.history.record("ancestor_loss", criterion.running["ancestor"] / batches)
+        if criterion.entropy_weight > 0 and criterion.n_depths and criterion.ancestor_centroids:
+            net.history.record("entropy_loss", criterion.running["entropy"] / batches)
+        if criterion.leaf_weight > 0 and criterion.ancestor_centroids:
+            net.history.record("leaf_loss", criterion.running["leaf"] / batches)
         if criterion.codebooks.numel():
             net.history.record("quantization_loss", criterion.running["quantization"] / batches)
             net.history.record("quantization_weight", criterion.quantization_weight)
@@ -244,7 +301,7 @@ class AncestorCentroids(Callback):
 
     ``X`` holds the training rows that have an ancestor at some depth and
     ``row_ancestors`` their ancestors (one column per depth, -1 for none, as
-    in :class:`DQNLoss`). Before training and after each epoch the rows are
+    in :class:`DQNLoss`; with a leaf term, a last column of leaves). Before training and after each epoch the rows are
     embedded (eval mode) and each ancestor's centroid is the normalised mean
     of the embeddings of its rows; the loss holds the centroids fixed during
     the epoch, as it does the codebooks.

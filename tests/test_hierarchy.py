@@ -493,6 +493,10 @@ def test_back_off_rows_do_not_dilute_the_fine_pairs(tree_data):
         ({"hierarchy": "tree"}, np.arange(40) % 3, ValueError, "hierarchy"),
         ({"hierarchy": [2, 2, -1], "ancestor_weight": -0.1}, np.arange(40) % 3, ValueError,
          "ancestor_weight"),
+        ({"hierarchy": [2, 2, -1], "leaf_weight": -0.1}, np.arange(40) % 3, ValueError,
+         "leaf_weight"),
+        ({"hierarchy": [2, 2, -1], "entropy_weight": -1.0}, np.arange(40) % 3, ValueError,
+         "entropy_weight"),
     ],
 )
 def test_dqn_bad_tree_input(params, y, error, match):
@@ -603,7 +607,90 @@ def test_ancestor_term_separates_the_categories(tree_data):
 
 def test_ancestor_weight_is_unused_without_a_hierarchy(tree_data):
     X, y, _, _ = tree_data
-    a = small_dqn(ancestor_weight=0.0).fit(X, y)
-    b = small_dqn(ancestor_weight=3.0).fit(X, y)
+    a = small_dqn(ancestor_weight=0.0, leaf_weight=0.0, entropy_weight=0.0).fit(X, y)
+    b = small_dqn(ancestor_weight=3.0, leaf_weight=2.0, entropy_weight=1.0).fit(X, y)
     np.testing.assert_array_equal(a.embed(X), b.embed(X))
-    assert "ancestor_loss" not in b.history_[-1]
+    np.testing.assert_array_equal(a.transform(X), b.transform(X))
+    for key in ("ancestor_loss", "leaf_loss", "entropy_loss"):
+        assert key not in b.history_[-1]
+
+
+def test_leaf_and_entropy_losses_match_a_numpy_oracle():
+    from sklearn_hash._dqn import _row_ancestors, _row_leaves
+    from sklearn_hash._dqn_torch import DQNLoss
+
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(7, 4))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    hierarchy = make_hierarchy({0: 3, 1: 3, 2: 4})
+    y = np.array([0, 1, -1, 3, 2, 0, -1])  # row 3 is a back-off row (category 3)
+    labelled, classes, nodes, targets = _encode_tree_labels(y, 7, hierarchy, 0.1)
+    leaf_labelled = labelled & np.isin(y, [0, 1, 2])
+    leaves = _row_leaves(classes, nodes, leaf_labelled)
+    np.testing.assert_array_equal(leaves, [0, 1, -1, -1, 2, 0, -1])
+    ancestors = np.column_stack([_row_ancestors(hierarchy, classes, nodes, labelled), leaves])
+    categories = rng.normal(size=(2, 4))
+    leaf_centroids = rng.normal(size=(3, 4))
+    categories /= np.linalg.norm(categories, axis=1, keepdims=True)
+    leaf_centroids /= np.linalg.norm(leaf_centroids, axis=1, keepdims=True)
+
+    def log_softmax(logits):
+        return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+    z_t, index = torch.tensor(z, dtype=torch.float32), torch.arange(7)
+    base = DQNLoss(np.zeros((7, 1)), labelled, 0.0, pair_targets=targets, row_nodes=nodes,
+                   row_ancestors=ancestors, ancestor_weight=0.0, ancestor_scale=5.0,
+                   leaf_weight=0.0)
+    pairwise = float(base(z_t, index))
+    loss = DQNLoss(np.zeros((7, 1)), labelled, 0.0, pair_targets=targets, row_nodes=nodes,
+                   row_ancestors=ancestors, ancestor_weight=0.0, ancestor_scale=5.0,
+                   leaf_weight=0.7, entropy_weight=0.4)
+    assert loss.n_depths == 1
+    loss.set_ancestor_centroids([categories, leaf_centroids], "cpu")
+    value = float(loss(z_t, index))
+    rows = np.flatnonzero(leaves >= 0)
+    leaf_ce = -log_softmax(5.0 * z[rows] @ leaf_centroids.T)[np.arange(len(rows)),
+                                                              leaves[rows]].mean()
+    log_p = log_softmax(5.0 * z[[2, 6]] @ categories.T)  # the unlabelled rows
+    entropy = -(np.exp(log_p) * log_p).sum(axis=1).mean()
+    assert value == pytest.approx(pairwise + 0.7 * leaf_ce + 0.4 * entropy, rel=1e-5)
+    # a batch without unlabelled rows has no entropy term
+    sub = torch.tensor([0, 1])
+    only_leaf = float(loss(z_t[[0, 1]], sub))
+    ce01 = -log_softmax(5.0 * z[[0, 1]] @ leaf_centroids.T)[[0, 1], [0, 1]].mean()
+    assert only_leaf == pytest.approx(float(base(z_t[[0, 1]], sub)) + 0.7 * ce01, rel=1e-5)
+
+
+def test_leaf_and_entropy_terms_do_what_they_measure(tree_data):
+    X, y, _, hierarchy = tree_data
+    y_partial = np.where(np.arange(len(y)) % 20 == 1, y, -1)
+    params = {"n_bits": 16, "embedding_dim": 16, "max_epochs": 15, "hierarchy": hierarchy}
+    without = small_dqn(**params).fit(X, y_partial)
+    leaf = small_dqn(leaf_weight=1.0, **params).fit(X, y_partial)
+    entropy = small_dqn(entropy_weight=1.0, **params).fit(X, y_partial)
+    assert "leaf_loss" not in without.history_[-1] and "entropy_loss" not in without.history_[-1]
+    assert "entropy_loss" not in leaf.history_[-1] and "leaf_loss" not in entropy.history_[-1]
+    labelled, unlabelled = y_partial >= 0, y_partial < 0
+
+    def cross_entropy(Z, groups, rows, entropy_of=None):
+        # the terms' losses, scale 10, centroids over the labelled rows
+        ids = np.unique(groups[labelled])
+        centroids = np.stack([Z[labelled & (groups == g)].mean(axis=0) for g in ids])
+        centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+        logits = 10.0 * Z[rows] @ centroids.T
+        log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        if entropy_of:
+            return -(np.exp(log_p) * log_p).sum(axis=1).mean()
+        return -log_p[np.arange(rows.sum()), np.searchsorted(ids, groups[rows])].mean()
+
+    # the leaf term: the labelled rows nearer their own class's centroid, and unseen rows too
+    for rows, factor in [(labelled, 0.8), (unlabelled, 0.9)]:
+        assert (cross_entropy(leaf.embed(X), y, rows)
+                < factor * cross_entropy(without.embed(X), y, rows))
+    # the entropy term: the unlabelled rows commit to one category
+    assert (cross_entropy(entropy.embed(X), y // 2, unlabelled, entropy_of=True)
+            < 0.8 * cross_entropy(without.embed(X), y // 2, unlabelled, entropy_of=True))
+    for model, key in [(leaf, "leaf_loss"), (entropy, "entropy_loss")]:
+        losses = [epoch[key] for epoch in model.history_]
+        assert losses[-1] < 0.5 * losses[0]
+    assert leaf.net_.criterion_.ancestor_centroids == []
