@@ -411,8 +411,13 @@ def test_graded_loss_matches_a_numpy_oracle():
 def test_a_flat_tree_trains_the_flat_model(tree_data):
     X, y, _, _ = tree_data
     flat = small_dqn().fit(X, y)
-    tree = small_dqn(hierarchy=np.full(6, -1)).fit(X, y)
+    # the graded targets of a one-level tree are the flat ones; the leaf term
+    # (on by default) is the one addition a tree of one level makes
+    tree = small_dqn(hierarchy=np.full(6, -1), leaf_weight=0.0).fit(X, y)
     np.testing.assert_allclose(tree.embed(X), flat.embed(X), atol=1e-5)
+    with_leaf = small_dqn(hierarchy=np.full(6, -1), leaf_weight=0.5).fit(X, y)
+    assert "leaf_loss" in with_leaf.history_[-1]
+    assert not np.allclose(with_leaf.embed(X), flat.embed(X), atol=1e-3)
 
 
 def category_cosines(Z, y):
@@ -580,7 +585,8 @@ def test_ancestor_term_separates_the_categories(tree_data):
     X, y, _, hierarchy = tree_data
     # a few fine labels: the pairwise term sees few pairs of sibling classes
     y_partial = np.where(np.arange(len(y)) % 20 == 1, y, -1)
-    params = {"n_bits": 16, "embedding_dim": 16, "max_epochs": 15, "hierarchy": hierarchy}
+    params = {"n_bits": 16, "embedding_dim": 16, "max_epochs": 15, "hierarchy": hierarchy,
+              "leaf_weight": 0.0, "entropy_weight": 0.0}
     without = small_dqn(ancestor_weight=0.0, **params).fit(X, y_partial)
     with_term = small_dqn(ancestor_weight=2.0, **params).fit(X, y_partial)
     assert "ancestor_loss" not in without.history_[-1]
@@ -665,9 +671,9 @@ def test_leaf_and_entropy_terms_do_what_they_measure(tree_data):
     X, y, _, hierarchy = tree_data
     y_partial = np.where(np.arange(len(y)) % 20 == 1, y, -1)
     params = {"n_bits": 16, "embedding_dim": 16, "max_epochs": 15, "hierarchy": hierarchy}
-    without = small_dqn(**params).fit(X, y_partial)
-    leaf = small_dqn(leaf_weight=1.0, **params).fit(X, y_partial)
-    entropy = small_dqn(entropy_weight=1.0, **params).fit(X, y_partial)
+    without = small_dqn(leaf_weight=0.0, entropy_weight=0.0, **params).fit(X, y_partial)
+    leaf = small_dqn(leaf_weight=1.0, entropy_weight=0.0, **params).fit(X, y_partial)
+    entropy = small_dqn(leaf_weight=0.0, entropy_weight=1.0, **params).fit(X, y_partial)
     assert "leaf_loss" not in without.history_[-1] and "entropy_loss" not in without.history_[-1]
     assert "entropy_loss" not in leaf.history_[-1] and "leaf_loss" not in entropy.history_[-1]
     labelled, unlabelled = y_partial >= 0, y_partial < 0
