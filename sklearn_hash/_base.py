@@ -42,7 +42,7 @@ class BaseBinaryHasher(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             One 0/1 column per bit.
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        X = validate_features(self, X)
         return self._hash(X).astype(np.uint8)
 
     @abstractmethod
@@ -57,6 +57,25 @@ class BaseBinaryHasher(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = []
         return tags
+
+
+def validate_features(estimator, X):
+    """``validate_data`` of a fitted estimator's input, with a fast path for plain arrays.
+
+    Returns what ``validate_data(estimator, X, dtype=[np.float64, np.float32],
+    order="C", reset=False)`` returns, and raises what it raises. A
+    C-contiguous 2-D float32/float64 ndarray of the fitted width, with at
+    least one row and all finite, is returned unchanged after checking that
+    directly: ``validate_data`` costs ~50-100 us a call, more than a query's
+    search.
+    """
+    if (type(X) is np.ndarray and X.ndim == 2 and X.dtype in (np.float32, np.float64)
+            and X.flags.c_contiguous and X.shape[0] >= 1
+            and X.shape[1] == estimator.n_features_in_
+            and not hasattr(estimator, "feature_names_in_")
+            and np.isfinite(X).all()):
+        return X
+    return validate_data(estimator, X, dtype=[np.float64, np.float32], order="C", reset=False)
 
 
 def fit_pca(X, n_components):

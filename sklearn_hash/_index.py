@@ -36,6 +36,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
+from ._base import validate_features
 from ._rerank import FloatRows, SQ8Rows
 from ._storage import ChunkedRows, GrowableArray
 from ._threads import effective_n_threads, single_threaded_blas
@@ -306,22 +307,6 @@ class IndexMixin:
                 f"items are removed; call compact() first, or pass the query vectors."
             )
 
-    def _validate_queries(self, X):
-        """``validate_data`` for queries, with a fast path for plain float arrays.
-
-        A C-contiguous 2-D float32/float64 ndarray of the fitted width, all
-        finite, is what ``validate_data`` would return unchanged: checking
-        that directly saves most of its cost, which dominates one-query
-        searches.
-        """
-        if (type(X) is np.ndarray and X.ndim == 2 and X.dtype in (np.float32, np.float64)
-                and X.flags.c_contiguous and X.shape[0] >= 1
-                and X.shape[1] == self.n_features_in_
-                and not hasattr(self, "feature_names_in_")
-                and np.isfinite(X).all()):
-            return X
-        return validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
-
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True, *, allowed=None,
                    **search_params):
         """Find the nearest database items of each query.
@@ -376,7 +361,7 @@ class IndexMixin:
             self._check_self_queries("kneighbors")
             n_queries = self.n_samples_fit_
         else:
-            X = self._validate_queries(X)
+            X = validate_features(self, X)
             n_queries = X.shape[0]
         mask = self._check_allowed(allowed)
         n_candidates = (self.n_samples_fit_ - self._n_removed if allowed is None

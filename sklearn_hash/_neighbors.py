@@ -40,6 +40,7 @@ from sklearn.utils.validation import (
 )
 
 from ._backends import HammingScan, MultiIndexHashing, TableScan, check_codeword_indices
+from ._base import validate_features
 from ._codes import pack_bits
 from ._index import IndexMixin
 from ._itq import ITQ
@@ -502,7 +503,7 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         if X is None:
             self._check_self_queries("radius_neighbors")
         else:
-            X = self._validate_queries(X)
+            X = validate_features(self, X)
         mask = self._check_allowed(allowed)
         threshold = self._threshold(float(radius))
         n_threads = effective_n_threads(self.n_jobs)

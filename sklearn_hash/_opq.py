@@ -25,6 +25,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._base import validate_features
 from ._kmeans import training_rows
 from ._pq import ProductQuantizer, _check_codebooks, subspace_sizes
 
@@ -275,7 +276,7 @@ class OPQ(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             uint8 codeword indices (uint16 above 256 codewords).
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        X = validate_features(self, X)
         return self.pq_.transform(self._rotate(X))
 
     def inverse_transform(self, X):
@@ -307,7 +308,7 @@ class OPQ(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         tables : ndarray of shape (n_samples, n_subspaces, n_codewords), dtype=float32
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        X = validate_features(self, X)
         return self.pq_.distance_tables(self._rotate(X))
 
     def symmetric_distance_tables(self):

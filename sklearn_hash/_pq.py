@@ -16,12 +16,15 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._kernels._nearest import encode
+from ._base import validate_features
+from ._kernels._nearest import encode, pack_subspace_codewords, subspace_scores
 from ._kernels._openmp import effective_n_threads
 from ._kmeans import kmeans, training_rows
 
-# Rows of distance tables computed at a time, to bound their memory.
-_CHUNK = 16384
+# Bytes of float64 distance tables computed at a time, to bound their memory.
+_TABLE_CHUNK_BYTES = 4 * 2**20
+# Fewer query rows than this build their tables on one thread.
+_PARALLEL_ROWS = 64
 # Largest number of codewords for which K x K symmetric tables are built.
 _MAX_SDC_CODEWORDS = 1024
 
@@ -291,14 +294,57 @@ default="random"
     def _code_dtype(self):
         return np.uint8 if self.subspace_bits <= 8 else np.uint16
 
-    def _subspace_distances(self, X, m):
-        """Squared distances (float64) of X's block m to codebook m's codewords."""
-        lo, hi = self.subspace_bounds_[m], self.subspace_bounds_[m + 1]
-        block = np.asarray(X[:, lo:hi], dtype=np.float64)
-        centers = self.cluster_centers_[m, :, : hi - lo].astype(np.float64)
-        d2 = (block**2).sum(axis=1)[:, None] - 2 * block @ centers.T
-        d2 += (centers**2).sum(axis=1)[None, :]
-        return np.maximum(d2, 0.0)
+    def _tables(self, X):
+        """ADC tables of validated rows X: float64 products, float32 tables.
+
+        ``||b_m||^2 - 2 <b_m, c_mk> + ||c_mk||^2``, clipped at 0, for each row's
+        block b_m: the products by the subspace kernel, row by row, so that a
+        query's table does not depend on the other queries (a BLAS product
+        rounds differently with the shape of the batch), with the codewords
+        packed once per fit.
+        """
+        packed, sq_centers = self._packed_codewords()
+        bounds = self.subspace_bounds_.astype(np.intp)
+        n, M, K = X.shape[0], self.n_subspaces_, self.n_codewords_
+        tables = np.empty((n, M, K), dtype=np.float32)
+        chunk = max(1, _TABLE_CHUNK_BYTES // (8 * M * K))
+        for start in range(0, n, chunk):
+            block = np.asarray(X[start : start + chunk], dtype=np.float64)
+            # A parallel region costs more than a few rows' products.
+            n_threads = effective_n_threads() if len(block) >= _PARALLEL_ROWS else 1
+            d2 = subspace_scores(block, packed, bounds, n_threads=n_threads)
+            d2 *= -2
+            d2 += np.add.reduceat(block * block, bounds[:-1], axis=1)[:, :, None]
+            d2 += sq_centers
+            np.maximum(d2, 0.0, out=d2)
+            tables[start : start + chunk] = d2
+        return tables
+
+    def _packed_codewords(self):
+        """The float64 codebooks packed for the subspace kernel, and their squared norms.
+
+        Built on first use after each fit (a cache keyed by the codebooks
+        array, never pickled).
+        """
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] is not self.cluster_centers_:
+            centers = self.cluster_centers_.astype(np.float64)
+            sq = np.zeros(centers.shape[:2])
+            for m in range(self.n_subspaces_):
+                width = self.subspace_bounds_[m + 1] - self.subspace_bounds_[m]
+                sq[m] = (centers[m, :, :width] ** 2).sum(axis=1)
+            cached = (self.cluster_centers_, pack_subspace_codewords(centers, np.float64), sq)
+            self._packed = cached
+        return cached[1], cached[2]
+
+    # Caches rebuilt on first use: never pickled nor saved with an index.
+    _TRANSIENT = ("_packed",)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in self._TRANSIENT:
+            state.pop(name, None)
+        return state
 
     def transform(self, X):
         """Encode X: the nearest codeword of each subspace.
@@ -314,7 +360,7 @@ default="random"
             Codeword indices, ``uint8`` (``uint16`` when ``subspace_bits > 8``).
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        X = validate_features(self, X)
         codes = np.empty((X.shape[0], self.n_subspaces_), dtype=self._code_dtype())
         encode(X, self.subspace_bounds_.astype(np.intp), self.cluster_centers_, codes,
                n_threads=effective_n_threads())
@@ -369,12 +415,7 @@ default="random"
             squared distance to a code c is ``tables[i, arange(M), c].sum()``.
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
-        tables = np.empty((X.shape[0], self.n_subspaces_, self.n_codewords_), dtype=np.float32)
-        for m in range(self.n_subspaces_):
-            for start in range(0, X.shape[0], _CHUNK):
-                tables[start : start + _CHUNK, m] = self._subspace_distances(X[start : start + _CHUNK], m)
-        return tables
+        return self._tables(validate_features(self, X))
 
     def symmetric_distance_tables(self):
         """Squared distances between the codewords of each codebook (SDC tables).

@@ -6,6 +6,8 @@ TypeError with a message that says what was wrong. No case may crash the
 process or reach a kernel with bad data.
 """
 
+import re
+
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -327,3 +329,32 @@ def test_map_at_r_equivalent_inputs(variant):
 def test_kernels_refuse_bad_arguments(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("make", [
+    lambda X: X.astype(np.float32),                      # the fast path
+    lambda X: X,                                         # float64, the fast path
+    lambda X: np.asfortranarray(X),                      # not C-contiguous
+    lambda X: X.tolist(),                                # a list
+    lambda X: np.round(X * 10).astype(np.int64),         # integers
+    lambda X: X[:, :D - 1],                              # a feature short
+    lambda X: X[:0],                                     # no row
+    lambda X: np.where(np.arange(D) == 3, np.nan, X),    # NaN
+    lambda X: np.where(np.arange(D) == 3, np.inf, X).astype(np.float32),
+    lambda X: X[0],                                      # 1-D
+])
+def test_validate_features_returns_or_raises_what_validate_data_does(make):
+    from sklearn.utils.validation import validate_data
+    from sklearn_hash._base import validate_features
+
+    pq = ProductQuantizer(8, subspace_bits=4, random_state=0).fit(X)
+    A = make(X[:5])
+    try:
+        expected = validate_data(pq, A, dtype=[np.float64, np.float32], order="C", reset=False)
+    except ValueError as exc:
+        with pytest.raises(ValueError, match=re.escape(str(exc)[:40])):
+            validate_features(pq, A)
+        return
+    got = validate_features(pq, A)
+    assert got.dtype == expected.dtype and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)

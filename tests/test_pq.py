@@ -1,5 +1,7 @@
 """ProductQuantizer and the ADC / SDC search."""
 
+import pickle
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits, make_blobs
@@ -134,6 +136,40 @@ def test_distance_tables_give_the_adc_distance(data):
     np.testing.assert_allclose(sdc, np.transpose(sdc, (0, 2, 1)), atol=1e-4)
 
 
+@pytest.mark.parametrize("n_bits, subspace_bits", [(30, 10), (24, 4), (40, 8)])
+def test_distance_tables_match_a_float64_oracle_and_do_not_depend_on_the_batch(
+        data, n_bits, subspace_bits):
+    X, _ = data
+    pq = ProductQuantizer(n_bits, subspace_bits=subspace_bits, n_iter=5,
+                          random_state=0).fit(X[:2000])
+    Q = X[2000:2300].astype(np.float32)  # 24 features in 3, 6 or 5 subspaces (uneven widths)
+    tables = pq.distance_tables(Q)
+    b = pq.subspace_bounds_
+    oracle = np.stack([
+        ((Q[:, None, b[m]:b[m + 1]].astype(np.float64)
+          - pq.cluster_centers_[m][None, :, : b[m + 1] - b[m]]) ** 2).sum(-1)
+        for m in range(pq.n_subspaces_)], axis=1)
+    np.testing.assert_allclose(tables, oracle, rtol=1e-5, atol=1e-4)
+    # A query's table is the same alone, in any batch, and after pickling.
+    for i in (0, 137, 299):
+        np.testing.assert_array_equal(pq.distance_tables(Q[i : i + 1]), tables[i : i + 1])
+    np.testing.assert_array_equal(pq.distance_tables(Q[::-1])[::-1], tables)
+    restored = pickle.loads(pickle.dumps(pq))
+    assert "_packed" not in restored.__dict__  # the packed codebooks are rebuilt, not saved
+    np.testing.assert_array_equal(restored.distance_tables(Q), tables)
+
+
+def test_distance_tables_follow_a_refit(data):
+    X, _ = data
+    pq = ProductQuantizer(16, random_state=0).fit(X[:1000])
+    first = pq.distance_tables(X[2000:2005])
+    pq.fit(X[1000:2000] * 2.0)  # other codebooks: the packed ones must not be reused
+    fresh = ProductQuantizer(16, random_state=0).fit(X[1000:2000] * 2.0)
+    np.testing.assert_array_equal(pq.distance_tables(X[2000:2005]),
+                                  fresh.distance_tables(X[2000:2005]))
+    assert not np.array_equal(first, fresh.distance_tables(X[2000:2005]))
+
+
 def test_adc_error_is_smaller_than_sdc_error(data):
     X, _ = data
     search = dict(n_neighbors=20)
@@ -241,3 +277,16 @@ def test_init_array_of_the_wrong_shape_is_refused():
     X = np.random.default_rng(0).normal(size=(50, 6))
     with pytest.raises(ValueError, match=r"init must be an array of shape .*\(2, 4, 3\)"):
         ProductQuantizer(n_bits=4, subspace_bits=2, init=np.zeros((2, 4, 2))).fit(X)
+
+
+def test_saved_index_leaves_the_packed_codebooks_out(data, tmp_path):
+    X, _ = data
+    search = QuantizedNeighbors(ProductQuantizer(16, random_state=0)).fit(X[:500])
+    before = search.kneighbors(X[500:510])
+    assert "_packed" in search.quantizer_.__dict__  # built by the search
+    search.save(tmp_path / "index")
+    saved = list((tmp_path / "index").rglob("*"))
+    assert not any("_packed" in f.name for f in saved)
+    assert not any("_packed" in f.read_text() for f in saved if f.suffix == ".json")
+    loaded = QuantizedNeighbors.load(tmp_path / "index")
+    np.testing.assert_array_equal(loaded.kneighbors(X[500:510])[1], before[1])
