@@ -31,7 +31,7 @@ def pack_bits(bits):
     if n_bits == 0:
         raise ValueError("binary codes must have at least one bit; got 0 columns.")
     if bits.dtype != np.bool_:
-        if bits.size and not np.isin(bits, (0, 1)).all():
+        if bits.size and not ((bits == 0) | (bits == 1)).all():  # np.isin: ~40 us more
             raise ValueError(
                 "binary codes must hold only 0 and 1; the quantizer's transform "
                 "returned other values. A quantizer searched by Hamming distance "

@@ -135,8 +135,10 @@ def test_pack_bits_layout():
     packed = pack_bits(bits)
     assert packed.shape == (1, n_words(70)) == (1, 2)
     assert packed[0, 0] == (1 | (1 << 63)) and packed[0, 1] == (1 | (1 << 5))
-    with pytest.raises(ValueError, match="only 0 and 1"):
-        pack_bits([[0, 2]])
+    for bad in ([[0, 2]], [[0.5, 1.0]], [[np.nan, 1.0]], [[-1, 0]]):
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            pack_bits(bad)
+    np.testing.assert_array_equal(pack_bits([[1.0, 0.0, 1.0]]), [[5]])  # floats 0/1 are bits
 
 
 def test_simd_paths_are_named_and_checked():
