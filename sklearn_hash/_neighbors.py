@@ -44,7 +44,7 @@ from ._base import validate_features
 from ._codes import pack_bits
 from ._index import IndexMixin
 from ._itq import ITQ
-from ._threads import effective_n_threads, single_threaded_blas
+from ._threads import effective_n_threads, search_threads, single_threaded_blas
 
 # Queries whose distance tables are built and searched at a time.
 _QUERY_CHUNK = 2048
@@ -115,9 +115,11 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         the residuals to the cells' centroids instead, which is more
         accurate.
     n_jobs : int, default=None
-        OpenMP threads of the search kernel. ``None`` uses the OpenMP default
-        (all cores, or ``OMP_NUM_THREADS``); ``-1`` all cores, ``-2`` all but
-        one, and so on. Results do not depend on it.
+        OpenMP threads of the search kernel, and of the quantizer's kernels
+        while they encode the queries (PQ and OPQ codes and distance tables).
+        ``None`` uses the OpenMP default (all cores, or ``OMP_NUM_THREADS``);
+        ``-1`` all cores, ``-2`` all but one, and so on. Results do not
+        depend on it.
 
     Attributes
     ----------
@@ -420,7 +422,7 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
     def _search(self, X, n_neighbors, allowed, params):
         """Run the back-end for the queries X (None: the database, leaving each item out)."""
         n_threads = effective_n_threads(self.n_jobs)
-        with config_context(transform_output="default"):
+        with config_context(transform_output="default"), search_threads(n_threads):
             if self.metric_ == "hamming":
                 if X is None:
                     queries = self._index.codes.to_array()
@@ -508,7 +510,8 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         threshold = self._threshold(float(radius))
         n_threads = effective_n_threads(self.n_jobs)
         parts = []
-        with single_threaded_blas, config_context(transform_output="default"):
+        with (single_threaded_blas, config_context(transform_output="default"),
+              search_threads(n_threads)):
             n_queries = self.n_samples_fit_ if X is None else X.shape[0]
             step = n_queries if self.metric_ == "hamming" else _QUERY_CHUNK
             for start in range(0, max(n_queries, 1), step):

@@ -20,6 +20,7 @@ from ._base import validate_features
 from ._kernels._nearest import encode, pack_subspace_codewords, subspace_scores
 from ._kernels._openmp import effective_n_threads
 from ._kmeans import kmeans, training_rows
+from ._threads import quantizer_threads
 
 # Bytes of float64 distance tables computed at a time, to bound their memory.
 _TABLE_CHUNK_BYTES = 4 * 2**20
@@ -311,8 +312,8 @@ default="random"
         for start in range(0, n, chunk):
             block = np.asarray(X[start : start + chunk], dtype=np.float64)
             # A parallel region costs more than a few rows' products.
-            n_threads = effective_n_threads() if len(block) >= _PARALLEL_ROWS else 1
-            d2 = subspace_scores(block, packed, bounds, n_threads=n_threads)
+            threads = 1 if len(block) < _PARALLEL_ROWS else quantizer_threads()
+            d2 = subspace_scores(block, packed, bounds, n_threads=threads)
             d2 *= -2
             d2 += np.add.reduceat(block * block, bounds[:-1], axis=1)[:, :, None]
             d2 += sq_centers
@@ -341,7 +342,7 @@ default="random"
     _TRANSIENT = ("_packed",)
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # may be self.__dict__ itself: leave it alone
         for name in self._TRANSIENT:
             state.pop(name, None)
         return state
@@ -363,7 +364,7 @@ default="random"
         X = validate_features(self, X)
         codes = np.empty((X.shape[0], self.n_subspaces_), dtype=self._code_dtype())
         encode(X, self.subspace_bounds_.astype(np.intp), self.cluster_centers_, codes,
-               n_threads=effective_n_threads())
+               n_threads=quantizer_threads())
         return codes
 
     def inverse_transform(self, X):

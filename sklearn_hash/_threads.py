@@ -2,7 +2,11 @@
 
 ``effective_n_threads(n_jobs)`` turns a scikit-learn style ``n_jobs`` into
 the number of OpenMP threads a kernel runs (cgroup-aware, see its
-docstring). ``single_threaded_blas`` is held while a search runs: searching
+docstring). Inside ``search_threads(n)``, held by a searcher while it
+encodes its queries, ``quantizer_threads()`` is ``n``: the quantizer's
+kernels (PQ codes and tables) run on the searcher's ``n_jobs``, not on every
+core; elsewhere it is ``effective_n_threads()``. ``single_threaded_blas`` is
+held while a search runs: searching
 mixes small matrix products (distance tables, coarse distances) with the
 kernels' own OpenMP threads, and OpenBLAS worker threads that keep spinning
 after each product compete with the kernel on few cores (300 queries to
@@ -11,12 +15,32 @@ IVFQuantizedNeighbors took 8 ms instead of 2 ms on 2 cores).
 
 import sys
 import threading
+from contextlib import contextmanager
 
 from threadpoolctl import ThreadpoolController
 
 from ._kernels._openmp import effective_n_threads
 
-__all__ = ["effective_n_threads", "single_threaded_blas"]
+__all__ = ["effective_n_threads", "quantizer_threads", "search_threads", "single_threaded_blas"]
+
+_search = threading.local()  # per thread: the threads of the search it runs, if any
+
+
+@contextmanager
+def search_threads(n_threads):
+    """Within the block, ``quantizer_threads()`` of this thread is ``n_threads``."""
+    previous = getattr(_search, "n_threads", None)
+    _search.n_threads = n_threads
+    try:
+        yield
+    finally:
+        _search.n_threads = previous
+
+
+def quantizer_threads():
+    """OpenMP threads of a quantizer's kernels: the enclosing search's, else every core's."""
+    n_threads = getattr(_search, "n_threads", None)
+    return effective_n_threads() if n_threads is None else n_threads
 
 
 class _SingleThreadedBlas:

@@ -290,3 +290,27 @@ def test_saved_index_leaves_the_packed_codebooks_out(data, tmp_path):
     assert not any("_packed" in f.read_text() for f in saved if f.suffix == ".json")
     loaded = QuantizedNeighbors.load(tmp_path / "index")
     np.testing.assert_array_equal(loaded.kneighbors(X[500:510])[1], before[1])
+
+
+def test_a_search_runs_the_quantizers_kernels_on_its_own_threads(data, monkeypatch):
+    import sklearn_hash._pq as pq_module
+
+    X, _ = data
+    calls = []
+
+    def recording(*args, n_threads=1, **kwargs):
+        calls.append(n_threads)
+        return subspace_scores(*args, n_threads=n_threads, **kwargs)
+
+    subspace_scores = pq_module.subspace_scores
+    monkeypatch.setattr(pq_module, "subspace_scores", recording)
+    # "Every core" is 7 here, wherever the test runs.
+    monkeypatch.setattr("sklearn_hash._threads.effective_n_threads", lambda n_jobs=None: 7)
+    search = QuantizedNeighbors(ProductQuantizer(24, random_state=0), n_jobs=1).fit(X[:1000])
+    calls.clear()
+    expected = search.quantizer_.distance_tables(X[2000:2100])  # 100 rows: threads pay
+    search.kneighbors(X[2000:2100])
+    search.radius_neighbors(X[2000:2100], radius=1.0)
+    search.quantizer_.distance_tables(X[2000:2100])
+    assert calls == [7, 1, 1, 7]  # outside a search every core; inside, the search's n_jobs
+    np.testing.assert_array_equal(search.quantizer_.distance_tables(X[2000:2100]), expected)
