@@ -329,4 +329,7 @@ def test_threads_without_their_buffers_give_memory_error_not_a_crash(heaps, expe
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split(":")[0].strip() == expected, done.stdout
+    # The kernel's own error, not numpy's (the limit leaves room for the output array).
+    expected = {"MemoryError": "MemoryError: could not allocate the selection heap."}.get(
+        expected, expected)
+    assert done.stdout.strip() == expected, done.stdout

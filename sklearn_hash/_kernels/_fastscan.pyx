@@ -486,6 +486,8 @@ def fastscan_kneighbors(
         free(sd)
         free(si)
         free(sample_d)
+    if failed:  # some tables were not quantized: no scan on them
+        raise MemoryError("could not allocate the fast-scan search buffers.")
 
     with nogil, parallel(num_threads=n_threads):
         heap_sizes = <Py_ssize_t*> malloc(query_block * sizeof(Py_ssize_t))
