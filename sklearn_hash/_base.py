@@ -71,7 +71,7 @@ def validate_features(estimator, X):
     """
     if (type(X) is np.ndarray and X.ndim == 2 and X.dtype in (np.float32, np.float64)
             and X.flags.c_contiguous and X.shape[0] >= 1
-            and X.shape[1] == estimator.n_features_in_
+            and X.shape[1] == getattr(estimator, "n_features_in_", None)
             and not hasattr(estimator, "feature_names_in_")
             and np.isfinite(X).all()):
         return X
