@@ -58,9 +58,6 @@ from ._threads import effective_n_threads
 
 # Bytes of query tables (float64 inner products) built at a time when searching.
 _TABLE_BYTES = 1 << 25
-# Multiply-adds of the query tables under which they are built on one thread
-# (4-bit codes: 1,000 queries x 16 codewords x 128 features = 2M).
-_SMALL_PRODUCT = 1 << 24
 # Largest per-cell tables kept from fit; beyond, each query chunk builds those it visits.
 _MAX_CELL_TABLE_BYTES = 1 << 28
 
@@ -534,10 +531,6 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         pq = self.quantizer_
         if hasattr(pq, "rotation_"):  # OPQ: codewords live in the rotated space
             X = np.ascontiguousarray(X @ pq.rotation_.astype(X.dtype, copy=False))
-        if X.shape[0] * pq.n_codewords_ * X.shape[1] < _SMALL_PRODUCT:
-            # A parallel region would cost more than the products (on busy
-            # cores, a region waits for its threads to be scheduled).
-            n_threads = 1
         return subspace_scores(X, self._packed("subspaces", X.dtype), pq.subspace_bounds_,
                                n_threads=n_threads)
 

@@ -24,8 +24,6 @@ from ._threads import quantizer_threads
 
 # Bytes of float64 distance tables computed at a time, to bound their memory.
 _TABLE_CHUNK_BYTES = 4 * 2**20
-# Fewer query rows than this build their tables on one thread.
-_PARALLEL_ROWS = 64
 # Largest number of codewords for which K x K symmetric tables are built.
 _MAX_SDC_CODEWORDS = 1024
 
@@ -311,9 +309,7 @@ default="random"
         chunk = max(1, _TABLE_CHUNK_BYTES // (8 * M * K))
         for start in range(0, n, chunk):
             block = np.asarray(X[start : start + chunk], dtype=np.float64)
-            # A parallel region costs more than a few rows' products.
-            threads = 1 if len(block) < _PARALLEL_ROWS else quantizer_threads()
-            d2 = subspace_scores(block, packed, bounds, n_threads=threads)
+            d2 = subspace_scores(block, packed, bounds, n_threads=quantizer_threads())
             d2 *= -2
             d2 += np.add.reduceat(block * block, bounds[:-1], axis=1)[:, :, None]
             d2 += sq_centers

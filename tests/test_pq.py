@@ -308,7 +308,7 @@ def test_a_search_runs_the_quantizers_kernels_on_its_own_threads(data, monkeypat
     monkeypatch.setattr("sklearn_hash._threads.effective_n_threads", lambda n_jobs=None: 7)
     search = QuantizedNeighbors(ProductQuantizer(24, random_state=0), n_jobs=1).fit(X[:1000])
     calls.clear()
-    expected = search.quantizer_.distance_tables(X[2000:2100])  # 100 rows: threads pay
+    expected = search.quantizer_.distance_tables(X[2000:2100])
     search.kneighbors(X[2000:2100])
     search.radius_neighbors(X[2000:2100], radius=1.0)
     search.quantizer_.distance_tables(X[2000:2100])

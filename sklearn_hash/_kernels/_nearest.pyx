@@ -38,6 +38,10 @@ cdef enum:
     ROW_BLOCK = 256
     # Codewords are padded to a multiple of the widest step (4 vectors of 16 floats).
     PAD = 64
+    # Multiply-adds under which subspace_scores runs on one thread: a parallel region
+    # would cost more than the products (on busy cores it waits for its threads).
+    # 4-bit codes: 1,000 queries x 16 codewords x 128 features = 2M.
+    SMALL_PRODUCT = 1 << 24
 
 cdef int _level = -1
 
@@ -530,6 +534,8 @@ def subspace_scores(
         Rising from 0 to n_features; subspace m is ``bounds[m]:bounds[m + 1]``,
         at most ``width`` features.
     n_threads : int, default=1
+        At most; fewer than 2**24 multiply-adds (rows x codewords x
+        features) run on one thread.
     simd : bool or {"avx512", "avx2", "portable"}, default=True
 
     Returns
@@ -557,6 +563,8 @@ def subspace_scores(
                          f"features.")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
+    if n * n_codewords * d < SMALL_PRODUCT:
+        n_threads = 1
     cdef const floating[:, :, ::1] CT = CT_arr
     cdef const Py_ssize_t[::1] bnd = b_arr
     zeros = np.zeros(Kp, dtype=dtype)
