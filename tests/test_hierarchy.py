@@ -390,15 +390,25 @@ def test_tree_targets():
     np.testing.assert_allclose(targets[:3, 3], -1.0)  # node 8 lies under the other top node
 
 
+def _oracle_batch(seed):
+    """A batch for the loss oracles: the generator, six unit rows and their tree labels.
+
+    Two leaves under one category, one under another; one row unlabelled and
+    one labelled at a category (back-off).
+    """
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(6, 4))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    y = np.array([0, 1, -1, 3, 2, 0])
+    labelled, _, nodes, targets = _encode_tree_labels(y, 6, make_hierarchy({0: 3, 1: 3, 2: 4}),
+                                                      0.1)
+    return rng, z, labelled, nodes, targets
+
+
 def test_graded_loss_matches_a_numpy_oracle():
     from sklearn_hash._dqn_torch import DQNLoss
 
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(6, 4))
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    hierarchy = make_hierarchy({0: 3, 1: 3, 2: 4})
-    y = np.array([0, 1, -1, 3, 2, 0])
-    labelled, _, nodes, targets = _encode_tree_labels(y, 6, hierarchy, 0.1)
+    _, z, labelled, nodes, targets = _oracle_batch(0)
     loss = DQNLoss(np.zeros((6, 1)), labelled, 0.5, pair_targets=targets, row_nodes=nodes)
     value = float(loss(torch.tensor(z, dtype=torch.float32), torch.arange(6)))
     keep = np.flatnonzero(labelled)
@@ -554,12 +564,7 @@ def test_row_ancestors_of_a_three_level_tree():
 def test_ancestor_loss_matches_a_numpy_oracle():
     from sklearn_hash._dqn_torch import DQNLoss
 
-    rng = np.random.default_rng(1)
-    z = rng.normal(size=(6, 4))
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    hierarchy = make_hierarchy({0: 3, 1: 3, 2: 4})
-    y = np.array([0, 1, -1, 3, 2, 0])
-    labelled, _, nodes, targets = _encode_tree_labels(y, 6, hierarchy, 0.1)
+    rng, z, labelled, nodes, targets = _oracle_batch(1)
     ancestors = np.array([[0], [0], [-1], [0], [1], [0]])
     centroids = rng.normal(size=(2, 4))
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
