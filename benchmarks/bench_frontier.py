@@ -139,6 +139,58 @@ def mmap_part(X, Q, truth, threads, storage):
                         "--threads", str(threads)], check=True)
 
 
+def allocate_bits(variances, total, cap=8):
+    """Greedy bit allocation: each bit to the component whose error it cuts most (by 4)."""
+    bits = np.zeros(len(variances), dtype=int)
+    error = np.array(variances, dtype=np.float64)
+    for _ in range(total):
+        i = int(np.argmax(np.where(bits < cap, error, -1)))
+        bits[i] += 1
+        error[i] /= 4
+    return bits
+
+
+def lloyd_max(values, n_levels, n_iter=30):
+    """Levels of a 1-D k-means (Lloyd-Max quantizer) of values, from its quantiles."""
+    levels = np.quantile(values, (np.arange(n_levels) + 0.5) / n_levels)
+    for _ in range(n_iter):
+        cell = np.searchsorted((levels[1:] + levels[:-1]) / 2, values)
+        counts = np.bincount(cell, minlength=n_levels)
+        sums = np.bincount(cell, values, minlength=n_levels)
+        levels = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), levels))
+    return levels
+
+
+def transform_coded(Z, train, total_bits):
+    """Z coded in the principal axes of Z[train], bits allocated by variance, Lloyd-Max levels.
+
+    Transform coding: the best a code of independent scalars can do on a
+    Gaussian-like source at ``total_bits`` per row (uniform per-feature
+    bytes waste bits on the low-variance components).
+    """
+    sample = Z[train].astype(np.float64)
+    variances, axes = np.linalg.eigh(np.cov(sample, rowvar=False))
+    variances, axes = variances[::-1], axes[:, ::-1]
+    bits = allocate_bits(variances, total_bits)
+    Y, Y_train = Z @ axes.astype(np.float32), sample @ axes
+    decoded = np.zeros_like(Y)
+    for i in np.flatnonzero(bits):
+        levels = lloyd_max(Y_train[:, i], 2 ** bits[i]).astype(np.float32)
+        decoded[:, i] = levels[np.searchsorted((levels[1:] + levels[:-1]) / 2, Y[:, i])]
+    decoded[:, bits == 0] = Y_train[:, bits == 0].mean(axis=0)
+    return decoded @ axes.T.astype(np.float32)
+
+
+def gaussian_rate(variances, mse):
+    """Bits per row a Gaussian with these component variances needs for this MSE (water-filling)."""
+    variances = np.asarray(variances, dtype=np.float64)
+    low, high = 0.0, variances.max()
+    for _ in range(100):  # the water level theta with sum(min(v, theta)) = mse
+        theta = (low + high) / 2
+        low, high = (theta, high) if np.minimum(variances, theta).sum() < mse else (low, theta)
+    return float(np.sum(np.maximum(0, 0.5 * np.log2(variances / theta))))
+
+
 def storage_part(X, Q, truth, threads):
     """Recall when the same candidates are re-ranked by rows of fewer bytes (numpy).
 
@@ -146,7 +198,10 @@ def storage_part(X, Q, truth, threads):
     refine_factor); each is re-ranked by its distance to the row's decoded
     vector. Only ``float32`` and ``sq8`` (residual) are built as
     ``refine_storage``; the others are what a smaller row would give, to
-    show where recall 0.95 needs how many bytes.
+    show where recall 0.95 needs how many bytes. The MSE column is the mean
+    squared distance of the decoded rows to the vectors; the rate line after
+    the table is what a Gaussian with the residuals' covariance needs for
+    the sq8 rows' MSE (the water-filling bound of rate-distortion theory).
     """
     print("\n## Re-ranking rows: recall@10 of the same candidates by bytes per row\n")
     ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
@@ -178,27 +233,42 @@ def storage_part(X, Q, truth, threads):
         ("float32 vector (refine_storage='float32')", 512, lambda: X),
         ("8-bit per feature of the residual + cell (refine_storage='sq8')", 132,
          lambda: C[cells] + scalar(R, 8)),
+        ("7-bit per feature of the residual + cell", 116, lambda: C[cells] + scalar(R, 7)),
         ("8-bit per feature of the vector", 128, lambda: scalar(X, 8)),
         ("4-bit per feature of the residual + cell", 68, lambda: C[cells] + scalar(R, 4)),
         ("PQ 64x8 of the residual + cell", 68, lambda: C[cells] + product(R, 512)),
         ("PQ 32x8 of the residual + cell", 36, lambda: C[cells] + product(R, 256)),
+        ("transform-coded residual, 512 bits, + cell", 68,
+         lambda: C[cells] + transform_coded(R, train, 512)),
         ("PQ 64x8 of the 4-bit codes' error (IVFPQR), + cell, codes read again", 68,
          lambda: C[cells] + first + product(R - first, 512)),
+        ("transform-coded 4-bit codes' error, 448 bits, + cell, codes read again", 60,
+         lambda: C[cells] + first + transform_coded(R - first, train, 448)),
+        ("transform-coded 4-bit codes' error, 512 bits, + cell, codes read again", 68,
+         lambda: C[cells] + first + transform_coded(R - first, train, 512)),
         ("8-bit per feature of the 4-bit codes' error, + cell, codes read again", 132,
          lambda: C[cells] + first + scalar(R - first, 8)),
     ]
-    print("| re-ranked by | bytes per row | "
+    print("| re-ranked by | bytes per row | MSE | "
           + " | ".join(f"n_probe {p}, refine {r}" for p, r in settings) + " |")
-    print("|---|---|" + "---|" * len(settings))
+    print("|---|---|---|" + "---|" * len(settings))
+    mse = {}
     for name, size, decode in rows:
         V = decode()
+        mse[name] = float(np.mean(((V - X) ** 2).sum(axis=1), dtype=np.float64))
         recalls = []
         for cand in candidates.values():
             dist = ((V[cand] - Q[:, None]) ** 2).sum(-1)
             order = np.argsort(dist, axis=1, kind="stable")[:, :10]
             recalls.append(recall_at_10(np.take_along_axis(cand, order, 1), truth))
-        print(f"| {name} | {size} B | " + " | ".join(f"{r:.3f}" for r in recalls) + " |",
-              flush=True)
+        print(f"| {name} | {size} B | {mse[name]:.4f} | "
+              + " | ".join(f"{r:.3f}" for r in recalls) + " |", flush=True)
+    variances = np.linalg.eigvalsh(np.cov(R[train].astype(np.float64), rowvar=False))
+    sq8 = mse[rows[1][0]]
+    bits = gaussian_rate(variances, sq8)
+    print(f"\nA Gaussian with the residuals' covariance needs {bits:.0f} bits ({bits / 8:.0f} B) "
+          f"per row for the sq8 rows' MSE ({sq8:.4f}), before the cell, the id and the "
+          f"fast-scan code (rate-distortion, reverse water-filling).")
 
 
 def main():
