@@ -295,8 +295,9 @@ class IndexMixin:
                             f"argument {sorted(unknown)[0]!r}; its per-call search settings: "
                             f"{allowed}.")
         params = {k: v for k, v in params.items() if v is not None}
-        validate_parameter_constraints(
-            {k: self._SEARCH_PARAMS[k] for k in params}, params, caller_name="kneighbors")
+        if params:  # per-call values only; none given, nothing to check
+            validate_parameter_constraints(
+                {k: self._SEARCH_PARAMS[k] for k in params}, params, caller_name="kneighbors")
         return {name: params.get(name, getattr(self, name)) for name in self._SEARCH_PARAMS}
 
     def _check_self_queries(self, method):
@@ -348,7 +349,8 @@ class IndexMixin:
         params = self._check_search_params(search_params)
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
-        elif not isinstance(n_neighbors, numbers.Integral) or isinstance(n_neighbors, bool):
+        elif type(n_neighbors) is not int and (not isinstance(n_neighbors, numbers.Integral)
+                                               or isinstance(n_neighbors, bool)):
             raise TypeError(
                 f"n_neighbors does not take {type(n_neighbors)} value, enter integer value"
             )

@@ -571,23 +571,22 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         n_lists = d2.shape[1]
         n_probe = min(n_probe, n_lists)
         # Nearest first; equal distances by cell number.
-        if n_probe == 1:  # the nearest cell, ties to the smaller number: argmin says so
-            probes = np.argmin(d2, axis=1)[:, None]
-        else:
-            probes = smallest_per_row(d2, n_probe, n_threads=n_threads)
+        probes, coarse = smallest_per_row(d2, n_probe, n_threads=n_threads, return_values=True)
         n_visit = np.full(len(X), n_probe, dtype=np.int64)
 
         short = np.flatnonzero(sizes[probes].sum(axis=1) < n_required)
         if short.size:
             # Too few items in the probed cells: visit the next nearest too.
-            full = smallest_per_row(d2[short], n_lists, n_threads=n_threads)
+            full, near = smallest_per_row(d2[short], n_lists, n_threads=n_threads,
+                                          return_values=True)
             needed = (np.cumsum(sizes[full], axis=1) < n_required).sum(axis=1) + 1
             width = max(n_probe, int(needed.max()))
-            probes = np.pad(probes, ((0, 0), (0, width - n_probe)))
+            pad = ((0, 0), (0, width - n_probe))
+            probes, coarse = np.pad(probes, pad), np.pad(coarse, pad)
             probes[short, :width] = full[:, :width]
+            coarse[short, :width] = near[:, :width]
             n_visit[short] = needed
-        probes = np.ascontiguousarray(probes, dtype=np.int64)
-        coarse = d2[np.arange(len(d2))[:, None], probes].astype(np.float32)
+        coarse = coarse.astype(np.float32, copy=False)
         np.maximum(coarse, 0, out=coarse)
         return probes, coarse, n_visit
 

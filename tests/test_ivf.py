@@ -130,6 +130,22 @@ def test_ivf_kernel_rejects_bad_arguments(random_index):
         ivf_adc_kneighbors(lt, qt, coarse, probes + 3, probes, visit, *layout, none, 3)
     with pytest.raises(ValueError, match="n_visit must be in"):
         ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit + 1, *layout, none, 3)
+    with pytest.raises(ValueError, match=r"n_visit must be in \[0, 2\]"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit - 3, *layout, none, 3)
+    with pytest.raises(ValueError, match=r"table_rows must be rows of list_tables, in \[0, 3\]"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes, probes * -1, visit, *layout, none, 3)
+    # Only the visited entries are read, so only they are checked: a probe
+    # past n_visit may hold anything (the searches pad with 0).
+    unvisited = np.array([[0, 1], [2, 99]], dtype=np.int64)
+    got = ivf_adc_kneighbors(lt, qt, coarse, unvisited, unvisited, np.array([2, 1]), *layout,
+                             none, 3)
+    with pytest.raises(ValueError, match=r"probes must be list numbers in \[0, 3\]"):
+        ivf_adc_kneighbors(lt, qt, coarse, unvisited, probes, visit, *layout, none, 3)
+    with pytest.raises(ValueError, match="table_rows must be rows"):
+        ivf_adc_kneighbors(lt, qt, coarse, probes, unvisited, visit, *layout, none, 3)
+    one_cell = ivf_adc_kneighbors(lt, qt[1:], coarse[1:, :1].copy(), probes[1:, :1].copy(),
+                                  probes[1:, :1].copy(), np.array([1]), *layout, none[1:], 3)
+    np.testing.assert_array_equal(got[1][1], one_cell[1][0])
     with pytest.raises(ValueError, match="chunk_offsets must rise"):
         ivf_adc_kneighbors(lt, qt, coarse, probes, probes, visit, layout[0][::-1].copy(),
                            *layout[1:], none, 3)

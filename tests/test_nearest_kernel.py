@@ -254,7 +254,19 @@ def test_smallest_per_row_is_a_stable_argsort_cut_to_n(dtype):
                 got = smallest_per_row(v, n, n_threads=n_threads)
                 assert got.dtype == np.int64 and got.shape == (len(v), n)
                 np.testing.assert_array_equal(got, expected[:, :n])
+                columns, selected = smallest_per_row(v, n, n_threads=n_threads,
+                                                     return_values=True)
+                np.testing.assert_array_equal(columns, expected[:, :n])
+                assert selected.dtype == dtype and selected.shape == (len(v), n)
+                np.testing.assert_array_equal(selected,
+                                              np.take_along_axis(v, expected[:, :n], 1))
     assert smallest_per_row(values[:0], 3).shape == (0, 3)
+    empty = smallest_per_row(values[:0], 3, return_values=True)
+    assert empty[0].shape == empty[1].shape == (0, 3) and empty[1].dtype == dtype
+    # The values are copied exactly: float32 ones that no double rounds away.
+    tiny = np.array([[1 + 2.0**-23, 1.0, np.float32(0.1)]], dtype=np.float32)
+    np.testing.assert_array_equal(smallest_per_row(tiny, 3, return_values=True)[1],
+                                  np.sort(tiny, axis=1))
     with pytest.raises(ValueError, match=r"n must be in \[0, 300\]; got n=301"):
         smallest_per_row(values, 301)
     with pytest.raises(ValueError, match="n must be in"):

@@ -332,6 +332,17 @@ def check_chunk_table(chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, chunk_
         raise ValueError("chunk sizes must be >= 0 and non-empty chunks need addresses.")
 
 
+cdef bint _visits_outside(const int64_t[:, ::1] rows, const int64_t[::1] n_visit,
+                          int64_t upper) noexcept:
+    """Whether a visited entry ``rows[q, :n_visit[q]]`` lies outside [0, upper)."""
+    cdef Py_ssize_t q, p
+    for q in range(rows.shape[0]):
+        for p in range(n_visit[q]):
+            if rows[q, p] < 0 or rows[q, p] >= upper:
+                return True
+    return False
+
+
 def check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
                         chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, exclude, k,
                         n_threads, second_rows, split, chunk_blocks=None, check_chunks=True):
@@ -361,20 +372,19 @@ def check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n
         check_chunk_table(chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, chunk_blocks)
     elif n_lists < 1:
         raise ValueError("chunk_offsets must rise from 0 to n_chunks.")
-    visit = np.asarray(n_visit)
-    if n_queries and (visit.min() < 0 or visit.max() > n_probe):
-        raise ValueError(f"n_visit must be in [0, {n_probe}].")
-    mask = np.arange(n_probe) < visit[:, None]
-    probe_arr = np.asarray(probes)
-    if (((probe_arr < 0) | (probe_arr >= n_lists)) & mask).any():
+    cdef const int64_t[::1] visit = n_visit
+    cdef Py_ssize_t q
+    for q in range(n_queries):
+        if visit[q] < 0 or visit[q] > n_probe:
+            raise ValueError(f"n_visit must be in [0, {n_probe}].")
+    if _visits_outside(probes, visit, n_lists):
         raise ValueError(f"probes must be list numbers in [0, {n_lists - 1}].")
     for name, rows in (("table_rows", table_rows), ("second_rows", second_rows)):
         if rows is None:
             continue
         if rows.shape[0] != n_queries or rows.shape[1] != n_probe:
             raise ValueError(f"{name} must have shape (n_queries, n_probe).")
-        rows = np.asarray(rows)
-        if (((rows < 0) | (rows >= n_tables)) & mask).any():
+        if _visits_outside(rows, visit, n_tables):
             raise ValueError(f"{name} must be rows of list_tables, in [0, {n_tables - 1}].")
     if second_rows is not None and not 0 <= split <= n_subspaces:
         raise ValueError(f"split must be in [0, {n_subspaces}]; got {split}.")

@@ -413,6 +413,7 @@ def smallest_per_row(
     const floating[:, :] values,  # IN (n_rows, n_columns)
     Py_ssize_t n,
     int n_threads=1,
+    bint return_values=False,
 ):
     """The columns of the n smallest values of each row, ascending.
 
@@ -429,10 +430,14 @@ def smallest_per_row(
         Columns kept per row, ``0 <= n <= n_columns``.
     n_threads : int, default=1
         OpenMP threads over the rows.
+    return_values : bool, default=False
+        Also return the selected values (saves the caller a gather).
 
     Returns
     -------
     columns : ndarray of shape (n_rows, n), dtype=int64
+    selected : ndarray of shape (n_rows, n), dtype of values
+        ``values[r, columns[r]]``; only with ``return_values=True``.
     """
     cdef Py_ssize_t n_rows = values.shape[0]
     cdef Py_ssize_t width = values.shape[1]
@@ -441,9 +446,12 @@ def smallest_per_row(
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
     out = np.empty((n_rows, n), dtype=np.int64)
+    selected = np.empty((n_rows, n if return_values else 0),
+                        dtype=np.float32 if floating is float else np.float64)
     if n_rows == 0 or n == 0:
-        return out
+        return (out, selected) if return_values else out
     cdef int64_t[:, ::1] o = out
+    cdef floating[:, ::1] sel = selected
     cdef Py_ssize_t r, j, size, end
     cdef double x, tv
     cdef int64_t tc
@@ -483,10 +491,13 @@ def smallest_per_row(
                     tv = heap_v[0]; heap_v[0] = heap_v[end]; heap_v[end] = tv
                     tc = heap_c[0]; heap_c[0] = heap_c[end]; heap_c[end] = tc
                     _sift_down(heap_v, heap_c, end, 0)
+                if return_values:  # the heap held them in double: exact for either dtype
+                    for j in range(n):
+                        sel[r, j] = <floating> heap_v[j]
         free(heap_v)
     if failed:
         raise MemoryError("could not allocate the selection heap.")
-    return out
+    return (out, selected) if return_values else out
 
 
 def pack_subspace_codewords(centers, dtype):
@@ -509,6 +520,20 @@ def pack_subspace_codewords(centers, dtype):
                          f"width >= 1); got {centers.shape}.")
     CT, _ = _packed_codebooks(centers, dtype)
     return CT, centers.shape[1]
+
+
+cdef bint _rising_bounds(b_arr, Py_ssize_t M, Py_ssize_t d, Py_ssize_t width):
+    """Whether b_arr rises from 0 to d in M steps of 1 to width."""
+    if b_arr.ndim != 1 or b_arr.shape[0] != M + 1:
+        return False
+    cdef const Py_ssize_t[:] b = b_arr
+    cdef Py_ssize_t m
+    if b[0] != 0 or b[M] != d:
+        return False
+    for m in range(M):
+        if not 1 <= b[m + 1] - b[m] <= width:
+            return False
+    return True
 
 
 def subspace_scores(
@@ -556,9 +581,7 @@ def subspace_scores(
     cdef Py_ssize_t Kp = CT_arr.shape[2]
     cdef Py_ssize_t n_codewords = K
     b_arr = np.asarray(bounds, dtype=np.intp)
-    steps = np.diff(b_arr) if b_arr.shape == (M + 1,) else None
-    if (steps is None or b_arr[0] != 0 or b_arr[M] != d or steps.min() < 1
-            or steps.max() > width):
+    if not _rising_bounds(b_arr, M, d, width):
         raise ValueError(f"bounds must rise from 0 to {d} in {M} steps of 1 to {width} "
                          f"features.")
     if n_threads < 1:
