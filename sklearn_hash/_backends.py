@@ -108,7 +108,8 @@ class _FlatScan:
         parts = []
         for offset, chunk, sub_allowed, sub_exclude in self._chunks(allowed, exclude):
             d, i = self._kernel(queries, chunk, k, sub_allowed, sub_exclude, n_threads)
-            i[i >= 0] += offset
+            if offset:
+                i[i >= 0] += offset
             parts.append((d, i))
         if not parts:
             return self._kernel(queries, self.codes.to_array(), k, None, None, n_threads)

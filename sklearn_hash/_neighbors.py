@@ -40,7 +40,7 @@ from sklearn.utils.validation import (
 )
 
 from ._backends import HammingScan, MultiIndexHashing, TableScan, check_codeword_indices
-from ._base import validate_features
+from ._base import numpy_output, validate_features
 from ._codes import pack_bits
 from ._index import IndexMixin
 from ._itq import ITQ
@@ -422,7 +422,7 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
     def _search(self, X, n_neighbors, allowed, params):
         """Run the back-end for the queries X (None: the database, leaving each item out)."""
         n_threads = effective_n_threads(self.n_jobs)
-        with config_context(transform_output="default"), search_threads(n_threads):
+        with numpy_output(), search_threads(n_threads):
             if self.metric_ == "hamming":
                 if X is None:
                     queries = self._index.codes.to_array()
@@ -510,7 +510,7 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         threshold = self._threshold(float(radius))
         n_threads = effective_n_threads(self.n_jobs)
         parts = []
-        with (single_threaded_blas, config_context(transform_output="default"),
+        with (single_threaded_blas, numpy_output(),
               search_threads(n_threads)):
             n_queries = self.n_samples_fit_ if X is None else X.shape[0]
             step = n_queries if self.metric_ == "hamming" else _QUERY_CHUNK

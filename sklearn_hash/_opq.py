@@ -23,9 +23,9 @@ from sklearn.base import (
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import validate_data
 
-from ._base import validate_features
+from ._base import check_fitted, validate_features
 from ._kmeans import training_rows
 from ._pq import ProductQuantizer, _check_codebooks, subspace_sizes
 
@@ -275,7 +275,7 @@ class OPQ(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         codes : ndarray of shape (n_samples, n_subspaces)
             uint8 codeword indices (uint16 above 256 codewords).
         """
-        check_is_fitted(self)
+        check_fitted(self)
         X = validate_features(self, X)
         return self.pq_.transform(self._rotate(X))
 
@@ -291,7 +291,7 @@ class OPQ(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         -------
         X_rec : ndarray of shape (n_samples, n_features)
         """
-        check_is_fitted(self)
+        check_fitted(self)
         rotated = self.pq_.inverse_transform(X)
         return rotated @ self.rotation_.T.astype(rotated.dtype, copy=False)
 
@@ -307,7 +307,7 @@ class OPQ(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         -------
         tables : ndarray of shape (n_samples, n_subspaces, n_codewords), dtype=float32
         """
-        check_is_fitted(self)
+        check_fitted(self)
         X = validate_features(self, X)
         return self.pq_.distance_tables(self._rotate(X))
 
@@ -318,7 +318,7 @@ class OPQ(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         -------
         tables : ndarray of shape (n_subspaces, n_codewords, n_codewords), dtype=float32
         """
-        check_is_fitted(self)
+        check_fitted(self)
         return self.pq_.symmetric_distance_tables()
 
     def __sklearn_tags__(self):

@@ -14,9 +14,9 @@ from sklearn.cluster import kmeans_plusplus
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import validate_data
 
-from ._base import validate_features
+from ._base import check_fitted, validate_features
 from ._kernels._nearest import encode, pack_subspace_codewords, subspace_scores
 from ._kernels._openmp import effective_n_threads
 from ._kmeans import kmeans, training_rows
@@ -356,7 +356,7 @@ default="random"
         codes : ndarray of shape (n_samples, n_subspaces)
             Codeword indices, ``uint8`` (``uint16`` when ``subspace_bits > 8``).
         """
-        check_is_fitted(self)
+        check_fitted(self)
         X = validate_features(self, X)
         codes = np.empty((X.shape[0], self.n_subspaces_), dtype=self._code_dtype())
         encode(X, self.subspace_bounds_.astype(np.intp), self.cluster_centers_, codes,
@@ -376,7 +376,7 @@ default="random"
         X_reconstructed : ndarray of shape (n_samples, n_features_in)
             The codewords of each code, concatenated.
         """
-        check_is_fitted(self)
+        check_fitted(self)
         codes = self._check_codes(X)
         out = np.empty((codes.shape[0], self.n_features_in_), dtype=self.cluster_centers_.dtype)
         for m in range(self.n_subspaces_):
@@ -411,7 +411,7 @@ default="random"
             row i and codeword k of codebook m. The ADC estimate of the
             squared distance to a code c is ``tables[i, arange(M), c].sum()``.
         """
-        check_is_fitted(self)
+        check_fitted(self)
         return self._tables(validate_features(self, X))
 
     def symmetric_distance_tables(self):
@@ -424,7 +424,7 @@ default="random"
             and b of codebook m; the SDC estimate between codes c and c' is
             ``tables[arange(M), c, c'].sum()``.
         """
-        check_is_fitted(self)
+        check_fitted(self)
         if self.n_codewords_ > _MAX_SDC_CODEWORDS:
             raise ValueError(
                 f"Symmetric distance tables hold n_codewords**2 entries per subspace; "

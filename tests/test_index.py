@@ -457,11 +457,16 @@ def test_codes_are_checked_where_they_enter_the_index(data, tmp_path):
 
 def test_fit_and_search_under_pandas_output(data):
     X_db, y_db, X_q, _ = data
-    with config_context(transform_output="pandas"):
-        for searcher in SEARCHERS:
+    for searcher in SEARCHERS:
+        plain = clone(searcher).fit(X_db, y_db).add(X_q[:5], np.zeros(5, dtype=y_db.dtype))
+        with config_context(transform_output="pandas"):
             fitted = clone(searcher).fit(X_db, y_db)
             fitted.add(X_q[:5], np.zeros(5, dtype=y_db.dtype))
-            assert fitted.kneighbors(X_q)[1].shape == (len(X_q), 5)
+            got = fitted.kneighbors(X_q)
+            assert got[1].shape == (len(X_q), 5)
+            # The same answers as under the default output.
+            np.testing.assert_array_equal(got[1], plain.kneighbors(X_q)[1])
+            np.testing.assert_array_equal(got[0], plain.kneighbors(X_q)[0])
 
 
 def test_database_queries_itself_by_adc_for_wide_codebooks(data):
