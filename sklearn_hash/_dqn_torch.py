@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
 from skorch.callbacks import Callback
 from torch import nn
 
@@ -334,19 +335,41 @@ class AncestorCentroids(Callback):
         net.criterion_.ancestor_centroids = []
 
 
-def fit_codebooks(quantizer, Z, previous=None):
+def fit_codebooks(quantizer, Z, previous=None, n_init=1):
     """A clone of ``quantizer`` fitted on Z, warm started from ``previous``'s codebooks.
+
+    Without ``previous`` the k-means starts as ``quantizer``'s ``init`` says.
+    With ``n_init > 1`` it runs ``n_init`` k-means: the warm start from
+    ``previous`` (when given) and k-means++ starts with seeds drawn from
+    ``quantizer``'s ``random_state``, and keeps, subspace by subspace (the
+    codebooks are independent k-means problems), the codebook of lowest
+    inertia, as scikit-learn's ``KMeans(n_init=...)`` keeps its best run.
+    The returned quantizer is then fitted warm started from those codebooks
+    (its ``init``), which reproduces them, and its ``inertia_`` is at most
+    each run's, subspace by subspace.
 
     The quantization loss draws embeddings onto codewords, so a codeword can
     end with no row and the codebook with duplicate codewords, of which the
     quantizer warns. That is expected here (the codeword is just unused) and
     silenced.
     """
-    init = "random" if previous is None else previous.cluster_centers_
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Number of distinct codewords",
                                 category=ConvergenceWarning)
-        return clone(quantizer).set_params(init=init).fit(Z)
+        if previous is not None:
+            runs = [clone(quantizer).set_params(init=previous.cluster_centers_).fit(Z)]
+        else:
+            runs = [clone(quantizer).fit(Z)]
+        if n_init <= 1:
+            return runs[0]
+        rng = check_random_state(quantizer.random_state)
+        for _ in range(n_init - 1):
+            seed = int(rng.randint(np.iinfo(np.int32).max))
+            runs.append(clone(quantizer).set_params(init="k-means++", random_state=seed).fit(Z))
+        inertia = np.array([run.inertia_ for run in runs])  # (n_runs, n_subspaces)
+        best = inertia.argmin(axis=0)
+        centers = np.stack([runs[r].cluster_centers_[m] for m, r in enumerate(best)])
+        return clone(quantizer).set_params(init=centers).fit(Z)
 
 
 def embed(net, X):

@@ -383,3 +383,59 @@ def test_codebook_momentum_reaches_the_network_through_the_term_only(digits):
     assert not np.allclose(on.embed(X_db), on_moving.embed(X_db))
     again = small_dqn(quantization_weight=1.0, codebook_momentum=0.5).fit(X_db, y_partial)
     np.testing.assert_array_equal(again.embed(X_db), on_moving.embed(X_db))
+
+
+def _inertia(Z, centers, bounds):
+    """Per-subspace sum of squared distances of the rows to their nearest codeword (numpy)."""
+    out = []
+    for m in range(len(bounds) - 1):
+        block = Z[:, bounds[m]:bounds[m + 1]].astype(np.float64)
+        c = centers[m, :, : bounds[m + 1] - bounds[m]].astype(np.float64)
+        out.append(((block[:, None] - c[None]) ** 2).sum(-1).min(axis=1).sum())
+    return np.array(out)
+
+
+def test_final_codebooks_keep_the_lowest_inertia_of_their_runs():
+    # Two subspaces of 2 dimensions, 4 codewords each, 4 blobs in each. The
+    # warm start holds the blob centres in subspace 0 and a local minimum in
+    # subspace 1 (two codewords split blob 0, one sits between blobs 1 and 2):
+    # the restarts must keep the warm codebook in 0 and a better one in 1.
+    from types import SimpleNamespace
+
+    from sklearn.utils import check_random_state
+
+    from sklearn_hash._dqn_torch import fit_codebooks
+
+    rng = np.random.default_rng(0)
+    blobs = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    Z = np.hstack([blobs[rng.integers(4, size=400)] + rng.normal(scale=0.5, size=(400, 2))
+                   for _ in range(2)]).astype(np.float32)
+    stuck = np.array([[-0.3, 0.0], [0.3, 0.0], [5.0, 5.0], [10.0, 10.0]])
+    warm = np.stack([blobs, stuck]).astype(np.float32)
+    previous = SimpleNamespace(cluster_centers_=warm)
+    quantizer = ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=25, random_state=7)
+    bounds = [0, 2, 4]
+
+    single = fit_codebooks(quantizer, Z, previous=previous, n_init=1)
+    warm_only = quantizer.set_params(init=warm).fit(Z)
+    np.testing.assert_array_equal(single.cluster_centers_, warm_only.cluster_centers_)
+
+    result = fit_codebooks(quantizer.set_params(init="random"), Z, previous=previous, n_init=4)
+    # oracle: the same runs, the seeds drawn from the quantizer's random_state
+    seeds = check_random_state(7).randint(np.iinfo(np.int32).max, size=3)
+    runs = [warm_only] + [ProductQuantizer(n_bits=4, subspace_bits=2, n_iter=25,
+                                           init="k-means++", random_state=int(s)).fit(Z)
+                          for s in seeds]
+    inertia = np.array([_inertia(Z, run.cluster_centers_, bounds) for run in runs])
+    best = inertia.argmin(axis=0)
+    assert inertia[0, 0] == pytest.approx(inertia[:, 0].min(), rel=1e-6)  # warm start wins 0
+    assert best[1] != 0 and inertia[best[1], 1] < 0.5 * inertia[0, 1]  # a restart wins 1
+    for m in range(2):
+        np.testing.assert_allclose(result.cluster_centers_[m],
+                                   runs[best[m]].cluster_centers_[m], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.inertia_, _inertia(Z, result.cluster_centers_, bounds),
+                               rtol=1e-5)
+    assert (result.inertia_ <= inertia.min(axis=0) * (1 + 1e-5)).all()  # float32 sums
+    # the returned quantizer reproduces itself from its own init
+    again = ProductQuantizer(**result.get_params()).fit(Z)
+    np.testing.assert_array_equal(again.cluster_centers_, result.cluster_centers_)
