@@ -56,6 +56,16 @@ SCRIPT = textwrap.dedent(
         result["codes"] = dqn.transform(X_db)
         search = QuantizedNeighbors(dqn, n_neighbors=20).fit(X_db, y_partial)
         result["dist"], result["ind"] = search.kneighbors(X_q)
+    elif case == "dqn-wide":
+        # Inputs wide enough that torch splits its matrix products over threads
+        # (it rounds differently with their number, unless pinned to one).
+        from sklearn_hash import DeepQuantizationNetwork
+        wide = X @ np.random.default_rng(0).standard_normal((X.shape[1], 1024)) / 7
+        y_partial = np.where(np.arange(len(y_db)) % 10 == 0, y_db, -1)
+        dqn = DeepQuantizationNetwork(n_bits=32, max_epochs=4, random_state=0).fit(
+            wide[:2600], y_partial)
+        result["embed"] = dqn.embed(wide[2600:])
+        result["codes"] = dqn.transform(wide[:2600])
     np.savez(out, **result)
     """
 )
@@ -89,3 +99,10 @@ def test_dqn_same_answers_with_one_and_two_threads(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("skorch")
     _assert_same("dqn", tmp_path)
+
+
+def test_dqn_on_wide_inputs_same_answers_with_one_and_two_threads(tmp_path):
+    """Torch runs on one thread: on two, 1024-d inputs gave other codes (10,193 of 10,400)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("skorch")
+    _assert_same("dqn-wide", tmp_path)
