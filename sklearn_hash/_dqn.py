@@ -554,6 +554,12 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
     True
     """
 
+    # Parameters added after indexes could be saved, with the value under which a
+    # model saved before each existed was trained: loading such an index sets them
+    # (``_persistence.decode``), so that get_params says how the model was trained.
+    _PARAMS_ADDED = {"codebook_momentum": None, "ancestor_weight": 0.0, "leaf_weight": 0.0,
+                     "entropy_weight": 0.0}
+
     _parameter_constraints: dict = {
         "n_bits": [Interval(Integral, 1, None, closed="left")],
         "subspace_bits": [Interval(Integral, 1, 16, closed="both")],

@@ -140,7 +140,10 @@ def decode(data, arrays):
         if cls is None:
             raise ValueError(f"the index names an estimator class {value.get('class')!r}, "
                              f"which is not one of sklearn_hash's; refusing to build it.")
-        estimator = cls(**{k: decode(v, arrays) for k, v in value["params"].items()})
+        params = {k: decode(v, arrays) for k, v in value["params"].items()}
+        # A parameter added since the index was saved: the value it was trained under.
+        params = {**getattr(cls, "_PARAMS_ADDED", {}), **params}
+        estimator = cls(**params)
         state = {k: decode(v, arrays) for k, v in value["state"].items()}
         if hasattr(estimator, "_set_persistent_state"):
             estimator._set_persistent_state(state)

@@ -137,6 +137,42 @@ def test_save_without_labels_and_refusals(data, tmp_path):
         objects.save(tmp_path / "b")
 
 
+
+@pytest.mark.skipif(not _torch_available(), reason="DeepQuantizationNetwork needs torch")
+def test_an_index_saved_before_a_parameter_existed_loads_with_its_old_value(data, tmp_path):
+    """A DQN saved before leaf_weight & co. existed was trained without them: get_params says so."""
+    import json
+
+    X_db, y_db, X_q, _ = data
+    dqn = DeepQuantizationNetwork(n_bits=16, subspace_bits=4, embedding_dim=8, max_epochs=3,
+                                  random_state=0)
+    fitted = QuantizedNeighbors(dqn, n_neighbors=5).fit(X_db, y_db)
+    path = fitted.save(tmp_path / "a")
+    manifest = json.loads((path / "index.json").read_text())
+
+    def dqn_params(node):  # every saved DQN's parameters (the quantizer and quantizer_)
+        if isinstance(node, dict):
+            if node.get("class") == "DeepQuantizationNetwork":
+                yield node["params"]
+            for child in node.values():
+                yield from dqn_params(child)
+
+    saved = list(dqn_params(manifest))
+    assert len(saved) == 2
+    # As it loads now: the saved values, not the class's old ones.
+    assert QuantizedNeighbors.load(path).quantizer_.get_params()["leaf_weight"] == 0.1
+    for params in saved:
+        assert set(DeepQuantizationNetwork._PARAMS_ADDED) <= set(params)
+        for name in DeepQuantizationNetwork._PARAMS_ADDED:
+            del params[name]
+    (path / "index.json").write_text(json.dumps(manifest))
+    loaded = QuantizedNeighbors.load(path)
+    got = loaded.quantizer_.get_params()
+    assert got["codebook_momentum"] is None
+    assert got["ancestor_weight"] == got["leaf_weight"] == got["entropy_weight"] == 0.0
+    assert got["quantization_weight"] == dqn.quantization_weight  # saved: kept
+    np.testing.assert_array_equal(loaded.kneighbors(X_q)[1], fitted.kneighbors(X_q)[1])
+
 # ---------------------------------------------------------------- growth
 
 
