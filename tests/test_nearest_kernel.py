@@ -213,8 +213,9 @@ def test_codeword_scores_match_numpy_and_do_not_depend_on_the_batch(dtype, rtol,
     np.testing.assert_allclose(scores, expected, rtol=rtol, atol=rtol * 10)
     np.testing.assert_allclose(codeword_scores(X, centers, simd=simd), expected - bias,
                                rtol=rtol, atol=rtol * 10)
-    # Each row on its own: the same bits alone, in any batch, with any threads.
-    for rows in (slice(0, 1), slice(5, 12), slice(250, 261)):
+    # Each row on its own: the same bits alone, in any batch, with any threads
+    # (a single row goes through the one-row kernel, a batch through blocks of 4).
+    for rows in (slice(0, 1), slice(3, 4), slice(260, 261), slice(5, 12), slice(250, 261)):
         np.testing.assert_array_equal(
             codeword_scores(np.ascontiguousarray(X[rows]), centers, bias, simd=simd), scores[rows])
     with pytest.raises(ValueError, match="bias must have shape"):

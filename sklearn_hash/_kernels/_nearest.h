@@ -114,8 +114,34 @@ ATTR static void NAME(const T* X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t d,      
     }                                                                            \
 }
 
+/* Every score of ONE row (out mode), feature by feature: out = bias, then
+ * out += x[j] * CT[j] over the contiguous row j of CT. Each lane adds the
+ * same products in the same order as the block kernel (same scores, bit for
+ * bit), but CT is read as one forward stream instead of column blocks down
+ * its rows, 4 KB apart at 1024 codewords: for a single query (an inverted
+ * file's centroids) that stride, not the arithmetic, bounds the time. */
+#define SH_SCORES_ROW(NAME, T, VT, L, ATTR)                                       \
+ATTR static void NAME(const T* x, ptrdiff_t d, const T* CT, const T* bias,       \
+                      ptrdiff_t Kp, T* out)                                      \
+{                                                                                \
+    memcpy(out, bias, (size_t)Kp * sizeof(T));                                   \
+    for (ptrdiff_t j = 0; j < d; ++j) {                                          \
+        const T xv = x[j];                                                       \
+        const T* w = CT + j * Kp;                                                \
+        for (ptrdiff_t c = 0; c < Kp; c += (L)) {                                \
+            VT acc, wv;                                                          \
+            memcpy(&acc, out + c, sizeof(VT));                                   \
+            memcpy(&wv, w + c, sizeof(VT));                                      \
+            acc += xv * wv;                                                      \
+            memcpy(out + c, &acc, sizeof(VT));                                   \
+        }                                                                        \
+    }                                                                            \
+}
+
 SH_NEAREST_VECTOR(sh_nearest_f32_v4, float, sh_f32x4, sh_i32x4, 4, 2, )
 SH_NEAREST_VECTOR(sh_nearest_f64_v2, double, sh_f64x2, sh_i64x2, 2, 2, )
+SH_SCORES_ROW(sh_scores_row_f32_v4, float, sh_f32x4, 4, )
+SH_SCORES_ROW(sh_scores_row_f64_v2, double, sh_f64x2, 2, )
 
 #if defined(__x86_64__) || defined(__i386__)
 #define SH_NEAREST_X86 1
@@ -127,6 +153,12 @@ SH_NEAREST_VECTOR(sh_nearest_f32_avx512, float, sh_f32x16, sh_i32x16, 16, 4,
                   __attribute__((target("avx512f,fma"))))
 SH_NEAREST_VECTOR(sh_nearest_f64_avx512, double, sh_f64x8, sh_i64x8, 8, 4,
                   __attribute__((target("avx512f,fma"))))
+SH_SCORES_ROW(sh_scores_row_f32_avx2, float, sh_f32x8, 8, __attribute__((target("avx2,fma"))))
+SH_SCORES_ROW(sh_scores_row_f64_avx2, double, sh_f64x4, 4, __attribute__((target("avx2,fma"))))
+SH_SCORES_ROW(sh_scores_row_f32_avx512, float, sh_f32x16, 16,
+              __attribute__((target("avx512f,fma"))))
+SH_SCORES_ROW(sh_scores_row_f64_avx512, double, sh_f64x8, 8,
+              __attribute__((target("avx512f,fma"))))
 #else
 #define SH_NEAREST_X86 0
 #endif
@@ -177,6 +209,16 @@ static inline void sh_nearest_f32(int level, const float* X, ptrdiff_t ldx, ptrd
                                   ptrdiff_t d, const float* CT, const float* bias,
                                   ptrdiff_t Kp, int32_t* labels, float* scores, float* out)
 {
+#if SH_NEAREST_VECTORS
+    if (out && n == 1) { /* one row's scores: the row kernel (same numbers) */
+#if SH_NEAREST_X86
+        if (level >= 2) { sh_scores_row_f32_avx512(X, d, CT, bias, Kp, out); return; }
+        if (level == 1) { sh_scores_row_f32_avx2(X, d, CT, bias, Kp, out); return; }
+#endif
+        sh_scores_row_f32_v4(X, d, CT, bias, Kp, out);
+        return;
+    }
+#endif
 #if SH_NEAREST_X86
     if (level >= 2) { sh_nearest_f32_avx512(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
     if (level == 1) { sh_nearest_f32_avx2(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
@@ -189,6 +231,16 @@ static inline void sh_nearest_f64(int level, const double* X, ptrdiff_t ldx, ptr
                                   ptrdiff_t d, const double* CT, const double* bias,
                                   ptrdiff_t Kp, int32_t* labels, double* scores, double* out)
 {
+#if SH_NEAREST_VECTORS
+    if (out && n == 1) { /* one row's scores: the row kernel (same numbers) */
+#if SH_NEAREST_X86
+        if (level >= 2) { sh_scores_row_f64_avx512(X, d, CT, bias, Kp, out); return; }
+        if (level == 1) { sh_scores_row_f64_avx2(X, d, CT, bias, Kp, out); return; }
+#endif
+        sh_scores_row_f64_v2(X, d, CT, bias, Kp, out);
+        return;
+    }
+#endif
 #if SH_NEAREST_X86
     if (level >= 2) { sh_nearest_f64_avx512(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
     if (level == 1) { sh_nearest_f64_avx2(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
