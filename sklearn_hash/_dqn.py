@@ -415,12 +415,13 @@ class DeepQuantizationNetwork(ClassNamePrefixFeaturesOutMixin, TransformerMixin,
     weight_decay : float, default=0.0
         L2 penalty of the Adam optimizer.
     device : str, default="cpu"
-        torch device of the network, such as ``"cpu"`` or ``"cuda"``. On
-        the CPU, training and embedding run torch on one thread (restored
+        torch device of the network, such as ``"cpu"`` or ``"cuda"``.
+        Training and embedding run torch's CPU work on one thread (restored
         afterwards): torch's matrix products round differently with the
         number of threads, and on 1024-d inputs a model trained on two
         threads gave other codes than on one. The model is then the same on
-        every machine, at 10-30% more training time on 2 cores.
+        every machine, at 10-30% more training time on 2 cores (the
+        codebooks' k-means refits during training run on one thread too).
     hierarchy : array-like of shape (n_labels,), dtype=int, default=None
         Label tree: ``hierarchy[label]`` is the parent of ``label``, ``-1``
         for a top-level label (build it with

@@ -17,6 +17,8 @@ from sklearn.utils import check_random_state
 from skorch.callbacks import Callback
 from torch import nn
 
+from ._kmeans import training_rows
+
 
 class DQNModule(nn.Module):
     """MLP from the input features to a unit-norm ``tanh`` bottleneck.
@@ -345,9 +347,12 @@ def fit_codebooks(quantizer, Z, previous=None, n_init=1):
     ``quantizer``'s ``random_state``, and keeps, subspace by subspace (the
     codebooks are independent k-means problems), the codebook of lowest
     inertia, as scikit-learn's ``KMeans(n_init=...)`` keeps its best run.
-    The returned quantizer is then fitted warm started from those codebooks
-    (its ``init``), which reproduces them, and its ``inertia_`` is at most
-    each run's, subspace by subspace.
+    Every run trains on the same rows: those the quantizer's ``random_state``
+    draws when Z exceeds its ``max_train_samples`` (all of Z otherwise), so
+    that the inertias compare. The returned quantizer is then fitted on
+    those rows warm started from the chosen codebooks (its ``init``), which
+    reproduces them, and its ``inertia_`` is at most each run's, subspace by
+    subspace.
 
     The quantization loss draws embeddings onto codewords, so a codeword can
     end with no row and the codebook with duplicate codewords, of which the
@@ -363,6 +368,10 @@ def fit_codebooks(quantizer, Z, previous=None, n_init=1):
             runs = [clone(quantizer).fit(Z)]
         if n_init <= 1:
             return runs[0]
+        # The rows run 0 trained on (the same draw of the same random_state): the
+        # restarts' own random_state would otherwise subsample other rows.
+        Z = training_rows(Z, quantizer.max_train_samples, 2**quantizer.subspace_bits,
+                          check_random_state(quantizer.random_state))
         rng = check_random_state(quantizer.random_state)
         for _ in range(n_init - 1):
             seed = int(rng.randint(np.iinfo(np.int32).max))
@@ -381,7 +390,10 @@ def one_thread():
     differently with their number: on ESC-50 YAMNet (1600 x 1024 rows) the
     embeddings of a network trained on 1 and on 2 threads differed by up to
     6e-7, enough to move a code now and then. On one thread the model is the
-    same on every machine; training takes 10-30% longer on 2 cores.
+    same on every machine; training takes 10-30% longer on 2 cores. Torch's
+    setting is OpenMP's, so the package's own kernels called inside the block
+    (the codebooks' k-means refits during training) run on one thread too;
+    their results never depend on it.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -440,3 +440,28 @@ def test_final_codebooks_keep_the_lowest_inertia_of_their_runs():
     # the returned quantizer reproduces itself from its own init
     again = ProductQuantizer(**result.get_params()).fit(Z)
     np.testing.assert_array_equal(again.cluster_centers_, result.cluster_centers_)
+
+
+def test_final_codebooks_restarts_train_on_the_same_subsample():
+    """More rows than a codebook trains on: every run draws the same rows, so inertias compare."""
+    from sklearn.base import clone
+    from sklearn.utils import check_random_state
+
+    from sklearn_hash._dqn_torch import fit_codebooks
+    from sklearn_hash._kmeans import training_rows
+
+    rng = np.random.default_rng(1)
+    Z = rng.standard_normal((20_000, 8)).astype(np.float32)  # 16 codewords train on 4,096 rows
+    for seed in range(3):
+        quantizer = ProductQuantizer(n_bits=8, subspace_bits=4, n_iter=10, random_state=seed)
+        result = fit_codebooks(quantizer, Z, n_init=4)
+        rows = training_rows(Z, None, 16, check_random_state(seed))
+        assert len(rows) == 4096
+        seeds = check_random_state(seed).randint(np.iinfo(np.int32).max, size=3)
+        runs = [clone(quantizer).fit(rows)] + [
+            clone(quantizer).set_params(init="k-means++", random_state=int(s)).fit(rows)
+            for s in seeds]
+        best = np.min([_inertia(rows, run.cluster_centers_, [0, 4, 8]) for run in runs], axis=0)
+        got = _inertia(rows, result.cluster_centers_, [0, 4, 8])
+        assert (got <= best * (1 + 1e-5)).all()
+        np.testing.assert_allclose(result.inertia_, got, rtol=1e-5)
