@@ -36,7 +36,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from ._base import validate_features
+from ._base import check_fitted, validate_features
 from ._rerank import FloatRows, SQ8Rows
 from ._storage import ChunkedRows, GrowableArray
 from ._threads import effective_n_threads, single_threaded_blas
@@ -344,8 +344,7 @@ class IndexMixin:
             Database indices of the neighbours; equal distances in ascending
             index order.
         """
-        if "n_samples_fit_" not in self.__dict__:  # check_is_fitted costs ~10 us a call
-            check_is_fitted(self)
+        check_fitted(self)
         params = self._check_search_params(search_params)
         if n_neighbors is None:
             n_neighbors = self.n_neighbors

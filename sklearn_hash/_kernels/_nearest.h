@@ -187,6 +187,10 @@ static void NAME(const T* X, ptrdiff_t ldx, ptrdiff_t n, ptrdiff_t d,           
 }
 SH_NEAREST_PLAIN(sh_nearest_f32_v4, float)
 SH_NEAREST_PLAIN(sh_nearest_f64_v2, double)
+#define sh_scores_row_f32_v4(x, d, CT, bias, Kp, out) \
+    sh_nearest_f32_v4(x, 0, 1, d, CT, bias, Kp, NULL, NULL, out)
+#define sh_scores_row_f64_v2(x, d, CT, bias, Kp, out) \
+    sh_nearest_f64_v2(x, 0, 1, d, CT, bias, Kp, NULL, NULL, out)
 #endif
 
 /* The widest path this processor runs: 2 AVX-512F, 1 AVX2 + FMA, 0 other. */
@@ -202,51 +206,35 @@ static int sh_nearest_level(void)
     return 0;
 }
 
-/* With out == NULL: the best codeword of each row into labels / scores.
- * Otherwise: every score into out (n x Kp, row-major); labels and scores
+#if SH_NEAREST_X86
+#define SH_IF_X86(code) code
+#else
+#define SH_IF_X86(code)
+#endif
+
+/* sh_nearest_f32 / sh_nearest_f64: the widest path `level` allows (S: f32 or
+ * f64; P: the portable kernel's suffix). With out == NULL: the best codeword
+ * of each row into labels / scores. Otherwise: every score into out (n x Kp,
+ * row-major), one row by the row kernel (same numbers); labels and scores
  * are not touched. */
-static inline void sh_nearest_f32(int level, const float* X, ptrdiff_t ldx, ptrdiff_t n,
-                                  ptrdiff_t d, const float* CT, const float* bias,
-                                  ptrdiff_t Kp, int32_t* labels, float* scores, float* out)
-{
-#if SH_NEAREST_VECTORS
-    if (out && n == 1) { /* one row's scores: the row kernel (same numbers) */
-#if SH_NEAREST_X86
-        if (level >= 2) { sh_scores_row_f32_avx512(X, d, CT, bias, Kp, out); return; }
-        if (level == 1) { sh_scores_row_f32_avx2(X, d, CT, bias, Kp, out); return; }
-#endif
-        sh_scores_row_f32_v4(X, d, CT, bias, Kp, out);
-        return;
-    }
-#endif
-#if SH_NEAREST_X86
-    if (level >= 2) { sh_nearest_f32_avx512(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
-    if (level == 1) { sh_nearest_f32_avx2(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
-#endif
-    (void)level;
-    sh_nearest_f32_v4(X, ldx, n, d, CT, bias, Kp, labels, scores, out);
+#define SH_NEAREST_DISPATCH(T, S, P)                                              \
+static inline void sh_nearest_##S(int level, const T* X, ptrdiff_t ldx, ptrdiff_t n, \
+                                  ptrdiff_t d, const T* CT, const T* bias,       \
+                                  ptrdiff_t Kp, int32_t* labels, T* scores, T* out) \
+{                                                                                \
+    if (out && n == 1) {                                                         \
+        SH_IF_X86(if (level >= 2) { sh_scores_row_##S##_avx512(X, d, CT, bias, Kp, out); return; }) \
+        SH_IF_X86(if (level == 1) { sh_scores_row_##S##_avx2(X, d, CT, bias, Kp, out); return; }) \
+        sh_scores_row_##S##_##P(X, d, CT, bias, Kp, out);                        \
+        return;                                                                  \
+    }                                                                            \
+    SH_IF_X86(if (level >= 2) { sh_nearest_##S##_avx512(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }) \
+    SH_IF_X86(if (level == 1) { sh_nearest_##S##_avx2(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }) \
+    (void)level;                                                                 \
+    sh_nearest_##S##_##P(X, ldx, n, d, CT, bias, Kp, labels, scores, out);       \
 }
 
-static inline void sh_nearest_f64(int level, const double* X, ptrdiff_t ldx, ptrdiff_t n,
-                                  ptrdiff_t d, const double* CT, const double* bias,
-                                  ptrdiff_t Kp, int32_t* labels, double* scores, double* out)
-{
-#if SH_NEAREST_VECTORS
-    if (out && n == 1) { /* one row's scores: the row kernel (same numbers) */
-#if SH_NEAREST_X86
-        if (level >= 2) { sh_scores_row_f64_avx512(X, d, CT, bias, Kp, out); return; }
-        if (level == 1) { sh_scores_row_f64_avx2(X, d, CT, bias, Kp, out); return; }
-#endif
-        sh_scores_row_f64_v2(X, d, CT, bias, Kp, out);
-        return;
-    }
-#endif
-#if SH_NEAREST_X86
-    if (level >= 2) { sh_nearest_f64_avx512(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
-    if (level == 1) { sh_nearest_f64_avx2(X, ldx, n, d, CT, bias, Kp, labels, scores, out); return; }
-#endif
-    (void)level;
-    sh_nearest_f64_v2(X, ldx, n, d, CT, bias, Kp, labels, scores, out);
-}
+SH_NEAREST_DISPATCH(float, f32, v4)
+SH_NEAREST_DISPATCH(double, f64, v2)
 
 #endif /* SKLEARN_HASH_NEAREST_H */
