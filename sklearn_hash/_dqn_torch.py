@@ -338,13 +338,14 @@ class AncestorCentroids(Callback):
         net.criterion_.ancestor_centroids = []
 
 
-def fit_codebooks(quantizer, Z, previous=None, n_init=1):
+def fit_codebooks(quantizer, Z, previous=None, n_init=1, restart_init="k-means++"):
     """A clone of ``quantizer`` fitted on Z, warm started from ``previous``'s codebooks.
 
     Without ``previous`` the k-means starts as ``quantizer``'s ``init`` says.
     With ``n_init > 1`` it runs ``n_init`` k-means: the warm start from
-    ``previous`` (when given) and k-means++ starts with seeds drawn from
-    ``quantizer``'s ``random_state``, and keeps, subspace by subspace (the
+    ``previous`` (when given) and ``restart_init`` starts (``"k-means++"``
+    or ``"random"`` rows) with seeds drawn from ``quantizer``'s
+    ``random_state``, and keeps, subspace by subspace (the
     codebooks are independent k-means problems), the codebook of lowest
     inertia, as scikit-learn's ``KMeans(n_init=...)`` keeps its best run.
     Every run trains on the same rows: those the quantizer's ``random_state``
@@ -375,7 +376,7 @@ def fit_codebooks(quantizer, Z, previous=None, n_init=1):
         rng = check_random_state(quantizer.random_state)
         for _ in range(n_init - 1):
             seed = int(rng.randint(np.iinfo(np.int32).max))
-            runs.append(clone(quantizer).set_params(init="k-means++", random_state=seed).fit(Z))
+            runs.append(clone(quantizer).set_params(init=restart_init, random_state=seed).fit(Z))
         inertia = np.array([run.inertia_ for run in runs])  # (n_runs, n_subspaces)
         best = inertia.argmin(axis=0)
         centers = np.stack([runs[r].cluster_centers_[m] for m, r in enumerate(best)])

@@ -465,3 +465,21 @@ def test_final_codebooks_restarts_train_on_the_same_subsample():
         got = _inertia(rows, result.cluster_centers_, [0, 4, 8])
         assert (got <= best * (1 + 1e-5)).all()
         np.testing.assert_allclose(result.inertia_, got, rtol=1e-5)
+
+
+@pytest.mark.parametrize("subspace_bits, seeded", [(8, True), (9, False)])
+def test_codebooks_above_8_bits_start_from_random_rows(digits, monkeypatch, subspace_bits,
+                                                       seeded):
+    """k-means++ seeding costs O(n K d log K): larger codebooks start from random rows."""
+    import sklearn_hash._pq as pq_module
+
+    calls = []
+    seeding = pq_module.kmeans_plusplus
+    monkeypatch.setattr(pq_module, "kmeans_plusplus",
+                        lambda *args, **kwargs: calls.append(1) or seeding(*args, **kwargs))
+    X_db, _, y_partial, _, _ = digits
+    dqn = small_dqn(n_bits=subspace_bits, subspace_bits=subspace_bits, max_epochs=2)
+    dqn.fit(X_db, y_partial)
+    # k-means++ seeds the first training codebooks and 4 restarts of the final ones
+    assert len(calls) == (5 if seeded else 0)
+    assert dqn.quantizer_.cluster_centers_.shape == (1, 2**subspace_bits, 8)
