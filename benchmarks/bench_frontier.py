@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import exact_top10, recall_at_10, timed, timed_best
+from sklearn.cluster import KMeans
 
 from sklearn_hash import (
     OPQ,
@@ -161,24 +162,34 @@ def lloyd_max(values, n_levels, n_iter=30):
     return levels
 
 
-def transform_coded(Z, train, total_bits):
+def transform_coded(Z, train, total_bits, groups=None):
     """Z coded in the principal axes of Z[train], bits allocated by variance, Lloyd-Max levels.
 
     Transform coding: the best a code of independent scalars can do on a
     Gaussian-like source at ``total_bits`` per row (uniform per-feature
-    bytes waste bits on the low-variance components).
+    bytes waste bits on the low-variance components). With ``groups`` (a
+    group per row), each group has its own mean, axes, bits and levels,
+    learnt from its rows in ``train``.
     """
+    if groups is not None:
+        decoded = np.empty_like(Z)
+        in_train = np.zeros(len(Z), dtype=bool)
+        in_train[train] = True
+        for g in np.unique(groups):
+            rows = np.flatnonzero(groups == g)
+            decoded[rows] = transform_coded(Z[rows], np.flatnonzero(in_train[rows]), total_bits)
+        return decoded
     sample = Z[train].astype(np.float64)
+    mean = sample.mean(axis=0)
     variances, axes = np.linalg.eigh(np.cov(sample, rowvar=False))
     variances, axes = variances[::-1], axes[:, ::-1]
     bits = allocate_bits(variances, total_bits)
-    Y, Y_train = Z @ axes.astype(np.float32), sample @ axes
+    Y, Y_train = (Z - mean) @ axes.astype(np.float32), (sample - mean) @ axes
     decoded = np.zeros_like(Y)
     for i in np.flatnonzero(bits):
         levels = lloyd_max(Y_train[:, i], 2 ** bits[i]).astype(np.float32)
         decoded[:, i] = levels[np.searchsorted((levels[1:] + levels[:-1]) / 2, Y[:, i])]
-    decoded[:, bits == 0] = Y_train[:, bits == 0].mean(axis=0)
-    return decoded @ axes.T.astype(np.float32)
+    return decoded @ axes.T.astype(np.float32) + mean.astype(np.float32)
 
 
 def gaussian_rate(variances, mse):
@@ -199,9 +210,11 @@ def storage_part(X, Q, truth, threads):
     vector. Only ``float32`` and ``sq8`` (residual) are built as
     ``refine_storage``; the others are what a smaller row would give, to
     show where recall 0.95 needs how many bytes. The MSE column is the mean
-    squared distance of the decoded rows to the vectors; the rate line after
-    the table is what a Gaussian with the residuals' covariance needs for
-    the sq8 rows' MSE (the water-filling bound of rate-distortion theory).
+    squared distance of the decoded rows to the vectors; the rate table after
+    it is what a Gaussian model of the residuals needs for the sq8 rows' MSE
+    (the water-filling bound of rate-distortion theory): with one covariance
+    for all residuals, or one per group of cells or per cell, since a code
+    may depend on the cell (as the "per group" rows' axes do).
     """
     print("\n## Re-ranking rows: recall@10 of the same candidates by bytes per row\n")
     ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
@@ -217,6 +230,11 @@ def storage_part(X, Q, truth, threads):
         R[i : i + 65536])) for i in range(0, len(X), 65536)]).astype(np.float32)
     rng = np.random.default_rng(0)
     train = rng.choice(len(X), 200_000, replace=False)
+    # groups of neighbouring cells (k-means of their centroids), for codes with their own
+    # axes, each learnt from its rows among half the items (200,000 rows leave 1,600 per
+    # group of 128 cells, too few for 128-d axes and 256 levels)
+    half = rng.choice(len(X), len(X) // 2, replace=False)
+    groups32, groups128 = (KMeans(g, n_init=1, random_state=0).fit_predict(C) for g in (32, 128))
 
     def scalar(Z, bits, q=1e-4):
         low, high = np.quantile(Z[::10], [q, 1 - q], axis=0)
@@ -240,12 +258,22 @@ def storage_part(X, Q, truth, threads):
         ("PQ 32x8 of the residual + cell", 36, lambda: C[cells] + product(R, 256)),
         ("transform-coded residual, 512 bits, + cell", 68,
          lambda: C[cells] + transform_coded(R, train, 512)),
+        ("transform-coded residual, 512 bits, axes per group of cells (32 groups), + cell", 68,
+         lambda: C[cells] + transform_coded(R, half, 512, groups32[cells])),
+        ("transform-coded residual, 512 bits, axes per group of cells (128 groups), + cell",
+         68, lambda: C[cells] + transform_coded(R, half, 512, groups128[cells])),
         ("PQ 64x8 of the 4-bit codes' error (IVFPQR), + cell, codes read again", 68,
          lambda: C[cells] + first + product(R - first, 512)),
         ("transform-coded 4-bit codes' error, 448 bits, + cell, codes read again", 60,
          lambda: C[cells] + first + transform_coded(R - first, train, 448)),
+        (("transform-coded 4-bit codes' error, 448 bits, axes per group of cells (32 groups), "
+          "+ cell, codes read again"), 60,
+         lambda: C[cells] + first + transform_coded(R - first, half, 448, groups32[cells])),
         ("transform-coded 4-bit codes' error, 512 bits, + cell, codes read again", 68,
          lambda: C[cells] + first + transform_coded(R - first, train, 512)),
+        (("transform-coded 4-bit codes' error, 512 bits, axes per group of cells (128 groups), "
+          "+ cell, codes read again"), 68,
+         lambda: C[cells] + first + transform_coded(R - first, half, 512, groups128[cells])),
         ("8-bit per feature of the 4-bit codes' error, + cell, codes read again", 132,
          lambda: C[cells] + first + scalar(R - first, 8)),
     ]
@@ -263,12 +291,28 @@ def storage_part(X, Q, truth, threads):
             recalls.append(recall_at_10(np.take_along_axis(cand, order, 1), truth))
         print(f"| {name} | {size} B | {mse[name]:.4f} | "
               + " | ".join(f"{r:.3f}" for r in recalls) + " |", flush=True)
-    variances = np.linalg.eigvalsh(np.cov(R[train].astype(np.float64), rowvar=False))
     sq8 = mse[rows[1][0]]
-    bits = gaussian_rate(variances, sq8)
-    print(f"\nA Gaussian with the residuals' covariance needs {bits:.0f} bits ({bits / 8:.0f} B) "
-          f"per row for the sq8 rows' MSE ({sq8:.4f}), before the cell, the id and the "
-          f"fast-scan code (rate-distortion, reverse water-filling).")
+
+    def rate(groups):  # bits per row, a Gaussian per group, weighted by the groups' sizes
+        total = 0.0
+        for g in np.unique(groups):
+            mine = np.flatnonzero(groups == g)
+            sample = R[mine[:: max(1, len(mine) // 20_000)]].astype(np.float64)
+            variances = np.linalg.eigvalsh(np.cov(sample, rowvar=False))
+            total += gaussian_rate(np.clip(variances, 1e-12, None), sq8) * len(mine)
+        return total / len(R)
+
+    print(f"\nBits per row for the sq8 rows' MSE ({sq8:.4f}) under a Gaussian model of the "
+          "residuals (rate-distortion, reverse water-filling), before the id and the fast-scan "
+          "code; the code may depend on the cell, so its own covariance counts:\n")
+    print("| a Gaussian with the covariance of | bits | bytes |")
+    print("|---|---|---|")
+    for name, groups in (("all residuals", np.zeros(len(X), dtype=int)),
+                         ("each of 32 groups of cells", groups32[cells]),
+                         ("each of 128 groups of cells", groups128[cells]),
+                         ("each cell (its rows: about 1,000)", cells)):
+        bits = rate(groups)
+        print(f"| {name} | {bits:.0f} | {bits / 8:.0f} B |", flush=True)
 
 
 def main():
