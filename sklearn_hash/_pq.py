@@ -124,9 +124,11 @@ class ProductQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     init : {"random", "k-means++"} or array-like of shape (n_subspaces, K, subspace_dim), \
 default="random"
         How each k-means starts: ``"random"`` picks K training rows (as faiss
-        does), ``"k-means++"`` spreads them out, and an array gives the
-        starting codebooks in the layout of ``cluster_centers_`` (warm start,
-        for instance from a previous fit on similar data).
+        does), ``"k-means++"`` spreads them out (scikit-learn's greedy
+        seeding, ``O(n K d log K)``: at ``subspace_bits`` above 8 it takes
+        several times the k-means itself), and an array gives the starting
+        codebooks in the layout of ``cluster_centers_`` (warm start, for
+        instance from a previous fit on similar data).
     max_train_samples : int, default=None
         Rows used to train the codebooks; ``None`` means ``256 * K``.
     random_state : int, RandomState instance or None, default=None
