@@ -499,6 +499,21 @@ def test_default_thread_count_follows_the_cpus_this_process_may_use(monkeypatch)
     assert effective_n_threads(3) == 3
 
 
+def test_absurd_thread_counts_are_capped_not_fatal():
+    """n_jobs=100,000 crashed the process in the kernels (OpenMP cannot start that many)."""
+    from sklearn_hash._kernels._openmp import MAX_THREADS, openmp_enabled
+
+    expected = MAX_THREADS if openmp_enabled() else 1
+    assert effective_n_threads(100_000) == expected
+    assert effective_n_threads(2**40) == expected  # no overflow converting to a C int
+    X = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    pq = ProductQuantizer(32, subspace_bits=4, random_state=0)
+    one = QuantizedNeighbors(pq, n_jobs=1).fit(X).kneighbors(X[:3])
+    many = QuantizedNeighbors(pq, n_jobs=100_000).fit(X).kneighbors(X[:3])
+    np.testing.assert_array_equal(one[1], many[1])
+    np.testing.assert_array_equal(one[0], many[0])
+
+
 def test_packed_codes_round_trip_through_the_hamming_back_end():
     from sklearn_hash._backends import HammingScan
 

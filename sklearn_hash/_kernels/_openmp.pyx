@@ -10,6 +10,9 @@ def openmp_enabled():
     return bool(SKLEARN_HASH_OPENMP_ENABLED)
 
 
+# The most OpenMP threads a kernel is given, whatever n_jobs asks for.
+MAX_THREADS = 1024
+
 # joblib.cpu_count() reads the cgroup files on every call (about 0.15 ms):
 # the CPUs a process may use are read once.
 _cpu_count = None
@@ -30,10 +33,11 @@ def effective_n_threads(n_jobs=None):
     ``None`` means ``OMP_NUM_THREADS`` when it is set, else the number of
     CPUs this process may use: the cores it is allowed to run on, capped by
     a container's CPU quota (cgroups), as ``joblib.cpu_count()`` counts
-    them. A positive integer means that many threads, and a negative integer
-    counts back from that number of CPUs as in joblib (-1 is all of them,
-    -2 all but one). ``0`` is not allowed. Without OpenMP the answer is
-    always 1.
+    them. A positive integer means that many threads, at most
+    ``MAX_THREADS`` (1,024: OpenMP cannot start 100,000 threads, and the
+    process crashed trying), and a negative integer counts back from that
+    number of CPUs as in joblib (-1 is all of them, -2 all but one). ``0``
+    is not allowed. Without OpenMP the answer is always 1.
     """
     if n_jobs == 0:
         raise ValueError("n_jobs == 0 has no meaning; use None, a positive "
@@ -47,4 +51,4 @@ def effective_n_threads(n_jobs=None):
         return max(1, min(omp_get_max_threads(), _cpus()))
     if n_jobs < 0:
         return max(1, _cpus() + 1 + n_jobs)
-    return n_jobs
+    return min(n_jobs, MAX_THREADS)
