@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from sklearn_hash import ITQ, QuantizedNeighbors
-from sklearn_hash.metrics import make_map_at_r_scorer, map_at_r_score, recall_at_k_score
+from sklearn_hash.metrics import (
+    make_map_at_r_scorer,
+    map_at_r_score,
+    ndcg_at_r_score,
+    recall_at_k_score,
+)
 
 
 def test_hand_computed_single_query():
@@ -333,3 +338,27 @@ def test_scorer_ties_and_normalize_against_the_metric():
     big = make_map_at_r_scorer(R=1000, ties="average")
     assert big(search, X[200:], y[200:]) == pytest.approx(
         map_at_r_score(y[200:], y[:200], ind, distances=dist))
+
+
+@pytest.mark.parametrize("score", [
+    lambda nb: map_at_r_score([0], [0, 1, 1, 1], nb, normalize="relevant"),
+    lambda nb: map_at_r_score([0], [0, 1, 1, 1], nb),
+    lambda nb: ndcg_at_r_score([0], [0, 1, 1, 1], nb, hierarchy=[2, 2, -1]),
+    lambda nb: recall_at_k_score(nb, [[0, 1]]),
+    lambda nb: recall_at_k_score([[0, 1]], nb),
+])
+def test_repeated_neighbours_are_refused(score):
+    # [[0, 0]] counted item 0 twice: map_at_r_score(normalize="relevant") gave 2.0
+    with pytest.raises(ValueError, match="must not repeat a database index within a row"):
+        score([[0, 0]])
+    assert 0 <= score([[0, 1]]) <= 1
+
+
+def test_labels_of_different_kinds_are_refused():
+    # strings never equal numbers: the score was 0.0 without a word
+    with pytest.raises(ValueError, match="y_query holds strings but y_database holds numbers"):
+        map_at_r_score(["0", "1"], [0, 1, 0, 1], [[0, 2], [1, 3]])
+    with pytest.raises(ValueError, match="y_query holds numbers but y_database holds strings"):
+        map_at_r_score([0, 1], ["0", "1", "0", "1"], [[0, 2], [1, 3]])
+    assert map_at_r_score(["0", "1"], ["0", "1", "0", "1"], [[0, 2], [1, 3]]) == 1.0
+    assert map_at_r_score([0, 1], [0.0, 1.0, 0.0, 1.0], [[0, 2], [1, 3]]) == 1.0

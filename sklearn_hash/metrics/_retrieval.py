@@ -27,6 +27,29 @@ def _check_labels(y, name):
     return y
 
 
+def _check_label_kinds(y_query, y_database):
+    """Refuse text labels on one side and numbers on the other: they would never match."""
+    text = [y.dtype.kind in "US" for y in (y_query, y_database)]
+    numbers = [y.dtype.kind in "biuf" for y in (y_query, y_database)]
+    if (text[0] and numbers[1]) or (numbers[0] and text[1]):
+        raise ValueError(f"y_query holds {'strings' if text[0] else 'numbers'} but y_database "
+                         f"holds {'strings' if text[1] else 'numbers'}; labels of different "
+                         f"kinds never match, so every item would count as irrelevant. Give "
+                         f"both the same kind of labels.")
+
+
+def _check_no_repeats(indices, name):
+    """Refuse a row that retrieves the same database item twice (it would count twice)."""
+    if indices.shape[1] < 2:
+        return
+    ordered = np.sort(indices, axis=1)
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
+        raise ValueError(f"{name} must not repeat a database index within a row (each item "
+                         f"is retrieved once); row {row} does.")
+
+
 def _relevance(y_query, y_database, neighbors):
     """Boolean (n_queries, n_retrieved): is each retrieved item relevant to its query?"""
     if y_query.ndim == 1:
@@ -295,6 +318,7 @@ def map_at_r_score(y_query, y_database, neighbors, *, R=None, distances=None,
             f"both indicator matrices with the same columns); got shapes "
             f"{y_query.shape} and {y_database.shape}."
         )
+    _check_label_kinds(y_query, y_database)
     neighbors, R, distances = _check_ranking(neighbors, y_query.shape[0],
                                              y_database.shape[0], R, distances,
                                              "map_at_r_score")
@@ -391,6 +415,8 @@ def recall_at_k_score(neighbors, true_neighbors):
     if neighbors.shape[0] != true_neighbors.shape[0]:
         raise ValueError(f"neighbors has {neighbors.shape[0]} rows but true_neighbors "
                          f"has {true_neighbors.shape[0]}; they must match.")
+    _check_no_repeats(neighbors, "neighbors")
+    _check_no_repeats(true_neighbors, "true_neighbors")
     found = [np.isin(t, n).sum() for n, t in zip(neighbors, true_neighbors)]
     return float(np.mean(found) / true_neighbors.shape[1])
 
@@ -572,6 +598,7 @@ def _check_ranking(neighbors, n_queries, n_database, R, distances, name):
         raise ValueError(f"neighbors must be indices in [0, {n_database - 1}] "
                          f"of y_database; got values in [{neighbors.min()}, "
                          f"{neighbors.max()}].")
+    _check_no_repeats(neighbors, "neighbors")
     n_retrieved = neighbors.shape[1]
     if R is None:
         R = n_retrieved
