@@ -362,3 +362,20 @@ def test_labels_of_different_kinds_are_refused():
         map_at_r_score([0, 1], ["0", "1", "0", "1"], [[0, 2], [1, 3]])
     assert map_at_r_score(["0", "1"], ["0", "1", "0", "1"], [[0, 2], [1, 3]]) == 1.0
     assert map_at_r_score([0, 1], [0.0, 1.0, 0.0, 1.0], [[0, 2], [1, 3]]) == 1.0
+
+
+@pytest.mark.parametrize("R, ties, normalize", [(60, "index", "relevant"),
+                                                (150, "average", "retrieved"),
+                                                (250, "index", "retrieved")])
+def test_scorer_after_remove_scores_the_live_items_as_compact_does(R, ties, normalize):
+    # removed items counted as relevant (normalize="relevant") and in the cut of R
+    # (R=250 with 200 live items asked for 250 neighbours and failed)
+    rng = np.random.RandomState(0)
+    X, y = rng.randn(300, 16), rng.randint(0, 4, 300)
+    searcher = QuantizedNeighbors(ITQ(4, random_state=0)).fit(X, y)  # 4 bits: many ties
+    searcher.remove(np.arange(0, 300, 6))
+    searcher.remove(np.arange(1, 300, 6))
+    scorer = make_map_at_r_scorer(R=R, ties=ties, normalize=normalize)
+    removed = scorer(searcher, X[:20], y[:20])
+    searcher.compact()  # the same live items, renumbered in order
+    assert removed == pytest.approx(scorer(searcher, X[:20], y[:20]), abs=1e-12)

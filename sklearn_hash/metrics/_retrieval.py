@@ -449,19 +449,29 @@ class _RetrievalScorer:
             raise ValueError(
                 f"{self._name} needs the labels of the database: fit the searcher with y."
             )
+        # Removed items (awaiting compact) are not part of the database: the
+        # labels and indices are those of the live items, as after compact.
+        renumber = None
+        if getattr(searcher, "n_removed_", 0):
+            live = searcher._live_mask().astype(bool)
+            renumber = np.cumsum(live) - 1
+            y_database = y_database[live]
         n_database = len(y_database)
         R = min(self.R, n_database)
         if self.ties == "index":
             neighbors = searcher.kneighbors(Xt, n_neighbors=R, return_distance=False)
-            return self._score(y, y_database, neighbors, R, None)
-        # Retrieve more neighbours until every row's group of ties at the cut
-        # has ended (or the whole database is ranked).
-        n = R
-        while True:
-            distances, neighbors = searcher.kneighbors(Xt, n_neighbors=n)
-            if n == n_database or (distances[:, n - 1] > distances[:, R - 1]).all():
-                break
-            n = min(2 * n, n_database)
+            distances = None
+        else:
+            # Retrieve more neighbours until every row's group of ties at the cut
+            # has ended (or the whole database is ranked).
+            n = R
+            while True:
+                distances, neighbors = searcher.kneighbors(Xt, n_neighbors=n)
+                if n == n_database or (distances[:, n - 1] > distances[:, R - 1]).all():
+                    break
+                n = min(2 * n, n_database)
+        if renumber is not None:
+            neighbors = renumber[neighbors]
         return self._score(y, y_database, neighbors, R, distances)
 
     def __repr__(self):
@@ -523,6 +533,8 @@ def make_map_at_r_scorer(R=100, *, normalize="retrieved", ties="index", hierarch
     through the pipeline's earlier steps first. Each query retrieves its ``R``
     nearest database items and the result is :func:`map_at_r_score`.
     Greater is better. An ``R`` larger than the database is cut to its size.
+    Items removed from the searcher (awaiting ``compact()``) are not part of
+    the database.
 
     Parameters
     ----------
