@@ -84,6 +84,22 @@ def check_fitted(estimator):
         check_is_fitted(estimator)
 
 
+def check_magnitude(X):
+    """Refuse rows whose squared norm overflows X's dtype: their distances would too.
+
+    Finite values can still be too large: float32 rows of magnitude 1e20
+    passed validation, and k-means then put every row on one codeword.
+    """
+    with np.errstate(over="ignore"):
+        squares = np.einsum("ij,ij->i", X, X)
+    if not np.isfinite(squares).all():
+        row = int(np.flatnonzero(~np.isfinite(squares))[0])
+        raise ValueError(f"X holds values too large for {X.dtype} distances: the squared norm "
+                         f"of row {row} overflows (its largest magnitude is "
+                         f"{np.abs(X[row]).max():.3g}). Scale the data down.")
+    return X
+
+
 def validate_features(estimator, X):
     """``validate_data`` of a fitted estimator's input, with a fast path for plain arrays.
 

@@ -662,6 +662,11 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             query_tables = self._inner_products(queries, n_threads)
             query_tables *= -2
             query_tables = query_tables.astype(np.float32, copy=False)
+            if not (np.isfinite(coarse).all() and np.isfinite(query_tables).all()):
+                raise ValueError(
+                    f"the distances of the queries to the index overflow float32: the "
+                    f"queries' values (largest magnitude {np.abs(queries).max():.3g}) or the "
+                    f"indexed ones are too large. Scale the data down.")
             second = None
             if split is not None:  # multi-index: the halves' tables, joined by the kernel
                 n_codewords = self.coarse_codebooks_.shape[1]

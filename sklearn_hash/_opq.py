@@ -25,7 +25,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import validate_data
 
-from ._base import check_fitted, validate_features
+from ._base import check_fitted, check_magnitude, validate_features
 from ._kmeans import training_rows
 from ._pq import ProductQuantizer, _check_codebooks, subspace_sizes
 
@@ -202,7 +202,8 @@ class OPQ(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self : OPQ
             Fitted quantizer.
         """
-        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
+        X = check_magnitude(validate_data(self, X, dtype=[np.float64, np.float32], order="C",
+                                          ensure_min_samples=2))
         n_samples, n_features = X.shape
         n_subspaces, n_codewords = _check_codebooks(self, n_samples, n_features)
         rng = check_random_state(self.random_state)

@@ -16,7 +16,7 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import validate_data
 
-from ._base import check_fitted, validate_features
+from ._base import check_fitted, check_magnitude, validate_features
 from ._kernels._nearest import encode, pack_subspace_codewords, subspace_scores
 from ._kernels._openmp import effective_n_threads
 from ._kmeans import kmeans, training_rows
@@ -230,7 +230,8 @@ default="random"
         self : ProductQuantizer
             Fitted quantizer.
         """
-        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
+        X = check_magnitude(validate_data(self, X, dtype=[np.float64, np.float32], order="C",
+                                          ensure_min_samples=2))
         n_samples, n_features = X.shape
         n_subspaces, n_codewords = _check_codebooks(self, n_samples, n_features)
         rng = check_random_state(self.random_state)
@@ -359,7 +360,7 @@ default="random"
             Codeword indices, ``uint8`` (``uint16`` when ``subspace_bits > 8``).
         """
         check_fitted(self)
-        X = validate_features(self, X)
+        X = check_magnitude(validate_features(self, X))
         codes = np.empty((X.shape[0], self.n_subspaces_), dtype=self._code_dtype())
         encode(X, self.subspace_bounds_.astype(np.intp), self.cluster_centers_, codes,
                n_threads=quantizer_threads())

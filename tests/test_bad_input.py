@@ -19,6 +19,7 @@ from sklearn_hash import (
     ITQ,
     DeepQuantizationNetwork,
     IVFQuantizedNeighbors,
+    OPQ,
     ProductQuantizer,
     QuantizedNeighbors,
     SpectralHashing,
@@ -358,3 +359,32 @@ def test_validate_features_returns_or_raises_what_validate_data_does(make):
     got = validate_features(pq, A)
     assert got.dtype == expected.dtype and got.flags.c_contiguous
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ProductQuantizer(32, subspace_bits=4, random_state=0),
+    lambda: OPQ(32, subspace_bits=4, random_state=0),
+    lambda: IVFQuantizedNeighbors(ProductQuantizer(32, subspace_bits=4, random_state=0),
+                                  n_lists=8, random_state=0),
+    lambda: IVFQuantizedNeighbors(ProductQuantizer(32, subspace_bits=4, random_state=0),
+                                  n_lists=4, coarse="multi-index", random_state=0),
+], ids=["pq", "opq", "ivf", "multi-index"])
+def test_values_whose_squares_overflow_are_refused(make):
+    # finite float32 values of magnitude 1e20 passed validation: PQ's k-means put every
+    # row on one codeword, and the inverted file returned NaN distances with arbitrary ids
+    X = np.random.RandomState(0).randn(300, 16).astype(np.float32)
+    huge = X * np.float32(1e20)
+    with pytest.raises(ValueError, match="too large for float32 distances"):
+        make().fit(huge)
+    fitted = make().fit(X)
+    if hasattr(fitted, "kneighbors"):
+        with pytest.raises(ValueError, match="too large for float32 distances"):
+            fitted.add(huge[:3])
+        with pytest.raises(ValueError, match="queries to the index overflow float32"):
+            fitted.kneighbors(huge[:3])
+        assert np.isfinite(fitted.kneighbors(X[:3] * np.float32(1e15))[0]).all()
+    else:
+        with pytest.raises(ValueError, match="too large for float32 distances"):
+            fitted.transform(huge[:3])
+        big = X * np.float32(1e15)  # large, but its squares fit: codes as on X
+        np.testing.assert_array_equal(make().fit(big).transform(big), make().fit(X).transform(X))
