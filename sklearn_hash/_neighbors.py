@@ -453,15 +453,18 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
     def _threshold(self, radius):
         """The kernel's threshold for a radius in the distances' units."""
         if self.metric_ == "hamming":
-            return int(np.floor(radius))  # counts of bits: d <= radius
+            # counts of bits: d <= radius; past the code length every item is in range
+            return int(min(np.floor(radius), self.code_shape_[0]))
         # Table sums t (float32) are returned as sqrt(t) in float64; a sum is
         # kept iff sqrt(t) <= radius, and the kernel keeps t < threshold.
         t = np.float32(min(radius * radius, float(np.finfo(np.float32).max)))
-        while t > 0 and np.sqrt(np.float64(t)) > radius:
-            t = np.nextafter(t, np.float32(-np.inf))
-        while np.isfinite(t) and np.sqrt(np.float64(np.nextafter(t, np.float32(np.inf)))) <= radius:
-            t = np.nextafter(t, np.float32(np.inf))
-        return float(np.nextafter(t, np.float32(np.inf)))
+        with np.errstate(over="ignore"):  # past float32's largest: every finite sum is in
+            while t > 0 and np.sqrt(np.float64(t)) > radius:
+                t = np.nextafter(t, np.float32(-np.inf))
+            while (np.isfinite(t)
+                   and np.sqrt(np.float64(np.nextafter(t, np.float32(np.inf)))) <= radius):
+                t = np.nextafter(t, np.float32(np.inf))
+            return float(np.nextafter(t, np.float32(np.inf)))
 
     def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False,
                          *, allowed=None):

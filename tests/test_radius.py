@@ -127,3 +127,15 @@ def test_bad_radius_arguments(data):
         QuantizedNeighbors(radius=-2.0).fit(X_db)
     with pytest.raises(ValueError, match="radius must be >= 0"):
         hamming_radius(pack_bits(np.ones((1, 8))), pack_bits(np.ones((2, 8))), -1)
+
+
+@pytest.mark.parametrize("searcher", [HAMMING, ADC], ids=["hamming", "adc"])
+def test_radius_beyond_every_distance_returns_every_item(searcher, data):
+    # radius=1e300 overflowed converting to a C long in the Hamming kernel
+    X_db, _, X_q, _ = data
+    fitted = clone(searcher).fit(X_db)
+    for radius in (1e300, 1e30):
+        distances, indices = fitted.radius_neighbors(X_q[:3], radius=radius, sort_results=True)
+        for d, i in zip(distances, indices):
+            assert len(i) == len(X_db)
+            np.testing.assert_array_equal(np.sort(i), np.arange(len(X_db)))
