@@ -540,3 +540,28 @@ def test_verbose_reports_k_means_and_indexing_progress_and_is_silent_by_default(
     inertia = [float(line.rsplit(" ", 1)[1].rstrip(".")) for line in out
                if line.startswith("codebook 1/4: iteration")]
     assert all(b <= a * (1 + 1e-9) for a, b in zip(inertia, inertia[1:]))
+
+
+def test_allowed_is_checked_and_an_integer_mask_is_refused():
+    X = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    searcher = QuantizedNeighbors(ProductQuantizer(32, subspace_bits=4, random_state=0),
+                                  n_neighbors=2).fit(X)
+    mask = np.zeros(50, dtype=bool)
+    mask[[7, 9, 30]] = True
+    expected = searcher.kneighbors(X[:4], allowed=mask)[1]
+    assert set(expected.ravel()) <= {7, 9, 30}
+    np.testing.assert_array_equal(searcher.kneighbors(X[:4], allowed=[7, 9, 30])[1], expected)
+    # a 0/1 mask of integers was read as the indices 0 and 1, silently
+    for as_int in (mask.astype(np.uint8), mask.astype(np.int64)):
+        with pytest.raises(ValueError, match="all 0 or 1: a mask of integers"):
+            searcher.kneighbors(X[:4], allowed=as_int)
+    with pytest.raises(ValueError, match=r"boolean mask must have shape \(50,\)"):
+        searcher.kneighbors(X[:4], allowed=mask[:49])
+    with pytest.raises(ValueError, match=r"allowed indices must be in \[0, 49\]"):
+        searcher.kneighbors(X[:4], allowed=[3, 50])
+    with pytest.raises(TypeError, match="allowed must be a boolean mask"):
+        searcher.kneighbors(X[:4], allowed=mask.astype(float))
+    # indices 0 and 1 (and 50 indices that are not all 0/1) stay indices
+    assert set(searcher.kneighbors(X[:4], allowed=[0, 1])[1].ravel()) == {0, 1}
+    np.testing.assert_array_equal(searcher.kneighbors(X[:4], allowed=np.arange(50)[::-1])[1],
+                                  searcher.kneighbors(X[:4])[1])
