@@ -133,8 +133,9 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     max_train_samples : int, default=None
         Rows the coarse k-means trains on (a random subsample); ``None`` means
         ``256`` per centroid (``256 * n_lists``, or ``256 * sqrt(n_lists)``
-        for the multi-index), as faiss. The residual quantizer subsamples on its
-        own (``ProductQuantizer.max_train_samples``).
+        for the multi-index), as faiss. The residual quantizer learns from the
+        residuals of as many rows as its own ``max_train_samples`` takes (the
+        coarse subsample's rows when they are as many, else its own draw).
     refine_factor : int, default=None
         Re-ranking, as in :class:`QuantizedNeighbors`: with an int r the
         index keeps the vectors (as ``refine_storage`` says; memory-mapped
@@ -383,7 +384,14 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
 
         with config_context(transform_output="default"):
             residuals = self._residuals(X_train, n_threads)[0]
-            self.quantizer_ = clone(quantizer).fit(residuals)
+            # The residual quantizer takes the rows it would take from X (its own
+            # max_train_samples): the coarse subsample when that holds as many,
+            # else its own draw (few cells and large codebooks).
+            wanted = min(n_samples, getattr(quantizer, "max_train_samples", None)
+                         or 256 * 2 ** getattr(quantizer, "subspace_bits", 8))
+            own = (residuals if X_train.shape[0] >= wanted else
+                   self._residuals(training_rows(X, wanted, 1, rng), n_threads)[0])
+            self.quantizer_ = clone(quantizer).fit(own)
             self._fit_rerank(X_train if self._multi_index() else residuals)
             self._after_load()
             self._start_index(y)

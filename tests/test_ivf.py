@@ -332,3 +332,16 @@ def test_codewords_packed_for_queries_follow_refits_and_query_dtypes():
     for queries in (Q, Q.astype(np.float32)):
         np.testing.assert_array_equal(search.kneighbors(queries)[1], fresh.kneighbors(queries)[1])
         np.testing.assert_array_equal(search.kneighbors(queries)[0], fresh.kneighbors(queries)[0])
+
+
+def test_residual_quantizer_draws_its_own_rows_when_the_coarse_subsample_is_short():
+    # 2 cells train on 512 rows; a 1,024-codeword quantizer refused them although the
+    # database holds 5,000 (it trained on the coarse subsample only)
+    X = np.random.RandomState(0).randn(5000, 32).astype(np.float32)
+    pq = ProductQuantizer(20, subspace_bits=10, n_iter=2, random_state=0)
+    ivf = IVFQuantizedNeighbors(pq, n_lists=2, random_state=0).fit(X)
+    assert ivf.quantizer_.cluster_centers_.shape[:2] == (2, 1024)
+    # more rows than the coarse k-means' 512: some codewords sit where only those are
+    residuals = X - ivf.coarse_centers_[ivf._residuals(X, 1)[1]]
+    codes = ivf.quantizer_.transform(residuals)
+    assert len(np.unique(codes[:, 0])) > 512
