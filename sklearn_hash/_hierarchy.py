@@ -46,6 +46,10 @@ def _pairs_from_nested(tree, parent, pairs):
         pairs.append((_node_id(tree, "a leaf of the nested dict"), parent))
 
 
+# The most label ids a hierarchy holds (one int64 parent each: 128 MiB).
+_MAX_LABELS = 2**24
+
+
 def make_hierarchy(tree, *, n_labels=None):
     """Build and check a label tree: the parent array of the label ids.
 
@@ -66,7 +70,8 @@ def make_hierarchy(tree, *, n_labels=None):
     n_labels : int, default=None
         Number of label ids, ``0 .. n_labels - 1``; ids that the tree does
         not mention become top-level nodes without children. ``None`` uses
-        the largest id in the tree, plus one.
+        the largest id in the tree, plus one. At most ``2**24``: ids index
+        an array, so they must be dense.
 
     Returns
     -------
@@ -124,6 +129,12 @@ def make_hierarchy(tree, *, n_labels=None):
     if largest >= n_labels:
         raise ValueError(f"The tree names label id {largest}, but n_labels={n_labels} allows "
                          f"ids 0..{n_labels - 1} only.")
+    if n_labels > _MAX_LABELS:
+        given = f"the id {largest}" if largest == n_labels - 1 else f"n_labels={n_labels}"
+        raise ValueError(f"Label ids index an array of one parent per id, so they must be "
+                         f"dense: ids up to {_MAX_LABELS - 1:,} are allowed; got {given}. "
+                         f"Renumber the labels 0, 1, ... (np.unique(labels, "
+                         f"return_inverse=True)).")
     hierarchy = np.full(int(n_labels), -1, dtype=np.int64)
     for child, parent in pairs:
         if child == parent:

@@ -705,3 +705,12 @@ def test_leaf_and_entropy_terms_do_what_they_measure(tree_data):
         losses = [epoch[key] for epoch in model.history_]
         assert losses[-1] < 0.5 * losses[0]
     assert leaf.net_.criterion_.ancestor_centroids == []
+
+
+@pytest.mark.parametrize("tree, n_labels, given", [([(0, 10**9)], None, "the id 1000000000"),
+                                                   ([(0, 1)], 10**12, "n_labels=1000000000000")])
+def test_make_hierarchy_refuses_sparse_label_ids(tree, n_labels, given):
+    # the parent array was sized by the largest id: 10**9 was killed for memory
+    with pytest.raises(ValueError, match=f"must be dense.*got {given}"):
+        make_hierarchy(tree, n_labels=n_labels)
+    assert make_hierarchy([(0, 2**20)]).shape == (2**20 + 1,)
