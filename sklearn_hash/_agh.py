@@ -11,7 +11,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.extmath import row_norms
 from sklearn.utils.validation import validate_data
 
-from ._base import BaseBinaryHasher
+from ._base import BaseBinaryHasher, check_magnitude
 from ._kernels._openmp import effective_n_threads
 from ._kmeans import kmeans, training_rows
 
@@ -147,7 +147,8 @@ class AGH(BaseBinaryHasher):
         self : AGH
             Fitted hasher.
         """
-        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
+        X = check_magnitude(validate_data(self, X, dtype=[np.float64, np.float32], order="C",
+                                          ensure_min_samples=2))
         n_samples = X.shape[0]
         if self.n_anchors > n_samples:
             raise ValueError(
@@ -196,8 +197,10 @@ class AGH(BaseBinaryHasher):
                 f"AGH found {int(keep.sum())} non-trivial eigenvectors (eigenvalues "
                 f"strictly inside (0, 1)) on its {used.size} linked anchors, but "
                 f"n_bits={self.n_bits} with n_layers={self.n_layers} needs {n_eig}. "
-                f"Use n_bits <= {int(keep.sum()) * self.n_layers}, more anchors or "
-                f"a larger n_nearest_anchors."
+                + (f"Use n_bits <= {int(keep.sum()) * self.n_layers}, more anchors or "
+                   f"a larger n_nearest_anchors." if keep.sum() else
+                   "The rows are too alike (or too many are equal) for anchors to tell "
+                   "them apart: check X.")
             )
         eigval, eigvec = eigval[keep][:n_eig], eigvec[:, keep][:, :n_eig]
         # Deterministic signs: the largest entry of each eigenvector is positive.

@@ -121,6 +121,7 @@ def validate_features(estimator, X):
 
 def fit_pca(X, n_components):
     """PCA fitted on X with a solver suited to its shape (exact, not randomised)."""
+    check_magnitude(X)  # an overflowing covariance made the eigensolver fail to converge
     n_samples, n_features = X.shape
     solver = "covariance_eigh" if n_samples >= n_features else "full"
     return PCA(n_components=n_components, svd_solver=solver).fit(X)

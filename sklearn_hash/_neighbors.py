@@ -400,7 +400,9 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
                 f"the index expects {tuple(self.code_shape_)} (n_subspaces, n_codewords)."
             )
         if not np.isfinite(tables).all():
-            raise ValueError("the quantizer's distance tables hold NaN or infinity.")
+            raise ValueError("the quantizer's distance tables hold NaN or infinity: the "
+                             "queries' or the indexed values are too large for float32 "
+                             "distances. Scale the data down.")
         return tables
 
     def _encode_queries(self, X):

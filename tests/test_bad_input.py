@@ -388,3 +388,19 @@ def test_values_whose_squares_overflow_are_refused(make):
             fitted.transform(huge[:3])
         big = X * np.float32(1e15)  # large, but its squares fit: codes as on X
         np.testing.assert_array_equal(make().fit(big).transform(big), make().fit(X).transform(X))
+
+
+@pytest.mark.parametrize("make", [lambda: ITQ(8, random_state=0), lambda: SpectralHashing(8),
+                                  lambda: AGH(8, n_anchors=20, random_state=0)],
+                         ids=["itq", "sh", "agh"])
+def test_binary_hashers_refuse_values_whose_squares_overflow(make):
+    # ITQ and SH failed in the eigensolver ("Eigenvalues did not converge")
+    X = np.random.RandomState(0).randn(300, 16).astype(np.float32)
+    with pytest.raises(ValueError, match="too large for float32 distances"):
+        make().fit(X * np.float32(1e20))
+
+
+def test_agh_on_identical_rows_says_what_is_wrong():
+    # it suggested "n_bits <= 0", which is not a setting
+    with pytest.raises(ValueError, match="rows are too alike"):
+        AGH(8, n_anchors=20).fit(np.ones((300, 16)))
