@@ -206,12 +206,12 @@ class IndexMixin:
         if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
             raise TypeError(f"indices must be a 1-D array of integer database indices; got "
                             f"{indices.ndim}-D {indices.dtype}.")
-        indices = indices.astype(np.int64)
         n = self.n_samples_fit_
-        if indices.size and (indices.min() < 0 or indices.max() >= n):
+        if indices.size and (indices.min() < 0 or indices.max() >= n):  # before any cast
             bad = indices[(indices < 0) | (indices >= n)][0]
             raise ValueError(f"indices must be in [0, {n - 1}] (the index holds {n} items); "
                              f"got {bad}.")
+        indices = indices.astype(np.int64)
         if np.unique(indices).size != indices.size:
             raise ValueError("indices must be distinct; got a repeated index.")
         live = self._live_mask()
@@ -268,6 +268,8 @@ class IndexMixin:
         if allowed is None:
             return None if self._live is None else self._live.array
         allowed = np.asarray(allowed)
+        if allowed.size == 0 and allowed.ndim == 1:  # [] is no index, whatever its dtype
+            allowed = allowed.astype(np.int64)
         if allowed.dtype == bool:
             if allowed.shape != (n,):
                 raise ValueError(f"allowed as a boolean mask must have shape ({n},) "

@@ -144,6 +144,12 @@ def decode(data, arrays):
         # A parameter added since the index was saved: the value it was trained under.
         params = {**getattr(cls, "_PARAMS_ADDED", {}), **params}
         estimator = cls(**params)
+        try:  # a manifest edited by hand must not load an estimator fit() would refuse
+            if hasattr(estimator, "_validate_params"):
+                estimator._validate_params()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the index's saved parameters of {cls.__name__} are invalid: "
+                             f"{error}") from None
         state = {k: decode(v, arrays) for k, v in value["state"].items()}
         if hasattr(estimator, "_set_persistent_state"):
             estimator._set_persistent_state(state)

@@ -173,6 +173,19 @@ def test_retrieval_split_by_fold(esc10):
         retrieval_split(esc10, query_fold=7)
 
 
+def test_retrieval_split_refuses_malformed_datasets(esc10):
+    # an IndexError from inside (lengths) and an AttributeError (a dict, None) before
+    short = {"data": esc10.data, "target": esc10.target[:-1], "fold": esc10.fold}
+    with pytest.raises(ValueError, match="data: 400, target: 399, fold: 400"):
+        retrieval_split(short)
+    for dataset in ({"target": esc10.target}, None):
+        with pytest.raises(TypeError, match="dataset must have data and target"):
+            retrieval_split(dataset)
+    as_dict = {"data": esc10.data, "target": esc10.target, "fold": esc10.fold}
+    for got, expected in zip(retrieval_split(as_dict), retrieval_split(esc10)):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_load_retrieval_split_without_folds_is_stratified(tmp_path):
     X_db, y_db, X_q, y_q, name = load_retrieval_split(None)
     assert name == "load_digits" and len(X_q) == 360

@@ -565,3 +565,15 @@ def test_allowed_is_checked_and_an_integer_mask_is_refused():
     assert set(searcher.kneighbors(X[:4], allowed=[0, 1])[1].ravel()) == {0, 1}
     np.testing.assert_array_equal(searcher.kneighbors(X[:4], allowed=np.arange(50)[::-1])[1],
                                   searcher.kneighbors(X[:4])[1])
+
+
+def test_remove_and_allowed_messages_at_the_edges():
+    X = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    searcher = QuantizedNeighbors(ProductQuantizer(32, subspace_bits=4, random_state=0),
+                                  n_neighbors=2).fit(X)
+    # a uint64 index past int64's range was reported as -9223372036854775808
+    with pytest.raises(ValueError, match="got 9223372036854775808"):
+        searcher.remove(np.array([2**63], dtype=np.uint64))
+    # [] (float64 to numpy) was refused as a float mask: it is no index at all
+    with pytest.raises(ValueError, match="allowed selects no live item"):
+        searcher.kneighbors(X[:1], allowed=[])

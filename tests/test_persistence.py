@@ -173,6 +173,21 @@ def test_an_index_saved_before_a_parameter_existed_loads_with_its_old_value(data
     assert got["quantization_weight"] == dqn.quantization_weight  # saved: kept
     np.testing.assert_array_equal(loaded.kneighbors(X_q)[1], fitted.kneighbors(X_q)[1])
 
+def test_a_manifest_with_invalid_parameters_is_refused(data, tmp_path):
+    # n_neighbors=-5 written into index.json loaded, then failed in numpy
+    import json
+
+    X_db, y_db, X_q, _ = data
+    path = QuantizedNeighbors(ProductQuantizer(32, subspace_bits=4, random_state=0),
+                              n_neighbors=5).fit(X_db, y_db).save(tmp_path / "a")
+    manifest = json.loads((path / "index.json").read_text())
+    manifest["estimator"]["value"]["params"]["n_neighbors"] = -5
+    (path / "index.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="saved parameters of QuantizedNeighbors are invalid.*"
+                                         "n_neighbors"):
+        QuantizedNeighbors.load(path)
+
+
 # ---------------------------------------------------------------- growth
 
 

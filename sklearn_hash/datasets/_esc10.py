@@ -384,13 +384,26 @@ def retrieval_split(dataset, *, query_fold=1, random_state=0):
     >>> X_db.shape, X_q.shape
     ((320, 1024), (80, 1024))
     """
-    X = np.asarray(dataset.data, dtype=np.float64)
-    y = np.asarray(dataset.target)
-    fold = getattr(dataset, "fold", None)
-    if fold is None and isinstance(dataset, dict):
-        fold = dataset.get("fold")
+    def field(name):
+        if isinstance(dataset, dict) and name in dataset:
+            return dataset[name]
+        return getattr(dataset, name, None)
+
+    if field("data") is None or field("target") is None:
+        raise TypeError(f"dataset must have data and target (a Bunch from load_esc10 or "
+                        f"load_npz, or an object with those attributes); got "
+                        f"{type(dataset).__name__}.")
+    X = np.asarray(field("data"), dtype=np.float64)
+    y = np.asarray(field("target"))
+    fold = field("fold")
+    lengths = {"data": len(X), "target": len(y)}
     if fold is not None:
         fold = np.asarray(fold)
+        lengths["fold"] = len(fold)
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"dataset's data, target and fold must have one entry per row; got "
+                         + ", ".join(f"{k}: {v}" for k, v in lengths.items()) + ".")
+    if fold is not None:
         is_query = fold == query_fold
         if not is_query.any() or is_query.all():
             raise ValueError(
