@@ -532,6 +532,8 @@ class IndexMixin:
             raise ValueError(
                 f"score needs the labels of the database: fit {type(self).__name__} with y."
             )
+        if y is None:
+            raise ValueError("score needs the labels y of the queries X; got None.")
         indices = self.kneighbors(X, return_distance=False)
         return map_at_r_score(y, self._fit_y, indices)
 

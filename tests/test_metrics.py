@@ -5,7 +5,7 @@ from itertools import permutations, product
 import numpy as np
 import pytest
 
-from sklearn_hash import ITQ, QuantizedNeighbors
+from sklearn_hash import ITQ, QuantizedNeighbors, QuantizedNeighborsTransformer
 from sklearn_hash.metrics import (
     make_map_at_r_scorer,
     map_at_r_score,
@@ -119,8 +119,14 @@ def test_scorer_repr_and_direct_use():
     y = rng.integers(0, 3, 60)
     search = QuantizedNeighbors(ITQ(n_bits=4, random_state=0), n_neighbors=5).fit(X[:40], y[:40])
     assert scorer(search, X[40:], y[40:]) == pytest.approx(search.score(X[40:], y[40:]))
-    with pytest.raises(ValueError, match="fit the searcher with y"):
+    with pytest.raises(ValueError, match="which QuantizedNeighbors does not hold"):
         scorer(QuantizedNeighbors(ITQ(n_bits=4)).fit(X), X, y)
+    # a transformer fitted with y keeps no labels: the message said "fit ... with y"
+    transformer = QuantizedNeighborsTransformer(ITQ(n_bits=4, random_state=0)).fit(X, y)
+    with pytest.raises(ValueError, match="QuantizedNeighborsTransformer does not hold"):
+        scorer(transformer, X, y)
+    with pytest.raises(ValueError, match="score needs the labels y of the queries X"):
+        search.score(X[40:], None)
 
 
 # --------------------------------------------------------------------------

@@ -447,7 +447,9 @@ class _RetrievalScorer:
         y_database = getattr(searcher, "_fit_y", None)
         if y_database is None:
             raise ValueError(
-                f"{self._name} needs the labels of the database: fit the searcher with y."
+                f"{self._name} needs the labels of the database, which "
+                f"{type(searcher).__name__} does not hold: fit a QuantizedNeighbors or "
+                f"IVFQuantizedNeighbors with y."
             )
         # Removed items (awaiting compact) are not part of the database: the
         # labels and indices are those of the live items, as after compact.
