@@ -360,6 +360,11 @@ def test_repeated_neighbours_are_refused(score):
     assert 0 <= score([[0, 1]]) <= 1
 
 
+def test_recall_at_k_reads_minus_one_as_a_missing_result():
+    # faiss pads missing results with -1; the repeat check refused them
+    assert recall_at_k_score([[0, -1, -1]], [[0, 1, 2]]) == pytest.approx(1 / 3)
+
+
 def test_labels_of_different_kinds_are_refused():
     # strings never equal numbers: the score was 0.0 without a word
     with pytest.raises(ValueError, match="y_query holds strings but y_database holds numbers"):
@@ -368,6 +373,15 @@ def test_labels_of_different_kinds_are_refused():
         map_at_r_score([0, 1], ["0", "1", "0", "1"], [[0, 2], [1, 3]])
     assert map_at_r_score(["0", "1"], ["0", "1", "0", "1"], [[0, 2], [1, 3]]) == 1.0
     assert map_at_r_score([0, 1], [0.0, 1.0, 0.0, 1.0], [[0, 2], [1, 3]]) == 1.0
+    # object arrays (a pandas column of strings) and bytes against str, by their elements
+    strings = np.array(["cat", "dog"], dtype=object)
+    with pytest.raises(ValueError, match="y_query holds strings but y_database holds numbers"):
+        map_at_r_score(strings, [0, 1, 0], [[0, 2], [1, 0]])
+    with pytest.raises(ValueError, match="y_query holds strings but y_database holds bytes"):
+        map_at_r_score(["a", "b"], np.array([b"a", b"b"]), [[0, 1], [1, 0]])
+    assert map_at_r_score(strings, ["cat", "dog", "cat"], [[0, 2], [1, 0]]) == 1.0
+    mixed = np.array([0, "dog"], dtype=object)  # mixed: not judged
+    assert map_at_r_score(mixed, np.array([0, "dog", 0], dtype=object), [[0, 2], [1, 0]]) == 1.0
 
 
 @pytest.mark.parametrize("R, ties, normalize", [(60, "index", "relevant"),

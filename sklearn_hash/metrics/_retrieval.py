@@ -1,7 +1,7 @@
 """Retrieval metrics: mAP@R (two normalisations, optionally tie-aware, optionally at one
 level of a label tree), ANN recall, scorers."""
 
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 from scipy.stats import hypergeom
@@ -27,23 +27,38 @@ def _check_labels(y, name):
     return y
 
 
+def _label_kind(y):
+    """"strings", "bytes" or "numbers" (labels of two kinds never compare equal); None: mixed."""
+    kinds = {"U": "strings", "S": "bytes"}
+    if y.dtype.kind in kinds:
+        return kinds[y.dtype.kind]
+    if y.dtype.kind in "biuf":
+        return "numbers"
+    if y.dtype.kind == "O":  # e.g. a pandas column of strings
+        found = {"strings" if isinstance(v, str) else "bytes" if isinstance(v, bytes)
+                 else "numbers" if isinstance(v, Real) else None for v in y.ravel()}
+        return found.pop() if len(found) == 1 else None
+    return None
+
+
 def _check_label_kinds(y_query, y_database):
-    """Refuse text labels on one side and numbers on the other: they would never match."""
-    text = [y.dtype.kind in "US" for y in (y_query, y_database)]
-    numbers = [y.dtype.kind in "biuf" for y in (y_query, y_database)]
-    if (text[0] and numbers[1]) or (numbers[0] and text[1]):
-        raise ValueError(f"y_query holds {'strings' if text[0] else 'numbers'} but y_database "
-                         f"holds {'strings' if text[1] else 'numbers'}; labels of different "
-                         f"kinds never match, so every item would count as irrelevant. Give "
-                         f"both the same kind of labels.")
+    """Refuse labels of one kind against labels of another: they would never match."""
+    query, database = _label_kind(y_query), _label_kind(y_database)
+    if query is not None and database is not None and query != database:
+        raise ValueError(f"y_query holds {query} but y_database holds {database}; labels of "
+                         f"different kinds never match, so every item would count as "
+                         f"irrelevant. Give both the same kind of labels.")
 
 
 def _check_no_repeats(indices, name):
-    """Refuse a row that retrieves the same database item twice (it would count twice)."""
+    """Refuse a row that retrieves the same database item twice (it would count twice).
+
+    Negative entries (faiss's -1 for a missing result) may repeat.
+    """
     if indices.shape[1] < 2:
         return
     ordered = np.sort(indices, axis=1)
-    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+    repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(axis=1)
     if repeated.any():
         row = int(np.flatnonzero(repeated)[0])
         raise ValueError(f"{name} must not repeat a database index within a row (each item "
