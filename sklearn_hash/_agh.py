@@ -148,7 +148,7 @@ class AGH(BaseBinaryHasher):
             Fitted hasher.
         """
         X = check_magnitude(validate_data(self, X, dtype=[np.float64, np.float32], order="C",
-                                          ensure_min_samples=2))
+                                          ensure_min_samples=2), total=True)
         n_samples = X.shape[0]
         if self.n_anchors > n_samples:
             raise ValueError(

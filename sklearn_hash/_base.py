@@ -84,14 +84,20 @@ def check_fitted(estimator):
         check_is_fitted(estimator)
 
 
-def check_magnitude(X):
+def check_magnitude(X, total=False):
     """Refuse rows whose squared norm overflows X's dtype: their distances would too.
 
     Finite values can still be too large: float32 rows of magnitude 1e20
     passed validation, and k-means then put every row on one codeword.
+    With ``total``, the sum of all rows' squares must not overflow either
+    (PCA's covariance and k-means++'s potential add them up).
     """
     with np.errstate(over="ignore"):
         squares = np.einsum("ij,ij->i", X, X)
+        if total and np.isfinite(squares).all() and not np.isfinite(squares.sum()):
+            raise ValueError(f"X holds values too large for {X.dtype} sums: the squares of "
+                             f"all rows add up past {np.finfo(X.dtype).max:.3g} (the largest "
+                             f"magnitude is {np.abs(X).max():.3g}). Scale the data down.")
     if not np.isfinite(squares).all():
         row = int(np.flatnonzero(~np.isfinite(squares))[0])
         raise ValueError(f"X holds values too large for {X.dtype} distances: the squared norm "
@@ -121,7 +127,7 @@ def validate_features(estimator, X):
 
 def fit_pca(X, n_components):
     """PCA fitted on X with a solver suited to its shape (exact, not randomised)."""
-    check_magnitude(X)  # an overflowing covariance made the eigensolver fail to converge
+    check_magnitude(X, total=True)  # an overflowing covariance: wrong bits, or no convergence
     n_samples, n_features = X.shape
     solver = "covariance_eigh" if n_samples >= n_features else "full"
     return PCA(n_components=n_components, svd_solver=solver).fit(X)

@@ -279,11 +279,12 @@ class IndexMixin:
             if allowed.size and (allowed.min() < 0 or allowed.max() >= n):
                 raise ValueError(f"allowed indices must be in [0, {n - 1}]; got values in "
                                  f"[{allowed.min()}, {allowed.max()}].")
-            if n > 2 and allowed.size == n and allowed.max() <= 1:
+            if (allowed.size == n and allowed.max() <= 1
+                    and np.unique(allowed).size < n):
                 raise ValueError(
-                    f"allowed holds {n} integers, all 0 or 1: a mask of integers, which "
-                    f"would be read as the indices 0 and 1. Pass a boolean mask "
-                    f"(allowed.astype(bool)) or the indices (np.flatnonzero(allowed)).")
+                    f"allowed holds {n} integers, all 0 or 1 and some repeated: a mask of "
+                    f"integers, which would be read as the indices 0 and 1. Pass a boolean "
+                    f"mask (allowed.astype(bool)) or the indices (np.flatnonzero(allowed)).")
             mask = np.zeros(n, dtype=np.uint8)
             mask[allowed] = 1
         else:
@@ -331,8 +332,8 @@ class IndexMixin:
             Whether to return the distances.
         allowed : array-like of bool of shape (n_samples_fit_,) or of int, default=None
             Restricts the search to these database items (a boolean mask, or
-            their indices; ``n_samples_fit_`` integers that are all 0 or 1
-            are refused as ambiguous). The restriction is applied by the
+            their indices; ``n_samples_fit_`` integers that are all 0 or 1,
+            some repeated, are refused as a mask of integers). The restriction is applied by the
             kernel while it scans, so the result is the search over the
             allowed items alone, ties by index. ``None``: every live item.
         **search_params

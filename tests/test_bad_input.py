@@ -398,6 +398,13 @@ def test_binary_hashers_refuse_values_whose_squares_overflow(make):
     X = np.random.RandomState(0).randn(300, 16).astype(np.float32)
     with pytest.raises(ValueError, match="too large for float32 distances"):
         make().fit(X * np.float32(1e20))
+    # each row's squares fit, their sum over the rows does not: ITQ's bits agreed with
+    # the unscaled data's for 58% only, silently
+    with pytest.raises(ValueError, match="too large for float32 sums"):
+        make().fit(X * np.float32(1e18))
+    codes = make().fit(X).transform(X)
+    np.testing.assert_array_equal(make().fit(X * np.float32(1e17)).transform(
+        X * np.float32(1e17)), codes)
 
 
 def test_agh_on_identical_rows_says_what_is_wrong():

@@ -553,7 +553,7 @@ def test_allowed_is_checked_and_an_integer_mask_is_refused():
     np.testing.assert_array_equal(searcher.kneighbors(X[:4], allowed=[7, 9, 30])[1], expected)
     # a 0/1 mask of integers was read as the indices 0 and 1, silently
     for as_int in (mask.astype(np.uint8), mask.astype(np.int64)):
-        with pytest.raises(ValueError, match="all 0 or 1: a mask of integers"):
+        with pytest.raises(ValueError, match="all 0 or 1 and some repeated: a mask of integers"):
             searcher.kneighbors(X[:4], allowed=as_int)
     with pytest.raises(ValueError, match=r"boolean mask must have shape \(50,\)"):
         searcher.kneighbors(X[:4], allowed=mask[:49])
@@ -563,6 +563,15 @@ def test_allowed_is_checked_and_an_integer_mask_is_refused():
         searcher.kneighbors(X[:4], allowed=mask.astype(float))
     # indices 0 and 1 (and 50 indices that are not all 0/1) stay indices
     assert set(searcher.kneighbors(X[:4], allowed=[0, 1])[1].ravel()) == {0, 1}
+    from sklearn.frozen import FrozenEstimator
+
+    pq = FrozenEstimator(ProductQuantizer(32, subspace_bits=4, random_state=0).fit(X))
+    two = QuantizedNeighbors(pq, n_neighbors=1).fit(X[:2])
+    for as_int in ([1, 1], [0, 0]):  # "both" and "none" as masks of integers
+        with pytest.raises(ValueError, match="all 0 or 1 and some repeated"):
+            two.kneighbors(X[:1], allowed=as_int)
+    np.testing.assert_array_equal(two.kneighbors(X[:1], allowed=[1, 0])[1],
+                                  two.kneighbors(X[:1])[1])
     np.testing.assert_array_equal(searcher.kneighbors(X[:4], allowed=np.arange(50)[::-1])[1],
                                   searcher.kneighbors(X[:4])[1])
 

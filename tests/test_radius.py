@@ -129,9 +129,11 @@ def test_bad_radius_arguments(data):
         hamming_radius(pack_bits(np.ones((1, 8))), pack_bits(np.ones((2, 8))), -1)
 
 
+@pytest.mark.filterwarnings("error")
 @pytest.mark.parametrize("searcher", [HAMMING, ADC], ids=["hamming", "adc"])
 def test_radius_beyond_every_distance_returns_every_item(searcher, data):
-    # radius=1e300 overflowed converting to a C long in the Hamming kernel
+    # radius=1e300 overflowed converting to a C long in the Hamming kernel, and warned of
+    # an overflow for L2 distances
     X_db, _, X_q, _ = data
     fitted = clone(searcher).fit(X_db)
     for radius in (1e300, 1e30):
