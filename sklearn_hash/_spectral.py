@@ -7,6 +7,10 @@ from sklearn.utils.validation import validate_data
 from ._base import BaseBinaryHasher, fit_pca
 
 
+# The longest codes: the candidate modes take n_components * (n_bits + 1) integers.
+_MAX_BITS = 2**16
+
+
 class SpectralHashing(BaseBinaryHasher):
     """Spectral Hashing: thresholded eigenfunctions of a uniform box.
 
@@ -28,7 +32,8 @@ class SpectralHashing(BaseBinaryHasher):
     Parameters
     ----------
     n_bits : int, default=32
-        Length of the binary codes.
+        Length of the binary codes, at most 65,536 (the candidate modes take
+        ``n_components * (n_bits + 1)`` integers).
 
     Attributes
     ----------
@@ -92,6 +97,9 @@ class SpectralHashing(BaseBinaryHasher):
         self : SpectralHashing
             Fitted hasher.
         """
+        if self.n_bits > _MAX_BITS:  # n_bits=10**10 failed for memory
+            raise ValueError(f"SpectralHashing makes codes of at most {_MAX_BITS:,} bits; got "
+                             f"n_bits={self.n_bits}.")
         X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=2)
         n_samples, n_features = X.shape
         n_components = min(self.n_bits, n_features, n_samples)

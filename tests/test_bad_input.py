@@ -411,3 +411,11 @@ def test_agh_on_identical_rows_says_what_is_wrong():
     # it suggested "n_bits <= 0", which is not a setting
     with pytest.raises(ValueError, match="rows are too alike"):
         AGH(8, n_anchors=20).fit(np.ones((300, 16)))
+
+
+def test_spectral_hashing_refuses_absurd_code_lengths():
+    # n_bits=10**10 failed for memory (58.9 GiB) in the mode enumeration
+    X = np.random.RandomState(0).randn(300, 16)
+    with pytest.raises(ValueError, match="at most 65,536 bits; got n_bits=10000000000"):
+        SpectralHashing(n_bits=10**10).fit(X)
+    assert SpectralHashing(n_bits=2**16).fit(X).transform(X[:2]).shape == (2, 2**16)
