@@ -94,15 +94,18 @@ def check_magnitude(X, total=False):
     """
     with np.errstate(over="ignore"):
         squares = np.einsum("ij,ij->i", X, X)
-        if total and np.isfinite(squares).all() and not np.isfinite(squares.sum()):
+        summed = squares.sum()  # inf when a row's is
+    if not np.isfinite(summed):
+        overflows = ~np.isfinite(squares)
+        if overflows.any():
+            row = int(np.flatnonzero(overflows)[0])
+            raise ValueError(f"X holds values too large for {X.dtype} distances: the squared "
+                             f"norm of row {row} overflows (its largest magnitude is "
+                             f"{np.abs(X[row]).max():.3g}). Scale the data down.")
+        if total:
             raise ValueError(f"X holds values too large for {X.dtype} sums: the squares of "
                              f"all rows add up past {np.finfo(X.dtype).max:.3g} (the largest "
                              f"magnitude is {np.abs(X).max():.3g}). Scale the data down.")
-    if not np.isfinite(squares).all():
-        row = int(np.flatnonzero(~np.isfinite(squares))[0])
-        raise ValueError(f"X holds values too large for {X.dtype} distances: the squared norm "
-                         f"of row {row} overflows (its largest magnitude is "
-                         f"{np.abs(X[row]).max():.3g}). Scale the data down.")
     return X
 
 

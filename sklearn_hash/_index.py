@@ -225,6 +225,12 @@ class IndexMixin:
         self._index.on_remove(indices)
         return self
 
+    def _compact_mapping(self):
+        """``(keep, mapping)``: the live items (bool) and the index :meth:`compact` gives each
+        (int64, -1 for removed items), without compacting."""
+        keep = self._live_mask().astype(bool)
+        return keep, np.where(keep, np.cumsum(keep) - 1, -1).astype(np.int64)
+
     def _live_mask(self):
         if self._live is None:
             return np.ones(self.n_samples_fit_, dtype=np.uint8)
@@ -242,8 +248,7 @@ class IndexMixin:
             The new index of each old index, -1 for removed items.
         """
         check_is_fitted(self)
-        keep = self._live_mask().astype(bool)
-        mapping = np.where(keep, np.cumsum(keep) - 1, -1).astype(np.int64)
+        keep, mapping = self._compact_mapping()
         if self._n_removed:
             self._index.compact(keep)
             if self._labels is not None:
@@ -333,9 +338,10 @@ class IndexMixin:
         allowed : array-like of bool of shape (n_samples_fit_,) or of int, default=None
             Restricts the search to these database items (a boolean mask, or
             their indices; ``n_samples_fit_`` integers that are all 0 or 1,
-            some repeated, are refused as a mask of integers). The restriction is applied by the
-            kernel while it scans, so the result is the search over the
-            allowed items alone, ties by index. ``None``: every live item.
+            some repeated, are refused as a mask of integers). The
+            restriction is applied by the kernel while it scans, so the
+            result is the search over the allowed items alone, ties by index.
+            ``None``: every live item.
         **search_params
             Per-call search settings, which leave the estimator unchanged
             (:class:`IVFQuantizedNeighbors`: ``n_probe``); ``None`` means

@@ -470,8 +470,7 @@ class _RetrievalScorer:
         # labels and indices are those of the live items, as after compact.
         renumber = None
         if getattr(searcher, "n_removed_", 0):
-            live = searcher._live_mask().astype(bool)
-            renumber = np.cumsum(live) - 1
+            live, renumber = searcher._compact_mapping()
             y_database = y_database[live]
         n_database = len(y_database)
         R = min(self.R, n_database)
