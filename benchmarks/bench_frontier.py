@@ -25,7 +25,7 @@ exhaustive ADC recall of PQ vs OPQ (ours) vs faiss OPQ+PQ at 64 and 128
 bits.
 
     python benchmarks/bench_frontier.py [--n 1000000] [--threads 2] [--skip-hnsw]
-        [--parts ivf8 ivf4 flat4 faiss-hnsw faiss-ivf hnswlib opq mmap storage]
+        [--parts ivf8 ivf4 flat4 faiss-hnsw faiss-ivf hnswlib opq mmap storage nested]
         [--cache FILE.npz]
         [--only TEXT ...]
 
@@ -37,7 +37,10 @@ and sq8 re-ranking rows), loads it memory-mapped in a fresh process and
 reports its resident memory (anonymous and file-backed) after searching.
 ``storage`` re-ranks the same candidates by rows of fewer bytes (the two
 built storages and others computed with numpy) to show what recall each
-row size can reach.
+row size can reach. ``nested`` simulates an index not built yet (scalar
+codes in the axes of groups of cells, their 4 high bits scanned; see
+``nested_part``): its recall and memory with numpy, and its first stage's
+time through the built fast-scan kernel.
 """
 
 import argparse
@@ -54,6 +57,7 @@ from sklearn_hash import (
     ProductQuantizer,
     QuantizedNeighbors,
 )
+from sklearn_hash._backends import InvertedLists
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "esc50_yamnet.npz"
 
@@ -315,13 +319,196 @@ def storage_part(X, Q, truth, threads):
         print(f"| {name} | {bits:.0f} | {bits / 8:.0f} B |", flush=True)
 
 
+def nested_part(X, Q, truth, threads):
+    """A design not built yet: scalar codes in per-group axes, their 4 high bits scanned.
+
+    The cells' centroids are clustered into 128 groups; each group learns,
+    from its rows among half the items, the mean and principal axes of its
+    residuals (to their cells' centroids) and an allocation of the row's
+    bits to the components. A component of b bits is quantized uniformly
+    (2**b levels over its 0.01%-99.99% range), so its 4 high bits are a
+    16-level quantizer of their own (nested codes). The first stage scans
+    the 4 high bits of the 48 or 64 components with the most bits (what a
+    fast-scan block would hold, 24 or 32 B) in the probed cells, by their
+    float tables (the answers fast-scan gives, bit for bit); the second
+    re-ranks ``refine_factor x 10`` candidates by the whole code (the low
+    bits and the other components: the re-ranking row). numpy throughout:
+    recall and memory, no speed.
+
+    The bits go to the component whose error cut, weighted by
+    ``min(variance, 0.3)``, is largest: the error that misorders neighbours
+    is the one along their differences, whose squared size is about twice
+    a component's variance for small components and levels off near 0.56
+    for large ones, so large components count alike. (Scratch runs on these
+    queries: the neighbour differences measured so; levels 0.1, 0.3 and 1.0
+    gave recall within 0.002 of each other at 512 bits; allocating by MSE
+    instead starves the large components and lost about 0.01 of recall.)
+    """
+    print("\n## Not built: nested scalar codes in per-group axes (numpy, recall and memory)\n")
+    ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
+                                n_lists=1024, random_state=0, n_jobs=threads).fit(X)
+    C = ivf.coarse_centers_.astype(np.float32)
+    cells = np.concatenate([ivf._residuals(X[i : i + 65536], threads)[1]
+                            for i in range(0, len(X), 65536)])
+    R = X - C[cells]
+    rng = np.random.default_rng(0)
+    n_groups = 128
+    group_of_cell = KMeans(n_groups, n_init=1, random_state=0).fit_predict(C)
+    groups = group_of_cell[cells]
+    in_half = np.zeros(len(X), dtype=bool)
+    in_half[rng.choice(len(X), len(X) // 2, replace=False)] = True
+    settings = ((9, 4), (12, 4), (10, 6), (16, 8))
+    order = np.argsort(cells, kind="stable")
+    starts = np.searchsorted(cells[order], np.arange(len(C) + 1))
+    nearest_cells = np.argsort(((Q[:, None, :] - C[None]) ** 2).sum(-1), axis=1)[:, :16]
+
+    def allocate(variances, total, cap=16):
+        bits, error = np.zeros(len(variances), dtype=int), variances.copy()
+        weight = np.minimum(variances, 0.3)
+        for _ in range(total):
+            i = int(np.argmax(np.where(bits < cap, weight * error, -1)))
+            bits[i] += 1
+            error[i] /= 4
+        return bits
+
+    def code(total, n_scanned):
+        high = np.empty_like(R)  # decoded from the 4 high bits of the scanned components
+        full = np.empty_like(R)  # decoded from the whole code
+        row_bits = np.zeros(len(X))
+        # for the scan: each row's 4 high bits, each group's mean, scanned axes and levels
+        codes = np.zeros((len(X), n_scanned), dtype=np.uint8)
+        means = np.zeros((n_groups, 128), dtype=np.float32)
+        scan_axes = np.zeros((n_groups, 128, n_scanned), dtype=np.float32)
+        scan_levels = np.zeros((n_groups, n_scanned, 16), dtype=np.float32)
+        for g in range(n_groups):
+            rows = np.flatnonzero(groups == g)
+            sample = R[rows[in_half[rows]]].astype(np.float64)
+            mean = sample.mean(axis=0)
+            variances, axes = np.linalg.eigh(np.cov(sample, rowvar=False))
+            variances, axes = np.clip(variances[::-1], 0, None), axes[:, ::-1]
+            bits = allocate(variances, total)
+            scanned = np.argsort(-bits, kind="stable")[:n_scanned]
+            bits[scanned] = np.maximum(bits[scanned], 4)
+            row_bits[rows] = -(-(bits.sum() - 4 * n_scanned) // 8) * 8  # whole bytes
+            means[g], scan_axes[g] = mean, axes[:, scanned]
+            Y, Y_sample = (R[rows] - mean) @ axes, (sample - mean) @ axes
+            d_high, d_full = np.zeros_like(Y), np.zeros_like(Y)
+            for i in np.flatnonzero(bits):
+                low, top = np.quantile(Y_sample[:, i], [1e-4, 1 - 1e-4])
+                n = 2 ** bits[i]
+                c = np.clip(np.floor((Y[:, i] - low) / (top - low) * n), 0, n - 1)
+                d_full[:, i] = low + (c + 0.5) / n * (top - low)
+                if i in scanned:
+                    j = int(np.flatnonzero(scanned == i)[0])
+                    codes[rows, j] = c // 2 ** (bits[i] - 4)
+                    scan_levels[g, j] = low + (np.arange(16) + 0.5) / 16 * (top - low)
+                    d_high[:, i] = scan_levels[g, j][codes[rows, j]]
+            high[rows] = d_high @ axes.T + mean
+            full[rows] = d_full @ axes.T + mean
+        model = (codes, means, scan_axes, scan_levels)
+        return high + C[cells], full + C[cells], row_bits.mean() / 8, model
+
+    def scan(model, n_probe, k):
+        """The first stage with the built fast-scan kernel: a table per (query, probe)."""
+        codes, means, scan_axes, scan_levels = model
+        lists = InvertedLists(len(C), codes.shape[1], 16, fast_scan=True)
+        lists.add(codes, cells)
+        shift = C + means[group_of_cell]  # a cell's centroid + its group's mean
+
+        def search():
+            start = time.perf_counter()
+            probes = np.ascontiguousarray(nearest_cells[:, :n_probe], dtype=np.int64)
+            query, cell = np.repeat(np.arange(len(Q)), n_probe), probes.ravel()
+            diff = Q[query] - shift[cell]
+            projected = np.empty((len(cell), codes.shape[1]), dtype=np.float32)
+            group = group_of_cell[cell]
+            for g in np.unique(group):
+                mine = np.flatnonzero(group == g)
+                projected[mine] = diff[mine] @ scan_axes[g]
+            tables = np.square(projected[:, :, None] - scan_levels[group])
+            # the components left out of the scan decode to the group's mean
+            constant = (diff * diff).sum(axis=1) - (projected * projected).sum(axis=1)
+            built = time.perf_counter()
+            _, found = lists.search(
+                tables, np.zeros((len(Q), codes.shape[1], 16), dtype=np.float32),
+                constant.reshape(probes.shape).astype(np.float32), probes,
+                np.arange(probes.size, dtype=np.int64).reshape(probes.shape),
+                np.full(len(Q), n_probe, dtype=np.int64), k, n_threads=threads)
+            return found, built - start, time.perf_counter() - built
+
+        runs = [search() for _ in range(3)]
+        return runs[0][0], min(r[1] for r in runs), min(r[2] for r in runs)
+
+    print("| code (bits per row: scanned 4-bit + rest) | blocks | row | index per vector | MSE | "
+          + " | ".join(f"n_probe {p}, refine {r}" for p, r in settings) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(settings))
+    for total, n_scanned in ((448, 64), (512, 64), (512, 48), (640, 64)):
+        high, full, row_bytes, model = code(total, n_scanned)
+        found = {s: np.empty((len(Q), 10), dtype=np.int64) for s in settings}
+        exact = {s: np.empty((len(Q), 10), dtype=np.int64) for s in settings}
+        rerank_by = ((full, found), (X, exact)) if (total, n_scanned) == (512, 64) else (
+            (full, found),)
+        if len(rerank_by) == 2:
+            first_stage = {s: [None] * len(Q) for s in settings}
+        for q in range(len(Q)):
+            for n_probe, refine in settings:
+                ids = np.concatenate([order[starts[c] : starts[c + 1]]
+                                      for c in nearest_cells[q, :n_probe]])
+                k = min(10 * refine, len(ids) - 1)
+                first = ((high[ids] - Q[q]) ** 2).sum(axis=1)
+                candidates = ids[np.argpartition(first, k)[:k]]
+                if len(rerank_by) == 2:
+                    first_stage[n_probe, refine][q] = candidates
+                for decoded, out in rerank_by:
+                    d = ((decoded[candidates] - Q[q]) ** 2).sum(axis=1)
+                    out[(n_probe, refine)][q] = candidates[np.argsort(d, kind="stable")[:10]]
+        if len(rerank_by) == 2:
+            exact_recalls = [recall_at_10(exact[s], truth) for s in settings]
+            kept = model
+        # fast-scan blocks (each cell padded to whole blocks of 32 rows), the row, the id
+        # (int64) and each group's mean, axes and ranges (128 x 131 float32)
+        blocks = n_scanned / 2 * (-(-np.diff(starts) // 32) * 32).sum() / len(X)
+        index_bytes = blocks + row_bytes + 8 + n_groups * 128 * 131 * 4 / len(X)
+        mse = float(np.mean(((full - X) ** 2).sum(axis=1), dtype=np.float64))
+        print(f"| {total} bits: {n_scanned} x 4 scanned + {total - 4 * n_scanned} | "
+              f"{blocks:.1f} B | {row_bytes:.1f} B | {index_bytes:.0f} B | {mse:.4f} | "
+              + " | ".join(f"{recall_at_10(found[s], truth):.3f}" for s in settings) + " |",
+              flush=True)
+    print("| the same candidates (512 bits, 64 scanned) re-ranked by float32 rows | | 512 B | | 0 | "
+          + " | ".join(f"{r:.3f}" for r in exact_recalls) + " |")
+    built = []  # the built index's candidates (PQ 64 x 4 of the residual), the same cells
+    for n_probe, refine in settings:
+        candidates = ivf.kneighbors(Q, n_neighbors=10 * refine, n_probe=n_probe,
+                                    return_distance=False)
+        d = ((X[candidates] - Q[:, None]) ** 2).sum(-1)
+        top = np.take_along_axis(candidates, np.argsort(d, axis=1, kind="stable")[:, :10], 1)
+        built.append(recall_at_10(top, truth))
+    print("| the built index's candidates (PQ 64 x 4 codes) re-ranked by float32 rows | 32 B | "
+          "512 B | | 0 | " + " | ".join(f"{r:.3f}" for r in built) + " |")
+    print("\nThe first stage (512 bits, 64 scanned) through the built fast-scan kernel, a table "
+          "per (query, probe) built with numpy; beside it the built index's own first stage "
+          f"(best of 3, 1,000 queries, {threads} threads):\n")
+    print("| n_probe, candidates | tables (numpy) | scan (kernel) | built index, no refine | "
+          "same candidates as the numpy scan above |")
+    print("|---|---|---|---|---|")
+    for n_probe, refine in ((9, 4), (12, 4)):
+        k = 10 * refine
+        found, t_tables, t_scan = scan(kept, n_probe, k)
+        _, t_built = timed_best(lambda k=k, p=n_probe: ivf.kneighbors(Q, n_neighbors=k,
+                                                                      n_probe=p))
+        agree = np.mean([len(np.intersect1d(found[q], first_stage[n_probe, refine][q])) / k
+                         for q in range(len(Q))])
+        print(f"| {n_probe}, {k} | {t_tables * 1e3:.1f} ms | {t_scan * 1e3:.1f} ms | "
+              f"{t_built * 1e3:.1f} ms | {agree:.2f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-hnsw", action="store_true")
     parts = ["ivf8", "ivf4", "flat4", "faiss-hnsw", "faiss-ivf", "hnswlib", "opq", "mmap",
-             "storage"]
+             "storage", "nested"]
     parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
@@ -476,6 +663,8 @@ def main():
             mmap_part(X, Q, truth, args.threads, storage)
     if "storage" in args.parts:
         storage_part(X, Q, truth, args.threads)
+    if "nested" in args.parts:
+        nested_part(X, Q, truth, args.threads)
 
     print("\n## Best q/s reaching each recall@10\n")
     print("| library | recall >= 0.90 | recall >= 0.95 | recall >= 0.99 |")
