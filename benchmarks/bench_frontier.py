@@ -26,7 +26,7 @@ bits.
 
     python benchmarks/bench_frontier.py [--n 1000000] [--threads 2] [--skip-hnsw]
         [--parts ivf8 ivf4 flat4 faiss-hnsw faiss-ivf hnswlib opq mmap storage nested]
-        [--cache FILE.npz]
+        [--cache FILE.npz] [--query-seed SEED]
         [--only TEXT ...]
 
 ``--parts`` runs some of the sections (default: all); ``--only`` keeps our
@@ -513,6 +513,9 @@ def main():
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                         help="run only our configurations whose name contains one of these")
+    parser.add_argument("--query-seed", type=int, default=None, metavar="SEED",
+                        help="search 1,000 other queries, drawn from the mixture with this seed "
+                             "(held out from the choices made on the default ones)")
     parser.add_argument("--child-mmap", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_mmap is not None:
@@ -530,6 +533,10 @@ def main():
         truth, t_exact = timed(lambda: exact_top10(X, Q))
         if args.cache is not None:
             np.savez(args.cache, X=X, Q=Q, truth=truth)
+    if args.query_seed is not None:
+        Q = make_data(1, 1000, seed=args.query_seed)[1]
+        truth = exact_top10(X, Q)
+        print(f"# queries drawn with seed {args.query_seed}")
     variances = np.sort(X.var(axis=0))[::-1]
     print(f"# {args.n:,} x 128 (variance: largest {variances[0]:.1f}, median "
           f"{np.median(variances):.2f}), 1,000 queries, {args.threads} threads\n")
