@@ -29,21 +29,50 @@ def _node_id(value, what):
 
 def _pairs_from_nested(tree, parent, pairs):
     """(child, parent) pairs of a nested dict {node: children}; children a dict,
-    a list/tuple/set of ids, or None/empty for a leaf."""
-    if isinstance(tree, Mapping):
-        for node, children in tree.items():
-            node = _node_id(node, "a key of the nested dict")
-            pairs.append((node, parent))
-            if children is not None:
-                _pairs_from_nested(children, node, pairs)
-    elif isinstance(tree, (list, tuple, set, frozenset, np.ndarray)):
-        for node in tree:
-            if isinstance(node, (Mapping, list, tuple, set, frozenset)):
-                _pairs_from_nested(node, parent, pairs)
-            else:
-                pairs.append((_node_id(node, "a leaf of the nested dict"), parent))
-    else:
-        pairs.append((_node_id(tree, "a leaf of the nested dict"), parent))
+    a list/tuple/set of ids, or None/empty for a leaf.
+
+    Depth-first, each node before its children, with an explicit stack: a
+    tree of any depth (a chain of 100,000 labels) is read without recursion.
+    """
+    stack = [(tree, parent)]
+    while stack:
+        tree, parent = stack.pop()
+        if isinstance(tree, _Leaf):
+            pairs.append((_node_id(tree.value, "a leaf of the nested dict"), parent))
+        elif isinstance(tree, Mapping):
+            later = []
+            for node, children in tree.items():
+                node = _node_id(node, "a key of the nested dict")
+                later.append((_Pair(node), parent))
+                if children is not None:
+                    later.append((children, node))
+            stack.extend(reversed(later))
+        elif isinstance(tree, _Pair):
+            pairs.append((tree.node, parent))
+        elif isinstance(tree, (list, tuple, set, frozenset, np.ndarray)):
+            stack.extend(reversed([
+                (node, parent) if isinstance(node, (Mapping, list, tuple, set, frozenset))
+                else (_Leaf(node), parent) for node in tree]))
+        else:
+            pairs.append((_node_id(tree, "a leaf of the nested dict"), parent))
+
+
+class _Leaf:
+    """A leaf id waiting on ``_pairs_from_nested``'s stack (checked when reached)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+class _Pair:
+    """A checked node id of a nested dict, whose pair is appended when reached."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node):
+        self.node = node
 
 
 # The most label ids a hierarchy holds (one int64 parent each: 128 MiB).
@@ -172,16 +201,19 @@ def check_hierarchy(hierarchy, name="hierarchy"):
 def _depths(hierarchy, name="hierarchy"):
     """Depth of every node (top level 1); ValueError on a cycle."""
     n = hierarchy.shape[0]
-    depth = np.zeros(n, dtype=np.int64)
-    current = np.arange(n)
-    for _ in range(n + 1):
-        alive = current >= 0
-        if not alive.any():
-            return depth
-        depth[alive] += 1
-        current = np.where(alive, hierarchy[np.maximum(current, 0)], -1)
-    # A node still has a parent after n steps: its ancestors repeat.
-    node = int(np.flatnonzero(current >= 0)[0])
+    # Pointer jumping: jump[i] is the ancestor 2**r steps above i after r rounds
+    # (-1 past the top), edges[i] the steps counted so far; O(n log depth).
+    jump = hierarchy.copy()
+    edges = (jump >= 0).astype(np.int64)
+    for _ in range(max(1, n).bit_length() + 1):
+        up = np.flatnonzero(jump >= 0)
+        if not up.size:
+            return edges + 1
+        above = jump[up]
+        edges[up] += edges[above]
+        jump[up] = jump[above]
+    # A node is still below an ancestor after more than n steps: its ancestors repeat.
+    node = int(np.flatnonzero(jump >= 0)[0])
     cycle, seen = [], set()
     while node not in seen:
         seen.add(node)

@@ -100,6 +100,41 @@ def test_depths():
     np.testing.assert_array_equal(hierarchy_depth([-1, -1]), [1, 1])
 
 
+def test_a_tree_of_any_depth_is_read_without_recursion():
+    # A chain 0 <- 1 <- ... <- 99,999, as a nested dict: the reader recursed
+    # (RecursionError past ~1,000 levels) and the depths took depth x n steps.
+    n = 100_000
+    chain = None
+    for node in range(n - 1, -1, -1):
+        chain = {node: chain}
+    hierarchy = make_hierarchy(chain)
+    np.testing.assert_array_equal(hierarchy, np.arange(-1, n - 1))
+    np.testing.assert_array_equal(hierarchy_depth(hierarchy), np.arange(1, n + 1))
+    # a deep list nesting: every leaf under the one top-level node
+    deep = [7]
+    for _ in range(5_000):
+        deep = [deep]
+    np.testing.assert_array_equal(make_hierarchy({0: deep}), [-1, -1, -1, -1, -1, -1, -1, 0])
+
+
+def test_depths_match_walking_up_on_random_forests():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 60))
+        order = rng.permutation(n)
+        hierarchy = np.full(n, -1)
+        for a in range(1, n):
+            if rng.random() < 0.8:  # a parent among the nodes placed before
+                hierarchy[order[a]] = order[rng.integers(0, a)]
+        walked = []
+        for node in range(n):
+            steps = 0
+            while node >= 0:
+                node, steps = hierarchy[node], steps + 1
+            walked.append(steps)
+        np.testing.assert_array_equal(hierarchy_depth(hierarchy), walked)
+
+
 @pytest.mark.parametrize(
     "tree, kwargs, error, match",
     [
