@@ -144,12 +144,16 @@ def mmap_part(X, Q, truth, threads, storage):
                         "--threads", str(threads)], check=True)
 
 
-def allocate_bits(variances, total, cap=8):
-    """Greedy bit allocation: each bit to the component whose error it cuts most (by 4)."""
+def allocate_bits(variances, total, cap=8, weight=None):
+    """Greedy bit allocation: each bit to the component whose error it cuts most (by 4).
+
+    With ``weight`` (one per component), the error it cuts is weighted so.
+    """
     bits = np.zeros(len(variances), dtype=int)
     error = np.array(variances, dtype=np.float64)
+    weight = np.ones_like(error) if weight is None else np.asarray(weight, dtype=np.float64)
     for _ in range(total):
-        i = int(np.argmax(np.where(bits < cap, error, -1)))
+        i = int(np.argmax(np.where(bits < cap, weight * error, -1)))
         bits[i] += 1
         error[i] /= 4
     return bits
@@ -206,6 +210,16 @@ def gaussian_rate(variances, mse):
     return float(np.sum(np.maximum(0, 0.5 * np.log2(variances / theta))))
 
 
+def fast_scan_cells(X, threads):
+    """IVF1024 + PQ 64x4 (fast-scan) on X, its cells' centroids, each item's cell and residual."""
+    ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
+                                n_lists=1024, random_state=0, n_jobs=threads).fit(X)
+    C = ivf.coarse_centers_.astype(np.float32)
+    cells = np.concatenate([ivf._residuals(X[i : i + 65536], threads)[1]
+                            for i in range(0, len(X), 65536)])
+    return ivf, C, cells, X - C[cells]
+
+
 def storage_part(X, Q, truth, threads):
     """Recall when the same candidates are re-ranked by rows of fewer bytes (numpy).
 
@@ -221,15 +235,10 @@ def storage_part(X, Q, truth, threads):
     may depend on the cell (as the "per group" rows' axes do).
     """
     print("\n## Re-ranking rows: recall@10 of the same candidates by bytes per row\n")
-    ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
-                                n_lists=1024, random_state=0, n_jobs=threads).fit(X)
+    ivf, C, cells, R = fast_scan_cells(X, threads)  # R: the residuals to the cells' centroids
     settings = ((9, 4), (12, 4), (9, 8), (16, 8))
     candidates = {s: ivf.kneighbors(Q, n_neighbors=10 * s[1], n_probe=s[0],
                                     return_distance=False) for s in settings}
-    C = ivf.coarse_centers_.astype(np.float32)
-    cells = np.concatenate([ivf._residuals(X[i : i + 65536], threads)[1]
-                            for i in range(0, len(X), 65536)])
-    R = X - C[cells]  # the residuals to the cells' centroids
     first = np.concatenate([ivf.quantizer_.inverse_transform(ivf.quantizer_.transform(
         R[i : i + 65536])) for i in range(0, len(X), 65536)]).astype(np.float32)
     rng = np.random.default_rng(0)
@@ -354,12 +363,7 @@ def nested_part(X, Q, truth, threads):
     instead starves the large components and lost about 0.01 of recall.)
     """
     print("\n## Not built: nested scalar codes in per-group axes (numpy, recall and memory)\n")
-    ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
-                                n_lists=1024, random_state=0, n_jobs=threads).fit(X)
-    C = ivf.coarse_centers_.astype(np.float32)
-    cells = np.concatenate([ivf._residuals(X[i : i + 65536], threads)[1]
-                            for i in range(0, len(X), 65536)])
-    R = X - C[cells]
+    ivf, C, cells, R = fast_scan_cells(X, threads)
     rng = np.random.default_rng(0)
     n_groups = 128
     group_of_cell = KMeans(n_groups, n_init=1, random_state=0).fit_predict(C)
@@ -371,19 +375,10 @@ def nested_part(X, Q, truth, threads):
     starts = np.searchsorted(cells[order], np.arange(len(C) + 1))
     nearest_cells = np.argsort(((Q[:, None, :] - C[None]) ** 2).sum(-1), axis=1)[:, :16]
 
-    def allocate(variances, total, cap=16):
-        bits, error = np.zeros(len(variances), dtype=int), variances.copy()
-        weight = np.minimum(variances, 0.3)
-        for _ in range(total):
-            i = int(np.argmax(np.where(bits < cap, weight * error, -1)))
-            bits[i] += 1
-            error[i] /= 4
-        return bits
-
     def code(total, n_scanned):
         high = np.empty_like(R)  # decoded from the 4 high bits of the scanned components
         full = np.empty_like(R)  # decoded from the whole code
-        row_bits = np.zeros(len(X))
+        row_bytes = 0.0  # summed over the items
         # for the scan: each row's 4 high bits, each group's mean, scanned axes and levels
         codes = np.zeros((len(X), n_scanned), dtype=np.uint8)
         means = np.zeros((n_groups, 128), dtype=np.float32)
@@ -395,10 +390,10 @@ def nested_part(X, Q, truth, threads):
             mean = sample.mean(axis=0)
             variances, axes = np.linalg.eigh(np.cov(sample, rowvar=False))
             variances, axes = np.clip(variances[::-1], 0, None), axes[:, ::-1]
-            bits = allocate(variances, total)
+            bits = allocate_bits(variances, total, cap=16, weight=np.minimum(variances, 0.3))
             scanned = np.argsort(-bits, kind="stable")[:n_scanned]
             bits[scanned] = np.maximum(bits[scanned], 4)
-            row_bits[rows] = -(-(bits.sum() - 4 * n_scanned) // 8) * 8  # whole bytes
+            row_bytes += -(-(bits.sum() - 4 * n_scanned) // 8) * len(rows)  # whole bytes
             means[g], scan_axes[g] = mean, axes[:, scanned]
             Y, Y_sample = (R[rows] - mean) @ axes, (sample - mean) @ axes
             d_high, d_full = np.zeros_like(Y), np.zeros_like(Y)
@@ -415,7 +410,7 @@ def nested_part(X, Q, truth, threads):
             high[rows] = d_high @ axes.T + mean
             full[rows] = d_full @ axes.T + mean
         model = (codes, means, scan_axes, scan_levels)
-        return high + C[cells], full + C[cells], row_bits.mean() / 8, model
+        return high + C[cells], full + C[cells], row_bytes / len(X), model
 
     def scan(model, n_probe, k):
         """The first stage with the built fast-scan kernel: a table per (query, probe)."""
@@ -454,12 +449,13 @@ def nested_part(X, Q, truth, threads):
     print("|---|---|---|---|---|" + "---|" * len(settings))
     for total, n_scanned in ((448, 64), (512, 64), (512, 48), (640, 64)):
         high, full, row_bytes, model = code(total, n_scanned)
+        reference = (total, n_scanned) == (512, 64)  # the one compared below
         found = {s: np.empty((len(Q), 10), dtype=np.int64) for s in settings}
         exact = {s: np.empty((len(Q), 10), dtype=np.int64) for s in settings}
-        rerank_by = ((full, found), (X, exact)) if (total, n_scanned) == (512, 64) else (
-            (full, found),)
-        if len(rerank_by) == 2:
+        rerank_by = ((full, found), (X, exact)) if reference else ((full, found),)
+        if reference:
             first_stage = {s: [None] * len(Q) for s in settings}
+            kept, kept_full = model, full
         for q in range(len(Q)):
             for n_probe, refine in settings:
                 ids = np.concatenate([order[starts[c] : starts[c + 1]]
@@ -467,14 +463,13 @@ def nested_part(X, Q, truth, threads):
                 k = min(10 * refine, len(ids) - 1)
                 first = ((high[ids] - Q[q]) ** 2).sum(axis=1)
                 candidates = ids[np.argpartition(first, k)[:k]]
-                if len(rerank_by) == 2:
+                if reference:
                     first_stage[n_probe, refine][q] = candidates
                 for decoded, out in rerank_by:
                     d = ((decoded[candidates] - Q[q]) ** 2).sum(axis=1)
                     out[(n_probe, refine)][q] = candidates[np.argsort(d, kind="stable")[:10]]
-        if len(rerank_by) == 2:
+        if reference:
             exact_recalls = [recall_at_10(exact[s], truth) for s in settings]
-            kept = model
         # fast-scan blocks (each cell padded to whole blocks of 128 rows), the row, the id
         # (int64) and each group's mean, axes and ranges (128 x 131 float32)
         blocks = n_scanned / 2 * (-(-np.diff(starts) // 128) * 128).sum() / len(X)
@@ -485,8 +480,6 @@ def nested_part(X, Q, truth, threads):
               f"{mse:.4f} | "
               + " | ".join(f"{recall_at_10(found[s], truth):.4f}" for s in settings) + " |",
               flush=True)
-        if len(rerank_by) == 2:
-            kept_full = full
     print("| its candidates (512 bits, 64 scanned) re-ranked by float32 rows | | | | | "
           + " | ".join(f"{r:.4f}" for r in exact_recalls) + " |")
     # the built index's candidates (PQ 64 x 4 of the residual), the same cells

@@ -33,46 +33,26 @@ def _pairs_from_nested(tree, parent, pairs):
 
     Depth-first, each node before its children, with an explicit stack: a
     tree of any depth (a chain of 100,000 labels) is read without recursion.
+    Each entry is ``(item, parent, is_id)``: an id to pair with its parent,
+    or a subtree to open.
     """
-    stack = [(tree, parent)]
+    stack = [(tree, parent, False)]
     while stack:
-        tree, parent = stack.pop()
-        if isinstance(tree, _Leaf):
-            pairs.append((_node_id(tree.value, "a leaf of the nested dict"), parent))
-        elif isinstance(tree, Mapping):
+        tree, parent, is_id = stack.pop()
+        if isinstance(tree, Mapping) and not is_id:
             later = []
             for node, children in tree.items():
                 node = _node_id(node, "a key of the nested dict")
-                later.append((_Pair(node), parent))
+                later.append((node, parent, True))
                 if children is not None:
-                    later.append((children, node))
+                    later.append((children, node, False))
             stack.extend(reversed(later))
-        elif isinstance(tree, _Pair):
-            pairs.append((tree.node, parent))
-        elif isinstance(tree, (list, tuple, set, frozenset, np.ndarray)):
+        elif isinstance(tree, (list, tuple, set, frozenset, np.ndarray)) and not is_id:
             stack.extend(reversed([
-                (node, parent) if isinstance(node, (Mapping, list, tuple, set, frozenset))
-                else (_Leaf(node), parent) for node in tree]))
+                (node, parent, not isinstance(node, (Mapping, list, tuple, set, frozenset)))
+                for node in tree]))
         else:
             pairs.append((_node_id(tree, "a leaf of the nested dict"), parent))
-
-
-class _Leaf:
-    """A leaf id waiting on ``_pairs_from_nested``'s stack (checked when reached)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-
-class _Pair:
-    """A checked node id of a nested dict, whose pair is appended when reached."""
-
-    __slots__ = ("node",)
-
-    def __init__(self, node):
-        self.node = node
 
 
 # The most label ids a hierarchy holds (one int64 parent each: 128 MiB).
