@@ -365,6 +365,13 @@ def test_recall_at_k_reads_minus_one_as_a_missing_result():
     assert recall_at_k_score([[0, -1, -1]], [[0, 1, 2]]) == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("true_neighbors", [[[-1, -1]], [[0, -1]], [[3, -7]]])
+def test_recall_at_k_refuses_negative_true_neighbours(true_neighbors):
+    # [[-1, -1]] against [[-1, -1]] scored 1.0, with nothing found
+    with pytest.raises(ValueError, match="true_neighbors must hold database indices >= 0"):
+        recall_at_k_score([[-1, -1]], true_neighbors)
+
+
 def test_labels_of_different_kinds_are_refused():
     # strings never equal numbers: the score was 0.0 without a word
     with pytest.raises(ValueError, match="y_query holds strings but y_database holds numbers"):

@@ -401,9 +401,12 @@ def recall_at_k_score(neighbors, true_neighbors):
     Parameters
     ----------
     neighbors : array-like of shape (n_queries, n_retrieved), dtype=int
-        Database indices returned by the approximate search.
+        Database indices returned by the approximate search; a negative
+        entry (faiss's -1 where a search found fewer than ``n_retrieved``
+        items) is a missing result and matches nothing.
     true_neighbors : array-like of shape (n_queries, k), dtype=int
-        Database indices of each query's true ``k`` nearest neighbours.
+        Database indices of each query's true ``k`` nearest neighbours,
+        all at least 0.
 
     Returns
     -------
@@ -430,8 +433,12 @@ def recall_at_k_score(neighbors, true_neighbors):
     if neighbors.shape[0] != true_neighbors.shape[0]:
         raise ValueError(f"neighbors has {neighbors.shape[0]} rows but true_neighbors "
                          f"has {true_neighbors.shape[0]}; they must match.")
+    if true_neighbors.size and true_neighbors.min() < 0:
+        raise ValueError(f"true_neighbors must hold database indices >= 0 (each query's k "
+                         f"true neighbours); got {true_neighbors.min()}.")
     _check_no_repeats(neighbors, "neighbors")
     _check_no_repeats(true_neighbors, "true_neighbors")
+    # A missing result (negative) is never one of the true neighbours, all >= 0.
     found = [np.isin(t, n).sum() for n, t in zip(neighbors, true_neighbors)]
     return float(np.mean(found) / true_neighbors.shape[1])
 
