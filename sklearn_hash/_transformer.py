@@ -195,7 +195,7 @@ class QuantizedNeighborsTransformer(ClassNamePrefixFeaturesOutMixin, Transformer
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
         add_one = self.mode == "distance"
-        return self.kneighbors_graph(X, mode=self.mode, n_neighbors=self.n_neighbors + add_one)
+        return self._graph(X, self.n_neighbors + add_one, self.mode)
 
     def fit_transform(self, X, y=None):
         """Fit to data, then transform it.
@@ -271,6 +271,11 @@ class QuantizedNeighborsTransformer(ClassNamePrefixFeaturesOutMixin, Transformer
         check_is_fitted(self)
         if X is not None:
             X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        return self._graph(X, n_neighbors, mode)
+
+    def _graph(self, X, n_neighbors, mode):
+        """The searcher's graph of X (validated already: a second validation of the
+        array, without the feature names, would warn), as float64."""
         graph = self.neighbors_.kneighbors_graph(X, n_neighbors, mode=mode)
         if graph.dtype != np.float64:
             graph = graph.astype(np.float64)

@@ -2,6 +2,7 @@
 
 import doctest
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -270,3 +271,25 @@ def test_bad_parameters_and_input():
 def test_docstring_examples():
     result = doctest.testmod(_transformer, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("mode", ["connectivity", "distance"])
+def test_dataframe_keeps_its_feature_names_through_transform(mode):
+    # transform validated the DataFrame, then passed the bare array to
+    # kneighbors_graph, whose second validation warned "X does not have valid
+    # feature names" on every transform of the frame it was fitted on
+    pd = pytest.importorskip("pandas")
+    X, _ = make_blobs(120, n_features=4, random_state=0)
+    frame = pd.DataFrame(X, columns=[f"f{i}" for i in range(4)])
+    est = QuantizedNeighborsTransformer(ProductQuantizer(4, subspace_bits=2, random_state=0),
+                                        n_neighbors=3, mode=mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph = est.fit_transform(frame)
+        again = est.transform(frame)
+        direct = est.kneighbors_graph(frame, n_neighbors=3 + (mode == "distance"), mode=mode)
+    assert list(est.feature_names_in_) == list(frame.columns)
+    assert (graph != direct).nnz == 0 and (again != direct).nnz == 0
+    # an array without the names still warns, as scikit-learn's estimators do
+    with pytest.warns(UserWarning, match="does not have valid feature names"):
+        est.transform(X)
