@@ -579,11 +579,12 @@ def main():
                                         n_jobs=args.threads)
             _, t_fit = timed(lambda: ivf.fit(X))
             ivf.set_params(refine_factor=None)  # the vectors are kept; refine per call below
-            # codes (a byte per codeword index, 4-bit ones too) + int64 id, and the
+            # what the index holds per item: code rows (a byte per codeword index; with
+            # fast-scan only those of cells left out of the blocks), int64 ids and the
             # fast-scan blocks of 4-bit codes (half a byte per index, cells padded)
-            code_bytes = ivf.quantizer_.n_subspaces_ + 8
-            blocks = sum(run.blocks.nbytes for run in ivf._index.runs
-                         if getattr(run, "blocks", None) is not None) / len(X)
+            code_bytes = sum((run.loose if run._codes is None else run._codes).nbytes
+                             + run.ids.nbytes + (0 if run.blocks is None else run.blocks.nbytes)
+                             for run in ivf._index.runs) / len(X)
             # the re-ranking rows: float32 vectors (512 B) or sq8 ones (128 B + the cell)
             row_bytes = ivf._vectors.dtype.itemsize * ivf._vectors.row_shape[0]
             for n_probe in probes:
@@ -595,7 +596,7 @@ def main():
                         f"IVF1024 {name}, n_probe {n_probe}, refine "
                         f"{refine or '-'} (fit {t_fit:.0f} s)", len(Q) / t,
                         recall_at_10(ind, truth),
-                        code_bytes + blocks + (row_bytes if refine else 0))
+                        code_bytes + (row_bytes if refine else 0))
             ivf = None
     try:
         if "flat4" not in args.parts:

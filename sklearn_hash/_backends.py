@@ -44,6 +44,7 @@ from ._kernels._fastscan import (
     ivf_fastscan_kneighbors,
     pack_blocks,
     pack_cell_blocks,
+    unpack_block_rows,
 )
 from ._kernels._fastscan import simd_path as fastscan_simd_path  # noqa: F401 (for the searchers)
 from ._kernels._hamming import hamming_kneighbors, hamming_radius
@@ -366,27 +367,86 @@ def check_codeword_indices(codes, n_subspaces, n_codewords, dtype):
 class _CellRun:
     """Items grouped by cell: a run of consecutive database indices.
 
-    ``codes`` and ``ids`` hold the items ``first, ..., first + n - 1``
-    ordered by (cell, id); ``cells`` lists the cells present, ascending, and
-    cell ``cells[t]``'s items are the rows ``starts[t]:starts[t + 1]``. A
-    sealed run (loaded, memory-mapped) is never rewritten.
+    ``ids`` holds the items ``first, ..., first + n - 1`` ordered by (cell,
+    id), and ``codes`` their codes in that order; ``cells`` lists the cells
+    present, ascending, and cell ``cells[t]``'s items are the rows
+    ``starts[t]:starts[t + 1]``. A sealed run (loaded, memory-mapped) is
+    never rewritten.
+
+    With fast-scan, the run also has its cells' block layout
+    (``pack_cell_blocks``: ``blocks``, and ``block_at``, each cell's first
+    block or -1 for a cell left out), built by InvertedLists, never saved
+    nor pickled. An unsealed run then keeps code rows only for the cells
+    left out (``loose``, each cell's from row ``loose_at[t]``): the search
+    reads the others from their blocks, and ``codes`` decodes them when
+    asked (saving, merging, reconstructing). That halves and more the
+    memory of the codes, whose rows take a byte per codeword index against
+    half a byte in the blocks.
     """
 
     def __init__(self, codes, ids, cells, starts, first, sealed=False):
-        self.codes, self.ids, self.cells, self.starts = codes, ids, cells, starts
+        self._codes, self.ids, self.cells, self.starts = codes, ids, cells, starts
         self.first = int(first)
         self.sealed = sealed
-        # Fast-scan block layout of the run's cells (``pack_cell_blocks``): a
-        # cache built by InvertedLists, never saved nor pickled.
         self.blocks = self.block_at = None
+        self.loose = self.loose_at = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["blocks"] = state["block_at"] = None
+        state["_codes"] = self.codes  # whole: the blocks are not pickled
+        state["blocks"] = state["block_at"] = state["loose"] = state["loose_at"] = None
         return state
 
     def __len__(self):
         return len(self.ids)
+
+    @property
+    def codes(self):
+        """The codes of the run's items, grouped by cell (decoded when not kept as rows)."""
+        if self._codes is not None:
+            return self._codes
+        return self.codes_of(np.arange(len(self), dtype=np.int64))
+
+    def codes_of(self, rows):
+        """The codes of the run's rows ``rows`` (positions in the cell order)."""
+        if self._codes is not None:
+            return self._codes[rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        t = np.searchsorted(self.starts, rows, side="right") - 1  # each row's cell
+        offset = rows - self.starts[t]
+        packed = self.block_at[t] >= 0
+        codes = np.empty((len(rows), self.loose.shape[1]), dtype=self.loose.dtype)
+        codes[packed] = unpack_block_rows(
+            self.blocks, self.block_at[t[packed]] * BLOCK_ROWS + offset[packed],
+            codes.shape[1])
+        codes[~packed] = self.loose[self.loose_at[t[~packed]] + offset[~packed]]
+        return codes
+
+    def pack(self, min_rows):
+        """Build the blocks; an unsealed run then drops the code rows of the cells packed."""
+        codes = self.codes
+        self.blocks, self.block_at = pack_cell_blocks(codes, self.starts, min_rows)
+        if self.sealed:
+            return
+        sizes = np.diff(self.starts)
+        left_out = self.block_at < 0
+        self.loose_at = np.where(left_out, np.cumsum(np.where(left_out, sizes, 0))
+                                 - sizes, -1).astype(np.int64)
+        self.loose = np.ascontiguousarray(codes[np.repeat(left_out, sizes)])
+        self._codes = None
+
+    def unpack(self):
+        """Drop the blocks, keeping every code as a row again."""
+        self._codes = self.codes
+        self.blocks = self.block_at = self.loose = self.loose_at = None
+
+    def code_rows_at(self, row_bytes):
+        """Address of each cell's first code row, 0 for a cell whose rows are not kept."""
+        begin = self.starts[:-1]
+        if self._codes is not None:
+            return self._codes.ctypes.data + begin * row_bytes
+        return np.where(self.loose_at >= 0, self.loose.ctypes.data + self.loose_at * row_bytes,
+                        0)
 
     @classmethod
     def grouped(cls, codes, ids, row_cells, first):
@@ -639,7 +699,7 @@ class InvertedLists:
                 where[run.ids - run.first] = np.arange(len(run))
                 self._where[r] = where
             at = np.flatnonzero(which == r)
-            codes[at] = run.codes[self._where[r][indices[at] - run.first]]
+            codes[at] = run.codes_of(self._where[r][indices[at] - run.first])
         return codes, lists
 
     def set_fast_scan(self, fast_scan, simd=None):
@@ -649,7 +709,8 @@ class InvertedLists:
         ----------
         fast_scan : bool
             Search by fast-scan (4-bit codes only); the blocks are packed
-            on the next search when missing.
+            on the next search when missing. Switched off, every code is
+            kept as a row again and the blocks are dropped.
         simd : bool or {"avx512", "avx2", "portable"}, default=None
             Shuffle path; ``None`` keeps the current one.
 
@@ -664,14 +725,17 @@ class InvertedLists:
             max_simd_level(simd)  # a clear error for an unknown path
             self.simd = simd
         self.fast_scan = bool(fast_scan)
+        if not self.fast_scan:  # the float lookups read every code from its row
+            for run in self.runs:
+                if run.blocks is not None:
+                    run.unpack()
         self._layout = None
         return self
 
     def _pack(self, run):
         """The run's fast-scan blocks, unless built already (or fast-scan is off)."""
         if self.fast_scan and run.blocks is None:
-            run.blocks, run.block_at = pack_cell_blocks(run.codes, run.starts,
-                                                        self.FAST_SCAN_MIN_ROWS)
+            run.pack(self.FAST_SCAN_MIN_ROWS)
 
     def _chunk_layout(self):
         """Addresses of every cell's chunks (one per run), for the kernel.
@@ -685,11 +749,12 @@ class InvertedLists:
             for run in self.runs:
                 cells.append(run.cells)
                 begin = run.starts[:-1]
-                codes_at.append(run.codes.ctypes.data + begin * row_bytes)
+                if self.fast_scan:
+                    self._pack(run)  # e.g. an unpickled run
+                codes_at.append(run.code_rows_at(row_bytes))
                 ids_at.append(run.ids.ctypes.data + begin * 8)
                 sizes.append(np.diff(run.starts))
                 if self.fast_scan:
-                    self._pack(run)  # e.g. an unpickled run
                     blocks_at.append(np.where(
                         run.block_at >= 0,
                         run.blocks.ctypes.data + run.block_at * run.blocks.shape[1], 0))

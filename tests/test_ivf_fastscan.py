@@ -244,9 +244,18 @@ def test_kernel_rejects_bad_arguments(random_index):
     with pytest.raises(ValueError, match="one entry per chunk"):
         ivf_fastscan_kneighbors(lt, qt, coarse, probes, probes, visit, *lay[:3], lay[3][:1],
                                 lay[4], none, 3)
+    # A chunk needs its code rows or its blocks (the kernel reads rows only without blocks).
     with pytest.raises(ValueError, match="need addresses"):
         ivf_fastscan_kneighbors(lt, qt, coarse, probes, probes, visit, lay[0],
-                                np.zeros_like(lay[1]), *lay[2:], none, 3)
+                                np.zeros_like(lay[1]), lay[2], np.zeros_like(lay[3]), lay[4],
+                                none, 3)
+    with pytest.raises(ValueError, match="need addresses"):
+        ivf_fastscan_kneighbors(lt, qt, coarse, probes, probes, visit, lay[0], lay[1],
+                                np.zeros_like(lay[2]), *lay[3:], none, 3)
+    assert (lay[3] != 0).all()  # every chunk packed (min_rows=1): no row is read
+    assert_same(ivf_fastscan_kneighbors(lt, qt, coarse, probes, probes, visit, lay[0],
+                                        np.zeros_like(lay[1]), *lay[2:], none, 3),
+                ivf_fastscan_kneighbors(lt, qt, coarse, probes, probes, visit, *lay, none, 3))
     with pytest.raises(ValueError, match="table_rows must be rows"):
         ivf_fastscan_kneighbors(lt, qt, coarse, probes, probes + 2, visit, *lay, none, 3)
     with pytest.raises(ValueError, match="split must be in"):
@@ -378,7 +387,7 @@ def test_growth_persistence_pickling_and_compaction(skewed, tmp_path):
 
 
 @needs_shuffles
-def test_cells_with_blocks_are_searched_without_their_code_rows(skewed):
+def test_cells_with_blocks_are_searched_without_their_code_rows(skewed, tmp_path):
     """The code rows of cells kept in blocks are never read by a search (so a
     memory-mapped index needs only its blocks resident): overwriting them leaves
     every answer unchanged, while a cell without blocks still reads its rows."""
@@ -387,12 +396,44 @@ def test_cells_with_blocks_are_searched_without_their_code_rows(skewed):
                                    n_lists=8, n_probe=3, n_neighbors=12,
                                    random_state=0).fit(X)
     expected = search.kneighbors(Q)
-    runs = search._index.runs
-    assert all((run.block_at >= 0).all() for run in runs)  # every cell has its blocks
+    search.save(tmp_path / "index")
+    loaded = IVFQuantizedNeighbors.load(tmp_path / "index")  # sealed runs keep their rows
+    runs = loaded._index.runs
+    assert all(run.sealed and (run.block_at >= 0).all() for run in runs)  # all in blocks
     for run in runs:
-        run.codes[...] = 15 - run.codes  # every codeword index changed
-    got = search.kneighbors(Q)
+        run._codes = 15 - run.codes  # every codeword index changed (a copy: the map is read-only)
+    loaded._index._changed()
+    got = loaded.kneighbors(Q)
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_array_equal(got[0], expected[0])
     # The check can fail: the float-table path reads the (now wrong) rows.
-    assert not np.array_equal(float_answers(search, Q)[1], expected[1])
+    assert not np.array_equal(float_answers(loaded, Q)[1], expected[1])
+
+
+@pytest.mark.parametrize("min_rows", [1, 96, 10**9])
+def test_an_index_in_memory_keeps_code_rows_only_for_cells_without_blocks(min_rows,
+                                                                          monkeypatch):
+    """Fitted or grown in memory, a run keeps the rows of the cells left out of the
+    blocks alone; the others are decoded from the blocks when asked (saving, merging,
+    reconstructing), equal to the codes the quantizer gave."""
+    monkeypatch.setattr(InvertedLists, "FAST_SCAN_MIN_ROWS", min_rows)
+    X, _ = make_blobs(3000, n_features=16, centers=20, random_state=1)
+    search = IVFQuantizedNeighbors(ProductQuantizer(32, subspace_bits=4, random_state=0),
+                                   n_lists=16, n_probe=4, random_state=0).fit(X[:2000])
+    for batch in np.array_split(X[2000:], 7):  # runs of several sizes, some merged
+        search.add(batch)
+    index = search._index
+    assert len(index.runs) > 1
+    for run in index.runs:
+        left_out = np.repeat(run.block_at < 0, np.diff(run.starts))
+        assert run._codes is None and run.loose.shape == (left_out.sum(), 8)
+    residuals, cells = search._residuals(X, 1)
+    truth = search.quantizer_.transform(residuals)
+    codes, lists = index.rows(np.arange(len(X)))
+    np.testing.assert_array_equal(codes, truth)
+    np.testing.assert_array_equal(lists, cells)
+    np.testing.assert_array_equal(search.codes_[np.argsort(search.ids_)], truth)
+    assert_searches_agree(search, X[:50], n_neighbors=7)  # the float path: rows back
+    assert all(run._codes is not None and run.blocks is None for run in index.runs)
+    search.kneighbors(X[:5])  # fast-scan again: packed on the next search
+    assert all(run._codes is None for run in index.runs)

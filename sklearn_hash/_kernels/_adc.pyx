@@ -327,9 +327,14 @@ def check_chunk_table(chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, chunk_
         raise ValueError(f"chunk_offsets must rise from 0 to n_chunks, and {names} and "
                          f"chunk_sizes hold one entry per chunk.")
     sizes = np.asarray(chunk_sizes)
+    # The fast-scan kernel reads a chunk's code rows only when it has no blocks.
+    no_codes = np.asarray(chunk_codes) == 0
+    if chunk_blocks is not None:
+        no_codes &= np.asarray(chunk_blocks) == 0
     if n_chunks and (sizes.min() < 0 or np.any(
-            (sizes > 0) & ((np.asarray(chunk_codes) == 0) | (np.asarray(chunk_ids) == 0)))):
-        raise ValueError("chunk sizes must be >= 0 and non-empty chunks need addresses.")
+            (sizes > 0) & (no_codes | (np.asarray(chunk_ids) == 0)))):
+        raise ValueError("chunk sizes must be >= 0 and non-empty chunks need addresses "
+                         "(of their ids, and of their code rows or blocks).")
 
 
 cdef bint _visits_outside(const int64_t[:, ::1] rows, const int64_t[::1] n_visit,

@@ -629,6 +629,19 @@ static inline const uint8_t* sh_fs_block_row(const uint8_t* blocks, ptrdiff_t Mp
     return blocks + (e / SH_FS_BLOCK) * Mp * 64 + 16 * (in_block / 32) + (in_block % 16);
 }
 
+/* The codes of rows rows[0..n) of a block layout (M of its Mp subspaces), one
+ * byte per codeword index, into codes (n, M): what sh_fs_pack packed. */
+static void sh_fs_unpack_rows(const uint8_t* blocks, ptrdiff_t Mp, ptrdiff_t M,
+                              const int64_t* rows, ptrdiff_t n, uint8_t* codes)
+{
+    for (ptrdiff_t j = 0; j < n; ++j) {
+        int shift;
+        const uint8_t* at = sh_fs_block_row(blocks, Mp, rows[j], &shift);
+        for (ptrdiff_t m = 0; m < M; ++m)
+            codes[j * M + m] = (uint8_t)((at[64 * m] >> shift) & 15);
+    }
+}
+
 /* sh_fs_adc of row e read from a block layout: the same float32 sum. */
 static inline float sh_fs_adc_block(const float* table, const uint8_t* blocks, ptrdiff_t Mp,
                                     ptrdiff_t M, ptrdiff_t e)

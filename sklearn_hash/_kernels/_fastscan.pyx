@@ -72,6 +72,8 @@ cdef extern from "_fastscan.h":
     float sh_fs_adc(const float* table, const uint8_t* code, Py_ssize_t M) noexcept nogil
     float sh_fs_adc_block(const float* table, const uint8_t* blocks, Py_ssize_t Mp,
                           Py_ssize_t M, Py_ssize_t e) noexcept nogil
+    void sh_fs_unpack_rows(const uint8_t* blocks, Py_ssize_t Mp, Py_ssize_t M,
+                           const int64_t* rows, Py_ssize_t n, uint8_t* codes) noexcept nogil
     void sh_fs_adc_rows(const float* table, const uint8_t* codes, Py_ssize_t n, Py_ssize_t M,
                         float* out) noexcept nogil
     void sh_fs_offer(float* dist, int64_t* idx, Py_ssize_t* size, Py_ssize_t k,
@@ -159,6 +161,38 @@ def pack_blocks(const uint8_t[:, ::1] codes):  # IN (n, n_subspaces), each value
         with nogil:
             sh_fs_pack(&codes[0, 0], n, M, Mp, &out[0, 0])
     return blocks
+
+
+def unpack_block_rows(
+    const uint8_t[:, ::1] blocks,  # IN (n_blocks, block_bytes(n_subspaces))
+    const int64_t[::1] rows,       # IN (n,) row numbers in the layout, 128 per block
+    Py_ssize_t n_subspaces,
+):
+    """Codes of some rows of a block layout: the inverse of :func:`pack_blocks`.
+
+    Row ``r`` is code ``r % 128`` of block ``r // 128``, so that
+    ``unpack_block_rows(pack_blocks(codes), np.arange(n), M)`` is ``codes``.
+
+    Returns
+    -------
+    codes : ndarray of shape (n, n_subspaces), dtype=uint8
+        One codeword index (< 16) per byte.
+    """
+    cdef Py_ssize_t M = n_subspaces
+    cdef Py_ssize_t Mp = padded_subspaces(M) if M > 0 else 0
+    if M < 1 or blocks.shape[1] != Mp * 64:
+        raise ValueError(f"blocks of {blocks.shape[1]} bytes do not hold codes of "
+                         f"{n_subspaces} subspaces ({Mp * 64} bytes per block).")
+    cdef Py_ssize_t n = rows.shape[0]
+    if n and (np.min(rows) < 0 or np.max(rows) >= blocks.shape[0] * BLOCK):
+        raise ValueError(f"rows must be in [0, {blocks.shape[0] * BLOCK - 1}] (128 per "
+                         f"block); got values in [{np.min(rows)}, {np.max(rows)}].")
+    codes = np.empty((n, M), dtype=np.uint8)
+    cdef uint8_t[:, ::1] out = codes
+    if n:
+        with nogil:
+            sh_fs_unpack_rows(&blocks[0, 0], Mp, M, &rows[0], n, &out[0, 0])
+    return codes
 
 
 def quantized_candidates(
@@ -754,6 +788,7 @@ def ivf_fastscan_kneighbors(
     chunk_offsets, chunk_codes, chunk_ids, chunk_sizes : ndarray
         As in ``ivf_adc_kneighbors`` (uint8 codes, each below 16: checked
         when they entered the index).
+        A chunk with blocks may have no code rows (address 0).
     chunk_blocks : ndarray of shape (n_chunks,), dtype=intp
         Address of each chunk's first block, or 0.
     exclude : ndarray of shape (n_queries,), dtype=int64
