@@ -21,6 +21,7 @@ from sklearn_hash._kernels._fastscan import (
     padded_subspaces,
     quantized_candidates,
     simd_path,
+    unpack_block_rows,
 )
 
 from sklearn_hash import ProductQuantizer, QuantizedNeighbors
@@ -71,6 +72,28 @@ def test_block_layout(M, n):
     assert blocks.shape == ((n + 127) // 128, block_bytes(M))
     assert block_bytes(M) == 64 * padded_subspaces(M) and padded_subspaces(M) % 2 == 0
     np.testing.assert_array_equal(blocks, oracle_blocks(codes))
+
+
+@pytest.mark.parametrize("M", [1, 3, 8, 13, 64])
+@pytest.mark.parametrize("n", [1, 33, 128, 300])
+def test_unpacking_rows_inverts_the_layout(M, n):
+    rng = np.random.default_rng(n * 100 + M)
+    codes = rng.integers(0, 16, (n, M), dtype=np.uint8)
+    blocks = oracle_blocks(codes)  # the layout as the numpy oracle writes it
+    np.testing.assert_array_equal(unpack_block_rows(blocks, np.arange(n), M), codes)
+    rows = rng.integers(0, n, 50)  # any rows, repeated, in any order
+    np.testing.assert_array_equal(unpack_block_rows(blocks, rows, M), codes[rows])
+    assert unpack_block_rows(blocks, np.arange(0), M).shape == (0, M)
+    # past the end of the data, in the last block: its zero padding
+    last = len(blocks) * 128 - 1
+    if last >= n:
+        np.testing.assert_array_equal(unpack_block_rows(blocks, np.array([last]), M), 0)
+    with pytest.raises(ValueError, match=r"rows must be in \[0, "):
+        unpack_block_rows(blocks, np.array([len(blocks) * 128]), M)
+    with pytest.raises(ValueError, match=r"rows must be in \[0, "):
+        unpack_block_rows(blocks, np.array([-1]), M)
+    with pytest.raises(ValueError, match="do not hold codes of"):
+        unpack_block_rows(blocks, np.arange(n), M + 2)
 
 
 @pytest.mark.parametrize("simd", PATHS)
