@@ -36,7 +36,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from ._base import check_fitted, validate_features
+from ._base import check_fitted, check_magnitude, validate_features
 from ._rerank import FloatRows, SQ8Rows
 from ._storage import ChunkedRows, GrowableArray
 from ._threads import effective_n_threads, single_threaded_blas
@@ -93,13 +93,40 @@ class IndexMixin:
 
     def _append_labels(self, y):
         labels = self._labels
-        dtype = np.result_type(labels.dtype, y.dtype) if labels.dtype.kind in "US" else labels.dtype
-        if dtype != labels.dtype:  # longer strings: one copy with the wider dtype
+        dtype = self._labels_dtype(y)
+        if dtype != labels.dtype:  # one copy with the wider dtype
             self._labels = ChunkedRows(labels.row_shape, dtype, [labels.to_array().astype(dtype)])
-        elif not np.can_cast(y.dtype, labels.dtype, casting="same_kind"):
-            raise ValueError(f"y of dtype {y.dtype} cannot join the index's labels of dtype "
-                             f"{labels.dtype}.")
         self._labels.append(y)
+
+    def _labels_dtype(self, y):
+        """The dtype the index's labels need to hold y too (ValueError when none can).
+
+        Longer strings and integers beyond the labels' range widen the
+        labels (one copy); labels of another kind are refused, as are
+        values no common dtype holds exactly.
+        """
+        held = self._labels.dtype
+        if held.kind in "US" or y.dtype.kind in "US":
+            if held.kind not in "US" or y.dtype.kind not in "US":
+                raise ValueError(f"y of dtype {y.dtype} cannot join the index's labels of "
+                                 f"dtype {held}: strings and numbers never match.")
+            return np.result_type(held, y.dtype)
+        if np.can_cast(y.dtype, held, casting="safe") or not y.size:
+            return held
+        if held.kind in "iub" and y.dtype.kind in "iub":  # integers: by their values
+            if held.kind != "b":
+                info = np.iinfo(held)
+                if info.min <= y.min() and y.max() <= info.max:
+                    return held
+            wider = np.result_type(held, y.dtype)
+            if wider.kind not in "iu":
+                raise ValueError(f"y of dtype {y.dtype} cannot join the index's labels of "
+                                 f"dtype {held}: no integer dtype holds both.")
+            return wider
+        if held.kind == "f" and y.dtype.kind in "iubf":
+            return np.result_type(held, y.dtype)
+        raise ValueError(f"y of dtype {y.dtype} cannot join the index's labels of dtype "
+                         f"{held}.")
 
     @property
     def _fit_y(self):
@@ -129,6 +156,10 @@ class IndexMixin:
                     f"y must have the shape of the index's labels, {expected}; got "
                     f"shape {y.shape}."
                 )
+            self._labels_dtype(y)  # refused here, before anything is appended
+        # Refused here too rather than by the encoding of a later chunk, once earlier
+        # chunks are in: an add refused is an add that changed nothing.
+        check_magnitude(X)
         return X, y
 
     def add(self, X, y=None):

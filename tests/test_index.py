@@ -20,6 +20,7 @@ from sklearn_hash import (
     ProductQuantizer,
     QuantizedNeighbors,
     SpectralHashing,
+    _index,
     _storage,
 )
 from sklearn_hash._codes import pack_bits
@@ -586,3 +587,57 @@ def test_remove_and_allowed_messages_at_the_edges():
     # [] (float64 to numpy) was refused as a float mask: it is no index at all
     with pytest.raises(ValueError, match="allowed selects no live item"):
         searcher.kneighbors(X[:1], allowed=[])
+
+
+@pytest.mark.parametrize("searcher", SEARCHERS, ids=["hamming", "adc", "sdc", "ivf"])
+@pytest.mark.parametrize("bad", ["float labels", "huge row in a later chunk"])
+def test_a_refused_add_changes_nothing(searcher, bad, data, monkeypatch):
+    # the codes of the chunks encoded before the refusal stayed in the index: the next
+    # item added got one id and was found under another
+    monkeypatch.setattr(_index, "ENCODE_CHUNK", 40)
+    X_db, y_db, X_q, _ = data
+    search = clone(searcher).fit(X_db[:300], y_db[:300])
+    before = search.kneighbors(X_q[:20])
+    X_new, y_new = X_db[300:400].copy(), y_db[300:400].copy()
+    if bad == "float labels":
+        y_new = y_new + 0.5
+        match = "cannot join the index's labels"
+    else:
+        X_new[90] = 1e200
+        match = "values too large"
+    with pytest.raises(ValueError, match=match):
+        search.add(X_new, y_new)
+    assert search.n_samples_fit_ == 300 and len(search._index) == 300
+    after = search.kneighbors(X_q[:20])
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    search.add(X_db[300:301], y_db[300:301])  # the next item gets the next id
+    assert search.n_samples_fit_ == 301 and len(search._index) == 301
+    found = search.kneighbors(X_db[300:301], n_neighbors=1, allowed=np.array([300]))[1]
+    assert found[0, 0] == 300
+
+
+@pytest.mark.parametrize("held, new, widened", [
+    (np.int8, [100, -128], np.int8),           # the values fit: kept as they are
+    (np.int8, [300], np.int64),                # int8 wrapped 300 to 44
+    (np.int32, [5_000_000_000], np.int64),     # int32 wrapped it to 705032704
+    (np.uint8, [255], np.uint8),
+    (np.float32, [0.1], np.float64),           # float32 would round it
+])
+def test_added_labels_widen_the_index_labels_instead_of_wrapping(held, new, widened, data):
+    X_db, y_db, _, _ = data
+    search = clone(ADC).fit(X_db[:100], y_db[:100].astype(held))
+    search.add(X_db[100 : 100 + len(new)], np.array(new))
+    assert search._fit_y.dtype == widened
+    np.testing.assert_array_equal(search._fit_y[100:], np.array(new, dtype=widened))
+    np.testing.assert_array_equal(search._fit_y[:100], y_db[:100].astype(held))
+
+
+@pytest.mark.parametrize("held, new", [(np.int64, [0.5]), (np.uint64, [-1]), (str, [1]),
+                                       (np.int64, ["a"])])
+def test_labels_of_another_kind_are_refused_by_add(held, new, data):
+    X_db, y_db, _, _ = data
+    search = clone(ADC).fit(X_db[:100], y_db[:100].astype(held))
+    with pytest.raises(ValueError, match="cannot join the index's labels"):
+        search.add(X_db[100:101], np.array(new))
+    assert search.n_samples_fit_ == 100 and len(search._fit_y) == 100
