@@ -341,6 +341,8 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         n_samples, n_features = X.shape
         quantizer = self.quantizer if self.quantizer is not None else ProductQuantizer()
         rng = check_random_state(self.random_state)
+        for stale in ("coarse_centers_", "coarse_codebooks_", "coarse_split_"):
+            self.__dict__.pop(stale, None)  # a refit may change the kind of coarse quantizer
         if self.coarse == "flat":
             n_centroids = self.n_lists
             if n_centroids > n_samples:
@@ -404,13 +406,21 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         # (where the processor has byte shuffles; the portable C filter is
         # slower than float lookups).
         fast_scan = n_codewords == 16 and fastscan_simd_path() != "portable"
-        return InvertedLists(self.n_lists, self.quantizer_.n_subspaces_, n_codewords,
+        return InvertedLists(self._n_cells(), self.quantizer_.n_subspaces_, n_codewords,
                              fast_scan=fast_scan)
 
     # ------------------------------------------------------------ coarse quantizer
 
     def _multi_index(self):
-        return self.coarse == "multi-index"
+        """Whether the fitted coarse quantizer is the multi-index (whatever ``coarse`` says
+        since: parameters set after ``fit`` do not change the fitted index)."""
+        return "coarse_codebooks_" in self.__dict__
+
+    def _n_cells(self):
+        """The fitted number of cells (``n_lists`` at ``fit``)."""
+        if self._multi_index():
+            return self.coarse_codebooks_.shape[1] ** 2
+        return self.coarse_centers_.shape[0]
 
     def _halves(self):
         """The multi-index's two codebooks (unpadded) and the features they cover."""
@@ -457,7 +467,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             tables[n_codewords:, :split] = 0
             self._list_tables = tables
             return
-        n_cells = self.n_lists
+        n_cells = self._n_cells()
         table_bytes = 4 * n_cells * pq.n_subspaces_ * pq.n_codewords_
         self._list_tables = (
             self._cell_tables(np.arange(n_cells), n_threads)
@@ -614,12 +624,13 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             d2 = np.maximum(d2, 0, dtype=np.float64)
             order = np.argsort(d2, axis=1, kind="stable")  # equal distances by number
             ranked += [order.astype(np.int64), np.take_along_axis(d2, order, axis=1)]
-        width = min(max(n_probe, 1), self.n_lists)
+        n_cells = self._n_cells()
+        width = min(max(n_probe, 1), n_cells)
         probes, coarse, n_visit = multi_sequence(*ranked, sizes, n_probe, n_required, width,
                                                  n_threads=n_threads)
         while (n_visit < 0).any():  # some queries need more cells than the output holds
             redo = np.flatnonzero(n_visit < 0)
-            width = min(4 * width, self.n_lists)
+            width = min(4 * width, n_cells)
             more = multi_sequence(*(r[redo] for r in ranked), sizes, n_probe, n_required,
                                   width, n_threads=n_threads)
             pad = ((0, 0), (0, width - probes.shape[1]))
@@ -641,7 +652,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         if self._live is not None and self._live.is_view(allowed):  # removals, no filter
             return index.live_sizes
         return np.bincount(index.list_of.array[allowed.view(bool)],
-                           minlength=self.n_lists).astype(np.int64)
+                           minlength=self._n_cells()).astype(np.int64)
 
     def _search(self, X, n_neighbors, allowed, params):
         """Run the back-end for the queries X (None: the database, leaving each item out)."""
@@ -651,7 +662,8 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         sizes = self._searchable_sizes(allowed)
         split = self._split_subspace()
         # Per query: its tables (float64 while built) and its distances to the centroids.
-        n_centroids = 2 * self.coarse_codebooks_.shape[1] if self._multi_index() else self.n_lists
+        n_centroids = (2 * self.coarse_codebooks_.shape[1] if self._multi_index()
+                       else self._n_cells())
         per_query = 8 * max(self.quantizer_.n_codewords_ * self.quantizer_.n_subspaces_,
                             n_centroids)
         chunk = max(1, _TABLE_BYTES // per_query)

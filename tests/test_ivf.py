@@ -345,3 +345,32 @@ def test_residual_quantizer_draws_its_own_rows_when_the_coarse_subsample_is_shor
     residuals = X - ivf.coarse_centers_[ivf._residuals(X, 1)[1]]
     codes = ivf.quantizer_.transform(residuals)
     assert len(np.unique(codes[:, 0])) > 512
+
+
+@pytest.mark.parametrize("coarse, n_lists, changed", [
+    ("multi-index", 16, {"n_lists": 1}),              # kneighbors looped for ever
+    ("multi-index", 16, {"n_lists": 64}),
+    ("flat", 16, {"n_lists": 32}),                    # save wrote an index load refused
+    ("flat", 16, {"coarse": "multi-index"}),          # AttributeError: coarse_split_
+    ("multi-index", 16, {"coarse": "flat", "n_lists": 4}),
+])
+def test_parameters_set_after_fit_leave_the_fitted_index_unchanged(coarse, n_lists, changed,
+                                                                   tmp_path):
+    X, _ = make_blobs(600, n_features=8, centers=10, random_state=0)
+    search = IVFQuantizedNeighbors(ProductQuantizer(16, random_state=0), coarse=coarse,
+                                   n_lists=n_lists, n_probe=2, random_state=0).fit(X[:500])
+    expected = search.kneighbors(X[500:])
+    search.set_params(**changed)
+    for got in (search.kneighbors(X[500:]),
+                IVFQuantizedNeighbors.load(search.save(tmp_path / "index") or
+                                           tmp_path / "index").kneighbors(X[500:])):
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_array_equal(got[0], expected[0])
+    search.add(X[:10])
+    assert search.n_samples_fit_ == 510
+    # a refit takes the new parameters, and no attribute of the old coarse quantizer stays
+    refit = search.fit(X[:500])
+    kind = changed.get("coarse", coarse)
+    assert refit._n_cells() == refit.n_lists
+    assert hasattr(refit, "coarse_centers_") == (kind == "flat")
+    assert hasattr(refit, "coarse_codebooks_") == (kind == "multi-index")

@@ -438,7 +438,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
         self._shard_bytes = []
         self._saved_dirs = []
         self.n_samples_fit_ = 0
-        self._cell_sizes = (np.zeros(self.searcher_.n_lists, dtype=np.int64)
+        self._cell_sizes = (np.zeros(self.searcher_._n_cells(), dtype=np.int64)
                             if isinstance(self.searcher_, IVFQuantizedNeighbors) else None)
 
     # ---------------------------------------------------------------- fitting
