@@ -247,6 +247,8 @@ class QuantizedNeighborsTransformer(ClassNamePrefixFeaturesOutMixin, Transformer
         check_is_fitted(self)
         if X is not None:
             X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        if n_neighbors is None:  # the current value, as set_params may have changed it
+            n_neighbors = self.n_neighbors
         return self.neighbors_.kneighbors(X, n_neighbors, return_distance)
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
@@ -271,7 +273,7 @@ class QuantizedNeighborsTransformer(ClassNamePrefixFeaturesOutMixin, Transformer
         check_is_fitted(self)
         if X is not None:
             X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
-        return self._graph(X, n_neighbors, mode)
+        return self._graph(X, self.n_neighbors if n_neighbors is None else n_neighbors, mode)
 
     def _graph(self, X, n_neighbors, mode):
         """The searcher's graph of X (validated already: a second validation of the

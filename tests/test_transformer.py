@@ -293,3 +293,17 @@ def test_dataframe_keeps_its_feature_names_through_transform(mode):
     # an array without the names still warns, as scikit-learn's estimators do
     with pytest.warns(UserWarning, match="does not have valid feature names"):
         est.transform(X)
+
+
+def test_n_neighbors_set_after_fit_is_the_one_every_method_uses():
+    # kneighbors and kneighbors_graph kept the value of fit, transform took the new one
+    X, _ = make_blobs(200, n_features=4, random_state=0)
+    est = QuantizedNeighborsTransformer(ProductQuantizer(4, subspace_bits=2, random_state=0),
+                                        n_neighbors=5).fit(X)
+    est.set_params(n_neighbors=3)
+    assert est.kneighbors(X[:2])[1].shape == (2, 3)
+    assert list(est.kneighbors_graph(X[:2]).getnnz(axis=1)) == [3, 3]
+    reference = KNeighborsTransformer(n_neighbors=5).fit(X).set_params(n_neighbors=3)
+    assert reference.kneighbors(X[:2])[1].shape == (2, 3)  # scikit-learn's behaviour
+    assert list(reference.transform(X[:2]).getnnz(axis=1)) == [4, 4]  # mode="distance": + 1
+    assert list(est.transform(X[:2]).getnnz(axis=1)) == [4, 4]
