@@ -342,7 +342,15 @@ class IndexMixin:
         if params:  # per-call values only; none given, nothing to check
             validate_parameter_constraints(
                 {k: self._SEARCH_PARAMS[k] for k in params}, params, caller_name="kneighbors")
-        return {name: params.get(name, getattr(self, name)) for name in self._SEARCH_PARAMS}
+        own = {name: getattr(self, name) for name in self._SEARCH_PARAMS if name not in params}
+        # The estimator's own values, checked by fit, may have been set since (set_params).
+        unchecked = {k: v for k, v in own.items()
+                     if v is not None and not (type(v) is int and v >= 1)}
+        if unchecked:
+            validate_parameter_constraints(
+                {k: self._parameter_constraints[k] for k in unchecked}, unchecked,
+                caller_name=type(self).__name__)
+        return {**own, **params}
 
     def _check_self_queries(self, method):
         """X=None queries every indexed item: refused while removed ones await compact()."""

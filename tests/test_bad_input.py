@@ -419,3 +419,24 @@ def test_spectral_hashing_refuses_absurd_code_lengths():
     with pytest.raises(ValueError, match="at most 65,536 bits; got n_bits=10000000000"):
         SpectralHashing(n_bits=10**10).fit(X)
     assert SpectralHashing(n_bits=2**16).fit(X).transform(X[:2]).shape == (2, 2**16)
+
+
+@pytest.mark.parametrize("searcher, changed", [
+    (IVFQuantizedNeighbors(ProductQuantizer(n_bits=8, random_state=0), n_lists=4,
+                           refine_factor=2), {"n_probe": 0}),  # ran as "enough cells for k"
+    (IVFQuantizedNeighbors(ProductQuantizer(n_bits=8, random_state=0), n_lists=4,
+                           refine_factor=2), {"n_probe": 2.5}),  # numpy's own TypeError
+    (IVFQuantizedNeighbors(ProductQuantizer(n_bits=8, random_state=0), n_lists=4,
+                           refine_factor=2), {"refine_factor": 0}),
+    (QuantizedNeighbors(ProductQuantizer(n_bits=8, random_state=0), refine_factor=2),
+     {"refine_factor": -1}),
+])
+def test_search_settings_set_after_fit_are_checked_by_the_search(searcher, changed):
+    X = np.random.default_rng(0).standard_normal((600, 8))
+    search = clone(searcher).fit(X).set_params(**changed)
+    name = next(iter(changed))
+    with pytest.raises(ValueError, match=f"The '{name}' parameter of {type(searcher).__name__} "
+                                         f"must be an int in the range"):
+        search.kneighbors(X[:2])
+    search.set_params(**{name: np.int64(2)})  # a numpy integer is an integer
+    assert search.kneighbors(X[:2], n_neighbors=3)[1].shape == (2, 3)
