@@ -7,9 +7,11 @@ full-covariance components fitted to the real ESC-50 YAMNet embeddings
 (one direction carries most of the variance), as real embeddings' are.
 Recall@10 is against exact float search; q/s for a batch of 1,000 queries
 on ``--threads`` threads (best of up to 3 runs); memory is the index's
-resident bytes per vector (codes, ids and, with re-ranking, the float32
-vectors: 512 B at 128-d, or with ``refine_storage="sq8"`` a byte per
-feature of the residual plus its cell: 132 B).
+resident bytes per vector (the code rows it keeps, with fast-scan only those
+of cells too small for blocks; the fast-scan blocks; ids and, with
+re-ranking, the float32 vectors: 512 B at 128-d, or with
+``refine_storage="sq8"`` a byte per feature of the residual plus its cell:
+132 B).
 
 Configurations: ours = IVFQuantizedNeighbors (1,024 cells; PQ or OPQ codes
 of 64 / 128 bits) swept over n_probe and refine_factor; IVFQuantizedNeighbors
@@ -25,7 +27,7 @@ exhaustive ADC recall of PQ vs OPQ (ours) vs faiss OPQ+PQ at 64 and 128
 bits.
 
     python benchmarks/bench_frontier.py [--n 1000000] [--threads 2] [--skip-hnsw]
-        [--parts ivf8 ivf4 flat4 faiss-hnsw faiss-ivf hnswlib opq mmap storage nested]
+        [--parts ivf8 ivf4 flat4 faiss-hnsw faiss-ivf hnswlib opq mmap held storage nested]
         [--cache FILE.npz] [--query-seed SEED]
         [--only TEXT ...]
 
@@ -35,6 +37,8 @@ rows"``); ``--cache`` keeps the data and its exact neighbours in a file
 (made on the first run). ``mmap`` saves the IVF1024 + PQ 64x4 index (float32
 and sq8 re-ranking rows), loads it memory-mapped in a fresh process and
 reports its resident memory (anonymous and file-backed) after searching.
+``held`` counts with tracemalloc every array the fitted index holds in
+memory (without re-ranking rows, with sq8 and with float32 rows).
 ``storage`` re-ranks the same candidates by rows of fewer bytes (the two
 built storages and others computed with numpy) to show what recall each
 row size can reach. ``nested`` simulates an index not built yet (scalar
@@ -142,6 +146,33 @@ def mmap_part(X, Q, truth, threads, storage):
         np.savez(folder / "queries.npz", Q=Q, truth=truth, n=len(X))
         subprocess.run([sys.executable, __file__, "--child-mmap", str(folder),
                         "--threads", str(threads)], check=True)
+
+
+def held_part(X, Q, threads):
+    """Everything a fitted fast-scan index holds in memory, counted by tracemalloc."""
+    import gc
+    import tracemalloc
+
+    print("\n## IVF1024 + PQ 64x4 fast-scan in memory: bytes held per vector (tracemalloc)\n")
+    print("Every array the fitted index holds after `fit` and one search (codes, blocks, ids, "
+          "each item's cell, the cells' tables, re-ranking rows, spare capacity), and the peak "
+          "during `fit` (X itself not counted).\n")
+    print("| re-ranking rows | held | peak during fit |")
+    print("|---|---|---|")
+    for storage in (None, "sq8", "float32"):
+        gc.collect()
+        tracemalloc.start()
+        rerank = {} if storage is None else {"refine_factor": 4, "refine_storage": storage}
+        ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
+                                    n_lists=1024, random_state=0, n_jobs=threads,
+                                    **rerank).fit(X)
+        ivf.kneighbors(Q[:10], n_probe=10)
+        gc.collect()
+        held, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        print(f"| {storage or 'none'} | {held / len(X):.1f} B | {peak / len(X):.1f} B |",
+              flush=True)
+        ivf = None
 
 
 def allocate_bits(variances, total, cap=8, weight=None):
@@ -518,7 +549,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-hnsw", action="store_true")
     parts = ["ivf8", "ivf4", "flat4", "faiss-hnsw", "faiss-ivf", "hnswlib", "opq", "mmap",
-             "storage", "nested"]
+             "held", "storage", "nested"]
     parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
@@ -679,6 +710,8 @@ def main():
     if "mmap" in args.parts:
         for storage in ("float32", "sq8"):
             mmap_part(X, Q, truth, args.threads, storage)
+    if "held" in args.parts:
+        held_part(X, Q, args.threads)
     if "storage" in args.parts:
         storage_part(X, Q, truth, args.threads)
     if "nested" in args.parts:

@@ -499,7 +499,11 @@ class InvertedLists:
     (``ivf_adc_kneighbors``), bit for bit. Blocks are packed when a run is
     made (an ``add`` packs its own items, and a merge of runs the merged
     run, which the merge copies anyway; a loaded segment when it is
-    loaded); they are never saved.
+    loaded); they are never saved. A run in memory then keeps code rows
+    only for the cells left out (``_CellRun.pack``): the others are
+    decoded from their blocks to be saved, merged or reconstructed. A
+    sealed run keeps its memory-mapped rows, which the search does not
+    read for the cells in blocks.
 
     Parameters
     ----------
