@@ -713,8 +713,8 @@ class InvertedLists:
         ----------
         fast_scan : bool
             Search by fast-scan (4-bit codes only); the blocks are packed
-            on the next search when missing. Switched off, every code is
-            kept as a row again and the blocks are dropped.
+            now when missing. Switched off, every code is kept as a row
+            again and the blocks are dropped.
         simd : bool or {"avx512", "avx2", "portable"}, default=None
             Shuffle path; ``None`` keeps the current one.
 
@@ -729,10 +729,10 @@ class InvertedLists:
             max_simd_level(simd)  # a clear error for an unknown path
             self.simd = simd
         self.fast_scan = bool(fast_scan)
-        if not self.fast_scan:  # the float lookups read every code from its row
-            for run in self.runs:
-                if run.blocks is not None:
-                    run.unpack()
+        for run in self.runs:
+            if not self.fast_scan and run.blocks is not None:
+                run.unpack()  # the float lookups read every code from its row
+            self._pack(run)
         self._layout = None
         return self
 

@@ -434,6 +434,7 @@ def test_an_index_in_memory_keeps_code_rows_only_for_cells_without_blocks(min_ro
     np.testing.assert_array_equal(lists, cells)
     np.testing.assert_array_equal(search.codes_[np.argsort(search.ids_)], truth)
     assert_searches_agree(search, X[:50], n_neighbors=7)  # the float path: rows back
+    index.set_fast_scan(False)
     assert all(run._codes is not None and run.blocks is None for run in index.runs)
-    search.kneighbors(X[:5])  # fast-scan again: packed on the next search
-    assert all(run._codes is None for run in index.runs)
+    index.set_fast_scan(True)  # packed at once, rows dropped again
+    assert all(run._codes is None and run.blocks is not None for run in index.runs)
