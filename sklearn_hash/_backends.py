@@ -364,6 +364,15 @@ def check_codeword_indices(codes, n_subspaces, n_codewords, dtype):
     return np.ascontiguousarray(codes, dtype=dtype)
 
 
+def _memory_mapped(array):
+    """Whether the array is (a view of) a memory map."""
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = array.base if isinstance(array, np.ndarray) else None
+    return False
+
+
 class _CellRun:
     """Items grouped by cell: a run of consecutive database indices.
 
@@ -376,12 +385,12 @@ class _CellRun:
     With fast-scan, the run also has its cells' block layout
     (``pack_cell_blocks``: ``blocks``, and ``block_at``, each cell's first
     block or -1 for a cell left out), built by InvertedLists, never saved
-    nor pickled. An unsealed run then keeps code rows only for the cells
-    left out (``loose``, each cell's from row ``loose_at[t]``): the search
-    reads the others from their blocks, and ``codes`` decodes them when
-    asked (saving, merging, reconstructing). That halves and more the
-    memory of the codes, whose rows take a byte per codeword index against
-    half a byte in the blocks.
+    nor pickled. A run whose codes are in memory (not memory-mapped) then
+    keeps code rows only for the cells left out (``loose``, each cell's from
+    row ``loose_at[t]``): the search reads the others from their blocks, and
+    ``codes`` decodes them when asked (saving, merging, reconstructing).
+    That halves and more the memory of the codes, whose rows take a byte
+    per codeword index against half a byte in the blocks.
     """
 
     def __init__(self, codes, ids, cells, starts, first, sealed=False):
@@ -423,10 +432,10 @@ class _CellRun:
         return codes
 
     def pack(self, min_rows):
-        """Build the blocks; an unsealed run then drops the code rows of the cells packed."""
+        """Build the blocks, then drop the code rows of the cells packed (unless mapped)."""
         codes = self.codes
         self.blocks, self.block_at = pack_cell_blocks(codes, self.starts, min_rows)
-        if self.sealed:
+        if _memory_mapped(codes):  # on disk, never read for those cells: no memory to save
             return
         sizes = np.diff(self.starts)
         left_out = self.block_at < 0
@@ -499,11 +508,11 @@ class InvertedLists:
     (``ivf_adc_kneighbors``), bit for bit. Blocks are packed when a run is
     made (an ``add`` packs its own items, and a merge of runs the merged
     run, which the merge copies anyway; a loaded segment when it is
-    loaded); they are never saved. A run in memory then keeps code rows
-    only for the cells left out (``_CellRun.pack``): the others are
-    decoded from their blocks to be saved, merged or reconstructed. A
-    sealed run keeps its memory-mapped rows, which the search does not
-    read for the cells in blocks.
+    loaded); they are never saved. A run whose codes are in memory then
+    keeps code rows only for the cells left out (``_CellRun.pack``): the
+    others are decoded from their blocks to be saved, merged or
+    reconstructed. A memory-mapped run keeps its rows on disk, which the
+    search does not read for the cells in blocks.
 
     Parameters
     ----------
@@ -547,6 +556,11 @@ class InvertedLists:
         state["_layout"] = None  # addresses of this process's arrays
         state["_where"] = {}
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        for run in self.runs:  # packed now: a search never changes a run (threads share it)
+            self._pack(run)
 
     def _check_cells(self, cells, n):
         cells = np.asarray(cells, dtype=np.int64)
@@ -714,7 +728,8 @@ class InvertedLists:
         fast_scan : bool
             Search by fast-scan (4-bit codes only); the blocks are packed
             now when missing. Switched off, every code is kept as a row
-            again and the blocks are dropped.
+            again and the blocks are dropped. Not while another thread
+            searches the index.
         simd : bool or {"avx512", "avx2", "portable"}, default=None
             Shuffle path; ``None`` keeps the current one.
 
@@ -750,15 +765,19 @@ class InvertedLists:
         if self._layout is None:
             row_bytes = self.n_subspaces * self.code_dtype.itemsize
             cells, codes_at, ids_at, blocks_at, sizes = [], [], [], [], []
+            # Read only: the runs are packed when they are made (add, merge, load,
+            # unpickling, set_fast_scan), never here, so that threads searching at
+            # once never change what another one reads. A run without blocks is
+            # scored from its rows.
+            held = []  # the arrays whose addresses the layout holds, kept alive with it
             for run in self.runs:
                 cells.append(run.cells)
                 begin = run.starts[:-1]
-                if self.fast_scan:
-                    self._pack(run)  # e.g. an unpickled run
                 codes_at.append(run.code_rows_at(row_bytes))
                 ids_at.append(run.ids.ctypes.data + begin * 8)
                 sizes.append(np.diff(run.starts))
-                if self.fast_scan:
+                held += [run._codes, run.loose, run.ids, run.blocks]
+                if self.fast_scan and run.blocks is not None:
                     blocks_at.append(np.where(
                         run.block_at >= 0,
                         run.blocks.ctypes.data + run.block_at * run.blocks.shape[1], 0))
@@ -779,7 +798,7 @@ class InvertedLists:
             self._layout = (offsets.astype(np.int64), np.asarray(codes_at, dtype=np.intp),
                             np.asarray(ids_at, dtype=np.intp),
                             np.asarray(sizes, dtype=np.int64),
-                            np.asarray(blocks_at, dtype=np.intp), list(self.runs))
+                            np.asarray(blocks_at, dtype=np.intp), held)
             # Checked once here; the searches pass check_chunks=False.
             check_chunk_table(*self._layout[:4],
                               chunk_blocks=self._layout[4] if self.fast_scan else None)
@@ -808,7 +827,7 @@ class InvertedLists:
                 allowed=allowed, n_threads=n_threads, second_rows=second_rows, split=split,
                 check_chunks=False,
             )
-        del keep  # the runs stayed alive, referenced by the layout, during the scan
+        del keep  # the arrays read stayed alive, referenced by the layout, during the scan
         return result
 
 

@@ -101,11 +101,15 @@ class IndexMixin:
     def _labels_dtype(self, y):
         """The dtype the index's labels need to hold y too (ValueError when none can).
 
-        Longer strings and integers beyond the labels' range widen the
-        labels (one copy); labels of another kind are refused, as are
-        values no common dtype holds exactly.
+        Longer strings and integers beyond the labels' integer range widen
+        the labels (one copy); numpy strings and numbers are refused
+        together, as are integers no integer dtype holds and floats added to
+        integer labels. Object labels (e.g. strings from pandas) and
+        float labels follow numpy's promotion.
         """
         held = self._labels.dtype
+        if held.kind == "O" or y.dtype.kind == "O":
+            return np.dtype(object)
         if held.kind in "US" or y.dtype.kind in "US":
             if held.kind not in "US" or y.dtype.kind not in "US":
                 raise ValueError(f"y of dtype {y.dtype} cannot join the index's labels of "
@@ -158,7 +162,8 @@ class IndexMixin:
                 )
             self._labels_dtype(y)  # refused here, before anything is appended
         # Refused here too rather than by the encoding of a later chunk, once earlier
-        # chunks are in: an add refused is an add that changed nothing.
+        # chunks are in: an add refused for its input changes nothing (IVF also checks
+        # the residuals). A failure while appending (out of memory) is not rolled back.
         check_magnitude(X)
         return X, y
 

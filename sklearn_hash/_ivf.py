@@ -41,7 +41,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_consistent_length, validate_data
 
 from ._backends import InvertedLists, fastscan_simd_path
-from ._index import IndexMixin
+from ._index import ENCODE_CHUNK, IndexMixin
 from ._kernels._imi import multi_sequence
 from ._kernels._nearest import (
     codeword_scores,
@@ -478,6 +478,40 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         state = super().__getstate__()
         state.pop("_packed_cache", None)  # rebuilt on the first search
         return state
+
+    def _check_new_items(self, X, y):
+        """Also refuse items whose residual to a centroid would overflow X's dtype.
+
+        The codes are of the residuals ``x - c``, which the quantizer refuses
+        when their squares overflow: checked here, before anything is
+        appended, so that a refused ``add`` changes nothing. A bound first
+        (the largest row norm plus the largest centroid norm); the residuals
+        themselves only when the bound is too large.
+        """
+        X, y = super()._check_new_items(X, y)
+        if self._multi_index():
+            halves = [codebook for codebook, _ in self._halves()]
+            centroid = np.sqrt(sum(np.einsum("ij,ij->i", h, h, dtype=np.float64).max()
+                                   for h in halves))
+        else:
+            c = self.coarse_centers_
+            centroid = np.sqrt(np.einsum("ij,ij->i", c, c, dtype=np.float64).max())
+        row = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64).max()) if len(X) else 0
+        if (row + centroid) ** 2 < 0.5 * np.finfo(X.dtype).max:
+            return X, y
+        n_threads = effective_n_threads(self.n_jobs)
+        for start in range(0, len(X), ENCODE_CHUNK):
+            with np.errstate(over="ignore"):
+                residuals = self._residuals(X[start : start + ENCODE_CHUNK], n_threads)[0]
+                squares = np.einsum("ij,ij->i", residuals, residuals)
+            bad = np.flatnonzero(~np.isfinite(squares))
+            if bad.size:
+                raise ValueError(
+                    f"X holds values too large for {X.dtype} distances: the residual of row "
+                    f"{start + int(bad[0])} to its cell's centroid overflows (its largest "
+                    f"magnitude is {np.abs(residuals[bad[0]]).max():.3g}). Scale the data "
+                    f"down.")
+        return X, y
 
     def _append(self, X, y):
         first = self.n_samples_fit_

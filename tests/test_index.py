@@ -641,3 +641,14 @@ def test_labels_of_another_kind_are_refused_by_add(held, new, data):
     with pytest.raises(ValueError, match="cannot join the index's labels"):
         search.add(X_db[100:101], np.array(new))
     assert search.n_samples_fit_ == 100 and len(search._fit_y) == 100
+
+
+def test_string_labels_of_pandas_join_numpy_ones(data):
+    # pandas gives object arrays of strings: refused as "numbers" beside numpy's <U labels
+    pd = pytest.importorskip("pandas")
+    X_db, _, _, _ = data
+    for first, then in ((np.array(["cat", "dog"] * 50), pd.Series(["cat", "bird"])),
+                        (pd.Series(["cat", "dog"] * 50), np.array(["cat", "bird"]))):
+        search = clone(ADC).fit(X_db[:100], first)
+        search.add(X_db[100:102], then)
+        assert list(search._fit_y[-3:]) == ["dog", "cat", "bird"]

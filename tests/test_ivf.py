@@ -9,7 +9,7 @@ from sklearn.datasets import make_blobs
 from sklearn.exceptions import NotFittedError
 from sklearn_hash._kernels._adc import check_chunk_table, ivf_adc_kneighbors
 
-from sklearn_hash import ITQ, IVFQuantizedNeighbors, ProductQuantizer
+from sklearn_hash import ITQ, IVFQuantizedNeighbors, ProductQuantizer, _ivf
 
 
 def chunked(offsets, codes, ids, split=True):
@@ -374,3 +374,25 @@ def test_parameters_set_after_fit_leave_the_fitted_index_unchanged(coarse, n_lis
     assert refit._n_cells() == refit.n_lists
     assert hasattr(refit, "coarse_centers_") == (kind == "flat")
     assert hasattr(refit, "coarse_codebooks_") == (kind == "multi-index")
+
+
+def test_an_add_refused_for_an_overflowing_residual_changes_nothing(monkeypatch):
+    # each row passed the magnitude check, but its residual to a centroid overflowed
+    # float32 in the encoding of a later chunk, after the earlier chunks were appended
+    from sklearn_hash import _index
+
+    monkeypatch.setattr(_index, "ENCODE_CHUNK", 50)
+    monkeypatch.setattr(_ivf, "ENCODE_CHUNK", 50)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 4)).astype(np.float32)
+    X[:, 0] += 1e19  # every centroid near x0 = 1e19: squared norms ~1e38, below float32's max
+    search = IVFQuantizedNeighbors(ProductQuantizer(8, subspace_bits=4, random_state=0),
+                                   n_lists=4, n_probe=4, random_state=0).fit(X)
+    bad = np.zeros((120, 4), np.float32)
+    bad[:, 0] = 1e19
+    bad[-1, 0] = -1e19  # its residual, -2e19, squares past float32's max
+    with pytest.raises(ValueError, match="the residual of row 119 to its cell's centroid"):
+        search.add(bad)
+    assert search.n_samples_fit_ == 600 and len(search._index) == 600
+    search.add(bad[:-1])  # rows whose residuals fit: the bound fails, the residuals pass
+    assert search.n_samples_fit_ == 719 and len(search._index) == 719

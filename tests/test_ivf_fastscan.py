@@ -376,9 +376,9 @@ def test_growth_persistence_pickling_and_compaction(skewed, tmp_path):
     assert all(any(b is run.blocks for run in loaded._index.runs) for b in before)
     assert_searches_agree(loaded, Q, n_neighbors=10)
     assert_searches_agree(loaded, Q, n_neighbors=10, refine_factor=2)
-    # Pickling drops the blocks; the first search packs them again.
+    # Pickling drops the blocks; unpickling packs them again (never the search).
     clone = pickle.loads(pickle.dumps(loaded))
-    assert all(run.blocks is None for run in clone._index.runs)
+    assert all(run.blocks is not None for run in clone._index.runs)
     np.testing.assert_array_equal(clone.kneighbors(Q)[1], loaded.kneighbors(Q)[1])
     loaded.remove(np.arange(100))
     loaded.compact()
@@ -438,3 +438,42 @@ def test_an_index_in_memory_keeps_code_rows_only_for_cells_without_blocks(min_ro
     assert all(run._codes is not None and run.blocks is None for run in index.runs)
     index.set_fast_scan(True)  # packed at once, rows dropped again
     assert all(run._codes is None and run.blocks is not None for run in index.runs)
+
+@needs_shuffles
+def test_threads_searching_an_unpickled_index_share_it_unchanged():
+    """The search never packs nor drops anything: threads searching a freshly unpickled
+    index at once read the same arrays (the first searches packed the runs, and one
+    thread's packing freed rows whose addresses another's layout held)."""
+    import threading
+
+    X, _ = make_blobs(6000, n_features=16, centers=40, random_state=0)
+    X = X.astype(np.float32)
+    search = IVFQuantizedNeighbors(ProductQuantizer(32, subspace_bits=4, random_state=0),
+                                   n_lists=64, n_probe=8, random_state=0,
+                                   n_jobs=1).fit(X[:3000])
+    for batch in np.array_split(X[3000:], 9):
+        search.add(batch)
+    Q = X[:200]
+    expected = search.kneighbors(Q, 10)
+    blob = pickle.dumps(search)
+    clone = pickle.loads(blob)
+    arrays = [(run._codes, run.loose, run.blocks) for run in clone._index.runs]
+    assert all(blocks is not None for _, _, blocks in arrays)
+    clone.kneighbors(Q[:3], 10)
+    assert all(a[0] is b._codes and a[1] is b.loose and a[2] is b.blocks
+               for a, b in zip(arrays, clone._index.runs))  # the search changed nothing
+    for _ in range(20):
+        clone = pickle.loads(blob)
+        out = [None] * 4
+
+        def run(j, clone=clone, out=out):
+            out[j] = clone.kneighbors(Q, 10)
+
+        threads = [threading.Thread(target=run, args=(j,)) for j in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for got in out:
+            np.testing.assert_array_equal(got[1], expected[1])
+            np.testing.assert_array_equal(got[0], expected[0])
