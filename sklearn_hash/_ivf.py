@@ -503,6 +503,8 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         for start in range(0, len(X), ENCODE_CHUNK):
             with np.errstate(over="ignore"):
                 residuals = self._residuals(X[start : start + ENCODE_CHUNK], n_threads)[0]
+                if hasattr(self.quantizer_, "rotation_"):  # OPQ encodes them rotated
+                    residuals = residuals @ self.quantizer_.rotation_.astype(X.dtype, copy=False)
                 squares = np.einsum("ij,ij->i", residuals, residuals)
             bad = np.flatnonzero(~np.isfinite(squares))
             if bad.size:
