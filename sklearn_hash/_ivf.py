@@ -489,13 +489,17 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         themselves only when the bound is too large.
         """
         X, y = super()._check_new_items(X, y)
-        if self._multi_index():
-            halves = [codebook for codebook, _ in self._halves()]
-            centroid = np.sqrt(sum(np.einsum("ij,ij->i", h, h, dtype=np.float64).max()
-                                   for h in halves))
-        else:
-            c = self.coarse_centers_
-            centroid = np.sqrt(np.einsum("ij,ij->i", c, c, dtype=np.float64).max())
+        cache = self.__dict__.setdefault("_packed_cache", {})
+        centroid = cache.get("largest centroid norm")
+        if centroid is None:  # once per fit or load (adds of a few items are frequent)
+            if self._multi_index():
+                halves = [codebook for codebook, _ in self._halves()]
+                centroid = np.sqrt(sum(np.einsum("ij,ij->i", h, h, dtype=np.float64).max()
+                                       for h in halves))
+            else:
+                c = self.coarse_centers_
+                centroid = np.sqrt(np.einsum("ij,ij->i", c, c, dtype=np.float64).max())
+            cache["largest centroid norm"] = centroid
         row = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64).max()) if len(X) else 0
         if (row + centroid) ** 2 < 0.5 * np.finfo(X.dtype).max:
             return X, y
