@@ -410,6 +410,7 @@ def test_cells_with_blocks_are_searched_without_their_code_rows(skewed, tmp_path
     assert not np.array_equal(float_answers(loaded, Q)[1], expected[1])
 
 
+@needs_shuffles
 @pytest.mark.parametrize("min_rows", [1, 96, 10**9])
 def test_an_index_in_memory_keeps_code_rows_only_for_cells_without_blocks(min_rows,
                                                                           monkeypatch):
@@ -438,6 +439,7 @@ def test_an_index_in_memory_keeps_code_rows_only_for_cells_without_blocks(min_ro
     assert all(run._codes is not None and run.blocks is None for run in index.runs)
     index.set_fast_scan(True)  # packed at once, rows dropped again
     assert all(run._codes is None and run.blocks is not None for run in index.runs)
+
 
 @needs_shuffles
 def test_threads_searching_an_unpickled_index_share_it_unchanged():
