@@ -123,6 +123,13 @@ def child_mmap(folder, threads):
           f"{(loaded[1] - before[1]) / n:.0f} B file-backed per vector)")
 
 
+def fast_scan_ivf(threads, storage=None):
+    """IVF1024 + PQ 64x4 (fast-scan), keeping ``storage`` re-ranking rows (None: none)."""
+    rerank = {} if storage is None else {"refine_factor": 4, "refine_storage": storage}
+    return IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
+                                 n_lists=1024, random_state=0, n_jobs=threads, **rerank)
+
+
 def mmap_part(X, Q, truth, threads, storage):
     """Resident memory of the fast-scan index with memory-mapped rows and vectors (after load)."""
     import subprocess
@@ -136,9 +143,7 @@ def mmap_part(X, Q, truth, threads, storage):
           "ids and re-ranking rows read so far: page cache, which the system can evict).\n")
     print("| search | q/s | recall@10 | anonymous | file-backed |")
     print("|---|---|---|---|---|")
-    ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
-                                n_lists=1024, refine_factor=4, refine_storage=storage,
-                                random_state=0, n_jobs=threads).fit(X)
+    ivf = fast_scan_ivf(threads, storage).fit(X)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         ivf.save(folder / "index")
@@ -162,10 +167,7 @@ def held_part(X, Q, threads):
     for storage in (None, "sq8", "float32"):
         gc.collect()
         tracemalloc.start()
-        rerank = {} if storage is None else {"refine_factor": 4, "refine_storage": storage}
-        ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
-                                    n_lists=1024, random_state=0, n_jobs=threads,
-                                    **rerank).fit(X)
+        ivf = fast_scan_ivf(threads, storage).fit(X)
         ivf.kneighbors(Q[:10], n_probe=10)
         gc.collect()
         held, peak = tracemalloc.get_traced_memory()
@@ -243,8 +245,7 @@ def gaussian_rate(variances, mse):
 
 def fast_scan_cells(X, threads):
     """IVF1024 + PQ 64x4 (fast-scan) on X, its cells' centroids, each item's cell and residual."""
-    ivf = IVFQuantizedNeighbors(ProductQuantizer(256, subspace_bits=4, random_state=0),
-                                n_lists=1024, random_state=0, n_jobs=threads).fit(X)
+    ivf = fast_scan_ivf(threads).fit(X)
     C = ivf.coarse_centers_.astype(np.float32)
     cells = np.concatenate([ivf._residuals(X[i : i + 65536], threads)[1]
                             for i in range(0, len(X), 65536)])

@@ -49,7 +49,7 @@ from ._kernels._fastscan import (
 from ._kernels._fastscan import simd_path as fastscan_simd_path  # noqa: F401 (for the searchers)
 from ._kernels._hamming import hamming_kneighbors, hamming_radius
 from ._kernels._simd import max_simd_level
-from ._storage import ChunkedRows, GrowableArray, release_pages
+from ._storage import ChunkedRows, GrowableArray, _map_of, release_pages
 
 
 def _merge(parts, k):
@@ -364,15 +364,6 @@ def check_codeword_indices(codes, n_subspaces, n_codewords, dtype):
     return np.ascontiguousarray(codes, dtype=dtype)
 
 
-def _memory_mapped(array):
-    """Whether the array is (a view of) a memory map."""
-    while array is not None:
-        if isinstance(array, np.memmap):
-            return True
-        array = array.base if isinstance(array, np.ndarray) else None
-    return False
-
-
 class _CellRun:
     """Items grouped by cell: a run of consecutive database indices.
 
@@ -435,7 +426,7 @@ class _CellRun:
         """Build the blocks, then drop the code rows of the cells packed (unless mapped)."""
         codes = self.codes
         self.blocks, self.block_at = pack_cell_blocks(codes, self.starts, min_rows)
-        if _memory_mapped(codes):  # on disk, never read for those cells: no memory to save
+        if _map_of(codes) is not None:  # on disk, never read for those cells: nothing to save
             return
         sizes = np.diff(self.starts)
         left_out = self.block_at < 0
