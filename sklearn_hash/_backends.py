@@ -35,7 +35,13 @@ Flat back-ends also answer range queries (``radius``), for
 
 import numpy as np
 
-from ._kernels._adc import adc_kneighbors, adc_radius, check_chunk_table, ivf_adc_kneighbors
+from ._kernels._adc import (
+    adc_kneighbors,
+    adc_radius,
+    check_chunk_table,
+    ivf_adc_kneighbors,
+    ivf_adc_radius,
+)
 from ._kernels._fastscan import (
     BLOCK_ROWS,
     block_bytes,
@@ -818,6 +824,25 @@ class InvertedLists:
                 allowed=allowed, n_threads=n_threads, second_rows=second_rows, split=split,
                 check_chunks=False,
             )
+        del keep  # the arrays read stayed alive, referenced by the layout, during the scan
+        return result
+
+    def radius(self, list_tables, query_tables, coarse, probes, table_rows, n_visit, threshold,
+               *, allowed=None, exclude=None, n_threads=1, second_rows=None, split=0):
+        """Every code of each query's probed lists below ``threshold`` (``ivf_adc_radius``).
+
+        Returns CSR ``(offsets, distances, indices)``, indices ascending per
+        query; codes kept only in fast-scan blocks are read from them.
+        """
+        offsets, codes_at, ids_at, sizes, blocks_at, keep = self._chunk_layout()
+        if exclude is None:
+            exclude = np.full(len(query_tables), -1, dtype=np.int64)
+        result = ivf_adc_radius(
+            list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets, codes_at,
+            ids_at, sizes, self.code_dtype.itemsize, exclude, threshold, allowed=allowed,
+            n_threads=n_threads, second_rows=second_rows, split=split,
+            chunk_blocks=blocks_at if self.fast_scan else None, check_chunks=False,
+        )
         del keep  # the arrays read stayed alive, referenced by the layout, during the scan
         return result
 

@@ -13,6 +13,8 @@ A searcher subclasses :class:`IndexMixin` and provides:
 - ``_search(X, n_neighbors, allowed, exclude_self, params)``: the queries
   turned into what the back-end reads, searched (``X=None``: the database
   items query the others);
+- ``_radius(X, threshold, allowed, params)``: the back-end's range scan,
+  as CSR parts (offsets, distances, indices) a chunk of queries each;
 - ``_SEARCH_PARAMS``: keywords of ``kneighbors`` that change one search
   (e.g. ``n_probe``), with their validation.
 
@@ -280,7 +282,7 @@ class IndexMixin:
 
         Returns
         -------
-        mapping : ndarray of shape (n_samples_fit_ before the call,), dtype=int64
+        mapping : ndarray of shape (n_samples_fit before the call,), dtype=int64
             The new index of each old index, -1 for removed items.
         """
         check_is_fitted(self)
@@ -336,17 +338,17 @@ class IndexMixin:
             mask = mask & self._live.array
         return np.ascontiguousarray(mask, dtype=np.uint8)
 
-    def _check_search_params(self, params):
+    def _check_search_params(self, params, method="kneighbors"):
         unknown = set(params) - set(self._SEARCH_PARAMS)
         if unknown:
             allowed = sorted(self._SEARCH_PARAMS) or "none"
-            raise TypeError(f"{type(self).__name__}.kneighbors got an unexpected keyword "
+            raise TypeError(f"{type(self).__name__}.{method} got an unexpected keyword "
                             f"argument {sorted(unknown)[0]!r}; its per-call search settings: "
                             f"{allowed}.")
         params = {k: v for k, v in params.items() if v is not None}
         if params:  # per-call values only; none given, nothing to check
             validate_parameter_constraints(
-                {k: self._SEARCH_PARAMS[k] for k in params}, params, caller_name="kneighbors")
+                {k: self._SEARCH_PARAMS[k] for k in params}, params, caller_name=method)
         own = {name: getattr(self, name) for name in self._SEARCH_PARAMS if name not in params}
         # The estimator's own values, checked by fit, may have been set since (set_params).
         unchecked = {k: v for k, v in own.items()
@@ -379,7 +381,7 @@ class IndexMixin:
             Neighbours per query; ``None`` uses the constructor's value.
         return_distance : bool, default=True
             Whether to return the distances.
-        allowed : array-like of bool of shape (n_samples_fit_,) or of int, default=None
+        allowed : array-like of bool of shape (n_samples_fit,) or of int, default=None
             Restricts the search to these database items (a boolean mask, or
             their indices; ``n_samples_fit_`` integers that are all 0 or 1,
             some repeated, are refused as a mask of integers). The
@@ -448,18 +450,21 @@ class IndexMixin:
             if refine is None:
                 distances, indices = self._search(X, n_neighbors, mask, params)
             else:
-                if self._vectors is None:
-                    raise ValueError(
-                        f"refine_factor={refine} re-ranks by the stored vectors, but this "
-                        f"index keeps none: fit it with refine_factor set (the vectors are "
-                        f"kept from then on)."
-                    )
+                self._check_kept_rows(refine)
                 n_candidates = min(n_neighbors * refine, n_candidates - int(query_is_train))
                 candidates = self._search(X, n_candidates, mask, params)[1]
                 distances, indices = self._refine(X, candidates, n_neighbors)
         return (distances, indices) if return_distance else indices
 
     # ---------------------------------------------------------------- re-ranking
+    def _check_kept_rows(self, refine):
+        if self._vectors is None:
+            raise ValueError(
+                f"refine_factor={refine} re-ranks by the stored vectors, but this "
+                f"index keeps none: fit it with refine_factor set (the vectors are "
+                f"kept from then on)."
+            )
+
     def _fit_rerank(self, R):
         """Learn what the re-ranking rows need from training rows R (fit calls it).
 
@@ -562,6 +567,211 @@ class IndexMixin:
         return sparse.csr_matrix(
             (data, indices.ravel(), indptr), shape=(n_queries, self.n_samples_fit_)
         )
+
+    # ------------------------------------------------------------ radius search
+    def _hamming(self):
+        """Whether the codes' distances are Hamming counts of bits (else L2 estimates)."""
+        return False
+
+    def _threshold(self, radius):
+        """The kernels' threshold for an L2 radius: they keep float32 squared sums t < it.
+
+        A sum t is returned as sqrt(t) in float64 and kept iff sqrt(t) <= radius.
+        """
+        t = np.float32(min(radius * radius, float(np.finfo(np.float32).max)))
+        with np.errstate(over="ignore"):  # past float32's largest: every finite sum is in
+            while t > 0 and np.sqrt(np.float64(t)) > radius:
+                t = np.nextafter(t, np.float32(-np.inf))
+            while (np.isfinite(t)
+                   and np.sqrt(np.float64(np.nextafter(t, np.float32(np.inf)))) <= radius):
+                t = np.nextafter(t, np.float32(np.inf))
+            return float(np.nextafter(t, np.float32(np.inf)))
+
+    def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False,
+                         *, allowed=None, **search_params):
+        """Every database item within ``radius`` of each query.
+
+        Items at distance exactly ``radius`` are included. Without
+        re-ranking, the distances are those :meth:`kneighbors` returns
+        without it (Hamming distances in bits, or L2 estimates of product
+        codes), and the search is exact for them over what it scans: every
+        item (:class:`QuantizedNeighbors`), or the items of the ``n_probe``
+        cells nearest the query (:class:`IVFQuantizedNeighbors`).
+
+        With ``refine_factor`` r (the estimator's, or this call's), the
+        codes select the items whose estimated squared distance is at most
+        ``r * radius ** 2`` (faiss's ``IndexRefine.range_search`` widens
+        the base search so), and the stored rows then keep those within
+        ``radius``: the distances returned are those of the rows (exact
+        with float32 rows). An item whose estimate lies beyond the widened
+        range is missed even when its exact distance is within ``radius``.
+        Binary codes (Hamming) have no L2 estimate to widen: their radius
+        search is the Hamming ball of the codes, in bits, whatever the
+        estimator's ``refine_factor`` (a ``refine_factor`` passed to this
+        call is refused).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Query vectors. ``None``: every database item queries the others,
+            never returning itself (not after :meth:`remove` until
+            :meth:`compact`).
+        radius : float, default=None
+            Range, in the units of the distances; ``None`` uses the
+            constructor's value.
+        return_distance : bool, default=True
+            Whether to return the distances.
+        sort_results : bool, default=False
+            Sort each query's items by distance (ties by index); otherwise
+            they come in ascending index order. Needs ``return_distance``.
+        allowed : array-like, default=None
+            Restricts the search as in :meth:`kneighbors`.
+        **search_params
+            Per-call search settings, as in :meth:`kneighbors`.
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries,), dtype=object
+            One array of distances per query (int32 bits for Hamming,
+            float64 L2 otherwise). Only with ``return_distance=True``.
+        neigh_ind : ndarray of shape (n_queries,), dtype=object
+            One int64 array of database indices per query.
+        """
+        check_is_fitted(self)
+        params = self._check_search_params(search_params, "radius_neighbors")
+        if sort_results and not return_distance:
+            raise ValueError("return_distance must be True if sort_results is True.")
+        radius = self.radius if radius is None else radius
+        if (not isinstance(radius, numbers.Real) or isinstance(radius, bool)
+                or not np.isfinite(radius) or radius < 0):
+            raise ValueError(f"radius must be a finite number >= 0; got {radius!r}.")
+        refine = params.pop("refine_factor", None)
+        if refine is not None and self._hamming():
+            if search_params.get("refine_factor") is not None:
+                raise ValueError(
+                    f"radius_neighbors with refine_factor={refine} needs L2 estimates from "
+                    f"the codes, but these binary codes are compared by Hamming distance; "
+                    f"their radius search is the Hamming ball of the codes, without "
+                    f"refine_factor.")
+            refine = None  # the estimator's: for kneighbors; the ball is one of bits
+        if refine is not None:
+            self._check_kept_rows(refine)
+        if X is None:
+            self._check_self_queries("radius_neighbors")
+        else:
+            X = validate_features(self, X)
+        mask = self._check_allowed(allowed)
+        reach = float(radius) if refine is None else float(radius) * float(np.sqrt(refine))
+        with single_threaded_blas:
+            parts = self._radius(X, self._threshold(reach), mask, params)
+        n_queries = self.n_samples_fit_ if X is None else X.shape[0]
+        neigh_dist = np.empty(n_queries, dtype=object)
+        neigh_ind = np.empty(n_queries, dtype=object)
+        q = 0
+        for offsets, distances, indices in parts:
+            if not self._hamming():
+                distances = np.sqrt(np.maximum(distances, 0, dtype=np.float64))
+            if refine is not None:
+                offsets, distances, indices = self._refine_ball(
+                    X, q, offsets, indices, float(radius))
+            for a, b in zip(offsets[:-1], offsets[1:]):
+                d, i = distances[a:b], indices[a:b]
+                if sort_results:
+                    order = np.lexsort((i, d))
+                    d, i = d[order], i[order]
+                neigh_dist[q], neigh_ind[q] = d, i
+                q += 1
+        return (neigh_dist, neigh_ind) if return_distance else neigh_ind
+
+    def _refine_ball(self, X, first, offsets, indices, radius):
+        """The candidates of queries ``first, first + 1, ...`` kept within radius by the rows.
+
+        ``offsets`` and ``indices``: each query's candidates (CSR). Returns
+        the same CSR form, distances to the rows (float64), indices ascending.
+        """
+        step = self._rerank_step()
+        n_threads = effective_n_threads(getattr(self, "n_jobs", None))
+        counts = np.diff(offsets)
+        out = []
+        begin = 0
+        while begin < len(counts):
+            # Queries re-ranked together: candidates padded to the widest, a few million cells.
+            end = begin + 1
+            width = int(counts[begin])
+            while end < len(counts) and (end - begin + 1) * max(width, counts[end]) <= 1 << 22:
+                width = max(width, int(counts[end]))
+                end += 1
+            n = end - begin
+            if X is None:
+                queries = step.decode(self._vectors.slice(first + begin, first + end))
+            else:
+                queries = X[first + begin : first + end]
+            candidates = np.full((n, width), -1, dtype=np.int64)
+            rows = np.repeat(np.arange(n), counts[begin:end])
+            columns = np.arange(rows.size) - np.repeat(offsets[begin:end] - offsets[begin],
+                                                       counts[begin:end])
+            candidates[rows, columns] = indices[offsets[begin] : offsets[end]]
+            d, i = step.rerank(np.ascontiguousarray(queries, dtype=np.float64), candidates,
+                               self._vectors, width, n_threads)
+            keep = (i >= 0) & (d <= radius)
+            for r in range(n):
+                mine = keep[r]
+                order = np.argsort(i[r, mine], kind="stable")
+                out.append((d[r, mine][order], i[r, mine][order]))
+            begin = end
+        new_offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        new_offsets[1:] = np.cumsum([len(i) for _, i in out])
+        if not out:
+            return new_offsets, np.empty(0), np.empty(0, np.int64)
+        return (new_offsets, np.concatenate([d for d, _ in out]),
+                np.concatenate([i for _, i in out]))
+
+    def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity",
+                               sort_results=False, *, allowed=None, **search_params):
+        """Sparse graph of the database items within ``radius`` of each query.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Query vectors; ``None`` as in :meth:`radius_neighbors`.
+        radius : float, default=None
+            Range; ``None`` uses the constructor's value.
+        mode : {"connectivity", "distance"}, default="connectivity"
+            Entries of ones, or the distances (float64; Hamming in bits).
+        sort_results : bool, default=False
+            Sort each row's entries by distance (``mode="distance"`` only).
+        allowed : array-like, default=None
+            Restricts the search as in :meth:`kneighbors`.
+        **search_params
+            Per-call search settings, as in :meth:`kneighbors`.
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, n_samples_fit)
+            CSR matrix.
+        """
+        check_is_fitted(self)
+        if mode == "connectivity":
+            indices = self.radius_neighbors(X, radius, return_distance=False, allowed=allowed,
+                                            **search_params)
+            data = None
+        elif mode == "distance":
+            distances, indices = self.radius_neighbors(X, radius, return_distance=True,
+                                                       sort_results=sort_results,
+                                                       allowed=allowed, **search_params)
+            data = (np.concatenate(list(distances)).astype(np.float64) if len(distances)
+                    else np.empty(0))
+        else:
+            raise ValueError(
+                'Unsupported mode, must be one of "connectivity", '
+                f'or "distance" but got "{mode}" instead'
+            )
+        counts = np.array([len(i) for i in indices], dtype=np.int64)
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        flat = np.concatenate(list(indices)) if len(indices) else np.empty(0, np.int64)
+        if data is None:
+            data = np.ones(flat.size)
+        return sparse.csr_matrix((data, flat, indptr), shape=(len(indices), self.n_samples_fit_))
 
     def score(self, X, y):
         """mAP@R of the queries X against the database, with R = n_neighbors.

@@ -15,6 +15,9 @@ and Schmid 2011, section IV):
    items (``_probes``), gets one ADC table per probed list for its residual
    to that list's centroid, and the back-end's kernel scans only those
    lists.
+   ``radius_neighbors`` runs ``_radius``: the same probes and tables, and
+   the back-end's range kernel (``ivf_adc_radius``) keeps the items of
+   those lists within the radius.
 
 With ``coarse="multi-index"`` (the inverted multi-index, Babenko and
 Lempitsky 2012) the coarse quantizer is two codebooks of K codewords, one
@@ -31,7 +34,7 @@ filter, float re-scoring), with the float tables' answers.
 """
 
 from math import isqrt
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn import config_context
@@ -97,7 +100,8 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     cells are built per query chunk instead, which is slower).
 
     The interface is that of :class:`QuantizedNeighbors`: ``kneighbors``,
-    ``kneighbors_graph``, ``score`` (mAP@R with ``R = n_neighbors``), ``add``
+    ``kneighbors_graph``, ``radius_neighbors`` (over the probed cells),
+    ``radius_neighbors_graph``, ``score`` (mAP@R with ``R = n_neighbors``), ``add``
     / ``partial_fit`` to grow the index without refitting, and ``save`` /
     ``load`` to a directory whose arrays are memory-mapped.
 
@@ -127,6 +131,9 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         visited too, so ``kneighbors`` always returns ``n_neighbors`` items.
     n_neighbors : int, default=10
         Neighbours returned by :meth:`kneighbors`, and ``R`` of :meth:`score`.
+    radius : float, default=1.0
+        Range of :meth:`radius_neighbors` (L2), which returns the items of
+        the ``n_probe`` nearest cells within it.
     n_iter : int, default=25
         Lloyd iterations of the coarse k-means (of each half's, for the
         multi-index).
@@ -260,6 +267,9 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
     ((2, 5), dtype('float64'))
     >>> round(search.score(X[1500:], y[1500:]), 1) >= 0.8
     True
+    >>> ball_distances, ball = search.radius_neighbors(X[1500:1502], radius=distances[0, -1])
+    >>> len(ball[0]) >= 5, bool(ball_distances[0].max() <= distances[0, -1])
+    (True, True)
     >>> multi = IVFQuantizedNeighbors(ProductQuantizer(n_bits=32, random_state=0),
     ...                               coarse="multi-index", n_lists=64, n_probe=8,
     ...                               random_state=0).fit(X[:1500], y[:1500])
@@ -279,6 +289,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         "coarse": [StrOptions({"flat", "multi-index"})],
         "n_probe": [Interval(Integral, 1, None, closed="left")],
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "radius": [Interval(Real, 0, None, closed="left")],
         "n_iter": [Interval(Integral, 1, None, closed="left")],
         "max_train_samples": [Interval(Integral, 1, None, closed="left"), None],
         "refine_factor": [Interval(Integral, 1, None, closed="left"), None],
@@ -296,6 +307,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         coarse="flat",
         n_probe=8,
         n_neighbors=10,
+        radius=1.0,
         n_iter=25,
         max_train_samples=None,
         refine_factor=None,
@@ -309,6 +321,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         self.coarse = coarse
         self.n_probe = n_probe
         self.n_neighbors = n_neighbors
+        self.radius = radius
         self.n_iter = n_iter
         self.max_train_samples = max_train_samples
         self.random_state = random_state
@@ -700,52 +713,83 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         n_queries = self.n_samples_fit_ if X is None else X.shape[0]
         n_required = n_neighbors + 1 if X is None else n_neighbors
         sizes = self._searchable_sizes(allowed)
-        split = self._split_subspace()
+        distances = np.empty((n_queries, n_neighbors), dtype=np.float64)
+        indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
+        for begin, end, queries, own in self._query_chunks(X):
+            probes, coarse, n_visit = self._probes(queries, params["n_probe"], sizes,
+                                                   n_required, n_threads)
+            cell_tables, query_tables, rows, second, split = self._tables(queries, probes,
+                                                                          n_threads)
+            self._check_finite(queries, coarse, query_tables)
+            d, indices[begin:end] = self._index.search(
+                cell_tables, query_tables, coarse, probes, rows, n_visit, n_neighbors,
+                allowed=allowed, exclude=own, n_threads=n_threads,
+                second_rows=second, split=split,
+            )
+            # Ranked by the squared estimate; returned in L2 units.
+            distances[begin:end] = np.sqrt(np.maximum(d, 0, dtype=np.float64))
+        return distances, indices
+
+    def _query_chunks(self, X):
+        """Queries a chunk at a time: (begin, end, the queries, the item each leaves out)."""
+        n_queries = self.n_samples_fit_ if X is None else X.shape[0]
         # Per query: its tables (float64 while built) and its distances to the centroids.
         n_centroids = (2 * self.coarse_codebooks_.shape[1] if self._multi_index()
                        else self._n_cells())
         per_query = 8 * max(self.quantizer_.n_codewords_ * self.quantizer_.n_subspaces_,
                             n_centroids)
         chunk = max(1, _TABLE_BYTES // per_query)
-        distances = np.empty((n_queries, n_neighbors), dtype=np.float64)
-        indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
         for begin in range(0, n_queries, chunk):
             end = min(begin + chunk, n_queries)
             if X is None:
                 own = np.arange(begin, end, dtype=np.int64)
-                queries = self._reconstruct(own)
+                yield begin, end, self._reconstruct(own), own
             else:
-                own = np.full(end - begin, -1, dtype=np.int64)
-                queries = X[begin:end]
-            probes, coarse, n_visit = self._probes(queries, params["n_probe"], sizes,
-                                                   n_required, n_threads)
-            query_tables = self._inner_products(queries, n_threads)
-            query_tables *= -2
-            query_tables = query_tables.astype(np.float32, copy=False)
-            if not (np.isfinite(coarse).all() and np.isfinite(query_tables).all()):
-                raise ValueError(
-                    f"the distances of the queries to the index overflow float32: the "
-                    f"queries' values (largest magnitude {np.abs(queries).max():.3g}) or the "
-                    f"indexed ones are too large. Scale the data down.")
-            second = None
-            if split is not None:  # multi-index: the halves' tables, joined by the kernel
-                n_codewords = self.coarse_codebooks_.shape[1]
-                cell_tables, rows = self._list_tables, probes // n_codewords
-                second = probes % n_codewords + n_codewords
-            elif self._list_tables is not None:
-                cell_tables, rows = self._list_tables, probes
-            else:  # too many cells to keep all their tables: build those visited
-                cells, rows = np.unique(probes, return_inverse=True)
-                cell_tables = self._cell_tables(cells, n_threads)
-                rows = np.ascontiguousarray(rows.reshape(probes.shape), dtype=np.int64)
-            d, indices[begin:end] = self._index.search(
-                cell_tables, query_tables, coarse, probes, rows, n_visit, n_neighbors,
-                allowed=allowed, exclude=own, n_threads=n_threads,
-                second_rows=second, split=split or 0,
-            )
-            # Ranked by the squared estimate; returned in L2 units.
-            distances[begin:end] = np.sqrt(np.maximum(d, 0, dtype=np.float64))
-        return distances, indices
+                yield begin, end, X[begin:end], np.full(end - begin, -1, dtype=np.int64)
+
+    def _tables(self, queries, probes, n_threads):
+        """What the kernels read for the probes: (list tables, query tables, their rows, the
+        multi-index's second rows, split)."""
+        split = self._split_subspace()
+        query_tables = self._inner_products(queries, n_threads)
+        query_tables *= -2
+        query_tables = query_tables.astype(np.float32, copy=False)
+        second = None
+        if split is not None:  # multi-index: the halves' tables, joined by the kernel
+            n_codewords = self.coarse_codebooks_.shape[1]
+            cell_tables, rows = self._list_tables, probes // n_codewords
+            second = probes % n_codewords + n_codewords
+        elif self._list_tables is not None:
+            cell_tables, rows = self._list_tables, probes
+        else:  # too many cells to keep all their tables: build those visited
+            cells, rows = np.unique(probes, return_inverse=True)
+            cell_tables = self._cell_tables(cells, n_threads)
+            rows = np.ascontiguousarray(rows.reshape(probes.shape), dtype=np.int64)
+        return cell_tables, query_tables, rows, second, split or 0
+
+    def _check_finite(self, queries, coarse, query_tables):
+        if not (np.isfinite(coarse).all() and np.isfinite(query_tables).all()):
+            raise ValueError(
+                f"the distances of the queries to the index overflow float32: the "
+                f"queries' values (largest magnitude {np.abs(queries).max():.3g}) or the "
+                f"indexed ones are too large. Scale the data down.")
+
+    def _radius(self, X, threshold, allowed, params):
+        """The items of each query's ``n_probe`` nearest cells whose estimate is in range."""
+        n_threads = effective_n_threads(self.n_jobs)
+        sizes = self._searchable_sizes(allowed)
+        parts = []
+        for _, _, queries, own in self._query_chunks(X):
+            probes, coarse, n_visit = self._probes(queries, params["n_probe"], sizes, 0,
+                                                   n_threads)
+            cell_tables, query_tables, rows, second, split = self._tables(queries, probes,
+                                                                          n_threads)
+            self._check_finite(queries, coarse, query_tables)
+            parts.append(self._index.radius(
+                cell_tables, query_tables, coarse, probes, rows, n_visit, threshold,
+                allowed=allowed, exclude=own, n_threads=n_threads, second_rows=second,
+                split=split))
+        return parts
 
 
 def _halves_split(quantizer, n_features):

@@ -28,7 +28,6 @@ is described in the class docstring.
 from numbers import Integral, Real
 
 import numpy as np
-from scipy import sparse
 from sklearn import config_context
 from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils import check_array
@@ -452,71 +451,20 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
             return distances, indices
 
     # ------------------------------------------------------------ radius search
+    def _hamming(self):
+        return self.metric_ == "hamming"
+
     def _threshold(self, radius):
-        """The kernel's threshold for a radius in the distances' units."""
         if self.metric_ == "hamming":
             # counts of bits: d <= radius; past the code length every item is in range
             return int(min(np.floor(radius), self.code_shape_[0]))
-        # Table sums t (float32) are returned as sqrt(t) in float64; a sum is
-        # kept iff sqrt(t) <= radius, and the kernel keeps t < threshold.
-        t = np.float32(min(radius * radius, float(np.finfo(np.float32).max)))
-        with np.errstate(over="ignore"):  # past float32's largest: every finite sum is in
-            while t > 0 and np.sqrt(np.float64(t)) > radius:
-                t = np.nextafter(t, np.float32(-np.inf))
-            while (np.isfinite(t)
-                   and np.sqrt(np.float64(np.nextafter(t, np.float32(np.inf)))) <= radius):
-                t = np.nextafter(t, np.float32(np.inf))
-            return float(np.nextafter(t, np.float32(np.inf)))
+        return super()._threshold(radius)
 
-    def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False,
-                         *, allowed=None):
-        """Every database item within ``radius`` of each query, exactly.
-
-        The scan is exhaustive and exact for the distances
-        :meth:`kneighbors` returns: Hamming distances in bits (a Hamming
-        ball), or L2 estimates for product codes; items at distance exactly
-        ``radius`` are included.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features), default=None
-            Query vectors. ``None``: every database item queries the others,
-            never returning itself.
-        radius : float, default=None
-            Range; ``None`` uses the constructor's value.
-        return_distance : bool, default=True
-            Whether to return the distances.
-        sort_results : bool, default=False
-            Sort each query's items by distance (ties by index); otherwise
-            they come in ascending index order. Needs ``return_distance``.
-        allowed : array-like, default=None
-            Restricts the search as in :meth:`kneighbors`.
-
-        Returns
-        -------
-        neigh_dist : ndarray of shape (n_queries,), dtype=object
-            One array of distances per query (int32 bits for Hamming,
-            float64 L2 for product codes). Only with ``return_distance=True``.
-        neigh_ind : ndarray of shape (n_queries,), dtype=object
-            One int64 array of database indices per query.
-        """
-        check_is_fitted(self)
-        if sort_results and not return_distance:
-            raise ValueError("return_distance must be True if sort_results is True.")
-        radius = self.radius if radius is None else radius
-        if not isinstance(radius, Real) or isinstance(radius, bool) or not np.isfinite(radius) \
-                or radius < 0:
-            raise ValueError(f"radius must be a finite number >= 0; got {radius!r}.")
-        if X is None:
-            self._check_self_queries("radius_neighbors")
-        else:
-            X = validate_features(self, X)
-        mask = self._check_allowed(allowed)
-        threshold = self._threshold(float(radius))
+    def _radius(self, X, threshold, allowed, params):
+        """The back-end's range scan of every item (``X=None``: the items, each left out)."""
         n_threads = effective_n_threads(self.n_jobs)
         parts = []
-        with (single_threaded_blas, numpy_output(),
-              search_threads(n_threads)):
+        with numpy_output(), search_threads(n_threads):
             n_queries = self.n_samples_fit_ if X is None else X.shape[0]
             step = n_queries if self.metric_ == "hamming" else _QUERY_CHUNK
             for start in range(0, max(n_queries, 1), step):
@@ -528,63 +476,6 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
                     exclude = np.arange(start, stop, dtype=np.int64)
                 else:
                     queries, exclude = self._encode_queries(X[start:stop]), None
-                parts.append(self._index.radius(queries, threshold, allowed=mask,
+                parts.append(self._index.radius(queries, threshold, allowed=allowed,
                                                 exclude=exclude, n_threads=n_threads))
-        neigh_dist = np.empty(n_queries, dtype=object)
-        neigh_ind = np.empty(n_queries, dtype=object)
-        q = 0
-        for offsets, distances, indices in parts:
-            if self.metric_ != "hamming":
-                distances = np.sqrt(np.maximum(distances, 0, dtype=np.float64))
-            for a, b in zip(offsets[:-1], offsets[1:]):
-                d, i = distances[a:b], indices[a:b]
-                if sort_results:
-                    order = np.lexsort((i, d))
-                    d, i = d[order], i[order]
-                neigh_dist[q], neigh_ind[q] = d, i
-                q += 1
-        return (neigh_dist, neigh_ind) if return_distance else neigh_ind
-
-    def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity",
-                               sort_results=False, *, allowed=None):
-        """Sparse graph of the database items within ``radius`` of each query.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features), default=None
-            Query vectors; ``None`` as in :meth:`radius_neighbors`.
-        radius : float, default=None
-            Range; ``None`` uses the constructor's value.
-        mode : {"connectivity", "distance"}, default="connectivity"
-            Entries of ones, or the distances (float64; Hamming in bits).
-        sort_results : bool, default=False
-            Sort each row's entries by distance (``mode="distance"`` only).
-        allowed : array-like, default=None
-            Restricts the search as in :meth:`kneighbors`.
-
-        Returns
-        -------
-        A : sparse matrix of shape (n_queries, n_samples_fit)
-            CSR matrix.
-        """
-        check_is_fitted(self)
-        if mode == "connectivity":
-            indices = self.radius_neighbors(X, radius, return_distance=False, allowed=allowed)
-            data = None
-        elif mode == "distance":
-            distances, indices = self.radius_neighbors(X, radius, return_distance=True,
-                                                       sort_results=sort_results,
-                                                       allowed=allowed)
-            data = (np.concatenate(list(distances)).astype(np.float64) if len(distances)
-                    else np.empty(0))
-        else:
-            raise ValueError(
-                'Unsupported mode, must be one of "connectivity", '
-                f'or "distance" but got "{mode}" instead'
-            )
-        counts = np.array([len(i) for i in indices], dtype=np.int64)
-        indptr = np.concatenate([[0], np.cumsum(counts)])
-        flat = np.concatenate(list(indices)) if len(indices) else np.empty(0, np.int64)
-        if data is None:
-            data = np.ones(flat.size)
-        return sparse.csr_matrix((data, flat, indptr), shape=(len(indices), self.n_samples_fit_))
+        return parts

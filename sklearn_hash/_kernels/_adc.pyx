@@ -15,7 +15,8 @@ database is scanned in cache-sized blocks shared by a block of queries.
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, nextafterf
 from libc.stdint cimport int32_t, int64_t, intptr_t, uint8_t, uint16_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -28,6 +29,11 @@ cdef extern from "_adc_scan.h":
         const float* table, const uint16_t* codes, Py_ssize_t n, Py_ssize_t n_subspaces,
         Py_ssize_t n_codewords, float threshold, int32_t* pos, float* dist,
     ) noexcept nogil
+
+cdef extern from "_fastscan.h":
+    # The codes of rows of the 4-bit fast-scan block layout (see _fastscan.pyx).
+    void sh_fs_unpack_rows(const uint8_t* blocks, Py_ssize_t Mp, Py_ssize_t M,
+                           const int64_t* rows, Py_ssize_t n, uint8_t* codes) noexcept nogil
 
 ctypedef fused code_t:
     uint8_t
@@ -610,6 +616,238 @@ def ivf_adc_kneighbors(
     if failed:
         raise MemoryError("could not allocate the ADC search buffers.")
     return distances, indices
+
+cdef struct _Match:
+    int64_t index
+    float distance
+
+
+cdef int _by_index(const void* a, const void* b) noexcept nogil:
+    cdef int64_t ia = (<const _Match*> a).index
+    cdef int64_t ib = (<const _Match*> b).index
+    return (ia > ib) - (ia < ib)
+
+
+cdef inline bint _keep(_Match** found, Py_ssize_t* size, Py_ssize_t* capacity, int64_t j,
+                       float d) noexcept nogil:
+    """Append (j, d) to a growing buffer; False when it cannot grow."""
+    cdef _Match* grown
+    if size[0] == capacity[0]:
+        grown = <_Match*> realloc(found[0], 2 * capacity[0] * sizeof(_Match))
+        if grown == NULL:
+            return False
+        found[0] = grown
+        capacity[0] = 2 * capacity[0]
+    found[0][size[0]].index = j
+    found[0][size[0]].distance = d
+    size[0] = size[0] + 1
+    return True
+
+
+def ivf_adc_radius(
+    const float[:, :, ::1] list_tables,   # IN (n_tables, n_subspaces, n_codewords)
+    const float[:, :, ::1] query_tables,  # IN (n_queries, n_subspaces, n_codewords)
+    const float[:, ::1] coarse,           # IN (n_queries, n_probe)
+    const int64_t[:, ::1] probes,         # IN (n_queries, n_probe)
+    const int64_t[:, ::1] table_rows,     # IN (n_queries, n_probe)
+    const int64_t[::1] n_visit,           # IN (n_queries,)
+    const int64_t[::1] chunk_offsets,     # IN (n_lists + 1,)
+    const intptr_t[::1] chunk_codes,      # IN (n_chunks,) addresses of code rows
+    const intptr_t[::1] chunk_ids,        # IN (n_chunks,) addresses of int64 id arrays
+    const int64_t[::1] chunk_sizes,       # IN (n_chunks,)
+    int code_bytes,
+    const int64_t[::1] exclude,           # IN (n_queries,)
+    float threshold,
+    const uint8_t[::1] allowed=None,      # IN (n_ids,) or None
+    int n_threads=1,
+    const int64_t[:, ::1] second_rows=None,  # IN (n_queries, n_probe) or None
+    Py_ssize_t split=0,
+    const intptr_t[::1] chunk_blocks=None,  # IN (n_chunks,) addresses of blocks (0: none)
+    bint check_chunks=True,
+):
+    """Every code of each query's probed lists whose distance is below ``threshold``.
+
+    The range search of ``ivf_adc_kneighbors``, with the same arguments but
+    ``threshold`` for ``k``: query q's table for probe p is built as there
+    (``list_tables[table_rows[q, p]] + query_tables[q]``, ``coarse[q, p]``
+    added to row 0, in float32) and a code's distance is the float32 sum of
+    the entries it picks, in subspace order: the distances that kernel (and
+    the fast-scan kernel, which re-scores with the same tables) returns. A
+    code is kept when that sum is strictly below ``threshold`` (pass the
+    next float above a radius to include it), it is allowed and it is not
+    ``exclude[q]``.
+
+    A chunk with a block address in ``chunk_blocks`` (not 0) is read from
+    its 4-bit fast-scan blocks there (row ``c`` of the chunk is row ``c`` of
+    the block layout), which needs ``code_bytes=1`` and 16 codewords; the
+    others from their code rows.
+
+    Returns
+    -------
+    offsets : ndarray of shape (n_queries + 1,), dtype=int64
+    distances : ndarray of shape (offsets[-1],), dtype=float32
+    indices : ndarray of shape (offsets[-1],), dtype=int64
+        Query q's matches are ``offsets[q]:offsets[q + 1]``, in ascending
+        database index (each index appears once: an item is in one list and
+        a query visits a list once).
+    """
+    check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
+                        chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, exclude, 0,
+                        n_threads, second_rows, split, chunk_blocks=chunk_blocks,
+                        check_chunks=check_chunks)
+    if code_bytes != 1 and code_bytes != 2:
+        raise ValueError(f"code_bytes must be 1 or 2; got {code_bytes}.")
+    cdef Py_ssize_t n_subspaces = list_tables.shape[1]
+    cdef Py_ssize_t n_codewords = list_tables.shape[2]
+    cdef Py_ssize_t n_queries = query_tables.shape[0]
+    cdef Py_ssize_t n_probe = probes.shape[1]
+    if chunk_blocks is not None and np.any((np.asarray(chunk_blocks) != 0)
+                                           & (np.asarray(chunk_sizes) > 0)):
+        if code_bytes != 1 or n_codewords != 16:
+            raise ValueError(f"chunks read from fast-scan blocks need 4-bit codes "
+                             f"(code_bytes=1, 16 codewords); got code_bytes={code_bytes} "
+                             f"and {n_codewords} codewords.")
+    if second_rows is None:
+        split = n_subspaces
+    offsets = np.zeros(n_queries + 1, dtype=np.int64)
+    if n_queries == 0 or n_subspaces == 0:
+        return offsets, np.empty(0, np.float32), np.empty(0, np.int64)
+
+    cdef Py_ssize_t row_bytes = n_subspaces * code_bytes
+    # Rows per block of the scan: a multiple of the fast-scan block's 128 rows.
+    cdef Py_ssize_t db_block = max(128, (DB_BLOCK_BYTES // row_bytes) // 128 * 128)
+    cdef Py_ssize_t table_size = n_subspaces * n_codewords
+    cdef Py_ssize_t split_size = split * n_codewords
+    cdef Py_ssize_t Mp = n_subspaces + (n_subspaces & 1)
+    cdef const uint8_t* allow = &allowed[0] if allowed is not None and allowed.shape[0] else NULL
+    cdef const int64_t* second = (
+        &second_rows[0, 0] if second_rows is not None and n_probe else NULL)
+    cdef const intptr_t* blocks_at = (
+        &chunk_blocks[0] if chunk_blocks is not None and chunk_blocks.shape[0] else NULL)
+    held = np.zeros(n_queries, dtype=np.intp)  # each query's matches (malloc'd)
+    counts = np.zeros(n_queries, dtype=np.int64)
+    cdef intptr_t[::1] out_at = held
+    cdef int64_t[::1] out_count = counts
+
+    cdef Py_ssize_t q, p, lst, ch, n_rows, j0, j1, c, n_found, e, size, capacity
+    cdef int64_t j
+    cdef float d
+    cdef int failed = 0
+    cdef bint ok
+    cdef int* failed_flag = &failed
+    cdef int32_t* found_pos
+    cdef float* found_dist
+    cdef float* table
+    cdef uint8_t* unpacked
+    cdef int64_t* rows
+    cdef _Match* found
+    cdef _Match* kept
+    cdef const float* lt
+    cdef const float* lt2
+    cdef const float* qt
+    cdef const int64_t* ids
+    cdef const uint8_t* codes_u8
+
+    with nogil, parallel(num_threads=n_threads):
+        found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
+        found_dist = <float*> malloc(db_block * sizeof(float))
+        table = <float*> malloc(table_size * sizeof(float))
+        unpacked = <uint8_t*> malloc(db_block * n_subspaces)
+        rows = <int64_t*> malloc(db_block * sizeof(int64_t))
+        capacity = 256
+        found = <_Match*> malloc(capacity * sizeof(_Match))
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (found_pos == NULL or found_dist == NULL or table == NULL
+                  or unpacked == NULL or rows == NULL or found == NULL)
+        if not ok:
+            failed_flag[0] = 1
+        for q in prange(n_queries, schedule="dynamic"):
+            if ok and not failed_flag[0]:
+                size = 0
+                qt = &query_tables[q, 0, 0]
+                for p in range(n_visit[q]):
+                    lst = probes[q, p]
+                    if chunk_offsets[lst] == chunk_offsets[lst + 1]:
+                        continue
+                    lt = &list_tables[table_rows[q, p], 0, 0]
+                    lt2 = &list_tables[second[q * n_probe + p], 0, 0] if second != NULL else lt
+                    for e in range(split_size):
+                        table[e] = lt[e] + qt[e]
+                    for e in range(split_size, table_size):
+                        table[e] = lt2[e] + qt[e]
+                    for e in range(n_codewords):
+                        table[e] = table[e] + coarse[q, p]
+                    for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
+                        n_rows = chunk_sizes[ch]
+                        ids = <const int64_t*> chunk_ids[ch]
+                        j0 = 0
+                        while j0 < n_rows:
+                            j1 = min(j0 + db_block, n_rows)
+                            if blocks_at == NULL or blocks_at[ch] == 0:
+                                if code_bytes == 1:
+                                    n_found = _scan(table, <const uint8_t*> chunk_codes[ch]
+                                                    + j0 * n_subspaces, j1 - j0, n_subspaces,
+                                                    n_codewords, threshold, found_pos,
+                                                    found_dist)
+                                else:
+                                    n_found = _scan(table, <const uint16_t*> chunk_codes[ch]
+                                                    + j0 * n_subspaces, j1 - j0, n_subspaces,
+                                                    n_codewords, threshold, found_pos,
+                                                    found_dist)
+                            else:  # 4-bit codes kept only in fast-scan blocks
+                                for c in range(j1 - j0):
+                                    rows[c] = j0 + c
+                                sh_fs_unpack_rows(<const uint8_t*> blocks_at[ch], Mp,
+                                                  n_subspaces, rows, j1 - j0, unpacked)
+                                codes_u8 = unpacked
+                                n_found = _scan(table, codes_u8, j1 - j0, n_subspaces,
+                                                n_codewords, threshold, found_pos, found_dist)
+                            for c in range(n_found):
+                                j = ids[j0 + found_pos[c]]
+                                if j == exclude[q] or (allow != NULL and not allow[j]):
+                                    continue
+                                if not _keep(&found, &size, &capacity, j, found_dist[c]):
+                                    failed_flag[0] = 1
+                                    break
+                            j0 = j1
+                if size:
+                    qsort(found, size, sizeof(_Match), _by_index)
+                    kept = <_Match*> malloc(size * sizeof(_Match))
+                    if kept == NULL:
+                        failed_flag[0] = 1
+                    else:
+                        memcpy(kept, found, size * sizeof(_Match))
+                        out_at[q] = <intptr_t> kept
+                        out_count[q] = size
+        free(found_pos)
+        free(found_dist)
+        free(table)
+        free(unpacked)
+        free(rows)
+        free(found)
+
+    cdef Py_ssize_t at
+    if not failed:
+        offsets[1:] = np.cumsum(counts)
+    total = int(offsets[-1]) if not failed else 0
+    distances = np.empty(total, dtype=np.float32)
+    indices = np.empty(total, dtype=np.int64)
+    cdef float[::1] dist_out = distances
+    cdef int64_t[::1] idx_out = indices
+    cdef int64_t[::1] offs = offsets
+    for q in range(n_queries):
+        kept = <_Match*> out_at[q]
+        if kept == NULL:
+            continue
+        if not failed:
+            at = offs[q]
+            for c in range(out_count[q]):
+                idx_out[at + c] = kept[c].index
+                dist_out[at + c] = kept[c].distance
+        free(kept)
+    if failed:
+        raise MemoryError("could not allocate the IVF range search buffers.")
+    return offsets, distances, indices
 
 
 def adc_radius(
