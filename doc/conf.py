@@ -31,7 +31,13 @@ templates_path = ["_templates"]
 exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py",
                     "auto_examples/*.zip", "auto_examples/*.json", "auto_examples/*.md5"]
 autosummary_generate = True
-autodoc_default_options = {"members": True, "inherited-members": False}
+# The searchers' shared index methods (kneighbors, add, save, ...) come from IndexMixin:
+# documented on each class; what scikit-learn's base classes give is not.
+autodoc_default_options = {
+    "members": True,
+    "inherited-members": ("BaseEstimator,TransformerMixin,ClassNamePrefixFeaturesOutMixin,"
+                          "_MetadataRequester,_SetOutputMixin"),
+}
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 # Cross-references to other projects resolve only with intersphinx.
