@@ -82,6 +82,17 @@ class _FlatScan:
         codes = self._check(codes)
         self.codes.append(codes)
 
+    def checkpoint(self):
+        """A function that undoes the ``add`` calls made after this call (and resets caches)."""
+        state, codes = dict(self.__dict__), self.codes.checkpoint()
+
+        def restore():
+            self.__dict__.clear()
+            self.__dict__.update(state)
+            codes()
+
+        return restore
+
     def add_segment(self, arrays):
         codes = self._check(arrays["codes"])
         self.codes = ChunkedRows(self.codes.row_shape, self.codes.dtype,
@@ -569,6 +580,24 @@ class InvertedLists:
         self._layout = None
         self._where = {}
 
+    def checkpoint(self):
+        """A function that undoes the ``add`` and ``merge_since`` calls made after this call.
+
+        Runs are never changed once made (merging makes a new one), so the
+        list of runs is restored as it was; so are the cells of the items
+        and the cells' sizes.
+        """
+        # add() replaces the sizes' arrays rather than writing into them: kept, not copied.
+        runs, sizes, live = list(self.runs), self.sizes, self.live_sizes
+        list_of = self.list_of.checkpoint()
+
+        def restore():
+            self.runs, self.sizes, self.live_sizes = runs, sizes, live
+            list_of()
+            self._changed()
+
+        return restore
+
     def add(self, codes, lists):
         """Append items (the next database indices) with their cells."""
         codes = check_codeword_indices(codes, self.n_subspaces, self.n_codewords,
@@ -582,8 +611,8 @@ class InvertedLists:
             self._pack(self.runs[-1])
         counts = np.bincount(lists, minlength=self.n_lists)
         self.list_of.append(lists.astype(np.int32))
-        self.sizes += counts
-        self.live_sizes += counts
+        self.sizes = self.sizes + counts  # new arrays: see checkpoint()
+        self.live_sizes = self.live_sizes + counts
         self._changed()
 
     def merge_since(self, first):
@@ -918,6 +947,22 @@ class FastScan(_FlatScan):
         self._sealed_blocks = blocks
         self._sealed_rows = len(self.codes)
         self._tail_blocks = self._new_tail()
+
+    def checkpoint(self):
+        restore_codes = super().checkpoint()
+        blocks = self._tail_blocks
+        restore_blocks = blocks.checkpoint()
+        # add() re-packs the last block, partly filled, in place: kept to be put back.
+        last = (len(blocks) - 1, blocks.array[-1].copy(), blocks._buffer) if len(blocks) else None
+
+        def restore():
+            restore_codes()  # the attributes as they were, blocks included
+            restore_blocks()
+            if last is not None:
+                at, row, buffer = last
+                buffer[at] = row
+
+        return restore
 
     def compact(self, keep):
         codes = self.codes.to_array()[keep]

@@ -179,6 +179,10 @@ class IndexMixin:
         already indexed is copied. Refit when the new items differ much from
         those the quantizer was trained on.
 
+        An ``add`` is all or nothing: bad input is refused before anything
+        is appended, and an ``add`` that fails part way (out of memory,
+        ``KeyboardInterrupt``) is undone, leaving the index as it was.
+
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
@@ -193,8 +197,28 @@ class IndexMixin:
             The grown index.
         """
         X, y = self._check_new_items(X, y)
-        self._append(X, y)
+        self._append_or_nothing(X, y)
         return self
+
+    def _append_or_nothing(self, X, y):
+        """``_append``, undone if it fails part way (out of memory, KeyboardInterrupt, ...).
+
+        The searcher's attributes, its labels, re-ranking rows, removal mask
+        and back-end are restored as they were: an index whose ``add`` was
+        interrupted answers as before it, and the next ``add`` numbers its
+        items from where this one started.
+        """
+        attributes = dict(self.__dict__)
+        undo = [part.checkpoint() for part in (self._index, self._labels, self._vectors,
+                                                self._live) if part is not None]
+        try:
+            self._append(X, y)
+        except BaseException:
+            for restore in undo:
+                restore()
+            self.__dict__.clear()
+            self.__dict__.update(attributes)
+            raise
 
     def partial_fit(self, X, y=None):
         """Fit on the first call, then :meth:`add` the items of later calls.

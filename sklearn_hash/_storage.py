@@ -60,6 +60,19 @@ class GrowableArray:
         """Whether ``array`` is (a view of) the rows held."""
         return isinstance(array, np.ndarray) and array.base is self._buffer
 
+    def checkpoint(self):
+        """A function that undoes every append made after this call.
+
+        Appends write past the rows held (or into a new buffer), so the
+        rows held then are intact: undoing restores the buffer and size.
+        """
+        buffer, size = self._buffer, self._size
+
+        def restore():
+            self._buffer, self._size = buffer, size
+
+        return restore
+
     def append(self, rows):
         rows = np.asarray(rows, dtype=self.dtype)
         needed = self._size + rows.shape[0]
@@ -104,6 +117,16 @@ class ChunkedRows:
         self._tail.append(rows)
         self._len += rows.shape[0]
         self._addresses = None
+
+    def checkpoint(self):
+        """A function that undoes every append made after this call."""
+        sealed, length, tail = list(self._sealed), self._len, self._tail.checkpoint()
+
+        def restore():
+            self._sealed, self._len, self._addresses = sealed, length, None
+            tail()
+
+        return restore
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -652,3 +652,93 @@ def test_string_labels_of_pandas_join_numpy_ones(data):
         search = clone(ADC).fit(X_db[:100], first)
         search.add(X_db[100:102], then)
         assert list(search._fit_y[-3:]) == ["dog", "cat", "bird"]
+
+
+INTERRUPTED = {
+    "hamming": QuantizedNeighbors(ITQ(n_bits=24, random_state=0), refine_factor=2),
+    "multi-index hashing": QuantizedNeighbors(ITQ(n_bits=32, random_state=0),
+                                              algorithm="multi-index"),
+    "tables": QuantizedNeighbors(ProductQuantizer(n_bits=32, random_state=0),
+                                 refine_factor=2, refine_storage="sq8"),
+    "fast-scan": QuantizedNeighbors(ProductQuantizer(n_bits=64, subspace_bits=4,
+                                                     random_state=0)),
+    "ivf": IVFQuantizedNeighbors(ProductQuantizer(n_bits=32, random_state=0), n_lists=8,
+                                 refine_factor=2, random_state=0),
+    "ivf fast-scan": IVFQuantizedNeighbors(ProductQuantizer(n_bits=64, subspace_bits=4,
+                                                            random_state=0),
+                                           n_lists=3, random_state=0),
+    "ivf multi-index": IVFQuantizedNeighbors(ProductQuantizer(n_bits=32, random_state=0),
+                                             coarse="multi-index", n_lists=16, n_probe=4,
+                                             refine_factor=2, random_state=0),
+}
+
+
+def interrupt_at(monkeypatch, search, where):
+    """Make ``add`` fail (KeyboardInterrupt) part way, at ``where``."""
+    calls = {"n": 0}
+
+    def failing(original, after):
+        def run(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > after:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+        return run
+
+    if where == "encoding the third chunk":  # two chunks of codes (and rows) are in
+        monkeypatch.setattr(search, "_index_items", failing(search._index_items, 2))
+    elif where == "the rows of the third chunk":  # its codes are in, its rows not
+        if search._vectors is None:
+            pytest.skip("no re-ranking rows")
+        step = search._rerank_step()
+        monkeypatch.setattr(step, "encode", failing(step.encode, 2))
+    elif where == "the labels":  # every chunk's codes and rows are in
+        monkeypatch.setattr(search, "_append_labels", failing(search._append_labels, 0))
+    else:  # the removal mask, the last thing appended
+        monkeypatch.setattr(search._live, "append", failing(search._live.append, 0))
+
+
+@pytest.mark.parametrize("name", INTERRUPTED)
+@pytest.mark.parametrize("where", ["encoding the third chunk", "the rows of the third chunk",
+                                   "the labels", "the removal mask"])
+def test_an_interrupted_add_changes_nothing(name, where, data, monkeypatch):
+    # an add that failed part way (KeyboardInterrupt, out of memory) left the codes of
+    # its first chunks in the index, without their labels or ids: the next add numbered
+    # its items after them, and labels and answers no longer matched
+    monkeypatch.setattr(_index, "ENCODE_CHUNK", 64)
+    X_db, y_db, X_q, _ = data
+    y_db = y_db.astype(np.int8)
+    fresh = clone(INTERRUPTED[name]).fit(X_db[:400], y_db[:400])
+    fresh.add(X_db[400:500], y_db[400:500])  # a second run, a tail that is partly filled
+    fresh.remove([3, 450])
+    search = clone(INTERRUPTED[name]).fit(X_db[:400], y_db[:400])
+    search.add(X_db[400:500], y_db[400:500])
+    search.remove([3, 450])
+    before = search.kneighbors(X_q[:30], n_neighbors=8)
+    codes_before = search.codes_.copy()
+    y_new = y_db[500:800].astype(np.int64)
+    y_new[-1] = 300  # widens the labels to int64 on the way
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, search, where)
+        with pytest.raises(KeyboardInterrupt):
+            search.add(X_db[500:800], y_new)
+    assert search.n_samples_fit_ == 500 and len(search._index) == 500
+    assert search._fit_y.dtype == np.int8 and len(search._fit_y) == 500
+    assert search.n_removed_ == 2
+    np.testing.assert_array_equal(search.codes_, codes_before)
+    if hasattr(search._index, "_block_chunks"):  # the last block was re-packed in place
+        for got, expected in zip(search._index._block_chunks(), fresh._index._block_chunks()):
+            np.testing.assert_array_equal(got, expected)
+    after = search.kneighbors(X_q[:30], n_neighbors=8)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    # the next add numbers its items from 500, as in an index the failed add never touched
+    for index in (search, fresh):
+        index.add(X_db[500:800], y_new)
+    got, expected = (i.kneighbors(X_q[:30], n_neighbors=8) for i in (search, fresh))
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(search._fit_y, fresh._fit_y)
+    np.testing.assert_array_equal(search.codes_, fresh.codes_)
+    if search._vectors is not None:
+        np.testing.assert_array_equal(search._vectors.to_array(), fresh._vectors.to_array())
