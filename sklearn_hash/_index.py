@@ -661,7 +661,7 @@ class IndexMixin:
         neigh_ind : ndarray of shape (n_queries,), dtype=object
             One int64 array of database indices per query.
         """
-        check_is_fitted(self)
+        check_fitted(self)
         params = self._check_search_params(search_params, "radius_neighbors")
         if sort_results and not return_distance:
             raise ValueError("return_distance must be True if sort_results is True.")
@@ -686,9 +686,10 @@ class IndexMixin:
             X = validate_features(self, X)
         mask = self._check_allowed(allowed)
         reach = float(radius) if refine is None else float(radius) * float(np.sqrt(refine))
-        with single_threaded_blas:
-            parts = self._radius(X, self._threshold(reach), mask, params)
         n_queries = self.n_samples_fit_ if X is None else X.shape[0]
+        # As in kneighbors: a handful of queries skips setting the BLAS limit.
+        with single_threaded_blas if n_queries > 16 else nullcontext():
+            parts = self._radius(X, self._threshold(reach), mask, params)
         neigh_dist = np.empty(n_queries, dtype=object)
         neigh_ind = np.empty(n_queries, dtype=object)
         q = 0

@@ -149,6 +149,9 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
         after :meth:`load`) and re-orders the ``r * n_neighbors`` best
         candidates of the probed cells by their L2 distance to them (exact
         with float32 rows). Per call: ``kneighbors(..., refine_factor=...)``.
+        :meth:`radius_neighbors` takes from the probed cells the items whose
+        estimated squared distance is at most ``r * radius ** 2`` and keeps
+        those within ``radius`` of their rows.
     refine_storage : {"float32", "sq8"}, default="float32"
         How the re-ranking vectors are kept (with ``refine_factor``).
         ``"float32"``: as they are (4 bytes per feature), distances exact.

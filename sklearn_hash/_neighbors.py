@@ -34,16 +34,15 @@ from sklearn.utils import check_array
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import (
     check_consistent_length,
-    check_is_fitted,
     validate_data,
 )
 
 from ._backends import HammingScan, MultiIndexHashing, TableScan, check_codeword_indices
-from ._base import numpy_output, validate_features
+from ._base import numpy_output
 from ._codes import pack_bits
 from ._index import IndexMixin
 from ._itq import ITQ
-from ._threads import effective_n_threads, search_threads, single_threaded_blas
+from ._threads import effective_n_threads, search_threads
 
 # Queries whose distance tables are built and searched at a time.
 _QUERY_CHUNK = 2048
@@ -101,7 +100,10 @@ class QuantizedNeighbors(IndexMixin, BaseEstimator):
         distance to the stored vectors; with float32 rows the distances
         returned are then exact L2 distances (float64), ties by index.
         ``kneighbors(..., refine_factor=...)`` changes r for one call (the
-        vectors must have been kept from ``fit`` on).
+        vectors must have been kept from ``fit`` on). :meth:`radius_neighbors`
+        takes from the codes the items whose estimated squared distance is at
+        most ``r * radius ** 2`` and keeps those within ``radius`` of their
+        rows (binary codes: the Hamming ball of the codes, without rows).
     refine_storage : {"float32", "sq8"}, default="float32"
         How the re-ranking vectors are kept (with ``refine_factor``).
         ``"float32"``: as they are, distances exact. ``"sq8"``: a byte per

@@ -137,7 +137,8 @@ def test_kernel_rejects_bad_arguments(random_index):
     assert ivf_adc_radius(*args)[0][-1] == 300  # every sum is 0: all below 1
     assert ivf_adc_radius(*args[:12], 0.0)[0][-1] == 0  # none below 0
     with pytest.raises(ValueError, match="fast-scan blocks need 4-bit codes"):
-        ivf_adc_radius(*args, chunk_blocks=np.where(sizes > 0, codes_at, 0))
+        ivf_adc_radius(*args[:7], np.zeros_like(codes_at), *args[8:],
+                       chunk_blocks=np.where(sizes > 0, codes_at, 0))
     with pytest.raises(ValueError, match="probes must be list numbers"):
         ivf_adc_radius(*args[:3], probes + 4, *args[4:])
     with pytest.raises(ValueError, match="code_bytes must be 1 or 2"):

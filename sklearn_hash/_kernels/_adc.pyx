@@ -677,10 +677,10 @@ def ivf_adc_radius(
     next float above a radius to include it), it is allowed and it is not
     ``exclude[q]``.
 
-    A chunk with a block address in ``chunk_blocks`` (not 0) is read from
-    its 4-bit fast-scan blocks there (row ``c`` of the chunk is row ``c`` of
-    the block layout), which needs ``code_bytes=1`` and 16 codewords; the
-    others from their code rows.
+    A chunk without code rows (address 0) is read from its 4-bit fast-scan
+    blocks at ``chunk_blocks`` (row ``c`` of the chunk is row ``c`` of the
+    block layout there), which needs ``code_bytes=1`` and 16 codewords; a
+    chunk with rows is read from them (faster than unpacking blocks).
 
     Returns
     -------
@@ -701,7 +701,7 @@ def ivf_adc_radius(
     cdef Py_ssize_t n_codewords = list_tables.shape[2]
     cdef Py_ssize_t n_queries = query_tables.shape[0]
     cdef Py_ssize_t n_probe = probes.shape[1]
-    if chunk_blocks is not None and np.any((np.asarray(chunk_blocks) != 0)
+    if chunk_blocks is not None and np.any((np.asarray(chunk_codes) == 0)
                                            & (np.asarray(chunk_sizes) > 0)):
         if code_bytes != 1 or n_codewords != 16:
             raise ValueError(f"chunks read from fast-scan blocks need 4-bit codes "
@@ -783,7 +783,7 @@ def ivf_adc_radius(
                         j0 = 0
                         while j0 < n_rows:
                             j1 = min(j0 + db_block, n_rows)
-                            if blocks_at == NULL or blocks_at[ch] == 0:
+                            if chunk_codes[ch] != 0:  # rows read as they are: faster
                                 if code_bytes == 1:
                                     n_found = _scan(table, <const uint8_t*> chunk_codes[ch]
                                                     + j0 * n_subspaces, j1 - j0, n_subspaces,
@@ -827,26 +827,26 @@ def ivf_adc_radius(
         free(found)
 
     cdef Py_ssize_t at
-    if not failed:
-        offsets[1:] = np.cumsum(counts)
-    total = int(offsets[-1]) if not failed else 0
-    distances = np.empty(total, dtype=np.float32)
-    indices = np.empty(total, dtype=np.int64)
-    cdef float[::1] dist_out = distances
-    cdef int64_t[::1] idx_out = indices
+    cdef float[::1] dist_out
+    cdef int64_t[::1] idx_out
     cdef int64_t[::1] offs = offsets
-    for q in range(n_queries):
-        kept = <_Match*> out_at[q]
-        if kept == NULL:
-            continue
-        if not failed:
+    try:  # the matches' buffers are freed whatever happens (the outputs may not fit)
+        if failed:
+            raise MemoryError("could not allocate the IVF range search buffers.")
+        offsets[1:] = np.cumsum(counts)
+        distances = np.empty(int(offsets[-1]), dtype=np.float32)
+        indices = np.empty(int(offsets[-1]), dtype=np.int64)
+        dist_out, idx_out = distances, indices
+        for q in range(n_queries):
+            kept = <_Match*> out_at[q]
             at = offs[q]
-            for c in range(out_count[q]):
+            for c in range(out_count[q] if kept != NULL else 0):
                 idx_out[at + c] = kept[c].index
                 dist_out[at + c] = kept[c].distance
-        free(kept)
-    if failed:
-        raise MemoryError("could not allocate the IVF range search buffers.")
+    finally:
+        for q in range(n_queries):
+            free(<_Match*> out_at[q])
+            out_at[q] = 0
     return offsets, distances, indices
 
 
