@@ -48,6 +48,7 @@ from ._kernels._fastscan import (
     check_4bit_codes,
     fastscan_kneighbors,
     ivf_fastscan_kneighbors,
+    ivf_fastscan_radius,
     pack_blocks,
     pack_cell_blocks,
     unpack_block_rows,
@@ -861,17 +862,25 @@ class InvertedLists:
         """Every code of each query's probed lists below ``threshold`` (``ivf_adc_radius``).
 
         Returns CSR ``(offsets, distances, indices)``, indices ascending per
-        query; codes kept only in fast-scan blocks are read from them.
+        query. With ``fast_scan``, by ``ivf_fastscan_radius``: the same answers.
         """
         offsets, codes_at, ids_at, sizes, blocks_at, keep = self._chunk_layout()
         if exclude is None:
             exclude = np.full(len(query_tables), -1, dtype=np.int64)
-        result = ivf_adc_radius(
-            list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets, codes_at,
-            ids_at, sizes, self.code_dtype.itemsize, exclude, threshold, allowed=allowed,
-            n_threads=n_threads, second_rows=second_rows, split=split,
-            chunk_blocks=blocks_at if self.fast_scan else None, check_chunks=False,
-        )
+        if self.fast_scan:
+            result = ivf_fastscan_radius(
+                list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
+                codes_at, ids_at, blocks_at, sizes, exclude, threshold, allowed=allowed,
+                n_threads=n_threads, second_rows=second_rows, split=split, simd=self.simd,
+                check_chunks=False,
+            )
+        else:
+            result = ivf_adc_radius(
+                list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
+                codes_at, ids_at, sizes, self.code_dtype.itemsize, exclude, threshold,
+                allowed=allowed, n_threads=n_threads, second_rows=second_rows, split=split,
+                check_chunks=False,
+            )
         del keep  # the arrays read stayed alive, referenced by the layout, during the scan
         return result
 

@@ -1,10 +1,12 @@
 """Range search over the inverted file, and re-ranked range search.
 
-What is checked: the kernel ``ivf_adc_radius`` against the numpy oracle of
-the IVF kernels (float32 sums in subspace order over the visited lists), bit
-for bit, with codes in rows (uint8 and uint16) or in fast-scan blocks,
-several chunks per list, ties at the threshold, ``allowed`` / ``exclude``,
-the multi-index's joined table rows and 1 or 2 threads; then
+What is checked: the kernels ``ivf_adc_radius`` (code rows, uint8 and
+uint16) and ``ivf_fastscan_radius`` (4-bit codes in fast-scan blocks, with
+or without their rows, or rows alone; every SIMD path the processor has)
+against the numpy oracle of the IVF kernels (float32 sums in subspace order
+over the visited lists), bit for bit: several chunks per list, ties at the
+threshold, a dominant subspace, ``allowed`` / ``exclude``, the
+multi-index's joined table rows and 1 or 2 threads; then
 ``IVFQuantizedNeighbors.radius_neighbors``: exactly the items of the probed
 cells whose ``kneighbors`` distance is within the radius (the same float
 distances), for 8-bit and fast-scan codes, PQ and OPQ, flat and multi-index
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 from sklearn_hash._kernels._adc import ivf_adc_radius
-from sklearn_hash._kernels._fastscan import pack_cell_blocks
+from sklearn_hash._kernels._fastscan import ivf_fastscan_radius, pack_cell_blocks, simd_path
 
 from sklearn_hash import (
     ITQ,
@@ -31,9 +33,10 @@ from sklearn_hash import (
 
 # ------------------------------------------------------------------------ kernel
 
-def chunked(offsets, codes, ids, cuts, blocks_from):
+def chunked(offsets, codes, ids, cuts, blocks_from, rows=False):
     """Kernel chunk table: each list cut into ``cuts`` chunks; a chunk of at least
-    ``blocks_from`` rows (None: none) is given as fast-scan blocks only."""
+    ``blocks_from`` rows (None: none) is given as fast-scan blocks, without its code rows
+    unless ``rows``."""
     chunk_offsets, codes_at, ids_at, blocks_at, sizes, keep = [0], [], [], [], [], []
     for lst in range(len(offsets) - 1):
         bounds = np.linspace(offsets[lst], offsets[lst + 1], cuts + 1).astype(np.int64)
@@ -43,7 +46,7 @@ def chunked(offsets, codes, ids, cuts, blocks_from):
             blocks = pack_cell_blocks(c, np.array([0, hi - lo], np.int64))[0] if in_blocks \
                 else None
             keep += [c, i, blocks]
-            codes_at.append(c.ctypes.data if hi > lo and not in_blocks else 0)
+            codes_at.append(c.ctypes.data if hi > lo and (rows or not in_blocks) else 0)
             ids_at.append(i.ctypes.data if hi > lo else 0)
             blocks_at.append(blocks.ctypes.data if in_blocks else 0)
             sizes.append(hi - lo)
@@ -76,14 +79,20 @@ def oracle_ball(ivf_oracle, tables, probes, rows, n_visit, offsets, codes, ids, 
     return out
 
 
-@pytest.mark.parametrize("kind", ["rows8", "rows16", "blocks", "ties"])
-def test_kernel_equals_the_numpy_oracle(kind, ivf_oracle, random_index):
+PATHS = [p for p in ("portable", "avx2", "avx512")
+         if ("portable", "avx2", "avx512").index(p)
+         <= ("portable", "avx2", "avx512").index(simd_path(True))]
+
+
+@pytest.mark.parametrize("kind", ["rows8", "rows16", "4-bit", "4-bit ties", "4-bit dominant"])
+def test_kernels_equal_the_numpy_oracle(kind, ivf_oracle, random_index):
     rng = np.random.default_rng(len(kind))
-    M, K = (5, 16) if kind in ("blocks", "ties") else (6, 300 if kind == "rows16" else 256)
+    four_bit = kind.startswith("4-bit")
+    M, K = (5, 16) if four_bit else (6, 300 if kind == "rows16" else 256)
     n, n_lists, n_q, n_probe = 1500, 12, 7, 4
     offsets, codes, ids = random_index(rng, n, n_lists, M, K,
                                        np.uint16 if kind == "rows16" else np.uint8)
-    if kind == "ties":  # small integers: exact sums, many at the threshold
+    if kind == "4-bit ties":  # small integers: exact sums, many at the threshold
         lt = rng.integers(0, 3, (n_lists, M, K)).astype(np.float32)
         qt = rng.integers(-1, 2, (n_q, M, K)).astype(np.float32)
         coarse = rng.integers(0, 2, (n_q, n_probe)).astype(np.float32)
@@ -93,6 +102,9 @@ def test_kernel_equals_the_numpy_oracle(kind, ivf_oracle, random_index):
         qt = rng.random((n_q, M, K), dtype=np.float32) * -4
         coarse = (rng.random((n_q, n_probe)) * 30).astype(np.float32)
         thresholds = [np.float32(40), np.float32(55), np.float32(np.inf)]
+        if kind == "4-bit dominant":  # one subspace spans 10**4 times the others
+            lt[:, 0] *= np.float32(1e4)
+            thresholds = [np.float32(3e4), np.float32(6e4)]
     probes = np.stack([rng.permutation(n_lists)[:n_probe] for _ in range(n_q)]).astype(np.int64)
     n_visit = rng.integers(0, n_probe + 1, n_q).astype(np.int64)
     n_visit[:3] = n_probe
@@ -100,10 +112,10 @@ def test_kernel_equals_the_numpy_oracle(kind, ivf_oracle, random_index):
     allowed = (rng.random(n) < 0.6).astype(np.uint8)
     second = (probes + 1) % n_lists
     code_bytes = 2 if kind == "rows16" else 1
-    for cuts, blocks_from in ((1, None), (3, None), (1, 1), (2, 40)):
-        if blocks_from is not None and K != 16:
-            continue
-        lay, _keep = chunked(offsets, codes, ids, cuts, blocks_from)
+    # code rows alone; then (4-bit) blocks alone, or both, or blocks for the long chunks only
+    layouts = [(1, None), (3, None)] + ([(1, 1), (2, 40), (3, 1)] if four_bit else [])
+    for cuts, blocks_from in layouts:
+        lay, _keep = chunked(offsets, codes, ids, cuts, blocks_from, rows=cuts != 3)
         chunk_offsets, codes_at, ids_at, sizes, blocks_at = lay
         for threshold in thresholds:
             for mask in (None, allowed):
@@ -111,20 +123,26 @@ def test_kernel_equals_the_numpy_oracle(kind, ivf_oracle, random_index):
                     expected = oracle_ball(ivf_oracle, (lt, qt, coarse), probes, probes,
                                            n_visit, offsets, codes, ids, exclude, threshold,
                                            mask, joined, 2)
-                    for n_threads in (1, 2):
-                        got = ivf_adc_radius(
-                            lt, qt, coarse, probes, probes, n_visit, chunk_offsets, codes_at,
-                            ids_at, sizes, code_bytes, exclude, threshold, allowed=mask,
-                            n_threads=n_threads, second_rows=joined, split=2,
-                            chunk_blocks=None if blocks_from is None else blocks_at)
-                        offs, dist, ind = got
+                    args = (lt, qt, coarse, probes, probes, n_visit, chunk_offsets, codes_at,
+                            ids_at)
+                    runs = []
+                    if blocks_from is None:
+                        runs += [ivf_adc_radius(*args, sizes, code_bytes, exclude, threshold,
+                                                allowed=mask, n_threads=t, second_rows=joined,
+                                                split=2) for t in (1, 2)]
+                    if four_bit:
+                        runs += [ivf_fastscan_radius(*args, blocks_at, sizes, exclude,
+                                                     threshold, allowed=mask, n_threads=t,
+                                                     second_rows=joined, split=2, simd=path)
+                                 for t in (1, 2) for path in PATHS]
+                    for offs, dist, ind in runs:
                         assert offs[0] == 0 and offs[-1] == len(ind) == len(dist)
                         for q, (d, i) in enumerate(expected):
                             np.testing.assert_array_equal(ind[offs[q] : offs[q + 1]], i)
                             np.testing.assert_array_equal(dist[offs[q] : offs[q + 1]], d)
 
 
-def test_kernel_rejects_bad_arguments(random_index):
+def test_kernels_reject_bad_arguments(random_index):
     rng = np.random.default_rng(0)
     offsets, codes, ids = random_index(rng, 300, 4, 3, 256)
     lay, _keep = chunked(offsets, codes, ids, 1, None)
@@ -136,15 +154,18 @@ def test_kernel_rejects_bad_arguments(random_index):
             chunk_offsets, codes_at, ids_at, sizes, 1, np.full(2, -1, np.int64), 1.0)
     assert ivf_adc_radius(*args)[0][-1] == 300  # every sum is 0: all below 1
     assert ivf_adc_radius(*args[:12], 0.0)[0][-1] == 0  # none below 0
-    with pytest.raises(ValueError, match="fast-scan blocks need 4-bit codes"):
-        ivf_adc_radius(*args[:7], np.zeros_like(codes_at), *args[8:],
-                       chunk_blocks=np.where(sizes > 0, codes_at, 0))
+    with pytest.raises(ValueError, match="fast-scan searches 4-bit codes"):
+        ivf_fastscan_radius(*args[:9], blocks_at, sizes, args[11], 1.0)
     with pytest.raises(ValueError, match="probes must be list numbers"):
         ivf_adc_radius(*args[:3], probes + 4, *args[4:])
     with pytest.raises(ValueError, match="code_bytes must be 1 or 2"):
         ivf_adc_radius(*args[:10], 4, *args[11:])
     with pytest.raises(ValueError, match="n_threads must be >= 1"):
         ivf_adc_radius(*args, n_threads=0)
+    small = (lt[:, :, :16].copy(), qt[:, :, :16].copy(), *args[2:9], blocks_at, sizes,
+             args[11], 1.0)
+    with pytest.raises(ValueError, match="span_fraction must be in"):
+        ivf_fastscan_radius(*small, span_fraction=0)
 
 
 # ---------------------------------------------------------------------- searcher

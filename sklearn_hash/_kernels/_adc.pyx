@@ -15,8 +15,9 @@ database is scanned in cache-sized blocks shared by a block of queries.
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, nextafterf
 from libc.stdint cimport int32_t, int64_t, intptr_t, uint8_t, uint16_t
-from libc.stdlib cimport free, malloc, qsort, realloc
-from libc.string cimport memcpy
+from libc.stdlib cimport free, malloc
+
+from ._matches cimport Match, hold_matches, keep_match
 
 import numpy as np
 
@@ -29,11 +30,6 @@ cdef extern from "_adc_scan.h":
         const float* table, const uint16_t* codes, Py_ssize_t n, Py_ssize_t n_subspaces,
         Py_ssize_t n_codewords, float threshold, int32_t* pos, float* dist,
     ) noexcept nogil
-
-cdef extern from "_fastscan.h":
-    # The codes of rows of the 4-bit fast-scan block layout (see _fastscan.pyx).
-    void sh_fs_unpack_rows(const uint8_t* blocks, Py_ssize_t Mp, Py_ssize_t M,
-                           const int64_t* rows, Py_ssize_t n, uint8_t* codes) noexcept nogil
 
 ctypedef fused code_t:
     uint8_t
@@ -617,31 +613,42 @@ def ivf_adc_kneighbors(
         raise MemoryError("could not allocate the ADC search buffers.")
     return distances, indices
 
-cdef struct _Match:
-    int64_t index
-    float distance
+def gather_matches(intptr_t[::1] held, int64_t[::1] counts, bint failed):
+    """The CSR arrays of the matches each query's buffer holds (see ``_matches.pxd``).
 
+    ``held[q]``: the address of query q's ``counts[q]`` matches (0: none).
+    Every buffer is freed, whatever happens; ``failed`` (a kernel ran out
+    of memory) raises MemoryError once they are.
 
-cdef int _by_index(const void* a, const void* b) noexcept nogil:
-    cdef int64_t ia = (<const _Match*> a).index
-    cdef int64_t ib = (<const _Match*> b).index
-    return (ia > ib) - (ia < ib)
-
-
-cdef inline bint _keep(_Match** found, Py_ssize_t* size, Py_ssize_t* capacity, int64_t j,
-                       float d) noexcept nogil:
-    """Append (j, d) to a growing buffer; False when it cannot grow."""
-    cdef _Match* grown
-    if size[0] == capacity[0]:
-        grown = <_Match*> realloc(found[0], 2 * capacity[0] * sizeof(_Match))
-        if grown == NULL:
-            return False
-        found[0] = grown
-        capacity[0] = 2 * capacity[0]
-    found[0][size[0]].index = j
-    found[0][size[0]].distance = d
-    size[0] = size[0] + 1
-    return True
+    Returns
+    -------
+    offsets : ndarray of shape (n_queries + 1,), dtype=int64
+    distances : ndarray of shape (offsets[-1],), dtype=float32
+    indices : ndarray of shape (offsets[-1],), dtype=int64
+    """
+    cdef Py_ssize_t n_queries = held.shape[0], q, c, at
+    cdef const Match* kept
+    cdef float[::1] dist_out
+    cdef int64_t[::1] idx_out
+    offsets = np.zeros(n_queries + 1, dtype=np.int64)
+    try:
+        if failed:
+            raise MemoryError("could not allocate the range search buffers.")
+        np.cumsum(counts, out=offsets[1:])
+        distances = np.empty(int(offsets[-1]), dtype=np.float32)
+        indices = np.empty(int(offsets[-1]), dtype=np.int64)
+        dist_out, idx_out = distances, indices
+        for q in range(n_queries):
+            kept = <const Match*> held[q]
+            at = offsets[q]
+            for c in range(counts[q] if kept != NULL else 0):
+                idx_out[at + c] = kept[c].index
+                dist_out[at + c] = kept[c].distance
+    finally:
+        for q in range(n_queries):
+            free(<Match*> held[q])
+            held[q] = 0
+    return offsets, distances, indices
 
 
 def ivf_adc_radius(
@@ -662,7 +669,6 @@ def ivf_adc_radius(
     int n_threads=1,
     const int64_t[:, ::1] second_rows=None,  # IN (n_queries, n_probe) or None
     Py_ssize_t split=0,
-    const intptr_t[::1] chunk_blocks=None,  # IN (n_chunks,) addresses of blocks (0: none)
     bint check_chunks=True,
 ):
     """Every code of each query's probed lists whose distance is below ``threshold``.
@@ -671,16 +677,11 @@ def ivf_adc_radius(
     ``threshold`` for ``k``: query q's table for probe p is built as there
     (``list_tables[table_rows[q, p]] + query_tables[q]``, ``coarse[q, p]``
     added to row 0, in float32) and a code's distance is the float32 sum of
-    the entries it picks, in subspace order: the distances that kernel (and
-    the fast-scan kernel, which re-scores with the same tables) returns. A
-    code is kept when that sum is strictly below ``threshold`` (pass the
-    next float above a radius to include it), it is allowed and it is not
-    ``exclude[q]``.
-
-    A chunk without code rows (address 0) is read from its 4-bit fast-scan
-    blocks at ``chunk_blocks`` (row ``c`` of the chunk is row ``c`` of the
-    block layout there), which needs ``code_bytes=1`` and 16 codewords; a
-    chunk with rows is read from them (faster than unpacking blocks).
+    the entries it picks, in subspace order: the distances that kernel
+    returns. A code is kept when that sum is strictly below ``threshold``
+    (pass the next float above a radius to include it), it is allowed and
+    it is not ``exclude[q]``. (4-bit codes in fast-scan blocks:
+    ``_fastscan.ivf_fastscan_radius``, the same answers.)
 
     Returns
     -------
@@ -693,72 +694,52 @@ def ivf_adc_radius(
     """
     check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
                         chunk_offsets, chunk_codes, chunk_ids, chunk_sizes, exclude, 0,
-                        n_threads, second_rows, split, chunk_blocks=chunk_blocks,
-                        check_chunks=check_chunks)
+                        n_threads, second_rows, split, check_chunks=check_chunks)
     if code_bytes != 1 and code_bytes != 2:
         raise ValueError(f"code_bytes must be 1 or 2; got {code_bytes}.")
     cdef Py_ssize_t n_subspaces = list_tables.shape[1]
     cdef Py_ssize_t n_codewords = list_tables.shape[2]
     cdef Py_ssize_t n_queries = query_tables.shape[0]
     cdef Py_ssize_t n_probe = probes.shape[1]
-    if chunk_blocks is not None and np.any((np.asarray(chunk_codes) == 0)
-                                           & (np.asarray(chunk_sizes) > 0)):
-        if code_bytes != 1 or n_codewords != 16:
-            raise ValueError(f"chunks read from fast-scan blocks need 4-bit codes "
-                             f"(code_bytes=1, 16 codewords); got code_bytes={code_bytes} "
-                             f"and {n_codewords} codewords.")
     if second_rows is None:
         split = n_subspaces
-    offsets = np.zeros(n_queries + 1, dtype=np.int64)
+    held = np.zeros(n_queries, dtype=np.intp)  # each query's matches (malloc'd)
+    counts = np.zeros(n_queries, dtype=np.int64)
     if n_queries == 0 or n_subspaces == 0:
-        return offsets, np.empty(0, np.float32), np.empty(0, np.int64)
+        return gather_matches(held, counts, False)
 
     cdef Py_ssize_t row_bytes = n_subspaces * code_bytes
-    # Rows per block of the scan: a multiple of the fast-scan block's 128 rows.
-    cdef Py_ssize_t db_block = max(128, (DB_BLOCK_BYTES // row_bytes) // 128 * 128)
+    cdef Py_ssize_t db_block = max(64, DB_BLOCK_BYTES // row_bytes)
     cdef Py_ssize_t table_size = n_subspaces * n_codewords
     cdef Py_ssize_t split_size = split * n_codewords
-    cdef Py_ssize_t Mp = n_subspaces + (n_subspaces & 1)
     cdef const uint8_t* allow = &allowed[0] if allowed is not None and allowed.shape[0] else NULL
     cdef const int64_t* second = (
         &second_rows[0, 0] if second_rows is not None and n_probe else NULL)
-    cdef const intptr_t* blocks_at = (
-        &chunk_blocks[0] if chunk_blocks is not None and chunk_blocks.shape[0] else NULL)
-    held = np.zeros(n_queries, dtype=np.intp)  # each query's matches (malloc'd)
-    counts = np.zeros(n_queries, dtype=np.int64)
     cdef intptr_t[::1] out_at = held
     cdef int64_t[::1] out_count = counts
 
     cdef Py_ssize_t q, p, lst, ch, n_rows, j0, j1, c, n_found, e, size, capacity
     cdef int64_t j
-    cdef float d
     cdef int failed = 0
     cdef bint ok
     cdef int* failed_flag = &failed
     cdef int32_t* found_pos
     cdef float* found_dist
     cdef float* table
-    cdef uint8_t* unpacked
-    cdef int64_t* rows
-    cdef _Match* found
-    cdef _Match* kept
+    cdef Match* found
     cdef const float* lt
     cdef const float* lt2
     cdef const float* qt
     cdef const int64_t* ids
-    cdef const uint8_t* codes_u8
 
     with nogil, parallel(num_threads=n_threads):
         found_pos = <int32_t*> malloc(db_block * sizeof(int32_t))
         found_dist = <float*> malloc(db_block * sizeof(float))
         table = <float*> malloc(table_size * sizeof(float))
-        unpacked = <uint8_t*> malloc(db_block * n_subspaces)
-        rows = <int64_t*> malloc(db_block * sizeof(int64_t))
         capacity = 256
-        found = <_Match*> malloc(capacity * sizeof(_Match))
+        found = <Match*> malloc(capacity * sizeof(Match))
         # All threads must meet the loop (OpenMP); one without buffers skips its turns.
-        ok = not (found_pos == NULL or found_dist == NULL or table == NULL
-                  or unpacked == NULL or rows == NULL or found == NULL)
+        ok = not (found_pos == NULL or found_dist == NULL or table == NULL or found == NULL)
         if not ok:
             failed_flag[0] = 1
         for q in prange(n_queries, schedule="dynamic"):
@@ -783,71 +764,30 @@ def ivf_adc_radius(
                         j0 = 0
                         while j0 < n_rows:
                             j1 = min(j0 + db_block, n_rows)
-                            if chunk_codes[ch] != 0:  # rows read as they are: faster
-                                if code_bytes == 1:
-                                    n_found = _scan(table, <const uint8_t*> chunk_codes[ch]
-                                                    + j0 * n_subspaces, j1 - j0, n_subspaces,
-                                                    n_codewords, threshold, found_pos,
-                                                    found_dist)
-                                else:
-                                    n_found = _scan(table, <const uint16_t*> chunk_codes[ch]
-                                                    + j0 * n_subspaces, j1 - j0, n_subspaces,
-                                                    n_codewords, threshold, found_pos,
-                                                    found_dist)
-                            else:  # 4-bit codes kept only in fast-scan blocks
-                                for c in range(j1 - j0):
-                                    rows[c] = j0 + c
-                                sh_fs_unpack_rows(<const uint8_t*> blocks_at[ch], Mp,
-                                                  n_subspaces, rows, j1 - j0, unpacked)
-                                codes_u8 = unpacked
-                                n_found = _scan(table, codes_u8, j1 - j0, n_subspaces,
+                            if code_bytes == 1:
+                                n_found = _scan(table, <const uint8_t*> chunk_codes[ch]
+                                                + j0 * n_subspaces, j1 - j0, n_subspaces,
+                                                n_codewords, threshold, found_pos, found_dist)
+                            else:
+                                n_found = _scan(table, <const uint16_t*> chunk_codes[ch]
+                                                + j0 * n_subspaces, j1 - j0, n_subspaces,
                                                 n_codewords, threshold, found_pos, found_dist)
                             for c in range(n_found):
                                 j = ids[j0 + found_pos[c]]
                                 if j == exclude[q] or (allow != NULL and not allow[j]):
                                     continue
-                                if not _keep(&found, &size, &capacity, j, found_dist[c]):
+                                if not keep_match(&found, &size, &capacity, j, found_dist[c]):
                                     failed_flag[0] = 1
                                     break
                             j0 = j1
-                if size:
-                    qsort(found, size, sizeof(_Match), _by_index)
-                    kept = <_Match*> malloc(size * sizeof(_Match))
-                    if kept == NULL:
-                        failed_flag[0] = 1
-                    else:
-                        memcpy(kept, found, size * sizeof(_Match))
-                        out_at[q] = <intptr_t> kept
-                        out_count[q] = size
+                if not hold_matches(found, size, &out_at[q], &out_count[q]):
+                    failed_flag[0] = 1
         free(found_pos)
         free(found_dist)
         free(table)
-        free(unpacked)
-        free(rows)
         free(found)
 
-    cdef Py_ssize_t at
-    cdef float[::1] dist_out
-    cdef int64_t[::1] idx_out
-    cdef int64_t[::1] offs = offsets
-    try:  # the matches' buffers are freed whatever happens (the outputs may not fit)
-        if failed:
-            raise MemoryError("could not allocate the IVF range search buffers.")
-        offsets[1:] = np.cumsum(counts)
-        distances = np.empty(int(offsets[-1]), dtype=np.float32)
-        indices = np.empty(int(offsets[-1]), dtype=np.int64)
-        dist_out, idx_out = distances, indices
-        for q in range(n_queries):
-            kept = <_Match*> out_at[q]
-            at = offs[q]
-            for c in range(out_count[q] if kept != NULL else 0):
-                idx_out[at + c] = kept[c].index
-                dist_out[at + c] = kept[c].distance
-    finally:
-        for q in range(n_queries):
-            free(<_Match*> out_at[q])
-            out_at[q] = 0
-    return offsets, distances, indices
+    return gather_matches(held, counts, failed)
 
 
 def adc_radius(

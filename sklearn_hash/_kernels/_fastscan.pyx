@@ -49,7 +49,8 @@ from libc.stdlib cimport free, malloc
 
 import numpy as np
 
-from ._adc import check_ivf_arguments
+from ._adc import check_ivf_arguments, gather_matches
+from ._matches cimport Match, hold_matches, keep_match
 
 from ._simd import max_simd_level
 
@@ -982,3 +983,172 @@ def ivf_fastscan_kneighbors(
     if failed:
         raise MemoryError("could not allocate the fast-scan search buffers.")
     return (distances, indices, stats) if return_stats else (distances, indices)
+
+
+def ivf_fastscan_radius(
+    const float[:, :, ::1] list_tables,   # IN (n_tables, n_subspaces, 16)
+    const float[:, :, ::1] query_tables,  # IN (n_queries, n_subspaces, 16)
+    const float[:, ::1] coarse,           # IN (n_queries, n_probe)
+    const int64_t[:, ::1] probes,         # IN (n_queries, n_probe)
+    const int64_t[:, ::1] table_rows,     # IN (n_queries, n_probe)
+    const int64_t[::1] n_visit,           # IN (n_queries,)
+    const int64_t[::1] chunk_offsets,     # IN (n_lists + 1,)
+    const intptr_t[::1] chunk_codes,      # IN (n_chunks,) addresses of uint8 code rows, or 0
+    const intptr_t[::1] chunk_ids,        # IN (n_chunks,) addresses of int64 ids
+    const intptr_t[::1] chunk_blocks,     # IN (n_chunks,) addresses of block layouts, or 0
+    const int64_t[::1] chunk_sizes,       # IN (n_chunks,)
+    const int64_t[::1] exclude,           # IN (n_queries,)
+    float threshold,
+    const uint8_t[::1] allowed=None,      # IN (n_ids,) or None
+    int n_threads=1,
+    const int64_t[:, ::1] second_rows=None,  # IN (n_queries, n_probe) or None
+    Py_ssize_t split=0,
+    simd=True,
+    double span_fraction=0.3,
+    bint check_chunks=True,
+):
+    """``ivf_adc_radius`` over 4-bit codes, with the fast-scan filter: the same answers.
+
+    The arguments are those of ``ivf_fastscan_kneighbors`` with
+    ``threshold`` for ``k``, the answers those of ``ivf_adc_radius``
+    (``code_bytes=1``): every code of each query's probed lists whose
+    float32 table sum is strictly below ``threshold``, allowed and not
+    ``exclude[q]``, as CSR ``(offsets, distances, indices)``, each query's
+    in ascending database index.
+
+    A cell with blocks has its probe's table quantized to 8 bits for the
+    threshold (``sh_fs_quantize_probe``, as for a k-th distance; a cell
+    none of whose sums can reach it is passed over), its blocks scanned by
+    ``sh_fs_scan``, and the rows whose quantized lower bound can reach the
+    threshold re-scored with the float table from the blocks; a chunk
+    without blocks is scored with the float table from its code rows.
+    """
+    _check_ivf_arguments(list_tables, query_tables, coarse, probes, table_rows, n_visit,
+                         chunk_offsets, chunk_codes, chunk_ids, chunk_blocks, chunk_sizes,
+                         exclude, 0, allowed, n_threads, second_rows, split, check_chunks)
+    if not (0 < span_fraction <= 1):
+        raise ValueError(f"span_fraction must be in (0, 1]; got {span_fraction}.")
+    cdef Py_ssize_t n_queries = query_tables.shape[0]
+    cdef Py_ssize_t M = list_tables.shape[1]
+    cdef Py_ssize_t Mp = padded_subspaces(M)
+    cdef Py_ssize_t bb = Mp * 64
+    cdef Py_ssize_t n_probe = probes.shape[1]
+    if second_rows is None:
+        split = M
+    held = np.zeros(n_queries, dtype=np.intp)  # each query's matches (malloc'd)
+    counts = np.zeros(n_queries, dtype=np.int64)
+    if n_queries == 0:
+        return gather_matches(held, counts, False)
+
+    cdef intptr_t[::1] out_at = held
+    cdef int64_t[::1] out_count = counts
+    cdef Py_ssize_t table_size = M * 16
+    cdef Py_ssize_t split_size = split * 16
+    cdef const uint8_t* allow = &allowed[0] if allowed is not None and allowed.shape[0] else NULL
+    cdef const int64_t* second = (
+        &second_rows[0, 0] if second_rows is not None and n_probe else NULL)
+    cdef int qmax = <int> min(127, 65535 // M)
+    cdef int use_simd = sh_detect(simd)
+
+    cdef Py_ssize_t q, p, lst, ch, n_rows, r, r1, c, n_found, e, size, capacity
+    cdef int64_t j, own
+    cdef int thr
+    cdef float d
+    cdef int failed = 0
+    cdef bint ok, reach
+    cdef int* failed_flag = &failed
+    cdef int32_t* found_pos
+    cdef uint16_t* found_q
+    cdef float* dist
+    cdef float* table
+    cdef uint8_t* lut
+    cdef double* par
+    cdef float* row_lo
+    cdef Match* found
+    cdef const float* lt
+    cdef const float* lt2
+    cdef const float* qt
+    cdef const int64_t* ids
+    cdef const uint8_t* codes
+    cdef const uint8_t* blocks
+
+    with nogil, parallel(num_threads=n_threads):
+        found_pos = <int32_t*> malloc(PART_ROWS * sizeof(int32_t))
+        found_q = <uint16_t*> malloc(PART_ROWS * sizeof(uint16_t))
+        dist = <float*> malloc(PART_ROWS * sizeof(float))
+        table = <float*> malloc(table_size * sizeof(float))
+        lut = <uint8_t*> malloc(Mp * 16 * sizeof(uint8_t))
+        par = <double*> malloc(4 * sizeof(double))
+        row_lo = <float*> malloc(M * sizeof(float))
+        capacity = 256
+        found = <Match*> malloc(capacity * sizeof(Match))
+        # All threads must meet the loop (OpenMP); one without buffers skips its turns.
+        ok = not (found_pos == NULL or found_q == NULL or dist == NULL or table == NULL
+                  or lut == NULL or par == NULL or row_lo == NULL or found == NULL)
+        if not ok:
+            failed_flag[0] = 1
+        for q in prange(n_queries, schedule="dynamic"):
+            if ok and not failed_flag[0]:
+                size = 0
+                own = exclude[q]
+                qt = &query_tables[q, 0, 0]
+                for p in range(n_visit[q]):
+                    lst = probes[q, p]
+                    if chunk_offsets[lst] == chunk_offsets[lst + 1]:
+                        continue
+                    lt = &list_tables[table_rows[q, p], 0, 0]
+                    lt2 = &list_tables[second[q * n_probe + p], 0, 0] if second != NULL else lt
+                    # The float table, as ivf_adc_kneighbors builds it.
+                    for e in range(split_size):
+                        table[e] = lt[e] + qt[e]
+                    for e in range(split_size, table_size):
+                        table[e] = lt2[e] + qt[e]
+                    for e in range(16):
+                        table[e] = table[e] + coarse[q, p]
+                    # Quantized for the threshold: 1 when no sum of the cell can reach it.
+                    reach = not sh_fs_quantize_probe(use_simd, table, M, Mp, qmax, threshold,
+                                                     span_fraction, row_lo, lut, par)
+                    thr = sh_fs_threshold(threshold, par) if reach else 0
+                    for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
+                        n_rows = chunk_sizes[ch]
+                        codes = <const uint8_t*> chunk_codes[ch]
+                        ids = <const int64_t*> chunk_ids[ch]
+                        blocks = <const uint8_t*> chunk_blocks[ch]
+                        r = 0
+                        while r < n_rows:
+                            r1 = min(r + PART_ROWS, n_rows)
+                            if blocks != NULL:
+                                if thr <= 0:
+                                    break
+                                n_found = sh_fs_scan(use_simd, lut, blocks + (r // BLOCK) * bb,
+                                                     r1 - r, Mp, NULL, thr, found_pos, found_q)
+                                for c in range(n_found):
+                                    dist[c] = sh_fs_adc_block(table, blocks, Mp, M,
+                                                              r + found_pos[c])
+                            else:
+                                sh_fs_adc_rows(table, codes + r * M, r1 - r, M, dist)
+                                n_found = r1 - r
+                                for c in range(n_found):
+                                    found_pos[c] = <int32_t> c
+                            for c in range(n_found):
+                                d = dist[c]
+                                j = ids[r + found_pos[c]]
+                                if (not d < threshold or j == own
+                                        or (allow != NULL and not allow[j])):
+                                    continue
+                                if not keep_match(&found, &size, &capacity, j, d):
+                                    failed_flag[0] = 1
+                                    break
+                            r = r1
+                if not hold_matches(found, size, &out_at[q], &out_count[q]):
+                    failed_flag[0] = 1
+        free(found_pos)
+        free(found_q)
+        free(dist)
+        free(table)
+        free(lut)
+        free(par)
+        free(row_lo)
+        free(found)
+
+    return gather_matches(held, counts, failed)
