@@ -711,45 +711,24 @@ class IndexMixin:
     def _refine_ball(self, X, first, offsets, indices, radius):
         """The candidates of queries ``first, first + 1, ...`` kept within radius by the rows.
 
-        ``offsets`` and ``indices``: each query's candidates (CSR). Returns
-        the same CSR form, distances to the rows (float64), indices ascending.
+        ``offsets`` and ``indices``: each query's candidates (CSR, indices
+        ascending). Returns the same CSR form with the rows' distances
+        (float64, as :meth:`kneighbors` re-ranks), indices ascending.
         """
         step = self._rerank_step()
         n_threads = effective_n_threads(getattr(self, "n_jobs", None))
-        counts = np.diff(offsets)
-        out = []
-        begin = 0
-        while begin < len(counts):
-            # Queries re-ranked together: candidates padded to the widest, a few million cells.
-            end = begin + 1
-            width = int(counts[begin])
-            while end < len(counts) and (end - begin + 1) * max(width, counts[end]) <= 1 << 22:
-                width = max(width, int(counts[end]))
-                end += 1
-            n = end - begin
-            if X is None:
-                queries = step.decode(self._vectors.slice(first + begin, first + end))
-            else:
-                queries = X[first + begin : first + end]
-            candidates = np.full((n, width), -1, dtype=np.int64)
-            rows = np.repeat(np.arange(n), counts[begin:end])
-            columns = np.arange(rows.size) - np.repeat(offsets[begin:end] - offsets[begin],
-                                                       counts[begin:end])
-            candidates[rows, columns] = indices[offsets[begin] : offsets[end]]
-            d, i = step.rerank(np.ascontiguousarray(queries, dtype=np.float64), candidates,
-                               self._vectors, width, n_threads)
-            keep = (i >= 0) & (d <= radius)
-            for r in range(n):
-                mine = keep[r]
-                order = np.argsort(i[r, mine], kind="stable")
-                out.append((d[r, mine][order], i[r, mine][order]))
-            begin = end
-        new_offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-        new_offsets[1:] = np.cumsum([len(i) for _, i in out])
-        if not out:
-            return new_offsets, np.empty(0), np.empty(0, np.int64)
-        return (new_offsets, np.concatenate([d for d, _ in out]),
-                np.concatenate([i for _, i in out]))
+        n = len(offsets) - 1
+        if X is None:
+            queries = step.decode(self._vectors.slice(first, first + n))
+        else:
+            queries = X[first : first + n]
+        distances = step.distances(np.ascontiguousarray(queries, dtype=np.float64), offsets,
+                                   indices, self._vectors, n_threads)
+        keep = distances <= radius
+        query_of = np.repeat(np.arange(n), np.diff(offsets))
+        kept = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(query_of[keep], minlength=n), out=kept[1:])
+        return kept, distances[keep], indices[keep]
 
     def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity",
                                sort_results=False, *, allowed=None, **search_params):

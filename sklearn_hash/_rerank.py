@@ -24,7 +24,12 @@ kernel call (``rerank``) from the chunks' addresses.
 
 import numpy as np
 
-from ._kernels._refine import refine_kneighbors, refine_sq8_kneighbors
+from ._kernels._refine import (
+    refine_distances,
+    refine_kneighbors,
+    refine_sq8_distances,
+    refine_sq8_kneighbors,
+)
 
 # The quantiles bounding each feature's 8-bit range: clipping the rarest
 # 0.01% at either end makes the steps of every other value finer (recall@10
@@ -58,6 +63,12 @@ class FloatRows:
         starts, pointers = rows.addresses()
         return refine_kneighbors(queries, candidates, starts, pointers, k, n_threads=n_threads,
                                  check_inputs=False)
+
+    def distances(self, queries, offsets, candidates, rows, n_threads):
+        """Every candidate's distance (query q's: ``candidates[offsets[q]:offsets[q + 1]]``)."""
+        starts, pointers = rows.addresses()
+        return refine_distances(queries, offsets, candidates, starts, pointers,
+                                n_threads=n_threads, check_inputs=False)
 
 
 class SQ8Rows:
@@ -138,3 +149,9 @@ class SQ8Rows:
         return refine_sq8_kneighbors(queries, candidates, starts, pointers, self.scale,
                                      self.offset, self.centroids, self.with_cells, k,
                                      n_threads=n_threads, check_inputs=False)
+
+    def distances(self, queries, offsets, candidates, rows, n_threads):
+        starts, pointers = rows.addresses()
+        return refine_sq8_distances(queries, offsets, candidates, starts, pointers, self.scale,
+                                    self.offset, self.centroids, self.with_cells,
+                                    n_threads=n_threads, check_inputs=False)

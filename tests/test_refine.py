@@ -122,6 +122,53 @@ def test_refine_kernel_matches_numpy_over_chunks_threads_and_ties():
         refine_kneighbors(Q, cand, starts, pointers, 41)
 
 
+
+def test_every_candidates_distance_equals_the_re_ranking_kernels():
+    # refine_distances / refine_sq8_distances (range search with refine_factor) score
+    # every candidate of a ragged list per query: the numbers the top-k kernels rank by
+    from sklearn_hash._kernels._refine import (
+        refine_distances,
+        refine_kneighbors,
+        refine_sq8_distances,
+        refine_sq8_kneighbors,
+    )
+
+    rng = np.random.default_rng(3)
+    n, d = 300, 7
+    V = rng.standard_normal((n, d)).astype(np.float32)
+    codes = rng.integers(0, 256, (n, d)).astype(np.uint8)
+    cells = rng.integers(0, 4, n).astype(np.int32)
+    scale, offset = rng.random(d) + 0.1, rng.standard_normal(d)
+    C = rng.standard_normal((4, d))
+    sq8 = np.hstack([codes, cells[:, None].view(np.uint8)])
+    starts = np.array([0, 100, 100, n], dtype=np.int64)
+    Q = rng.standard_normal((6, d))
+    counts = np.array([0, 1, 9, 0, 40, 17])  # empty queries, odd group sizes
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    cand = np.concatenate([np.sort(rng.permutation(n)[:c]) for c in counts]).astype(np.int64)
+    for rows, score, top_k, extra in (
+            (V, refine_distances, refine_kneighbors, ()),
+            (sq8, refine_sq8_distances, refine_sq8_kneighbors, (scale, offset, C, True))):
+        chunks = [np.ascontiguousarray(rows[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+        pointers = np.array([c.ctypes.data for c in chunks], dtype=np.intp)
+        decoded = V if rows is V else scale * codes + offset + C[cells]
+        for n_threads in (1, 2):
+            got = score(Q, offsets, cand, starts, pointers, *extra, n_threads=n_threads)
+            assert got.shape == cand.shape and got.dtype == np.float64
+            for q in range(len(Q)):
+                mine = cand[offsets[q] : offsets[q + 1]]
+                exact = np.sqrt(((decoded[mine].astype(np.float64) - Q[q]) ** 2).sum(1))
+                np.testing.assert_allclose(got[offsets[q] : offsets[q + 1]], exact, rtol=1e-13)
+                if len(mine):  # bit for bit what the top-k kernel returns for them
+                    dist, ind = top_k(Q[q : q + 1], mine[None], starts, pointers, *extra,
+                                      len(mine))
+                    np.testing.assert_array_equal(got[offsets[q] : offsets[q + 1]][
+                        np.searchsorted(mine, ind[0])], dist[0])
+        with pytest.raises(ValueError, match="offsets must rise from 0"):
+            score(Q, offsets[:-1], cand, starts, pointers, *extra)
+        with pytest.raises(ValueError, match="candidates must be database indices"):
+            score(Q, offsets, np.where(cand == cand[3], -1, cand), starts, pointers, *extra)
+
 # --------------------------------------------------------------- 8-bit rows (sq8)
 def sq8_oracle_rows(fitted, X):
     """The decoded vectors, from the public attributes alone (numpy)."""

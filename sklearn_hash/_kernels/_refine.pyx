@@ -13,7 +13,7 @@ are returned by (distance, index).
 """
 
 from cython.parallel cimport parallel, prange
-from libc.math cimport sqrt
+from libc.math cimport NAN, sqrt
 from libc.stdlib cimport free, malloc
 
 
@@ -113,12 +113,16 @@ cdef Py_ssize_t _rerank_query(
     const double** cents,       # scratch (GROUP,)
     int64_t* ids,               # scratch (GROUP,)
     double* acc,                # scratch (GROUP,)
+    int64_t* slot,              # scratch (GROUP,)
     int* bad_cell,              # OUT set to 1 on a cell outside the centroids
+    double* all_out,            # OUT (n_cand,) every candidate's distance, or NULL
 ) noexcept nogil:
     """One query's candidates scored and the k best kept; the number kept.
 
     GROUP candidates at a time: their rows fetched together and their sums
     accumulated side by side, each in feature order (double precision).
+    With ``all_out``, every candidate's distance is written there instead,
+    in candidate order (k unused; a -1 candidate gets NaN).
     """
     cdef Py_ssize_t size = 0, c = 0, nb, b, j, ch
     cdef Py_ssize_t n_features = fmt.n_features
@@ -138,6 +142,8 @@ cdef Py_ssize_t _rerank_query(
                 _prefetch_row(fmt, cand[c + GROUP], st, ptrs, n_chunks)
             c = c + 1
             if idx < 0:
+                if all_out != NULL:
+                    all_out[c - 1] = NAN
                 continue
             ch = _chunk_of(st, n_chunks, idx)
             rows[nb] = (<const uint8_t*> ptrs[ch]) + (idx - st[ch]) * fmt.row_bytes
@@ -150,6 +156,7 @@ cdef Py_ssize_t _rerank_query(
                         cell = 0
                 cents[nb] = fmt.centroids + cell * n_features
             ids[nb] = idx
+            slot[nb] = c - 1
             nb = nb + 1
         for b in range(nb):
             acc[b] = 0.0
@@ -163,6 +170,10 @@ cdef Py_ssize_t _rerank_query(
                 for b in range(nb):
                     diff = (fmt.scale[j] * rows[b][j] + fmt.offset[j]) + cents[b][j] - query[j]
                     acc[b] = acc[b] + diff * diff
+        if all_out != NULL:
+            for b in range(nb):
+                all_out[slot[b]] = sqrt(acc[b])
+            continue
         for b in range(nb):
             size = _insert(hd, hi, size, k, acc[b], ids[b])
     for c in range(size):
@@ -172,21 +183,33 @@ cdef Py_ssize_t _rerank_query(
 
 cdef _rerank(RowFormat fmt, const double[:, ::1] queries, const int64_t[:, ::1] candidates,
              const int64_t[::1] chunk_starts, const intptr_t[::1] chunk_ptrs, Py_ssize_t k,
-             int n_threads):
-    """Both kernels' search over checked inputs: (distances, indices)."""
+             int n_threads, const int64_t[::1] offsets=None):
+    """Both kernels' search over checked inputs: (distances, indices).
+
+    With ``offsets``: every distance of the candidates ``candidates[0,
+    offsets[q]:offsets[q + 1]]`` of each query q instead, flat (float64).
+    """
     cdef Py_ssize_t n_queries = queries.shape[0]
     cdef Py_ssize_t n_cand = candidates.shape[1]
     cdef Py_ssize_t n_chunks = chunk_ptrs.shape[0]
-    distances = np.full((n_queries, k), np.inf)
-    indices = np.full((n_queries, k), -1, dtype=np.int64)
-    if n_queries == 0 or k == 0:
+    cdef bint every = offsets is not None
+    if every:
+        distances = np.empty(n_cand, dtype=np.float64)
+        indices = np.empty((0, 0), dtype=np.int64)
+        k = 0
+    else:
+        distances = np.full((n_queries, k), np.inf)
+        indices = np.full((n_queries, k), -1, dtype=np.int64)
+    if n_queries == 0 or (k == 0 and not every) or (every and n_cand == 0):
         return distances, indices
-    cdef double[:, ::1] out_d = distances
-    cdef int64_t[:, ::1] out_i = indices
+    cdef double[:, ::1] out_d = distances if not every else np.empty((1, 1))
+    cdef int64_t[:, ::1] out_i = indices if not every else np.empty((1, 1), dtype=np.int64)
+    cdef double[::1] out_all = distances if every else np.empty(1)
     cdef Py_ssize_t q
     cdef const uint8_t** rows
     cdef const double** cents
     cdef int64_t* ids
+    cdef int64_t* slot
     cdef double* acc
     cdef int failed = 0
     cdef bint ok  # per thread: its buffers were allocated
@@ -200,19 +223,30 @@ cdef _rerank(RowFormat fmt, const double[:, ::1] queries, const int64_t[:, ::1] 
         cents = <const double**> malloc(GROUP * sizeof(double*))
         ids = <int64_t*> malloc(GROUP * sizeof(int64_t))
         acc = <double*> malloc(GROUP * sizeof(double))
+        slot = <int64_t*> malloc(GROUP * sizeof(int64_t))
         # All threads must meet the loop (OpenMP); one without buffers skips its turns.
-        ok = not (rows == NULL or cents == NULL or ids == NULL or acc == NULL)
+        ok = not (rows == NULL or cents == NULL or ids == NULL or acc == NULL or slot == NULL)
         if not ok:
             failed_flag[0] = 1
-        for q in prange(n_queries, schedule="static"):
-            if ok:
-                _rerank_query(&fmt, &queries[q, 0], &candidates[q, 0], n_cand,
-                              &chunk_starts[0], &chunk_ptrs[0], n_chunks, k,
-                              &out_d[q, 0], &out_i[q, 0], rows, cents, ids, acc, bad_flag)
+        if every:  # any number of candidates per query: threads take queries as they go
+            for q in prange(n_queries, schedule="dynamic"):
+                if ok and offsets[q + 1] > offsets[q]:
+                    _rerank_query(&fmt, &queries[q, 0], &candidates[0, offsets[q]],
+                                  offsets[q + 1] - offsets[q], &chunk_starts[0],
+                                  &chunk_ptrs[0], n_chunks, 0, NULL, NULL, rows, cents, ids,
+                                  acc, slot, bad_flag, &out_all[offsets[q]])
+        else:
+            for q in prange(n_queries, schedule="static"):
+                if ok:
+                    _rerank_query(&fmt, &queries[q, 0], &candidates[q, 0], n_cand,
+                                  &chunk_starts[0], &chunk_ptrs[0], n_chunks, k,
+                                  &out_d[q, 0], &out_i[q, 0], rows, cents, ids, acc, slot,
+                                  bad_flag, NULL)
         free(rows)
         free(cents)
         free(ids)
         free(acc)
+        free(slot)
     if failed:
         raise MemoryError("could not allocate the re-ranking buffers.")
     if bad_cell:
@@ -369,3 +403,67 @@ def refine_sq8_kneighbors(
     fmt.n_cells = centroids.shape[0]
     fmt.with_cells = with_cells
     return _rerank(fmt, queries, candidates, chunk_starts, chunk_ptrs, k, n_threads)
+
+
+def _check_pairs(queries, offsets, candidates):
+    """The CSR candidates of ``refine_distances`` as the kernel reads them: (offsets, (1, n))."""
+    offsets = np.asarray(offsets)
+    candidates = np.asarray(candidates)
+    if (offsets.ndim != 1 or offsets.shape[0] != queries.shape[0] + 1 or candidates.ndim != 1
+            or offsets[0] != 0 or offsets[-1] != candidates.shape[0]
+            or np.any(np.diff(offsets) < 0)):
+        raise ValueError("offsets must rise from 0 to len(candidates), one more entry than "
+                         "queries, and candidates be 1-D.")
+    return (np.ascontiguousarray(offsets, dtype=np.int64),
+            np.ascontiguousarray(candidates, dtype=np.int64)[None])
+
+
+def refine_distances(queries, offsets, candidates, chunk_starts, chunk_ptrs, int n_threads=1,
+                     bint check_inputs=True):
+    """Every candidate's exact L2 distance (float32 rows), as ``refine_kneighbors`` scores it.
+
+    Query q's candidates are ``candidates[offsets[q]:offsets[q + 1]]``
+    (database indices, each once per query, no -1); their distances come
+    back flat in the same order (float64, the same numbers
+    ``refine_kneighbors`` returns for them).
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float64)
+    offsets, flat = _check_pairs(queries, offsets, candidates)
+    _check_inputs(1, flat, chunk_starts, chunk_ptrs, 0, n_threads, check_inputs)
+    if check_inputs and flat.size and flat.min() < 0:
+        raise ValueError("candidates must be database indices, not -1.")
+    cdef RowFormat fmt
+    fmt.kind = FLOAT32
+    fmt.n_features = queries.shape[1]
+    fmt.row_bytes = 4 * fmt.n_features
+    fmt.scale = fmt.offset = fmt.centroids = NULL
+    fmt.n_cells = 0
+    fmt.with_cells = False
+    return _rerank(fmt, queries, flat, chunk_starts, chunk_ptrs, 0, n_threads, offsets)[0]
+
+
+def refine_sq8_distances(queries, offsets, candidates, chunk_starts, chunk_ptrs,
+                         const double[::1] scale, const double[::1] offset,
+                         const double[:, ::1] centroids, bint with_cells, int n_threads=1,
+                         bint check_inputs=True):
+    """``refine_distances`` for 8-bit rows (decoded as ``refine_sq8_kneighbors`` reads them)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float64)
+    cdef Py_ssize_t n_features = queries.shape[1]
+    offsets, flat = _check_pairs(queries, offsets, candidates)
+    _check_inputs(1, flat, chunk_starts, chunk_ptrs, 0, n_threads, check_inputs)
+    if check_inputs and flat.size and flat.min() < 0:
+        raise ValueError("candidates must be database indices, not -1.")
+    if scale.shape[0] != n_features or offset.shape[0] != n_features:
+        raise ValueError("scale and offset need one value per feature.")
+    if centroids.shape[0] < 1 or centroids.shape[1] != n_features:
+        raise ValueError("centroids must be (n_cells >= 1, n_features).")
+    cdef RowFormat fmt
+    fmt.kind = SQ8
+    fmt.n_features = n_features
+    fmt.row_bytes = n_features + (4 if with_cells else 0)
+    fmt.scale = &scale[0] if n_features else NULL
+    fmt.offset = &offset[0] if n_features else NULL
+    fmt.centroids = &centroids[0, 0] if n_features else NULL
+    fmt.n_cells = centroids.shape[0]
+    fmt.with_cells = with_cells
+    return _rerank(fmt, queries, flat, chunk_starts, chunk_ptrs, 0, n_threads, offsets)[0]
