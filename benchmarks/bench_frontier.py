@@ -27,7 +27,8 @@ exhaustive ADC recall of PQ vs OPQ (ours) vs faiss OPQ+PQ at 64 and 128
 bits.
 
     python benchmarks/bench_frontier.py [--n 1000000] [--threads 2] [--skip-hnsw]
-        [--parts ivf8 ivf4 flat4 faiss-hnsw faiss-ivf hnswlib opq mmap held storage nested]
+        [--parts ivf8 ivf4 flat4 faiss-hnsw faiss-ivf hnswlib opq mmap held storage nested
+                 range]
         [--cache FILE.npz] [--query-seed SEED]
         [--only TEXT ...]
 
@@ -39,6 +40,9 @@ and sq8 re-ranking rows), loads it memory-mapped in a fresh process and
 reports its resident memory (anonymous and file-backed) after searching.
 ``held`` counts with tracemalloc every array the fitted index holds in
 memory (without re-ranking rows, with sq8 and with float32 rows).
+``range`` runs range searches (``radius_neighbors`` of the IVF1024 + PQ 64x4
+index, without and with re-ranking) beside faiss's IVF-PQ ``range_search``
+(with and without ``IndexRefineFlat``), scored against the exact balls.
 ``storage`` re-ranks the same candidates by rows of fewer bytes (the two
 built storages and others computed with numpy) to show what recall each
 row size can reach. ``nested`` simulates an index not built yet (scalar
@@ -544,13 +548,81 @@ def nested_part(X, Q, truth, threads):
               f"{t_built * 1e3:.1f} ms | {differ} of {len(Q)} |", flush=True)
 
 
+def exact_balls(X, Q, radius):
+    """Each query's items within radius, exactly (float32 products, float64 near the edge)."""
+    norms = np.einsum("ij,ij->i", X, X)
+    balls = []
+    for start in range(0, len(Q), 100):
+        q = Q[start : start + 100]
+        d2 = norms[None] - 2 * (q @ X.T) + np.einsum("ij,ij->i", q, q)[:, None]
+        for row, qi in zip(d2, q):
+            near = np.flatnonzero(row <= (radius * 1.01) ** 2 + 1e-3)
+            exact = ((X[near].astype(np.float64) - qi) ** 2).sum(axis=1)
+            balls.append(near[exact <= radius**2])
+    return balls
+
+
+def range_part(X, Q, truth, threads, faiss):
+    """Range search: ours (IVF, fast-scan codes, re-ranked or not) and faiss's IVF-PQ.
+
+    The radius is the median over the queries of the exact 10th neighbour's
+    distance, so half the queries have at least 10 items in the ball. A
+    library is scored by the fraction of the exact balls' items it returns
+    (recall) and of its items that are in them (precision).
+    """
+    d10 = np.sqrt(((X[truth[:, -1]].astype(np.float64) - Q) ** 2).sum(axis=1))
+    radius = float(np.median(d10))
+    balls = exact_balls(X, Q, radius)
+    sizes = np.array([len(b) for b in balls])
+    print(f"\n## Range search, radius {radius:.3f} (the median 10th-neighbour distance; exact "
+          f"balls of {sizes.mean():.1f} items on average, median {np.median(sizes):.0f}, "
+          f"{(sizes == 0).sum()} empty)\n")
+    print("| library | configuration | q/s | recall of the balls | precision |")
+    print("|---|---|---|---|---|")
+
+    def report(library, config, t, found):
+        hits = sum(np.intersect1d(f, b, assume_unique=True).size for f, b in zip(found, balls))
+        returned = sum(len(f) for f in found)
+        print(f"| {library} | {config} | {len(Q) / t:,.0f} | {hits / sizes.sum():.3f} | "
+              f"{hits / max(returned, 1):.3f} |", flush=True)
+
+    ivf = fast_scan_ivf(threads, "float32").fit(X)
+    ivf.set_params(refine_factor=None)  # the rows are kept; refine per call below
+    for n_probe in (8, 16, 32):
+        for refine in (None, 1, 2, 4):
+            found, t = timed_best(lambda p=n_probe, r=refine: ivf.radius_neighbors(
+                Q, radius=radius, n_probe=p, refine_factor=r, return_distance=False))
+            report("sklearn_hash", f"IVF1024 PQ 64x4 fast-scan, n_probe {n_probe}, refine "
+                   f"{refine or '-'}", t, found)
+    ivf = None
+    base = faiss.index_factory(128, "IVF1024,PQ32x8")  # the same 256 bits per code
+    base.train(X[:100_000])
+    refined = faiss.IndexRefineFlat(base)
+    refined.add(X)
+    for n_probe in (8, 16, 32):
+        faiss.extract_index_ivf(base).nprobe = n_probe
+        for index, name in ((base, ""), (refined, " + refine")):
+            for k_factor in ((1, 2, 4) if index is refined else (None,)):
+                if k_factor is not None:
+                    refined.k_factor = k_factor
+                try:
+                    (lims, _, ids), t = timed_best(lambda i=index: i.range_search(Q, radius**2))
+                except RuntimeError as exc:  # range search not built for this index
+                    print(f"| faiss | IVF1024,PQ32x8{name}: {str(exc).splitlines()[0][:80]} "
+                          f"| | | |")
+                    break
+                found = [np.sort(ids[lims[q] : lims[q + 1]]) for q in range(len(Q))]
+                report("faiss", f"IVF1024,PQ32x8{name}, nprobe {n_probe}"
+                       + (f", k_factor {k_factor}" if k_factor else ""), t, found)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-hnsw", action="store_true")
     parts = ["ivf8", "ivf4", "flat4", "faiss-hnsw", "faiss-ivf", "hnswlib", "opq", "mmap",
-             "held", "storage", "nested"]
+             "held", "storage", "nested", "range"]
     parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
@@ -717,6 +789,8 @@ def main():
         storage_part(X, Q, truth, args.threads)
     if "nested" in args.parts:
         nested_part(X, Q, truth, args.threads)
+    if "range" in args.parts:
+        range_part(X, Q, truth, args.threads, faiss)
 
     print("\n## Best q/s reaching each recall@10\n")
     print("| library | recall >= 0.90 | recall >= 0.95 | recall >= 0.99 |")
