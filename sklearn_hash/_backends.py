@@ -989,7 +989,29 @@ class FastScan(_FlatScan):
             simd=self.simd, exclude=exclude, allowed=allowed, check_codes=False,
         )
 
-    # Ranges are searched as TableScan searches them (_FlatScan.radius), by
-    # the float tables over the rows (exact; a radius gives no k-th distance
-    # to scale a filter by).
-    _radius_kernel = TableScan._radius_kernel
+    def radius(self, queries, threshold, *, allowed=None, exclude=None, n_threads=1):
+        """Every item whose table sum is below ``threshold`` (CSR, indices ascending).
+
+        The chunks are searched as one inverted list by ``ivf_fastscan_radius``
+        (a zero list table, the query's table as its query term): the blocks
+        are filtered by fast-scan with 8-bit tables quantized for the
+        threshold and what passes is re-scored with the float table, so the
+        answers are those of :class:`TableScan`'s float scan.
+        """
+        tables = np.ascontiguousarray(queries, dtype=np.float32)
+        n_queries = len(tables)
+        chunks, blocks = self.codes.chunks(), self._block_chunks()
+        starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+        ids = [np.arange(a, b, dtype=np.int64) for a, b in zip(starts[:-1], starts[1:])]
+        zeros = np.zeros((n_queries, 1), dtype=np.int64)
+        return ivf_fastscan_radius(
+            np.zeros((1, *tables.shape[1:]), dtype=np.float32), tables,
+            np.zeros((n_queries, 1), dtype=np.float32), zeros, zeros,
+            np.ones(n_queries, dtype=np.int64), np.array([0, len(chunks)], dtype=np.int64),
+            np.array([c.ctypes.data for c in chunks], dtype=np.intp),
+            np.array([i.ctypes.data for i in ids], dtype=np.intp),
+            np.array([b.ctypes.data for b in blocks], dtype=np.intp),
+            np.diff(starts),
+            np.full(n_queries, -1, dtype=np.int64) if exclude is None else exclude,
+            threshold, allowed=allowed, n_threads=n_threads, simd=self.simd,
+        )

@@ -141,3 +141,33 @@ def test_radius_beyond_every_distance_returns_every_item(searcher, data):
         for d, i in zip(distances, indices):
             assert len(i) == len(X_db)
             np.testing.assert_array_equal(np.sort(i), np.arange(len(X_db)))
+
+
+def test_fast_scan_range_search_equals_the_float_scan(data, tmp_path):
+    # 4-bit codes: the exhaustive range search filters the blocks by fast-scan
+    # (ivf_fastscan_radius over the chunks as one list); the answers are TableScan's
+    from sklearn_hash._backends import FastScan, TableScan
+
+    X_db, _, X_q, _ = data
+    fitted = QuantizedNeighbors(ProductQuantizer(n_bits=64, subspace_bits=4,
+                                                 random_state=0)).fit(X_db[:700])
+    if not isinstance(fitted._index, FastScan):
+        pytest.skip("no byte shuffles: 4-bit codes are searched by TableScan")
+    fitted.save(tmp_path / "index")
+    fitted = QuantizedNeighbors.load(tmp_path / "index")  # a sealed, memory-mapped chunk
+    fitted.add(X_db[700:1000])                             # and a tail
+    assert len(fitted._index.codes.chunks()) == 2
+    floats = TableScan(16, 16)
+    floats.add(fitted.codes_)
+    tables = fitted._encode_queries(X_q[:40])
+    rng = np.random.default_rng(0)
+    allowed = (rng.random(1000) < 0.7).astype(np.uint8)
+    exclude = rng.integers(-1, 1000, 40).astype(np.int64)
+    full = floats.search(tables, 1000)[0]
+    for threshold in (float(np.median(full[:, 20])), float(full[0, 3]), 0.0, np.inf):
+        for kwargs in ({}, {"allowed": allowed, "exclude": exclude}):
+            for n_threads in (1, 2):
+                got = fitted._index.radius(tables, threshold, n_threads=n_threads, **kwargs)
+                expected = floats.radius(tables, threshold, **kwargs)
+                for a, b in zip(got, expected):
+                    np.testing.assert_array_equal(a, b)
