@@ -165,7 +165,7 @@ class IndexMixin:
             self._labels_dtype(y)  # refused here, before anything is appended
         # Refused here too rather than by the encoding of a later chunk, once earlier
         # chunks are in: an add refused for its input changes nothing (IVF also checks
-        # the residuals). A failure while appending (out of memory) is not rolled back.
+        # the residuals). A failure while appending is undone (_append_or_nothing).
         check_magnitude(X)
         return X, y
 
@@ -236,7 +236,13 @@ class IndexMixin:
             The fitted or grown index.
         """
         if not hasattr(self, "_index"):
-            return self.fit(X, y)
+            unfitted = dict(self.__dict__)
+            try:
+                return self.fit(X, y)
+            except BaseException:  # all or nothing, as add: the next call fits again
+                self.__dict__.clear()
+                self.__dict__.update(unfitted)
+                raise
         return self.add(X, y)
 
     # ----------------------------------------------------------------- removal

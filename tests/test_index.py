@@ -742,3 +742,34 @@ def test_an_interrupted_add_changes_nothing(name, where, data, monkeypatch):
     np.testing.assert_array_equal(search.codes_, fresh.codes_)
     if search._vectors is not None:
         np.testing.assert_array_equal(search._vectors.to_array(), fresh._vectors.to_array())
+
+
+@pytest.mark.parametrize("name", ["tables", "ivf fast-scan"])
+def test_an_interrupted_first_partial_fit_leaves_the_searcher_unfitted(name, data,
+                                                                        monkeypatch):
+    # the first partial_fit fits: interrupted while indexing, it left a half-built index
+    # that the next partial_fit took for a fitted one and added to, numbering its items
+    # after the leftover codes
+    monkeypatch.setattr(_index, "ENCODE_CHUNK", 64)
+    X_db, _, X_q, _ = data
+    search = clone(INTERRUPTED[name])
+    calls = {"n": 0}
+    original = type(search)._index_items
+
+    def failing(self, X):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, X)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(search), "_index_items", failing)
+        with pytest.raises(KeyboardInterrupt):
+            search.partial_fit(X_db[:400])
+    assert not hasattr(search, "_index") and not hasattr(search, "n_samples_fit_")
+    search.partial_fit(X_db[:400])  # fits again, from nothing
+    expected = clone(INTERRUPTED[name]).fit(X_db[:400])
+    assert search.n_samples_fit_ == 400 and len(search._index) == 400
+    got, want = (s.kneighbors(X_q[:20], n_neighbors=5) for s in (search, expected))
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])

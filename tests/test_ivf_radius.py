@@ -16,11 +16,17 @@ memory-mapped; ``refine_factor`` on both searchers (candidates widened to
 graph; and bad input.
 """
 
+import itertools
+
 import numpy as np
 import pytest
 from sklearn.base import clone
 from sklearn_hash._kernels._adc import ivf_adc_radius
-from sklearn_hash._kernels._fastscan import ivf_fastscan_radius, pack_cell_blocks, simd_path
+from sklearn_hash._kernels._fastscan import (
+    ivf_fastscan_radius,
+    pack_cell_blocks,
+    simd_path,
+)
 
 from sklearn_hash import (
     ITQ,
@@ -29,7 +35,6 @@ from sklearn_hash import (
     ProductQuantizer,
     QuantizedNeighbors,
 )
-
 
 # ------------------------------------------------------------------------ kernel
 
@@ -40,7 +45,7 @@ def chunked(offsets, codes, ids, cuts, blocks_from, rows=False):
     chunk_offsets, codes_at, ids_at, blocks_at, sizes, keep = [0], [], [], [], [], []
     for lst in range(len(offsets) - 1):
         bounds = np.linspace(offsets[lst], offsets[lst + 1], cuts + 1).astype(np.int64)
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             c, i = np.ascontiguousarray(codes[lo:hi]), np.ascontiguousarray(ids[lo:hi])
             in_blocks = blocks_from is not None and hi - lo >= blocks_from
             blocks = pack_cell_blocks(c, np.array([0, hi - lo], np.int64))[0] if in_blocks \
@@ -238,6 +243,7 @@ def test_radius_search_is_the_probed_cells_within_radius(name, digits):
     for q in range(len(Q)):
         order = np.lexsort((ind[q], dist[q]))
         np.testing.assert_array_equal(si[q], ind[q][order])
+        np.testing.assert_array_equal(sd[q], dist[q][order])
     # the constructor's radius and n_probe
     fitted.set_params(radius=float(d[0, 7]), n_probe=1)
     np.testing.assert_array_equal(
@@ -285,7 +291,7 @@ def test_radius_search_of_the_multi_index_and_of_the_database(digits):
         np.testing.assert_array_equal(dist[q], [mine[j] for j in ind[q]])
     # every item queries the others, never itself
     small = clone(SEARCHERS["pq8"]).fit(X_db[:300])
-    kd, ki = small.kneighbors(n_neighbors=5)
+    kd = small.kneighbors(n_neighbors=5)[0]
     ind = small.radius_neighbors(radius=float(np.median(kd[:, -1])), return_distance=False)
     for q in range(300):
         assert q not in ind[q]

@@ -1,5 +1,7 @@
 """Exact re-ranking (refine_factor): candidates from the codes, order from the vectors."""
 
+import itertools
+
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -149,7 +151,7 @@ def test_every_candidates_distance_equals_the_re_ranking_kernels():
     for rows, score, top_k, extra in (
             (V, refine_distances, refine_kneighbors, ()),
             (sq8, refine_sq8_distances, refine_sq8_kneighbors, (scale, offset, C, True))):
-        chunks = [np.ascontiguousarray(rows[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+        chunks = [np.ascontiguousarray(rows[a:b]) for a, b in itertools.pairwise(starts)]
         pointers = np.array([c.ctypes.data for c in chunks], dtype=np.intp)
         decoded = V if rows is V else scale * codes + offset + C[cells]
         for n_threads in (1, 2):

@@ -613,8 +613,10 @@ def ivf_adc_kneighbors(
         raise MemoryError("could not allocate the ADC search buffers.")
     return distances, indices
 
-def gather_matches(intptr_t[::1] held, int64_t[::1] counts, bint failed):
+def _gather_matches(intptr_t[::1] held, int64_t[::1] counts, bint failed):
     """The CSR arrays of the matches each query's buffer holds (see ``_matches.pxd``).
+
+    Private to the range kernels: it frees the addresses it is given.
 
     ``held[q]``: the address of query q's ``counts[q]`` matches (0: none).
     Every buffer is freed, whatever happens; ``failed`` (a kernel ran out
@@ -706,7 +708,7 @@ def ivf_adc_radius(
     held = np.zeros(n_queries, dtype=np.intp)  # each query's matches (malloc'd)
     counts = np.zeros(n_queries, dtype=np.int64)
     if n_queries == 0 or n_subspaces == 0:
-        return gather_matches(held, counts, False)
+        return _gather_matches(held, counts, False)
 
     cdef Py_ssize_t row_bytes = n_subspaces * code_bytes
     cdef Py_ssize_t db_block = max(64, DB_BLOCK_BYTES // row_bytes)
@@ -762,7 +764,7 @@ def ivf_adc_radius(
                         n_rows = chunk_sizes[ch]
                         ids = <const int64_t*> chunk_ids[ch]
                         j0 = 0
-                        while j0 < n_rows:
+                        while j0 < n_rows and not failed_flag[0]:
                             j1 = min(j0 + db_block, n_rows)
                             if code_bytes == 1:
                                 n_found = _scan(table, <const uint8_t*> chunk_codes[ch]
@@ -787,7 +789,7 @@ def ivf_adc_radius(
         free(table)
         free(found)
 
-    return gather_matches(held, counts, failed)
+    return _gather_matches(held, counts, failed)
 
 
 def adc_radius(

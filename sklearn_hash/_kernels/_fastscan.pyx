@@ -49,7 +49,7 @@ from libc.stdlib cimport free, malloc
 
 import numpy as np
 
-from ._adc import check_ivf_arguments, gather_matches
+from ._adc import check_ivf_arguments, _gather_matches
 from ._matches cimport Match, hold_matches, keep_match
 
 from ._simd import max_simd_level
@@ -1038,7 +1038,7 @@ def ivf_fastscan_radius(
     held = np.zeros(n_queries, dtype=np.intp)  # each query's matches (malloc'd)
     counts = np.zeros(n_queries, dtype=np.int64)
     if n_queries == 0:
-        return gather_matches(held, counts, False)
+        return _gather_matches(held, counts, False)
 
     cdef intptr_t[::1] out_at = held
     cdef int64_t[::1] out_count = counts
@@ -1115,7 +1115,7 @@ def ivf_fastscan_radius(
                         ids = <const int64_t*> chunk_ids[ch]
                         blocks = <const uint8_t*> chunk_blocks[ch]
                         r = 0
-                        while r < n_rows:
+                        while r < n_rows and not failed_flag[0]:
                             r1 = min(r + PART_ROWS, n_rows)
                             if blocks != NULL:
                                 if thr <= 0:
@@ -1151,4 +1151,4 @@ def ivf_fastscan_radius(
         free(row_lo)
         free(found)
 
-    return gather_matches(held, counts, failed)
+    return _gather_matches(held, counts, failed)

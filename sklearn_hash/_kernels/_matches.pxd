@@ -1,7 +1,7 @@
 # The matches of a range search, gathered per query by the IVF range kernels
 # (``_adc.ivf_adc_radius``, ``_fastscan.ivf_fastscan_radius``): each thread
 # appends a query's (index, distance) pairs to a buffer that grows, then keeps
-# a copy sorted by index (``hold_matches``); ``_adc.gather_matches`` joins the
+# a copy sorted by index (``hold_matches``); ``_adc._gather_matches`` joins the
 # copies into the CSR arrays the kernels return, and frees them.
 
 from libc.stdint cimport int64_t, intptr_t
