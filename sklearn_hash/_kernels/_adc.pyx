@@ -17,6 +17,7 @@ from libc.math cimport INFINITY, nextafterf
 from libc.stdint cimport int32_t, int64_t, intptr_t, uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
 
+from ._ivf_tables cimport probe_table
 from ._matches cimport Match, hold_matches, keep_match
 
 import numpy as np
@@ -513,7 +514,7 @@ def ivf_adc_kneighbors(
     cdef Py_ssize_t split_size = split * n_codewords
     cdef const uint8_t* allow = &allowed[0] if allowed is not None and allowed.shape[0] else NULL
 
-    cdef Py_ssize_t q, p, lst, ch, n_rows, j0, j1, c, n_found, size, e, list_size
+    cdef Py_ssize_t q, p, lst, ch, n_rows, j0, j1, c, n_found, size, list_size
     cdef int64_t j
     cdef float d, threshold, base
     cdef int failed = 0
@@ -573,12 +574,7 @@ def ivf_adc_kneighbors(
                                                     n_codewords, base)
                                 _offer(hd, hi, &size, k, d, j)
                         continue
-                    for e in range(split_size):
-                        table[e] = lt[e] + qt[e]
-                    for e in range(split_size, table_size):
-                        table[e] = lt2[e] + qt[e]
-                    for e in range(n_codewords):
-                        table[e] = table[e] + base
+                    probe_table(table, lt, lt2, qt, split_size, table_size, n_codewords, base)
                     for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
                         n_rows = chunk_sizes[ch]
                         codes_at = chunk_codes[ch]
@@ -720,7 +716,7 @@ def ivf_adc_radius(
     cdef intptr_t[::1] out_at = held
     cdef int64_t[::1] out_count = counts
 
-    cdef Py_ssize_t q, p, lst, ch, n_rows, j0, j1, c, n_found, e, size, capacity
+    cdef Py_ssize_t q, p, lst, ch, n_rows, j0, j1, c, n_found, size, capacity
     cdef int64_t j
     cdef int failed = 0
     cdef bint ok
@@ -754,12 +750,8 @@ def ivf_adc_radius(
                         continue
                     lt = &list_tables[table_rows[q, p], 0, 0]
                     lt2 = &list_tables[second[q * n_probe + p], 0, 0] if second != NULL else lt
-                    for e in range(split_size):
-                        table[e] = lt[e] + qt[e]
-                    for e in range(split_size, table_size):
-                        table[e] = lt2[e] + qt[e]
-                    for e in range(n_codewords):
-                        table[e] = table[e] + coarse[q, p]
+                    probe_table(table, lt, lt2, qt, split_size, table_size, n_codewords,
+                                coarse[q, p])
                     for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
                         n_rows = chunk_sizes[ch]
                         ids = <const int64_t*> chunk_ids[ch]

@@ -50,6 +50,7 @@ from libc.stdlib cimport free, malloc
 import numpy as np
 
 from ._adc import check_ivf_arguments, _gather_matches
+from ._ivf_tables cimport probe_table
 from ._matches cimport Match, hold_matches, keep_match
 
 from ._simd import max_simd_level
@@ -851,7 +852,7 @@ def ivf_fastscan_kneighbors(
     cdef int qmax = <int> min(127, 65535 // M)
     cdef int use_simd = sh_detect(simd)
 
-    cdef Py_ssize_t q, p, lst, ch, n_rows, r, r1, c, n_found, size, e, done
+    cdef Py_ssize_t q, p, lst, ch, n_rows, r, r1, c, n_found, size, done
     cdef int64_t j, own
     cdef int thr
     cdef bint quantized
@@ -903,12 +904,7 @@ def ivf_fastscan_kneighbors(
                         _prefetch_floats(&list_tables[table_rows[q, p + 1], 0, 0], table_size)
                     base = coarse[q, p]
                     # The float table, as ivf_adc_kneighbors builds it.
-                    for e in range(split_size):
-                        table[e] = lt[e] + qt[e]
-                    for e in range(split_size, table_size):
-                        table[e] = lt2[e] + qt[e]
-                    for e in range(16):
-                        table[e] = table[e] + base
+                    probe_table(table, lt, lt2, qt, split_size, table_size, 16, base)
                     quantized = False
                     if size == k:
                         for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
@@ -1050,7 +1046,7 @@ def ivf_fastscan_radius(
     cdef int qmax = <int> min(127, 65535 // M)
     cdef int use_simd = sh_detect(simd)
 
-    cdef Py_ssize_t q, p, lst, ch, n_rows, r, r1, c, n_found, e, size, capacity
+    cdef Py_ssize_t q, p, lst, ch, n_rows, r, r1, c, n_found, size, capacity
     cdef int64_t j, own
     cdef int thr
     cdef float d
@@ -1099,12 +1095,7 @@ def ivf_fastscan_radius(
                     lt = &list_tables[table_rows[q, p], 0, 0]
                     lt2 = &list_tables[second[q * n_probe + p], 0, 0] if second != NULL else lt
                     # The float table, as ivf_adc_kneighbors builds it.
-                    for e in range(split_size):
-                        table[e] = lt[e] + qt[e]
-                    for e in range(split_size, table_size):
-                        table[e] = lt2[e] + qt[e]
-                    for e in range(16):
-                        table[e] = table[e] + coarse[q, p]
+                    probe_table(table, lt, lt2, qt, split_size, table_size, 16, coarse[q, p])
                     # Quantized for the threshold: 1 when no sum of the cell can reach it.
                     reach = not sh_fs_quantize_probe(use_simd, table, M, Mp, qmax, threshold,
                                                      span_fraction, row_lo, lut, par)

@@ -181,6 +181,38 @@ cdef Py_ssize_t _rerank_query(
     return size
 
 
+cdef RowFormat _float32_rows(Py_ssize_t n_features):
+    """The format of float32 rows of n_features."""
+    cdef RowFormat fmt
+    fmt.kind = FLOAT32
+    fmt.n_features = n_features
+    fmt.row_bytes = 4 * n_features
+    fmt.scale = fmt.offset = fmt.centroids = NULL
+    fmt.n_cells = 0
+    fmt.with_cells = False
+    return fmt
+
+
+cdef RowFormat _sq8_rows(Py_ssize_t n_features, const double[::1] scale,
+                         const double[::1] offset, const double[:, ::1] centroids,
+                         bint with_cells) except *:
+    """The format of 8-bit rows, after checking the arrays that decode them."""
+    if scale.shape[0] != n_features or offset.shape[0] != n_features:
+        raise ValueError("scale and offset need one value per feature.")
+    if centroids.shape[0] < 1 or centroids.shape[1] != n_features:
+        raise ValueError("centroids must be (n_cells >= 1, n_features).")
+    cdef RowFormat fmt
+    fmt.kind = SQ8
+    fmt.n_features = n_features
+    fmt.row_bytes = n_features + (4 if with_cells else 0)
+    fmt.scale = &scale[0] if n_features else NULL
+    fmt.offset = &offset[0] if n_features else NULL
+    fmt.centroids = &centroids[0, 0] if n_features else NULL
+    fmt.n_cells = centroids.shape[0]
+    fmt.with_cells = with_cells
+    return fmt
+
+
 cdef _rerank(RowFormat fmt, const double[:, ::1] queries, const int64_t[:, ::1] candidates,
              const int64_t[::1] chunk_starts, const intptr_t[::1] chunk_ptrs, Py_ssize_t k,
              int n_threads, const int64_t[::1] offsets=None):
@@ -321,13 +353,7 @@ def refine_kneighbors(
     """
     _check_inputs(queries.shape[0], candidates, chunk_starts, chunk_ptrs, k, n_threads,
                   check_inputs)
-    cdef RowFormat fmt
-    fmt.kind = FLOAT32
-    fmt.n_features = queries.shape[1]
-    fmt.row_bytes = 4 * fmt.n_features
-    fmt.scale = fmt.offset = fmt.centroids = NULL
-    fmt.n_cells = 0
-    fmt.with_cells = False
+    cdef RowFormat fmt = _float32_rows(queries.shape[1])
     return _rerank(fmt, queries, candidates, chunk_starts, chunk_ptrs, k, n_threads)
 
 
@@ -389,19 +415,7 @@ def refine_sq8_kneighbors(
     cdef Py_ssize_t n_features = queries.shape[1]
     _check_inputs(queries.shape[0], candidates, chunk_starts, chunk_ptrs, k, n_threads,
                   check_inputs)
-    if scale.shape[0] != n_features or offset.shape[0] != n_features:
-        raise ValueError("scale and offset need one value per feature.")
-    if centroids.shape[0] < 1 or centroids.shape[1] != n_features:
-        raise ValueError("centroids must be (n_cells >= 1, n_features).")
-    cdef RowFormat fmt
-    fmt.kind = SQ8
-    fmt.n_features = n_features
-    fmt.row_bytes = n_features + (4 if with_cells else 0)
-    fmt.scale = &scale[0] if n_features else NULL
-    fmt.offset = &offset[0] if n_features else NULL
-    fmt.centroids = &centroids[0, 0] if n_features else NULL
-    fmt.n_cells = centroids.shape[0]
-    fmt.with_cells = with_cells
+    cdef RowFormat fmt = _sq8_rows(n_features, scale, offset, centroids, with_cells)
     return _rerank(fmt, queries, candidates, chunk_starts, chunk_ptrs, k, n_threads)
 
 
@@ -432,13 +446,7 @@ def refine_distances(queries, offsets, candidates, chunk_starts, chunk_ptrs, int
     _check_inputs(1, flat, chunk_starts, chunk_ptrs, 0, n_threads, check_inputs)
     if check_inputs and flat.size and flat.min() < 0:
         raise ValueError("candidates must be database indices, not -1.")
-    cdef RowFormat fmt
-    fmt.kind = FLOAT32
-    fmt.n_features = queries.shape[1]
-    fmt.row_bytes = 4 * fmt.n_features
-    fmt.scale = fmt.offset = fmt.centroids = NULL
-    fmt.n_cells = 0
-    fmt.with_cells = False
+    cdef RowFormat fmt = _float32_rows(queries.shape[1])
     return _rerank(fmt, queries, flat, chunk_starts, chunk_ptrs, 0, n_threads, offsets)[0]
 
 
@@ -453,17 +461,5 @@ def refine_sq8_distances(queries, offsets, candidates, chunk_starts, chunk_ptrs,
     _check_inputs(1, flat, chunk_starts, chunk_ptrs, 0, n_threads, check_inputs)
     if check_inputs and flat.size and flat.min() < 0:
         raise ValueError("candidates must be database indices, not -1.")
-    if scale.shape[0] != n_features or offset.shape[0] != n_features:
-        raise ValueError("scale and offset need one value per feature.")
-    if centroids.shape[0] < 1 or centroids.shape[1] != n_features:
-        raise ValueError("centroids must be (n_cells >= 1, n_features).")
-    cdef RowFormat fmt
-    fmt.kind = SQ8
-    fmt.n_features = n_features
-    fmt.row_bytes = n_features + (4 if with_cells else 0)
-    fmt.scale = &scale[0] if n_features else NULL
-    fmt.offset = &offset[0] if n_features else NULL
-    fmt.centroids = &centroids[0, 0] if n_features else NULL
-    fmt.n_cells = centroids.shape[0]
-    fmt.with_cells = with_cells
+    cdef RowFormat fmt = _sq8_rows(n_features, scale, offset, centroids, with_cells)
     return _rerank(fmt, queries, flat, chunk_starts, chunk_ptrs, 0, n_threads, offsets)[0]
