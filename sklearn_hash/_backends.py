@@ -33,6 +33,8 @@ Flat back-ends also answer range queries (``radius``), for
 ``radius_neighbors``.
 """
 
+import itertools
+
 import numpy as np
 
 from ._kernels._adc import (
@@ -1002,7 +1004,7 @@ class FastScan(_FlatScan):
         n_queries = len(tables)
         chunks, blocks = self.codes.chunks(), self._block_chunks()
         starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
-        ids = [np.arange(a, b, dtype=np.int64) for a, b in zip(starts[:-1], starts[1:])]
+        ids = [np.arange(a, b, dtype=np.int64) for a, b in itertools.pairwise(starts)]
         zeros = np.zeros((n_queries, 1), dtype=np.int64)
         return ivf_fastscan_radius(
             np.zeros((1, *tables.shape[1:]), dtype=np.float32), tables,

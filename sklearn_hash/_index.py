@@ -24,6 +24,7 @@ renumbering; ``compact`` reclaims their memory and renumbers, returning the
 old-to-new mapping.
 """
 
+import itertools
 import numbers
 from contextlib import nullcontext
 from numbers import Integral
@@ -705,7 +706,7 @@ class IndexMixin:
             if refine is not None:
                 offsets, distances, indices = self._refine_ball(
                     X, q, offsets, indices, float(radius))
-            for a, b in zip(offsets[:-1], offsets[1:]):
+            for a, b in itertools.pairwise(offsets):
                 d, i = distances[a:b], indices[a:b]
                 if sort_results:
                     order = np.lexsort((i, d))
