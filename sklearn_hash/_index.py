@@ -49,6 +49,23 @@ from .metrics import map_at_r_score
 ENCODE_CHUNK = 65536
 
 
+def fill_balls(neigh_dist, neigh_ind, first, offsets, distances, indices, sort_results):
+    """Each query's ball (CSR) into the object arrays, from query ``first``; the next query.
+
+    A ball comes in ascending index order, or by (distance, index) with
+    ``sort_results``.
+    """
+    q = first
+    for a, b in itertools.pairwise(offsets):
+        d, i = distances[a:b], indices[a:b]
+        if sort_results:
+            order = np.lexsort((i, d))
+            d, i = d[order], i[order]
+        neigh_dist[q], neigh_ind[q] = d, i
+        q += 1
+    return q
+
+
 class IndexMixin:
     """Growth, removal, filtered kNN search, scoring and persistence of a fitted index."""
 
@@ -706,13 +723,8 @@ class IndexMixin:
             if refine is not None:
                 offsets, distances, indices = self._refine_ball(
                     X, q, offsets, indices, float(radius))
-            for a, b in itertools.pairwise(offsets):
-                d, i = distances[a:b], indices[a:b]
-                if sort_results:
-                    order = np.lexsort((i, d))
-                    d, i = d[order], i[order]
-                neigh_dist[q], neigh_ind[q] = d, i
-                q += 1
+            q = fill_balls(neigh_dist, neigh_ind, q, offsets, distances, indices,
+                           sort_results)
         return (neigh_dist, neigh_ind) if return_distance else neigh_ind
 
     def _refine_ball(self, X, first, offsets, indices, radius):

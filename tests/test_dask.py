@@ -293,3 +293,31 @@ def test_docstring_example():
 
     result = doctest.testmod(_sharded, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("kind", sorted(TEMPLATES))
+def test_radius_search_gives_the_balls_of_one_process(client, data, kind):
+    X, y, Q, _ = data
+    search = DaskQuantizedNeighbors(TEMPLATES[kind](), client=client, random_state=0).fit(
+        da.from_array(X, chunks=((700, 1100, 400, 800), (16,))), y)
+    local = single_process(search, X, y)
+    d = local.kneighbors(Q, n_neighbors=40)[0]
+    extra = {"n_probe": 5} if kind == "ivf" else {}
+    for radius in (float(np.median(d[:, 30])), float(d[0, 3]), 0.0):
+        for sort_results in (False, True):
+            got = search.radius_neighbors(Q, radius=radius, sort_results=sort_results, **extra)
+            expected = local.radius_neighbors(Q, radius=radius, sort_results=sort_results,
+                                              **extra)
+            assert sum(len(i) for i in got[1]) == sum(len(i) for i in expected[1])
+            assert radius != np.median(d[:, 30]) or sum(len(i) for i in got[1]) > len(Q)
+            for got_part, expected_part in zip(got, expected):
+                for a, b in zip(got_part, expected_part):
+                    np.testing.assert_array_equal(a, b)
+                    assert a.dtype == b.dtype
+    indices = search.radius_neighbors(da.from_array(Q, chunks=(15, 16)), radius=float(d[0, 3]),
+                                      return_distance=False)
+    for a, b in zip(indices, local.radius_neighbors(Q, radius=float(d[0, 3]),
+                                                    return_distance=False)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="radius must be a finite number"):
+        search.radius_neighbors(Q, radius=-1.0)

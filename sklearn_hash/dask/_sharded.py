@@ -40,7 +40,7 @@ import time
 import uuid
 from concurrent.futures import CancelledError
 from itertools import pairwise
-from numbers import Integral
+from numbers import Integral, Real
 from pathlib import Path
 
 import dask
@@ -54,6 +54,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_consistent_length, check_is_fitted
 
 from .._backends import InvertedLists, _merge
+from .._index import fill_balls
 from .._ivf import IVFQuantizedNeighbors
 from .._neighbors import QuantizedNeighbors
 from .._storage import read_json_manifest
@@ -203,6 +204,46 @@ def _search_shards(shards, offsets, X, k, params, cell_sizes, distance_dtype, n_
     return _merge(parts, k)
 
 
+def _join_balls(query_of, distances, indices, n_queries, dtype):
+    """Matches (query, distance, index) from several shards as CSR, by query then index.
+
+    ``dtype``: the distances' (int32 bits, or float32 squared estimates) when none match.
+    """
+    if not query_of:
+        return np.zeros(n_queries + 1, np.int64), np.empty(0, dtype), np.empty(0, np.int64)
+    query_of, distances, indices = (np.concatenate(a) for a in (query_of, distances, indices))
+    order = np.lexsort((indices, query_of))
+    offsets = np.zeros(n_queries + 1, dtype=np.int64)
+    np.cumsum(np.bincount(query_of, minlength=n_queries), out=offsets[1:])
+    return offsets, distances[order], indices[order]
+
+
+def _radius_shards(shards, offsets, X, threshold, params, cell_sizes, threshold_in_bits,
+                   n_threads=None):
+    """Every item of some shards within the threshold of each query: CSR, global indices.
+
+    Each shard runs its searcher's range scan (``_radius``); its matches
+    keep the kernels' units (squared L2 estimates, or bits).
+    """
+    X = check_array(X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=0)
+    if n_threads is None:
+        n_threads = _worker_threads()
+    query_of, distances, indices = [], [], []
+    with single_threaded_blas:
+        for shard, offset in zip(shards, offsets):
+            shard = _search_view(shard, cell_sizes, n_threads)
+            first = 0
+            for part_offsets, d, i in (shard._radius(X, threshold, None, params)
+                                       if X.shape[0] else ()):
+                n = len(part_offsets) - 1
+                query_of.append(np.repeat(np.arange(first, first + n), np.diff(part_offsets)))
+                distances.append(d)
+                indices.append(i + offset)
+                first += n
+    return _join_balls(query_of, distances, indices, X.shape[0],
+                       np.int32 if threshold_in_bits else np.float32)
+
+
 def _moved(shard):
     """The shard itself: run on another worker, it copies the shard there."""
     return shard
@@ -225,6 +266,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
     their answers exactly: the result is the one a single-process searcher
     holding the same quantizer and all the codes returns (see
     :meth:`to_local`), distances and indices, ties by global index.
+    ``radius_neighbors`` joins the shards' balls by global index.
 
     Read more in the :ref:`User Guide <dask>`.
 
@@ -702,23 +744,32 @@ class DaskQuantizedNeighbors(BaseEstimator):
         X = check_array(X, dtype=[np.float64, np.float32], order="C")
         self._check_n_features(X.shape[1], fitting=False)
         k = self._check_n_neighbors(n_neighbors, X.shape[0])
-        parts, reloaded = None, set()
+        parts = self._on_workers(client, _search_shards, X, k, params, self._cell_sizes, dtype)
+        distances, indices = _merge(parts, k)
+        return (distances, indices) if return_distance else indices
+
+    def _on_workers(self, client, task, X, *args):
+        """``task(shards, offsets, X, *args)`` on each worker over the shards it holds.
+
+        The queries are sent once to each worker that searches. A lost
+        worker or shard is recovered (rebuilt or reloaded) and the whole
+        call run again, up to ``_ATTEMPTS`` times: the results of every
+        worker, or an error, never those of the surviving shards alone.
+        """
+        reloaded = set()
         for attempt in range(_ATTEMPTS):
             try:
                 groups = self._placement(client)
                 workers = [w for w in groups if w is not None]
-                # One copy of the queries on each worker that searches, sent once.
                 queries = client.scatter(X, workers=workers or None, broadcast=True,
                                          hash=False)
                 futures = [
-                    client.submit(_search_shards, [self.shards_[i] for i in group],
-                                  self.shard_offsets_[group], queries, k, params,
-                                  self._cell_sizes, dtype, pure=False,
+                    client.submit(task, [self.shards_[i] for i in group],
+                                  self.shard_offsets_[group], queries, *args, pure=False,
                                   **self._pinned(worker))
                     for worker, group in groups.items()
                 ]
-                parts = client.gather(futures)
-                break
+                return client.gather(futures)
             except Exception as exc:  # a lost worker or shard, or an error of the search
                 transient = isinstance(exc, _TRANSIENT)
                 self._recover(client, exc, not transient or attempt == _ATTEMPTS - 1, reloaded)
@@ -732,8 +783,75 @@ class DaskQuantizedNeighbors(BaseEstimator):
                     wait(self.shards_, timeout=_REBUILD_TIMEOUT)
                 except TimeoutError:
                     pass
-        distances, indices = _merge(parts, k)
-        return (distances, indices) if return_distance else indices
+        raise AssertionError("unreachable")  # every attempt returns or raises
+
+    def radius_neighbors(self, X, radius=None, return_distance=True, sort_results=False,
+                         **search_params):
+        """Every database item within ``radius`` of each query, over all the shards.
+
+        The answers of the single-process searcher (see :meth:`to_local`)
+        without re-ranking: each shard runs its range scan, and the balls
+        are joined by global index.
+
+        Parameters
+        ----------
+        X : array-like or dask array of shape (n_queries, n_features)
+            Query vectors (a dask array is computed first: the balls come
+            back as object arrays).
+        radius : float, default=None
+            Range, in the units of the distances (bits for Hamming, L2 for
+            product codes); ``None`` uses the template's ``radius``.
+        return_distance : bool, default=True
+            Whether to return the distances.
+        sort_results : bool, default=False
+            Sort each query's items by distance (ties by index); otherwise
+            they come in ascending index order. Needs ``return_distance``.
+        **search_params
+            Per-call search settings of the template searcher, as in
+            :meth:`kneighbors`.
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries,), dtype=object
+            One array of distances per query (int32 bits for Hamming,
+            float64 L2 otherwise). Only with ``return_distance=True``.
+        neigh_ind : ndarray of shape (n_queries,), dtype=object
+            One int64 array of global indices per query.
+        """
+        check_is_fitted(self)
+        client = self._get_client()
+        template = self.searcher_
+        params = template._check_search_params(search_params, "radius_neighbors")
+        hamming = template._hamming()
+        if params.pop("refine_factor", None) is not None and (
+                not hamming or search_params.get("refine_factor") is not None):
+            # (a Hamming template's own refine_factor is for kneighbors: its ball is of bits)
+            raise ValueError(
+                "refine_factor is not supported by DaskQuantizedNeighbors: re-ranking by the "
+                "original vectors would need the candidates of all shards merged first."
+            )
+        if sort_results and not return_distance:
+            raise ValueError("return_distance must be True if sort_results is True.")
+        radius = template.radius if radius is None else radius
+        if (not isinstance(radius, Real) or isinstance(radius, bool)
+                or not np.isfinite(radius) or radius < 0):
+            raise ValueError(f"radius must be a finite number >= 0; got {radius!r}.")
+        if isinstance(X, da.Array):
+            X = X.compute()
+        X = check_array(X, dtype=[np.float64, np.float32], order="C")
+        self._check_n_features(X.shape[1], fitting=False)
+        parts = self._on_workers(client, _radius_shards, X, template._threshold(float(radius)),
+                                 params, self._cell_sizes, hamming)
+        offsets, distances, indices = _join_balls(
+            [np.repeat(np.arange(len(X)), np.diff(o)) for o, _, _ in parts],
+            [d for _, d, _ in parts], [i for _, _, i in parts], len(X),
+            np.int32 if hamming else np.float32)
+        if not hamming:
+            distances = np.sqrt(np.maximum(distances, 0, dtype=np.float64))
+        neigh_dist = np.empty(len(X), dtype=object)
+        neigh_ind = np.empty(len(X), dtype=object)
+        fill_balls(neigh_dist, neigh_ind, 0, offsets, distances, indices, sort_results)
+        return (neigh_dist, neigh_ind) if return_distance else neigh_ind
 
     def _kneighbors_dask(self, client, X, n_neighbors, return_distance, params, dtype):
         _check_row_chunked(X)
