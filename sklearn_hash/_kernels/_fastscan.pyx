@@ -1051,7 +1051,7 @@ def ivf_fastscan_radius(
     cdef int thr
     cdef float d
     cdef int failed = 0
-    cdef bint ok, reach
+    cdef bint ok
     cdef int* failed_flag = &failed
     cdef int32_t* found_pos
     cdef uint16_t* found_q
@@ -1096,10 +1096,16 @@ def ivf_fastscan_radius(
                     lt2 = &list_tables[second[q * n_probe + p], 0, 0] if second != NULL else lt
                     # The float table, as ivf_adc_kneighbors builds it.
                     probe_table(table, lt, lt2, qt, split_size, table_size, 16, coarse[q, p])
-                    # Quantized for the threshold: 1 when no sum of the cell can reach it.
-                    reach = not sh_fs_quantize_probe(use_simd, table, M, Mp, qmax, threshold,
-                                                     span_fraction, row_lo, lut, par)
-                    thr = sh_fs_threshold(threshold, par) if reach else 0
+                    # Quantized for the threshold when the cell has blocks (1: no sum of
+                    # the cell can reach it).
+                    thr = 0
+                    for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
+                        if chunk_blocks[ch] != 0:
+                            if not sh_fs_quantize_probe(use_simd, table, M, Mp, qmax,
+                                                        threshold, span_fraction, row_lo,
+                                                        lut, par):
+                                thr = sh_fs_threshold(threshold, par)
+                            break
                     for ch in range(chunk_offsets[lst], chunk_offsets[lst + 1]):
                         n_rows = chunk_sizes[ch]
                         codes = <const uint8_t*> chunk_codes[ch]
