@@ -29,8 +29,10 @@ reads only the codes it scans.
   fast-scan block layout, cell by cell, and each probed cell is filtered
   by fast-scan and re-scored exactly (the answers of the float tables).
 
-Flat back-ends also answer range queries (``radius``), for
-``radius_neighbors``.
+Every back-end also answers range queries (``radius``: the items below a
+threshold, CSR, indices ascending), for ``radius_neighbors``; those of
+4-bit codes by the same fast-scan filter, with the float tables' answers.
+Appends can be undone (``checkpoint``), for an ``add`` that fails part way.
 """
 
 import itertools
