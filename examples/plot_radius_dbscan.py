@@ -1,7 +1,7 @@
 """
-===========================================================
+=============================================================
 Groups of similar sounds: DBSCAN over a quantized range graph
-===========================================================
+=============================================================
 
 :meth:`~sklearn_hash.IVFQuantizedNeighbors.radius_neighbors_graph` gives, for
 every clip, the clips within a radius: the sparse distance graph that
