@@ -841,25 +841,9 @@ class InvertedLists:
 
         With ``fast_scan``, by ``ivf_fastscan_kneighbors``: the same answers.
         """
-        offsets, codes_at, ids_at, sizes, blocks_at, keep = self._chunk_layout()
-        if exclude is None:
-            exclude = np.full(len(query_tables), -1, dtype=np.int64)
-        if self.fast_scan:
-            result = ivf_fastscan_kneighbors(
-                list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
-                codes_at, ids_at, blocks_at, sizes, exclude, k, allowed=allowed,
-                n_threads=n_threads, second_rows=second_rows, split=split, simd=self.simd,
-                check_chunks=False,
-            )
-        else:
-            result = ivf_adc_kneighbors(
-                list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
-                codes_at, ids_at, sizes, self.code_dtype.itemsize, exclude, k,
-                allowed=allowed, n_threads=n_threads, second_rows=second_rows, split=split,
-                check_chunks=False,
-            )
-        del keep  # the arrays read stayed alive, referenced by the layout, during the scan
-        return result
+        return self._scan(ivf_fastscan_kneighbors, ivf_adc_kneighbors, list_tables,
+                          query_tables, coarse, probes, table_rows, n_visit, k, allowed,
+                          exclude, n_threads, second_rows, split)
 
     def radius(self, list_tables, query_tables, coarse, probes, table_rows, n_visit, threshold,
                *, allowed=None, exclude=None, n_threads=1, second_rows=None, split=0):
@@ -868,23 +852,30 @@ class InvertedLists:
         Returns CSR ``(offsets, distances, indices)``, indices ascending per
         query. With ``fast_scan``, by ``ivf_fastscan_radius``: the same answers.
         """
+        return self._scan(ivf_fastscan_radius, ivf_adc_radius, list_tables, query_tables,
+                          coarse, probes, table_rows, n_visit, threshold, allowed, exclude,
+                          n_threads, second_rows, split)
+
+    def _scan(self, fast_kernel, float_kernel, list_tables, query_tables, coarse, probes,
+              table_rows, n_visit, last, allowed, exclude, n_threads, second_rows, split):
+        """One of the pairs of IVF kernels over the chunk layout; ``last``: their k or threshold.
+
+        The fast-scan kernel reads the blocks, the float kernel the code rows
+        (and the codes' width); both take the rest alike.
+        """
         offsets, codes_at, ids_at, sizes, blocks_at, keep = self._chunk_layout()
         if exclude is None:
             exclude = np.full(len(query_tables), -1, dtype=np.int64)
+        head = (list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
+                codes_at, ids_at)
+        options = {"allowed": allowed, "n_threads": n_threads, "second_rows": second_rows,
+                   "split": split, "check_chunks": False}
         if self.fast_scan:
-            result = ivf_fastscan_radius(
-                list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
-                codes_at, ids_at, blocks_at, sizes, exclude, threshold, allowed=allowed,
-                n_threads=n_threads, second_rows=second_rows, split=split, simd=self.simd,
-                check_chunks=False,
-            )
+            result = fast_kernel(*head, blocks_at, sizes, exclude, last, simd=self.simd,
+                                 **options)
         else:
-            result = ivf_adc_radius(
-                list_tables, query_tables, coarse, probes, table_rows, n_visit, offsets,
-                codes_at, ids_at, sizes, self.code_dtype.itemsize, exclude, threshold,
-                allowed=allowed, n_threads=n_threads, second_rows=second_rows, split=split,
-                check_chunks=False,
-            )
+            result = float_kernel(*head, sizes, self.code_dtype.itemsize, exclude, last,
+                                  **options)
         del keep  # the arrays read stayed alive, referenced by the layout, during the scan
         return result
 

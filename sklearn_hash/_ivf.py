@@ -722,8 +722,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             probes, coarse, n_visit = self._probes(queries, params["n_probe"], sizes,
                                                    n_required, n_threads)
             cell_tables, query_tables, rows, second, split = self._tables(queries, probes,
-                                                                          n_threads)
-            self._check_finite(queries, coarse, query_tables)
+                                                                          coarse, n_threads)
             d, indices[begin:end] = self._index.search(
                 cell_tables, query_tables, coarse, probes, rows, n_visit, n_neighbors,
                 allowed=allowed, exclude=own, n_threads=n_threads,
@@ -750,13 +749,19 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             else:
                 yield begin, end, X[begin:end], np.full(end - begin, -1, dtype=np.int64)
 
-    def _tables(self, queries, probes, n_threads):
+    def _tables(self, queries, probes, coarse, n_threads):
         """What the kernels read for the probes: (list tables, query tables, their rows, the
-        multi-index's second rows, split)."""
+        multi-index's second rows, split), after checking that the queries' distances
+        (``coarse``, and the tables) fit in float32."""
         split = self._split_subspace()
         query_tables = self._inner_products(queries, n_threads)
         query_tables *= -2
         query_tables = query_tables.astype(np.float32, copy=False)
+        if not (np.isfinite(coarse).all() and np.isfinite(query_tables).all()):
+            raise ValueError(
+                f"the distances of the queries to the index overflow float32: the "
+                f"queries' values (largest magnitude {np.abs(queries).max():.3g}) or the "
+                f"indexed ones are too large. Scale the data down.")
         second = None
         if split is not None:  # multi-index: the halves' tables, joined by the kernel
             n_codewords = self.coarse_codebooks_.shape[1]
@@ -770,13 +775,6 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             rows = np.ascontiguousarray(rows.reshape(probes.shape), dtype=np.int64)
         return cell_tables, query_tables, rows, second, split or 0
 
-    def _check_finite(self, queries, coarse, query_tables):
-        if not (np.isfinite(coarse).all() and np.isfinite(query_tables).all()):
-            raise ValueError(
-                f"the distances of the queries to the index overflow float32: the "
-                f"queries' values (largest magnitude {np.abs(queries).max():.3g}) or the "
-                f"indexed ones are too large. Scale the data down.")
-
     def _radius(self, X, threshold, allowed, params):
         """The items of each query's ``n_probe`` nearest cells whose estimate is in range."""
         n_threads = effective_n_threads(self.n_jobs)
@@ -786,8 +784,7 @@ class IVFQuantizedNeighbors(IndexMixin, BaseEstimator):
             probes, coarse, n_visit = self._probes(queries, params["n_probe"], sizes, 0,
                                                    n_threads)
             cell_tables, query_tables, rows, second, split = self._tables(queries, probes,
-                                                                          n_threads)
-            self._check_finite(queries, coarse, query_tables)
+                                                                          coarse, n_threads)
             parts.append(self._index.radius(
                 cell_tables, query_tables, coarse, probes, rows, n_visit, threshold,
                 allowed=allowed, exclude=own, n_threads=n_threads, second_rows=second,
