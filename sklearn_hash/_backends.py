@@ -882,22 +882,61 @@ class InvertedLists:
 
 # ---------------------------------------------------------------- 4-bit fast-scan
 
+class _BlockRows:
+    """The codes of block layouts read as rows, unpacked on demand (read-only).
+
+    What :class:`FastScan` offers in place of :class:`ChunkedRows`: the
+    searchers read ``codes_``, the items' own codes (a database querying
+    itself) and the rows to save through the same calls (``to_array``,
+    ``slice``, ``take``), each unpacking only the rows asked.
+    """
+
+    def __init__(self, n_subspaces, block_chunks, sizes):
+        self.row_shape = (n_subspaces,)
+        self.dtype = np.dtype(np.uint8)
+        self._blocks, self._sizes = block_chunks, sizes
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+    def __len__(self):
+        return int(self._starts[-1])
+
+    def take(self, indices):
+        """Rows at the given indices (any order)."""
+        indices = np.asarray(indices, dtype=np.int64).ravel()
+        out = np.empty((indices.size, *self.row_shape), dtype=self.dtype)
+        chunk = np.searchsorted(self._starts, indices, side="right") - 1
+        for c in np.unique(chunk):
+            inside = np.flatnonzero(chunk == c)
+            out[inside] = unpack_block_rows(self._blocks[c], indices[inside] - self._starts[c],
+                                            self.row_shape[0])
+        return out
+
+    def slice(self, start, stop):
+        """Rows ``start:stop`` as one array."""
+        return self.take(np.arange(start, max(start, stop)))
+
+    def to_array(self):
+        return self.slice(0, len(self))
+
+
 class FastScan(_FlatScan):
     """4-bit codeword indices (16 codewords per subspace), searched by fast-scan.
 
-    The codes are kept twice: as rows (uint8, one codeword index per byte,
-    chunked like :class:`TableScan`'s: what ``codes_``, persistence and
-    the exact re-scoring read) and in the block layout of the fast-scan
-    kernel (blocks of 128 codes, nibbles transposed; half a byte per
-    codeword index), one block array per chunk of rows. Adding a batch packs
-    only the new rows (and re-packs the last, partly filled block): O(batch)
-    amortised. Loading rebuilds the blocks from the saved rows; the blocks
-    are never saved.
+    The codes are kept once, in the block layout of the fast-scan kernel
+    (blocks of 128 codes, nibbles transposed; half a byte per codeword
+    index), one block array per chunk of rows: sealed chunks (those an
+    index was loaded from) and a growable tail. ``codes`` reads them as
+    rows (:class:`_BlockRows`), for ``codes_``, persistence and the items
+    querying themselves. Adding a batch packs only the new rows (and
+    re-packs the last, partly filled block): O(batch) amortised. An index
+    saves its codes as rows (a byte per codeword index); loading packs them
+    into blocks in memory and leaves the saved rows on disk.
 
     The search (``fastscan_kneighbors``) filters with 8-bit quantized tables
-    and re-scores with the float tables every item that can reach the top k:
-    its answers are the exact ADC answers of :class:`TableScan` (same
-    float32 distances, same indices, ties by index), only faster.
+    and re-scores with the float tables every item that can reach the top k,
+    reading its codes from the blocks: its answers are the exact ADC answers
+    of :class:`TableScan` (same float32 distances, same indices, ties by
+    index), only faster.
 
     Parameters
     ----------
@@ -910,15 +949,27 @@ class FastScan(_FlatScan):
     n_codewords = 16
 
     def __init__(self, n_subspaces, simd=True):
-        super().__init__(n_subspaces, np.uint8)
         self.n_subspaces = n_subspaces
         self.simd = simd
-        self._sealed_blocks = []   # block layouts of the sealed chunks of self.codes
-        self._sealed_rows = 0      # rows in those chunks
-        self._tail_blocks = self._new_tail()
+        self._sealed_blocks = []   # block layouts of the sealed chunks
+        self._sealed_sizes = []    # their rows
+        self._tail_blocks = GrowableArray((block_bytes(n_subspaces),), np.uint8)
+        self._tail_rows = 0
 
-    def _new_tail(self):
-        return GrowableArray((block_bytes(self.n_subspaces),), np.uint8)
+    def __len__(self):
+        return sum(self._sealed_sizes) + self._tail_rows
+
+    @property
+    def codes(self):
+        """The codes as rows, unpacked from the blocks on demand."""
+        return _BlockRows(self.n_subspaces, *self._blocks_and_sizes())
+
+    def _blocks_and_sizes(self):
+        """The block chunks and their rows, in row order (the tail a view until an add)."""
+        if not self._tail_rows:
+            return list(self._sealed_blocks), list(self._sealed_sizes)
+        return ([*self._sealed_blocks, self._tail_blocks.array],
+                [*self._sealed_sizes, self._tail_rows])
 
     def _check(self, codes):
         codes = np.asarray(codes)
@@ -930,37 +981,39 @@ class FastScan(_FlatScan):
         codes = self._check(codes)
         if not len(codes):
             return
-        n_tail = len(self.codes) - self._sealed_rows
-        self.codes.append(codes)
-        tail = self.codes.chunks()[-1]
-        # The last block, if partly filled, is packed again.
-        first = n_tail - n_tail % BLOCK_ROWS
-        blocks = pack_blocks(np.ascontiguousarray(tail[first:]))
-        if n_tail % BLOCK_ROWS:
-            self._tail_blocks.array[-1] = blocks[0]
+        tail, n_part = self._tail_blocks, self._tail_rows % BLOCK_ROWS
+        if n_part:  # the last block, partly filled, is packed again with the new rows
+            last = unpack_block_rows(tail.array[-1:], np.arange(n_part, dtype=np.int64),
+                                     self.n_subspaces)
+            codes = np.concatenate([last, codes])
+        blocks = pack_blocks(np.ascontiguousarray(codes))
+        if n_part:
+            tail.array[-1] = blocks[0]
             blocks = blocks[1:]
-        self._tail_blocks.append(blocks)
+        tail.append(blocks)
+        self._tail_rows += len(codes) - n_part
 
     def add_segment(self, arrays):
         codes = self._check(arrays["codes"])
-        chunks = self.codes.chunks()
-        blocks = self._block_chunks()
+        sealed, sizes = self._blocks_and_sizes()
         if len(codes):
-            chunks, blocks = [*chunks, codes], [*blocks, pack_blocks(codes)]
-        self.codes = ChunkedRows(self.codes.row_shape, self.codes.dtype, chunks)
-        self._sealed_blocks = blocks
-        self._sealed_rows = len(self.codes)
-        self._tail_blocks = self._new_tail()
+            sealed, sizes = [*sealed, pack_blocks(codes)], [*sizes, len(codes)]
+        self.__init__(self.n_subspaces, self.simd)
+        self._sealed_blocks, self._sealed_sizes = sealed, sizes
+
+    def segment_arrays(self, start, stop):
+        return {"codes": self.codes.slice(start, stop)}
 
     def checkpoint(self):
-        restore_codes = super().checkpoint()
+        state = dict(self.__dict__)
         blocks = self._tail_blocks
         restore_blocks = blocks.checkpoint()
         # add() re-packs the last block, partly filled, in place: kept to be put back.
         last = (len(blocks) - 1, blocks.array[-1].copy(), blocks._buffer) if len(blocks) else None
 
         def restore():
-            restore_codes()  # the attributes as they were, blocks included
+            self.__dict__.clear()
+            self.__dict__.update(state)
             restore_blocks()
             if last is not None:
                 at, row, buffer = last
@@ -969,19 +1022,15 @@ class FastScan(_FlatScan):
         return restore
 
     def compact(self, keep):
-        codes = self.codes.to_array()[keep]
+        codes = self.codes.take(np.flatnonzero(keep))
         self.__init__(self.n_subspaces, self.simd)
         self.add(codes)
 
-    def _block_chunks(self):
-        """Block layouts, one per chunk of ``self.codes`` (same order)."""
-        tail = self._tail_blocks.array
-        return self._sealed_blocks + ([tail] if len(self.codes) > self._sealed_rows else [])
-
     def search(self, tables, k, *, allowed=None, exclude=None, n_threads=1):
+        blocks, sizes = self._blocks_and_sizes()
         return fastscan_kneighbors(
-            tables, list(self.codes.chunks()), self._block_chunks(), k, n_threads=n_threads,
-            simd=self.simd, exclude=exclude, allowed=allowed, check_codes=False,
+            tables, blocks, sizes, k, n_threads=n_threads, simd=self.simd, exclude=exclude,
+            allowed=allowed,
         )
 
     def radius(self, queries, threshold, *, allowed=None, exclude=None, n_threads=1):
@@ -995,15 +1044,15 @@ class FastScan(_FlatScan):
         """
         tables = np.ascontiguousarray(queries, dtype=np.float32)
         n_queries = len(tables)
-        chunks, blocks = self.codes.chunks(), self._block_chunks()
-        starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+        blocks, sizes = self._blocks_and_sizes()
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         ids = [np.arange(a, b, dtype=np.int64) for a, b in itertools.pairwise(starts)]
         zeros = np.zeros((n_queries, 1), dtype=np.int64)
         return ivf_fastscan_radius(
             np.zeros((1, *tables.shape[1:]), dtype=np.float32), tables,
             np.zeros((n_queries, 1), dtype=np.float32), zeros, zeros,
-            np.ones(n_queries, dtype=np.int64), np.array([0, len(chunks)], dtype=np.int64),
-            np.array([c.ctypes.data for c in chunks], dtype=np.intp),
+            np.ones(n_queries, dtype=np.int64), np.array([0, len(blocks)], dtype=np.int64),
+            np.zeros(len(blocks), dtype=np.intp),  # no code rows: read from the blocks
             np.array([i.ctypes.data for i in ids], dtype=np.intp),
             np.array([b.ctypes.data for b in blocks], dtype=np.intp),
             np.diff(starts),

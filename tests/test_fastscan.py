@@ -60,7 +60,8 @@ def adc_oracle(tables_q, codes):
 def fastscan(tables, codes, k, chunks=1, **kwargs):
     bounds = np.linspace(0, len(codes), chunks + 1).astype(int)
     parts = [np.ascontiguousarray(codes[a:b]) for a, b in itertools.pairwise(bounds)]
-    return fastscan_kneighbors(tables, parts, [pack_blocks(p) for p in parts], k, **kwargs)
+    return fastscan_kneighbors(tables, [pack_blocks(p) for p in parts], [len(p) for p in parts],
+                               k, **kwargs)
 
 
 @pytest.mark.parametrize("M", [1, 3, 4, 6, 8, 13, 32])
@@ -272,21 +273,25 @@ def test_bad_input():
         pack_blocks(codes)
     good = np.zeros((10, 4), dtype=np.uint8)
     blocks = pack_blocks(good)
-    with pytest.raises(ValueError, match="4-bit"):
-        fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [codes], [blocks], 3)
     with pytest.raises(ValueError, match="16 codewords"):
-        fastscan_kneighbors(np.zeros((1, 4, 256), np.float32), [good], [blocks], 3)
+        fastscan_kneighbors(np.zeros((1, 4, 256), np.float32), [blocks], [10], 3)
     with pytest.raises(ValueError, match="block layout"):
-        fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [good], [blocks[:, :16]], 3)
-    with pytest.raises(ValueError, match="columns"):
-        fastscan_kneighbors(np.zeros((1, 5, 16), np.float32), [good], [blocks], 3)
+        fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [blocks[:, :16]], [10], 3)
+    with pytest.raises(ValueError, match="block layout"):  # 5 subspaces: wider blocks
+        fastscan_kneighbors(np.zeros((1, 5, 16), np.float32), [blocks], [10], 3)
+    with pytest.raises(ValueError, match="block layout"):  # 129 codes need two blocks
+        fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [blocks], [129], 3)
+    with pytest.raises(ValueError, match="chunk_sizes"):
+        fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [blocks], [10, 3], 3)
+    with pytest.raises(ValueError, match="chunk_sizes"):
+        fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [blocks], [-1], 3)
     with pytest.raises(ValueError, match="NaN"):
-        fastscan_kneighbors(np.full((1, 4, 16), np.nan, np.float32), [good], [blocks], 3)
+        fastscan_kneighbors(np.full((1, 4, 16), np.nan, np.float32), [blocks], [10], 3)
     with pytest.raises(ValueError, match="allowed"):
-        fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [good], [blocks], 3,
+        fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [blocks], [10], 3,
                             allowed=np.ones(3, np.uint8))
     with pytest.raises(ValueError, match="simd"):
-        fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [good], [blocks], 3, simd="sse9")
+        fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [blocks], [10], 3, simd="sse9")
     index = FastScan(4)
     with pytest.raises(ValueError, match=r"codeword indices must be in \[0, 15\]"):
         index.add(codes)
@@ -303,7 +308,7 @@ def test_back_end_growth_segments_and_compaction():
     index = FastScan(M)
     for a, b in [(0, 5), (5, 37), (37, 38), (38, 200), (200, 300)]:  # batches that split blocks
         index.add(codes[a:b])
-        assert np.array_equal(index._block_chunks()[-1], pack_blocks(codes[:b]))
+        assert np.array_equal(index._blocks_and_sizes()[0][-1], pack_blocks(codes[:b]))
     index.add_segment({"codes": codes[300:500]})  # as when loading
     index.add(codes[500:701])
     index.add_segment({"codes": codes[701:777]})

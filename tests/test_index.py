@@ -726,8 +726,9 @@ def test_an_interrupted_add_changes_nothing(name, where, data, monkeypatch):
     assert search._fit_y.dtype == np.int8 and len(search._fit_y) == 500
     assert search.n_removed_ == 2
     np.testing.assert_array_equal(search.codes_, codes_before)
-    if hasattr(search._index, "_block_chunks"):  # the last block was re-packed in place
-        for got, expected in zip(search._index._block_chunks(), fresh._index._block_chunks()):
+    if hasattr(search._index, "_blocks_and_sizes"):  # the last block was re-packed in place
+        for got, expected in zip(search._index._blocks_and_sizes()[0],
+                                 fresh._index._blocks_and_sizes()[0]):
             np.testing.assert_array_equal(got, expected)
     after = search.kneighbors(X_q[:30], n_neighbors=8)
     np.testing.assert_array_equal(after[1], before[1])

@@ -22,6 +22,7 @@ from sklearn_hash import (
     SpectralHashing,
     _index,
 )
+from sklearn_hash._backends import FastScan
 from sklearn_hash._dqn import _torch_available
 
 QUANTIZERS = [
@@ -98,13 +99,19 @@ def test_save_and_load_a_directory(searcher, mmap_mode, data, tmp_path):
     assert names == ["index.json", "seg", "state"]  # no pickle
     loaded = type(fitted).load(tmp_path / "index", mmap_mode=mmap_mode)
     index = loaded._index
-    chunks = ([run.codes for run in index.runs]
-              if isinstance(fitted, IVFQuantizedNeighbors) else index.codes.chunks())
+
     def mapped(array):
         while array is not None and not isinstance(array, np.memmap):
             array = array.base if isinstance(array, np.ndarray) else None
         return array is not None
 
+    if isinstance(index, FastScan):  # its codes are kept once, packed into blocks in memory
+        chunks = []
+        blocks, sizes = index._blocks_and_sizes()
+        assert sum(sizes) == len(X_db) and not any(mapped(b) for b in blocks)
+    else:
+        chunks = ([run.codes for run in index.runs]
+                  if isinstance(fitted, IVFQuantizedNeighbors) else index.codes.chunks())
     for array in chunks:
         assert mapped(array) == (mmap_mode is not None)
         if mmap_mode == "r":

@@ -25,7 +25,8 @@ a time. A search has two stages:
    float32, added in subspace order as ``adc_kneighbors`` does) only if its
    lower bound does not exceed the current k-th best float distance (or the
    sample bound ``U`` before k items are found), plus a margin for float32
-   rounding. Every item that can enter the top k is re-scored, so the
+   rounding; its codeword indices are read from the block just scanned, so
+   the blocks are the only copy of the codes a search needs. Every item that can enter the top k is re-scored, so the
    result **is** the exact ADC top k, ties by index: the same distances and
    indices as ``adc_kneighbors`` on the same codes and tables. Only the
    work depends on the quantization: items whose lower bound is close to
@@ -295,7 +296,8 @@ cdef void _take(
     int64_t first,            # database index of the part's first row
     int64_t own,              # excluded index (-1: none)
     const float* table,       # IN (M, 16)
-    const uint8_t* codes,     # IN the part's codes, (rows, M)
+    const uint8_t* blocks,    # IN the part's blocks (its first row starts a block)
+    Py_ssize_t Mp,
     Py_ssize_t M,
     const double* p,          # IN scale, bias, e_over, slack
     float* hd,                # IN/OUT (k,) heap
@@ -304,7 +306,10 @@ cdef void _take(
     Py_ssize_t k,
     int64_t* rescored,        # IN/OUT
 ) noexcept nogil:
-    """Re-score the scan's candidates with the float table and offer them to the heap."""
+    """Re-score the scan's candidates with the float table and offer them to the heap.
+
+    Each candidate's codeword indices are read from the blocks just scanned.
+    """
     cdef Py_ssize_t c
     cdef int64_t j
     for c in range(n_found):
@@ -314,41 +319,42 @@ cdef void _take(
         if j == own:
             continue
         rescored[0] += 1
-        sh_fs_offer(hd, hi, size, k, sh_fs_adc(table, codes + pos[c] * M, M), j)
+        sh_fs_offer(hd, hi, size, k, sh_fs_adc_block(table, blocks, Mp, M, pos[c]), j)
         if size[0] == k:
             thr = min(thr, sh_fs_threshold(hd[0], p))
 
 
 def fastscan_kneighbors(
     const float[:, :, ::1] tables,  # IN (n_queries, n_subspaces, 16)
-    list codes_chunks,               # IN arrays (n_i, n_subspaces) uint8, C-contiguous
-    list block_chunks,               # IN their block layouts (pack_blocks)
+    list block_chunks,               # IN block layouts (pack_blocks), one per chunk of rows
+    chunk_sizes,                     # IN rows in each chunk
     Py_ssize_t k,
     int n_threads=1,
     simd=True,
     const int64_t[::1] exclude=None,  # IN (n_queries,) or None
     const uint8_t[::1] allowed=None,  # IN (n_database,) or None
-    bint check_codes=True,
     bint return_stats=False,
     bint clip_tables=True,
 ):
     """Exact k nearest 4-bit codes of each query by ADC, with a fast-scan filter.
 
-    The database is the concatenation of ``codes_chunks`` (row indices run
-    on from one chunk to the next); ``block_chunks[i]`` is
-    ``pack_blocks(codes_chunks[i])``. The answer equals ``adc_kneighbors``
-    on the concatenated codes: float32 ADC distances, ranked by distance
-    then index (see the module docstring for why the quantized filter loses
-    nothing).
+    The database is the concatenation of the chunks (row indices run on
+    from one chunk to the next); ``block_chunks[i]`` is
+    ``pack_blocks(codes_i)`` for the ``chunk_sizes[i]`` codes of chunk i,
+    and holds the only copy the search needs: the filter scans the blocks,
+    and the re-scoring reads its candidates' codeword indices from them.
+    The answer equals ``adc_kneighbors`` on the concatenated codes: float32
+    ADC distances, ranked by distance then index (see the module docstring
+    for why the quantized filter loses nothing).
 
     Parameters
     ----------
     tables : ndarray of shape (n_queries, n_subspaces, 16), dtype=float32
         Per-query ADC tables, C-contiguous, finite.
-    codes_chunks : list of ndarray of shape (n_i, n_subspaces), dtype=uint8
-        Codeword indices, each below 16 (the re-scoring reads them).
     block_chunks : list of ndarray of shape (ceil(n_i / 128), block_bytes), dtype=uint8
-        The same codes in the block layout (the filter reads them).
+        The codes of each chunk in the block layout, C-contiguous.
+    chunk_sizes : sequence of int
+        ``n_i``, the codes in each chunk (its last block may be part full).
     k : int
         Neighbours, ``k >= 0``.
     n_threads : int, default=1
@@ -360,9 +366,6 @@ def fastscan_kneighbors(
         A database row never returned for each query (-1: none).
     allowed : ndarray of shape (n_database,), dtype=uint8, default=None
         Only rows whose entry is non-zero are candidates (tested in the scan).
-    check_codes : bool, default=True
-        Check that the codes are 4-bit (one pass); an index that checked its
-        codes when they entered passes False.
     return_stats : bool, default=False
         Also return a dict: ``luts`` (n_queries, Mp, 16) uint8 quantized
         tables, ``scale``, ``bias``, ``e_over``, ``slack`` (float64 per query)
@@ -385,42 +388,34 @@ def fastscan_kneighbors(
     cdef Py_ssize_t M = tables.shape[1]
     cdef Py_ssize_t Mp = padded_subspaces(M)
     cdef Py_ssize_t bb = Mp * 64
-    cdef Py_ssize_t n_chunks = len(codes_chunks)
+    cdef Py_ssize_t n_chunks = len(block_chunks)
 
     if tables.shape[2] != 16:
         raise ValueError(f"fast-scan searches 4-bit codes: tables must have 16 codewords per "
                          f"subspace; got {tables.shape[2]}.")
     if M < 1:
         raise ValueError("tables must have at least one subspace.")
-    if len(block_chunks) != n_chunks:
-        raise ValueError("codes_chunks and block_chunks must have one entry per chunk.")
+    sizes = np.asarray(chunk_sizes)
+    if sizes.shape != (n_chunks,) or (n_chunks and (sizes.dtype.kind not in "iu"
+                                                    or sizes.min() < 0)):
+        raise ValueError(f"chunk_sizes must hold one non-negative int per chunk ({n_chunks}); "
+                         f"got {chunk_sizes!r}.")
+    sizes = sizes.astype(np.int64)
     if k < 0:
         raise ValueError(f"k must be >= 0; got k={k}.")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1; got {n_threads}.")
-    codes_at = np.zeros(n_chunks, dtype=np.intp)
     blocks_at = np.zeros(n_chunks, dtype=np.intp)
-    sizes = np.zeros(n_chunks, dtype=np.int64)
-    keep = []
     for i in range(n_chunks):
-        codes = codes_chunks[i]
         blocks = block_chunks[i]
-        if (not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.ndim != 2
-                or codes.shape[1] != M or not codes.flags.c_contiguous):
-            raise ValueError(f"codes_chunks[{i}] must be a C-contiguous uint8 array with {M} "
-                             f"columns (one per subspace of the tables).")
-        n_blocks = (codes.shape[0] + BLOCK - 1) // BLOCK
+        n_blocks = (sizes[i] + BLOCK - 1) // BLOCK
         if (not isinstance(blocks, np.ndarray) or blocks.dtype != np.uint8
                 or blocks.shape != (n_blocks, bb) or not blocks.flags.c_contiguous):
-            raise ValueError(f"block_chunks[{i}] must be the block layout of codes_chunks[{i}]: "
-                             f"a C-contiguous uint8 array of shape {(n_blocks, bb)}.")
-        if check_codes:
-            check_4bit_codes(codes)
-        sizes[i] = codes.shape[0]
-        if codes.shape[0]:
-            codes_at[i] = codes.ctypes.data
+            raise ValueError(f"block_chunks[{i}] must hold {sizes[i]} codes of {M} subspaces in "
+                             f"the block layout: a C-contiguous uint8 array of shape "
+                             f"{(n_blocks, bb)}.")
+        if sizes[i]:
             blocks_at[i] = blocks.ctypes.data
-        keep.append((codes, blocks))
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     cdef Py_ssize_t n_database = int(starts[n_chunks])
     if exclude is not None and exclude.shape[0] != n_queries:
@@ -444,14 +439,14 @@ def fastscan_kneighbors(
     if n_queries == 0 or k == 0 or n_database == 0:
         return (distances, indices, stats) if return_stats else (distances, indices)
 
-    # The sample: rows i * n // S, their codes gathered once.
+    # The sample: rows i * n // S, their codes unpacked once.
     cdef Py_ssize_t n_sample = min(n_database, N_SAMPLE)
     sample_rows = (np.arange(n_sample, dtype=np.int64) * n_database) // n_sample
     which = np.searchsorted(starts, sample_rows, side="right") - 1
     sample_codes = np.empty((n_sample, M), dtype=np.uint8)
     for i in np.unique(which):
         at = which == i
-        sample_codes[at] = keep[i][0][sample_rows[at] - starts[i]]
+        sample_codes[at] = unpack_block_rows(block_chunks[i], sample_rows[at] - starts[i], M)
 
     cdef float[:, ::1] out_dist = distances
     cdef int64_t[:, ::1] out_idx = indices
@@ -461,7 +456,6 @@ def fastscan_kneighbors(
     cdef int64_t[::1] resc = rescored
     cdef const int64_t[::1] srow = sample_rows
     cdef const uint8_t[:, ::1] scodes = sample_codes
-    cdef const intptr_t[::1] c_at = codes_at
     cdef const intptr_t[::1] b_at = blocks_at
     cdef const int64_t[::1] c_start = starts
     cdef const int64_t* excl = &exclude[0] if exclude is not None else NULL
@@ -479,7 +473,6 @@ def fastscan_kneighbors(
     cdef int thr
     cdef float d
     cdef double* p
-    cdef const uint8_t* chunk_codes
     cdef const uint8_t* chunk_blocks
     cdef const float* tq
     cdef int failed = 0
@@ -545,7 +538,6 @@ def fastscan_kneighbors(
                 for ch in range(n_chunks):
                     nrow = c_start[ch + 1] - c_start[ch]
                     start = c_start[ch]
-                    chunk_codes = <const uint8_t*> c_at[ch]
                     chunk_blocks = <const uint8_t*> b_at[ch]
                     j0 = 0
                     while j0 < nrow:
@@ -577,7 +569,8 @@ def fastscan_kneighbors(
                                       found_q if c == 0 else found_q2,
                                       thr if c == 0 else thr2, start + j0,
                                       (excl[q + c] if excl != NULL else -1),
-                                      tab + (q + c) * M * 16, chunk_codes + j0 * M, M,
+                                      tab + (q + c) * M * 16,
+                                      chunk_blocks + (j0 // BLOCK) * bb, Mp, M,
                                       &par[q + c, 0], &out_dist[q + c, 0], &out_idx[q + c, 0],
                                       &heap_sizes[q + c - q0], k, &resc[q + c])
                             q = q + 2
@@ -590,7 +583,6 @@ def fastscan_kneighbors(
         free(found_pos2)
         free(found_q2)
 
-    del keep  # the chunks stayed alive during the scan
     if failed:
         raise MemoryError("could not allocate the fast-scan search buffers.")
     return (distances, indices, stats) if return_stats else (distances, indices)
