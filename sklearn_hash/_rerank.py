@@ -64,11 +64,14 @@ class FloatRows:
         return refine_kneighbors(queries, candidates, starts, pointers, k, n_threads=n_threads,
                                  check_inputs=False)
 
-    def distances(self, queries, offsets, candidates, rows, n_threads):
-        """Every candidate's distance (query q's: ``candidates[offsets[q]:offsets[q + 1]]``)."""
+    def distances(self, queries, offsets, candidates, rows, n_threads, squared=False):
+        """Every candidate's distance (query q's: ``candidates[offsets[q]:offsets[q + 1]]``).
+
+        ``squared``: the squared distances, which ``rerank`` ranks by.
+        """
         starts, pointers = rows.addresses()
         return refine_distances(queries, offsets, candidates, starts, pointers,
-                                n_threads=n_threads, check_inputs=False)
+                                n_threads=n_threads, check_inputs=False, squared=squared)
 
 
 class SQ8Rows:
@@ -150,8 +153,8 @@ class SQ8Rows:
                                      self.offset, self.centroids, self.with_cells, k,
                                      n_threads=n_threads, check_inputs=False)
 
-    def distances(self, queries, offsets, candidates, rows, n_threads):
+    def distances(self, queries, offsets, candidates, rows, n_threads, squared=False):
         starts, pointers = rows.addresses()
         return refine_sq8_distances(queries, offsets, candidates, starts, pointers, self.scale,
                                     self.offset, self.centroids, self.with_cells,
-                                    n_threads=n_threads, check_inputs=False)
+                                    n_threads=n_threads, check_inputs=False, squared=squared)

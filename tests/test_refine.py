@@ -166,6 +166,16 @@ def test_every_candidates_distance_equals_the_re_ranking_kernels():
                                       len(mine))
                     np.testing.assert_array_equal(got[offsets[q] : offsets[q + 1]][
                         np.searchsorted(mine, ind[0])], dist[0])
+            # squared: the sums the top-k kernel ranks by (ties by index), before its roots
+            sq = score(Q, offsets, cand, starts, pointers, *extra, n_threads=n_threads,
+                       squared=True)
+            np.testing.assert_array_equal(np.sqrt(sq), got)
+            for q in range(len(Q)):
+                mine, d2 = cand[offsets[q] : offsets[q + 1]], sq[offsets[q] : offsets[q + 1]]
+                if len(mine):
+                    ind = top_k(Q[q : q + 1], mine[None], starts, pointers, *extra,
+                                len(mine))[1][0]
+                    np.testing.assert_array_equal(mine[np.lexsort((mine, d2))], ind)
         with pytest.raises(ValueError, match="offsets must rise from 0"):
             score(Q, offsets[:-1], cand, starts, pointers, *extra)
         with pytest.raises(ValueError, match="candidates must be database indices"):

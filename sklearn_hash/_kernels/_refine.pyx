@@ -116,13 +116,15 @@ cdef Py_ssize_t _rerank_query(
     int64_t* slot,              # scratch (GROUP,)
     int* bad_cell,              # OUT set to 1 on a cell outside the centroids
     double* all_out,            # OUT (n_cand,) every candidate's distance, or NULL
+    bint squared,               # IN all_out gets squared distances (the sums ranked)
 ) noexcept nogil:
     """One query's candidates scored and the k best kept; the number kept.
 
     GROUP candidates at a time: their rows fetched together and their sums
     accumulated side by side, each in feature order (double precision).
     With ``all_out``, every candidate's distance is written there instead,
-    in candidate order (k unused; a -1 candidate gets NaN).
+    in candidate order (k unused; a -1 candidate gets NaN), or its squared
+    distance with ``squared``: the sum the k best are ranked by.
     """
     cdef Py_ssize_t size = 0, c = 0, nb, b, j, ch
     cdef Py_ssize_t n_features = fmt.n_features
@@ -172,7 +174,7 @@ cdef Py_ssize_t _rerank_query(
                     acc[b] = acc[b] + diff * diff
         if all_out != NULL:
             for b in range(nb):
-                all_out[slot[b]] = sqrt(acc[b])
+                all_out[slot[b]] = acc[b] if squared else sqrt(acc[b])
             continue
         for b in range(nb):
             size = _insert(hd, hi, size, k, acc[b], ids[b])
@@ -215,11 +217,12 @@ cdef RowFormat _sq8_rows(Py_ssize_t n_features, const double[::1] scale,
 
 cdef _rerank(RowFormat fmt, const double[:, ::1] queries, const int64_t[:, ::1] candidates,
              const int64_t[::1] chunk_starts, const intptr_t[::1] chunk_ptrs, Py_ssize_t k,
-             int n_threads, const int64_t[::1] offsets=None):
+             int n_threads, const int64_t[::1] offsets=None, bint squared=False):
     """Both kernels' search over checked inputs: (distances, indices).
 
     With ``offsets``: every distance of the candidates ``candidates[0,
-    offsets[q]:offsets[q + 1]]`` of each query q instead, flat (float64).
+    offsets[q]:offsets[q + 1]]`` of each query q instead, flat (float64;
+    squared with ``squared``).
     """
     cdef Py_ssize_t n_queries = queries.shape[0]
     cdef Py_ssize_t n_cand = candidates.shape[1]
@@ -266,14 +269,14 @@ cdef _rerank(RowFormat fmt, const double[:, ::1] queries, const int64_t[:, ::1] 
                     _rerank_query(&fmt, &queries[q, 0], &candidates[0, offsets[q]],
                                   offsets[q + 1] - offsets[q], &chunk_starts[0],
                                   &chunk_ptrs[0], n_chunks, 0, NULL, NULL, rows, cents, ids,
-                                  acc, slot, bad_flag, &out_all[offsets[q]])
+                                  acc, slot, bad_flag, &out_all[offsets[q]], squared)
         else:
             for q in prange(n_queries, schedule="static"):
                 if ok:
                     _rerank_query(&fmt, &queries[q, 0], &candidates[q, 0], n_cand,
                                   &chunk_starts[0], &chunk_ptrs[0], n_chunks, k,
                                   &out_d[q, 0], &out_i[q, 0], rows, cents, ids, acc, slot,
-                                  bad_flag, NULL)
+                                  bad_flag, NULL, False)
         free(rows)
         free(cents)
         free(ids)
@@ -433,13 +436,15 @@ def _check_pairs(queries, offsets, candidates):
 
 
 def refine_distances(queries, offsets, candidates, chunk_starts, chunk_ptrs, int n_threads=1,
-                     bint check_inputs=True):
+                     bint check_inputs=True, bint squared=False):
     """Every candidate's exact L2 distance (float32 rows), as ``refine_kneighbors`` scores it.
 
     Query q's candidates are ``candidates[offsets[q]:offsets[q + 1]]``
     (database indices, each once per query, no -1); their distances come
     back flat in the same order (float64, the same numbers
-    ``refine_kneighbors`` returns for them).
+    ``refine_kneighbors`` returns for them). With ``squared``, their squared
+    distances: the sums ``refine_kneighbors`` ranks by (with ties by
+    index), before its square roots.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float64)
     offsets, flat = _check_pairs(queries, offsets, candidates)
@@ -447,13 +452,14 @@ def refine_distances(queries, offsets, candidates, chunk_starts, chunk_ptrs, int
     if check_inputs and flat.size and flat.min() < 0:
         raise ValueError("candidates must be database indices, not -1.")
     cdef RowFormat fmt = _float32_rows(queries.shape[1])
-    return _rerank(fmt, queries, flat, chunk_starts, chunk_ptrs, 0, n_threads, offsets)[0]
+    return _rerank(fmt, queries, flat, chunk_starts, chunk_ptrs, 0, n_threads, offsets,
+                   squared)[0]
 
 
 def refine_sq8_distances(queries, offsets, candidates, chunk_starts, chunk_ptrs,
                          const double[::1] scale, const double[::1] offset,
                          const double[:, ::1] centroids, bint with_cells, int n_threads=1,
-                         bint check_inputs=True):
+                         bint check_inputs=True, bint squared=False):
     """``refine_distances`` for 8-bit rows (decoded as ``refine_sq8_kneighbors`` reads them)."""
     queries = np.ascontiguousarray(queries, dtype=np.float64)
     cdef Py_ssize_t n_features = queries.shape[1]
@@ -462,4 +468,5 @@ def refine_sq8_distances(queries, offsets, candidates, chunk_starts, chunk_ptrs,
     if check_inputs and flat.size and flat.min() < 0:
         raise ValueError("candidates must be database indices, not -1.")
     cdef RowFormat fmt = _sq8_rows(n_features, scale, offset, centroids, with_cells)
-    return _rerank(fmt, queries, flat, chunk_starts, chunk_ptrs, 0, n_threads, offsets)[0]
+    return _rerank(fmt, queries, flat, chunk_starts, chunk_ptrs, 0, n_threads, offsets,
+                   squared)[0]
