@@ -14,6 +14,11 @@ b. 8,000,000 codes of 64 bits: query throughput with 2 workers, then with 1
 c. ``--n-codes`` codes of 64 bits (default 100,000,000), the floats generated
    chunk by chunk on the workers by dask.array.random and never whole:
    encoding time, index memory per worker, search queries per second.
+d. Re-ranking: 1,000,000 x 64 rows in an IVF1024 index of 4-bit PQ codes
+   (32 x 4 bits) keeping float32 rows, ``refine_factor=4``: the sharded
+   answers asserted equal to one process (``to_local``), and the queries
+   per second of the sharded search with and without the re-ranking round
+   (2 workers, 1 thread each), beside one process on 2 threads.
 
 Run: ``python benchmarks/bench_dask.py`` (all parts) or
 ``python benchmarks/bench_dask.py --parts c --n-codes 50000000``.
@@ -28,7 +33,12 @@ import dask.array as da
 import numpy as np
 from distributed import Client, LocalCluster
 
-from sklearn_hash import ITQ, ProductQuantizer, QuantizedNeighbors
+from sklearn_hash import (
+    ITQ,
+    IVFQuantizedNeighbors,
+    ProductQuantizer,
+    QuantizedNeighbors,
+)
 from sklearn_hash.dask import DaskQuantizedNeighbors
 
 N_FEATURES = 64
@@ -190,18 +200,52 @@ def part_c(client, n):
           + ", ".join(f"{v:.2f}" for v in share.values()))
 
 
+def part_d(client, n=1_000_000, batch=1000):
+    print(f"\n(d) re-ranking: {n:,} x 64 rows, IVF1024 + PQ 32 x 4 bits, float32 rows, "
+          f"refine_factor 4, n_probe 8; {batch:,} queries per call, k=10")
+    X = random_rows(n, n // 4, seed=3)
+    template = IVFQuantizedNeighbors(ProductQuantizer(n_bits=128, subspace_bits=4,
+                                                      random_state=0),
+                                     n_lists=1024, n_probe=8, refine_factor=4, random_state=0)
+    start = time.perf_counter()
+    search = DaskQuantizedNeighbors(template, client=client, random_state=0).fit(X)
+    print(f"  fit: {time.perf_counter() - start:.1f} s, {len(search.shards_)} shards; items "
+          f"searched per worker: "
+          + ", ".join(f"{m:,}" for m in _items_per_worker(search, client).values()))
+    Q = queries(batch, seed=7)
+    local = search.to_local()  # one process: the same codes and rows
+    local.n_jobs = 2
+    d, i = search.kneighbors(Q)
+    d_local, i_local = local.kneighbors(Q)
+    assert np.array_equal(i, i_local) and np.array_equal(d, d_local)
+    print(f"  {batch:,} queries: indices and distances identical to one process (asserted)")
+    refined, t_refined, share_r = timed_search(client, search, Q)
+    search.searcher_.refine_factor = None  # the driver's template: codes only, one round
+    codes_only, t_codes, share_c = timed_search(client, search, Q)
+    search.searcher_.refine_factor = 4
+    start = time.perf_counter()
+    local.kneighbors(Q)
+    t_local = time.perf_counter() - start
+    print(f"  best of 3: sharded, re-ranked {refined:,.0f} q/s ({t_refined:.2f} s); sharded, "
+          f"codes only {codes_only:,.0f} q/s ({t_codes:.2f} s); one process without Dask, "
+          f"2 threads, re-ranked {batch / t_local:,.0f} q/s ({t_local:.2f} s)")
+    print("  CPU seconds per wall second of each worker: re-ranked "
+          + ", ".join(f"{v:.2f}" for v in share_r.values()) + "; codes only "
+          + ", ".join(f"{v:.2f}" for v in share_c.values()))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="a,b,c")
+    parser.add_argument("--parts", default="a,b,c,d")
     parser.add_argument("--n-codes", type=int, default=100_000_000)
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiplies the sizes of parts a and b (for a quick try)")
+                        help="multiplies the sizes of parts a, b and d (for a quick try)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     print(f"cores: {os.cpu_count()}, LocalCluster(processes=True, n_workers=2, "
           f"threads_per_worker=1)")
     # One cluster per part: part b retires one of its two workers.
-    for part in ("a", "b", "c"):
+    for part in ("a", "b", "c", "d"):
         if part not in parts:
             continue
         with LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
@@ -211,8 +255,10 @@ def main():
                 part_a(client, int(2_000_000 * args.scale))
             elif part == "b":
                 part_b(cluster, client, int(8_000_000 * args.scale))
-            else:
+            elif part == "c":
                 part_c(client, args.n_codes)
+            else:
+                part_d(client, int(1_000_000 * args.scale))
 
 
 if __name__ == "__main__":

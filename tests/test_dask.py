@@ -55,6 +55,14 @@ TEMPLATES = {
                                                         random_state=0)),
     "ivf": lambda: IVFQuantizedNeighbors(ProductQuantizer(n_bits=16, random_state=0),
                                          n_lists=12, n_probe=2, random_state=0),
+    # re-ranking: the shards keep rows (float32, or 8-bit residuals with their cells)
+    "adc-refine": lambda: QuantizedNeighbors(ProductQuantizer(n_bits=16, random_state=0),
+                                             refine_factor=3),
+    "hamming-refine": lambda: QuantizedNeighbors(ITQ(n_bits=16, random_state=0),
+                                                 refine_factor=2),
+    "ivf4-sq8": lambda: IVFQuantizedNeighbors(
+        ProductQuantizer(n_bits=16, subspace_bits=4, random_state=0), n_lists=12, n_probe=2,
+        refine_factor=3, refine_storage="sq8", random_state=0),
 }
 
 
@@ -90,13 +98,24 @@ def test_same_answers_as_one_process(client, data, kind):
     assert_same(search.to_local().kneighbors(Q), expected)
     assert search.score(Q, yq) == local.score(Q, yq)
     # More neighbours than some shard holds; per-call settings pass through.
-    extra = {"n_probe": 5} if kind == "ivf" else {}
+    extra = {"n_probe": 5} if kind.startswith("ivf") else {}
     assert_same(search.kneighbors(Q, n_neighbors=450, **extra),
                 local.kneighbors(Q, n_neighbors=450, **extra))
     # Queries as a dask array: dask arrays back, computed block by block.
     distances, indices = search.kneighbors(da.from_array(Q, chunks=(15, 16)))
     assert isinstance(indices, da.Array) and indices.chunks[0] == (15, 15, 10)
     assert_same((distances.compute(), indices.compute()), expected)
+    if "refine" in kind or "sq8" in kind:  # per call: other factors, and none
+        for refine in (None, 1, 7):
+            assert_same(search.kneighbors(Q, refine_factor=refine, **extra),
+                        local.kneighbors(Q, refine_factor=refine, **extra))
+        distances, indices = search.kneighbors(da.from_array(Q, chunks=(15, 16)),
+                                               refine_factor=7)
+        assert_same((distances.compute(), indices.compute()), local.kneighbors(
+            Q, refine_factor=7))
+        # as many candidates as items: the re-ranking is the exact search of the rows
+        assert_same(search.kneighbors(Q, n_neighbors=1000, refine_factor=3, **extra),
+                    local.kneighbors(Q, n_neighbors=1000, refine_factor=3, **extra))
 
 
 def test_ivf_probes_with_the_cell_sizes_of_the_whole_index(client, data):
@@ -196,6 +215,23 @@ def test_save_load_round_trip(client, data, tmp_path):
         search.save(tmp_path / "other")
 
 
+def test_re_ranking_rows_are_saved_moved_and_gathered(client, data, tmp_path):
+    X, y, Q, _ = data
+    search = DaskQuantizedNeighbors(TEMPLATES["ivf4-sq8"](), n_neighbors=6, client=client,
+                                    random_state=0).fit(X, y)  # numpy: shards balanced
+    expected = single_process(search, X, y).kneighbors(Q)
+    assert_same(search.kneighbors(Q), expected)
+    assert_same(search.to_local().kneighbors(Q), expected)  # the rows gathered too
+    search.save(tmp_path / "index")
+    shard = IVFQuantizedNeighbors.load(tmp_path / "index" / "shard-00000")
+    assert shard._vectors is not None and len(shard._vectors) == shard.n_samples_fit_
+    loaded = DaskQuantizedNeighbors.load(tmp_path / "index", client=client, mmap_mode="r")
+    assert_same(loaded.kneighbors(Q), expected)
+    loaded.add(X[:300], y[:300])  # new shards keep rows too
+    grown = single_process(loaded, np.vstack([X, X[:300]]), np.concatenate([y, y[:300]]))
+    assert_same(loaded.kneighbors(Q, n_probe=4), grown.kneighbors(Q, n_probe=4))
+
+
 def _shards_on(search, client, worker):
     who = client.who_has(search.shards_)
     return [i for i, f in enumerate(search.shards_) if worker in (who.get(f.key) or ())]
@@ -272,11 +308,15 @@ def test_bad_input(client, data):
         search.kneighbors(Q, n_probe=2)
     with pytest.raises(ValueError, match="searcher"):
         DaskQuantizedNeighbors(ITQ(), client=client).fit(X)
-    if "refine_factor" in QuantizedNeighbors().get_params():
-        with pytest.raises(ValueError, match="refine_factor"):
-            DaskQuantizedNeighbors(QuantizedNeighbors(refine_factor=2), client=client).fit(X)
-        with pytest.raises(ValueError, match="refine_factor"):
-            search.kneighbors(Q, refine_factor=2)
+    # re-ranking needs the rows, kept only by a template fitted with refine_factor
+    with pytest.raises(ValueError, match="keeps none: fit it with refine_factor set"):
+        search.kneighbors(Q, refine_factor=2)
+    with pytest.raises(ValueError, match="refine_factor"):
+        search.kneighbors(da.from_array(Q, chunks=(20, 16)), refine_factor=2)
+    with pytest.raises(ValueError, match="Hamming ball"):
+        search.radius_neighbors(Q, radius=3, refine_factor=2)
+    with pytest.raises(ValueError, match="refine_factor"):
+        search.kneighbors(Q, refine_factor=0)
 
 
 def test_import_is_lazy_and_names_the_extra():
@@ -302,7 +342,7 @@ def test_radius_search_gives_the_balls_of_one_process(client, data, kind):
         da.from_array(X, chunks=((700, 1100, 400, 800), (16,))), y)
     local = single_process(search, X, y)
     d = local.kneighbors(Q, n_neighbors=40)[0]
-    extra = {"n_probe": 5} if kind == "ivf" else {}
+    extra = {"n_probe": 5} if kind.startswith("ivf") else {}
     for radius in (float(np.median(d[:, 30])), float(d[0, 3]), 0.0):
         for sort_results in (False, True):
             got = search.radius_neighbors(Q, radius=radius, sort_results=sort_results, **extra)

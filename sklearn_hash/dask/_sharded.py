@@ -12,8 +12,8 @@ The path of the data:
    global offsets and sizes (and, for IVF, the number of items of each cell
    over all shards).
    New shards are then spread so that every worker holds about as many
-   items per thread as the others (``_balance``: shards move as codes, the
-   floats are never moved).
+   items per thread as the others (``_balance``: shards move as codes, with
+   their re-ranking rows if the template keeps some; X is never moved).
 3. ``kneighbors(X)`` sends the queries to every worker once and runs one
    task per worker, pinned to it, which searches the shards that worker
    holds (``_search``: the single-process code path, kernels included, on
@@ -24,6 +24,13 @@ The path of the data:
    single-process answer. IVF shards probe the cells chosen with the
    global cell sizes (a shard that ranked cells by its own, smaller, sizes
    would top its probes up differently from one process).
+4. With ``refine_factor`` r (re-ranking) the shards also keep their items'
+   rows, and ``kneighbors`` takes two rounds: the merged top ``r * k`` of
+   the codes (the candidates of one process), then one task per worker
+   scoring the candidates its shards hold by their rows (``_refine_shards``:
+   the squared distances one process ranks by), of which the driver keeps
+   the k best, ties by index (``_best_refined``). Range search needs one
+   round: each shard keeps its own matches whose rows lie within the radius.
 
 Shards report their real size to Dask (``dask.sizeof``): without it a
 searcher weighed ~50 bytes, the 256 KB of queries looked heavier than a
@@ -58,7 +65,7 @@ from .._index import fill_balls
 from .._ivf import IVFQuantizedNeighbors
 from .._neighbors import QuantizedNeighbors
 from .._storage import read_json_manifest
-from .._threads import single_threaded_blas
+from .._threads import effective_n_threads, single_threaded_blas
 from .._version import __version__
 from ..metrics import map_at_r_score
 
@@ -136,18 +143,26 @@ def _check_row_chunked(X):
 
 
 def _shard_info(shard):
-    """Items, items per IVF cell, and bytes held by the shard's storage (codes, ids, labels)."""
+    """Items, items per IVF cell, and bytes held by the shard's storage.
+
+    The storage: codes, ids, labels and re-ranking rows (those memory-mapped
+    from a saved index not counted).
+    """
     index = shard._index
     cells = index.sizes.copy() if isinstance(index, InvertedLists) else None
     seen = set()
-    nbytes = sum(_nbytes(part, seen) for part in (index, shard._labels, shard._live))
+    nbytes = sum(_nbytes(part, seen)
+                 for part in (index, shard._labels, shard._live, shard._vectors))
     return shard.n_samples_fit_, cells, nbytes
 
 
 def _shard_contents(shard):
-    """All of a shard's codes as one saved segment, and its labels."""
+    """All of a shard's codes as one saved segment (with its re-ranking rows), and its labels."""
     labels = None if shard._labels is None else shard._labels.to_array()
-    return shard._index.segment_arrays(0, shard.n_samples_fit_), labels
+    arrays = shard._index.segment_arrays(0, shard.n_samples_fit_)
+    if shard._vectors is not None:
+        arrays["vectors"] = shard._vectors.to_array()
+    return arrays, labels
 
 
 def _shard_labels(shard, local):
@@ -204,6 +219,56 @@ def _search_shards(shards, offsets, X, k, params, cell_sizes, distance_dtype, n_
     return _merge(parts, k)
 
 
+def _refine_shards(shards, offsets, X, candidates, n_threads=None):
+    """Squared distances to their rows of the candidates some shards hold (NaN elsewhere).
+
+    ``candidates``: global indices (-1: none), the merged candidates of
+    every shard; each is scored by the shard holding it, with its
+    searcher's re-ranking step: the sums one process ranks them by.
+    """
+    X = check_array(X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=0)
+    if n_threads is None:
+        n_threads = _worker_threads()
+    queries = np.ascontiguousarray(X, dtype=np.float64)
+    out = np.full(candidates.shape, np.nan)
+    with single_threaded_blas:
+        for shard, offset in zip(shards, offsets):
+            local = candidates - offset
+            query_of, at = np.nonzero((candidates >= 0) & (local >= 0)
+                                      & (local < shard.n_samples_fit_))
+            if not query_of.size:
+                continue
+            starts = np.zeros(len(queries) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(query_of, minlength=len(queries)), out=starts[1:])
+            n_jobs = n_threads if shard.n_jobs is None else shard.n_jobs
+            out[query_of, at] = shard._rerank_step().distances(
+                queries, starts, local[query_of, at], shard._vectors,
+                effective_n_threads(n_jobs), squared=True)
+    return out
+
+
+def _best_refined(parts, candidates, k):
+    """The k candidates of least squared distance (from the shards' parts), ties by index.
+
+    Returns their distances (the square roots, float64) and indices, as the
+    single-process re-ranking does; ``inf`` and -1 where fewer exist.
+    """
+    squared = np.full(candidates.shape, np.inf)
+    for part in parts:
+        squared = np.where(np.isnan(part), squared, part)
+    missing = candidates < 0
+    order = np.lexsort((candidates, squared, missing), axis=1)[:, :k]
+    distances = np.sqrt(np.take_along_axis(squared, order, axis=1))
+    indices = np.take_along_axis(candidates, order, axis=1)
+    taken = np.take_along_axis(missing, order, axis=1)
+    distances[taken], indices[taken] = np.inf, -1
+    if distances.shape[1] < k:  # fewer candidates than k (a tiny index)
+        pad = k - distances.shape[1]
+        distances = np.pad(distances, ((0, 0), (0, pad)), constant_values=np.inf)
+        indices = np.pad(indices, ((0, 0), (0, pad)), constant_values=-1)
+    return distances, indices
+
+
 def _join_balls(query_of, distances, indices, n_queries, dtype):
     """Matches (query, distance, index) from several shards as CSR, by query then index.
 
@@ -219,11 +284,13 @@ def _join_balls(query_of, distances, indices, n_queries, dtype):
 
 
 def _radius_shards(shards, offsets, X, threshold, params, cell_sizes, threshold_in_bits,
-                   n_threads=None):
+                   radius=None, n_threads=None):
     """Every item of some shards within the threshold of each query: CSR, global indices.
 
     Each shard runs its searcher's range scan (``_radius``); its matches
-    keep the kernels' units (squared L2 estimates, or bits).
+    keep the kernels' units (squared L2 estimates, or bits). With ``radius``
+    (re-ranking), each shard keeps those of its matches whose rows lie
+    within it (``_refine_ball``), with the rows' L2 distances.
     """
     X = check_array(X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=0)
     if n_threads is None:
@@ -236,12 +303,15 @@ def _radius_shards(shards, offsets, X, threshold, params, cell_sizes, threshold_
             for part_offsets, d, i in (shard._radius(X, threshold, None, params)
                                        if X.shape[0] else ()):
                 n = len(part_offsets) - 1
+                if radius is not None:
+                    part_offsets, d, i = shard._refine_ball(X, first, part_offsets, i, radius)
                 query_of.append(np.repeat(np.arange(first, first + n), np.diff(part_offsets)))
                 distances.append(d)
                 indices.append(i + offset)
                 first += n
     return _join_balls(query_of, distances, indices, X.shape[0],
-                       np.int32 if threshold_in_bits else np.float32)
+                       np.int32 if threshold_in_bits else np.float64 if radius is not None
+                       else np.float32)
 
 
 def _moved(shard):
@@ -266,7 +336,10 @@ class DaskQuantizedNeighbors(BaseEstimator):
     their answers exactly: the result is the one a single-process searcher
     holding the same quantizer and all the codes returns (see
     :meth:`to_local`), distances and indices, ties by global index.
-    ``radius_neighbors`` joins the shards' balls by global index.
+    ``radius_neighbors`` joins the shards' balls by global index. A
+    template with ``refine_factor`` re-ranks as one process does: its
+    shards keep their items' rows (``refine_storage``) and score the
+    merged candidates they hold.
 
     Read more in the :ref:`User Guide <dask>`.
 
@@ -321,7 +394,12 @@ class DaskQuantizedNeighbors(BaseEstimator):
     the estimated squared distances clamped at zero, so two items whose
     IVF estimates are both (by rounding) below zero tie at 0.0 and are
     ranked by index, where one process ranks them by their negative
-    estimates.
+    estimates. With ``refine_factor`` r the candidates are the merged top
+    ``r * k`` of the codes, those of one process; each is scored by the
+    shard that holds it with the single-process re-ranking kernel, and the
+    driver keeps the k best by squared distance then index: the
+    single-process re-ranking, at the cost of a second round trip to the
+    workers.
 
     **Placement and threads.** After ``fit``, ``add`` and ``load`` the
     shards are moved (as codes) so that every worker holds about as many
@@ -524,12 +602,6 @@ class DaskQuantizedNeighbors(BaseEstimator):
         if y is not None:
             y_train = y[rows].compute() if isinstance(y, da.Array) else np.asarray(y)[rows]
         template = clone(self.searcher) if self.searcher is not None else QuantizedNeighbors()
-        if getattr(template, "refine_factor", None) is not None:
-            raise ValueError(
-                f"searcher.refine_factor={template.refine_factor} keeps the original vectors "
-                f"for re-ranking, which DaskQuantizedNeighbors does not support; use "
-                f"refine_factor=None."
-            )
         template.fit(X_train, y_train)
         template._start_index(None)  # the fitted quantizer, without the sample's items
         self.searcher_ = template
@@ -733,19 +805,23 @@ class DaskQuantizedNeighbors(BaseEstimator):
         check_is_fitted(self)
         client = self._get_client()
         params = self.searcher_._check_search_params(search_params)
-        if params.pop("refine_factor", None) is not None:
-            raise ValueError(
-                "refine_factor is not supported by DaskQuantizedNeighbors: re-ranking by the "
-                "original vectors would need the candidates of all shards merged first."
-            )
+        refine = params.pop("refine_factor", None)
+        if refine is not None:
+            self.searcher_._check_kept_rows(refine)
         dtype = self._distance_dtype()
         if isinstance(X, da.Array):
-            return self._kneighbors_dask(client, X, n_neighbors, return_distance, params, dtype)
+            return self._kneighbors_dask(client, X, n_neighbors, return_distance, params, dtype,
+                                         refine)
         X = check_array(X, dtype=[np.float64, np.float32], order="C")
         self._check_n_features(X.shape[1], fitting=False)
         k = self._check_n_neighbors(n_neighbors, X.shape[0])
-        parts = self._on_workers(client, _search_shards, X, k, params, self._cell_sizes, dtype)
-        distances, indices = _merge(parts, k)
+        n_candidates = k if refine is None else min(k * refine, self.n_samples_fit_)
+        parts = self._on_workers(client, _search_shards, X, n_candidates, params,
+                                 self._cell_sizes, dtype)
+        distances, indices = _merge(parts, n_candidates)
+        if refine is not None:  # each candidate scored by its shard's rows, the best k kept
+            parts = self._on_workers(client, _refine_shards, X, indices)
+            distances, indices = _best_refined(parts, indices, k)
         return (distances, indices) if return_distance else indices
 
     def _on_workers(self, client, task, X, *args):
@@ -823,13 +899,17 @@ class DaskQuantizedNeighbors(BaseEstimator):
         template = self.searcher_
         params = template._check_search_params(search_params, "radius_neighbors")
         hamming = template._hamming()
-        if params.pop("refine_factor", None) is not None and (
-                not hamming or search_params.get("refine_factor") is not None):
-            # (a Hamming template's own refine_factor is for kneighbors: its ball is of bits)
-            raise ValueError(
-                "refine_factor is not supported by DaskQuantizedNeighbors: re-ranking by the "
-                "original vectors would need the candidates of all shards merged first."
-            )
+        refine = params.pop("refine_factor", None)
+        if refine is not None and hamming:
+            if search_params.get("refine_factor") is not None:
+                raise ValueError(
+                    f"radius_neighbors with refine_factor={refine} needs L2 estimates from "
+                    f"the codes, but these binary codes are compared by Hamming distance; "
+                    f"their radius search is the Hamming ball of the codes, without "
+                    f"refine_factor.")
+            refine = None  # the template's: for kneighbors; the ball is one of bits
+        if refine is not None:
+            template._check_kept_rows(refine)
         if sort_results and not return_distance:
             raise ValueError("return_distance must be True if sort_results is True.")
         radius = template.radius if radius is None else radius
@@ -840,23 +920,28 @@ class DaskQuantizedNeighbors(BaseEstimator):
             X = X.compute()
         X = check_array(X, dtype=[np.float64, np.float32], order="C")
         self._check_n_features(X.shape[1], fitting=False)
-        parts = self._on_workers(client, _radius_shards, X, template._threshold(float(radius)),
-                                 params, self._cell_sizes, hamming)
+        # With re-ranking, the codes' range widens to sqrt(refine) * radius (as in one
+        # process) and each shard keeps the items whose rows lie within radius.
+        reach = float(radius) if refine is None else float(radius) * float(np.sqrt(refine))
+        parts = self._on_workers(client, _radius_shards, X, template._threshold(reach),
+                                 params, self._cell_sizes, hamming,
+                                 None if refine is None else float(radius))
         offsets, distances, indices = _join_balls(
             [np.repeat(np.arange(len(X)), np.diff(o)) for o, _, _ in parts],
             [d for _, d, _ in parts], [i for _, _, i in parts], len(X),
-            np.int32 if hamming else np.float32)
-        if not hamming:
+            np.int32 if hamming else np.float32 if refine is None else np.float64)
+        if not hamming and refine is None:  # the rows' distances are L2 already
             distances = np.sqrt(np.maximum(distances, 0, dtype=np.float64))
         neigh_dist = np.empty(len(X), dtype=object)
         neigh_ind = np.empty(len(X), dtype=object)
         fill_balls(neigh_dist, neigh_ind, 0, offsets, distances, indices, sort_results)
         return (neigh_dist, neigh_ind) if return_distance else neigh_ind
 
-    def _kneighbors_dask(self, client, X, n_neighbors, return_distance, params, dtype):
+    def _kneighbors_dask(self, client, X, n_neighbors, return_distance, params, dtype, refine):
         _check_row_chunked(X)
         self._check_n_features(X.shape[1], fitting=False)
         k = self._check_n_neighbors(n_neighbors, X.shape[0])
+        n_candidates = k if refine is None else min(k * refine, self.n_samples_fit_)
         groups = self._placement(client)
         # Blocks of queries run side by side in a worker's threads: their
         # kernels share the threads rather than each taking all of them.
@@ -864,15 +949,24 @@ class DaskQuantizedNeighbors(BaseEstimator):
         n_blocks = len(X.chunks[0])
         distances, indices = [], []
         for block, n_rows in zip(X.to_delayed().ravel(), X.chunks[0]):
-            parts = []
+            parts, refined = [], []
             for worker, group in groups.items():
                 n_threads = None if worker is None else max(1, threads[worker] // n_blocks)
                 with dask.annotate(**self._pinned(worker)):
                     parts.append(dask.delayed(_search_shards, pure=True)(
-                        [self.shards_[i] for i in group], self.shard_offsets_[group], block, k,
-                        params, self._cell_sizes, dtype, n_threads))
-            merged = dask.delayed(_merge_parts, pure=True)(parts, k)
-            distances.append(da.from_delayed(merged[0], shape=(n_rows, k), dtype=dtype))
+                        [self.shards_[i] for i in group], self.shard_offsets_[group], block,
+                        n_candidates, params, self._cell_sizes, dtype, n_threads))
+            merged = dask.delayed(_merge_parts, pure=True)(parts, n_candidates)
+            if refine is not None:
+                for worker, group in groups.items():
+                    n_threads = None if worker is None else max(1, threads[worker] // n_blocks)
+                    with dask.annotate(**self._pinned(worker)):
+                        refined.append(dask.delayed(_refine_shards, pure=True)(
+                            [self.shards_[i] for i in group], self.shard_offsets_[group], block,
+                            merged[1], n_threads))
+                merged = dask.delayed(_best_refined, pure=True)(refined, merged[1], k)
+            distances.append(da.from_delayed(merged[0], shape=(n_rows, k),
+                                             dtype=dtype if refine is None else np.float64))
             indices.append(da.from_delayed(merged[1], shape=(n_rows, k), dtype=np.int64))
         indices = da.concatenate(indices)
         if not return_distance:
@@ -940,9 +1034,13 @@ class DaskQuantizedNeighbors(BaseEstimator):
             labels = np.concatenate([lab for _, lab in contents])
         local._start_index(labels)
         for (arrays, _), offset in zip(contents, self.shard_offsets_):
+            arrays = dict(arrays)
+            vectors = arrays.pop("vectors", None)
             if "ids" in arrays:  # inverted lists: local ids become global ones
-                arrays = {**arrays, "ids": arrays["ids"] + offset}
+                arrays["ids"] = arrays["ids"] + offset
             local._index.add_segment(arrays)
+            if vectors is not None:
+                local._vectors.append(vectors)
         if labels is not None:
             local._append_labels(labels)
         local.n_samples_fit_ = self.n_samples_fit_
