@@ -148,6 +148,9 @@ class _FlatScan:
             offsets, d, i = self._radius_kernel(queries, chunk, threshold, sub_allowed,
                                                 sub_exclude, n_threads)
             parts.append((offsets, d, i + offset))
+        if not parts:  # no items: the kernel's empty answer, in its dtypes
+            return self._radius_kernel(queries, self.codes.to_array(), threshold, None, None,
+                                       n_threads)
         if len(parts) == 1:
             return parts[0]
         n_queries = len(queries)
@@ -1027,6 +1030,9 @@ class FastScan(_FlatScan):
         self.add(codes)
 
     def search(self, tables, k, *, allowed=None, exclude=None, n_threads=1):
+        if np.shape(tables)[1:] != (self.n_subspaces, 16):
+            raise ValueError(f"tables must have shape (n_queries, {self.n_subspaces}, 16) for "
+                             f"these codes; got {np.shape(tables)}.")
         blocks, sizes = self._blocks_and_sizes()
         return fastscan_kneighbors(
             tables, blocks, sizes, k, n_threads=n_threads, simd=self.simd, exclude=exclude,

@@ -285,6 +285,9 @@ def test_bad_input():
         fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [blocks], [10, 3], 3)
     with pytest.raises(ValueError, match="chunk_sizes"):
         fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [blocks], [-1], 3)
+    with pytest.raises(ValueError, match="chunk_sizes"):  # would wrap to -100 as int64
+        fastscan_kneighbors(np.zeros((1, 4, 16), np.float32), [blocks[:0]],
+                            np.array([2**64 - 100], dtype=np.uint64), 3)
     with pytest.raises(ValueError, match="NaN"):
         fastscan_kneighbors(np.full((1, 4, 16), np.nan, np.float32), [blocks], [10], 3)
     with pytest.raises(ValueError, match="allowed"):
@@ -295,9 +298,12 @@ def test_bad_input():
     index = FastScan(4)
     with pytest.raises(ValueError, match=r"codeword indices must be in \[0, 15\]"):
         index.add(codes)
+    index.add(good)
+    with pytest.raises(ValueError, match=r"tables must have shape \(n_queries, 4, 16\)"):
+        index.search(np.zeros((1, 3, 16), np.float32), 3)  # blocks of 3 and 4 look alike
     with pytest.raises(ValueError, match="4 columns"):
         index.add(np.zeros((3, 5), np.uint8))
-    assert len(index) == 0
+    assert len(index) == 10
 
 
 def test_back_end_growth_segments_and_compaction():

@@ -143,6 +143,21 @@ def test_radius_beyond_every_distance_returns_every_item(searcher, data):
             np.testing.assert_array_equal(np.sort(i), np.arange(len(X_db)))
 
 
+@pytest.mark.parametrize("searcher", [HAMMING, ADC, SDC, QuantizedNeighbors(
+    ProductQuantizer(n_bits=16, random_state=0))], ids=["hamming", "adc4", "sdc", "adc8"])
+def test_radius_search_of_an_emptied_index_returns_empty_balls(searcher, data):
+    # every item removed and compacted away: the chunked back-ends had no chunk to
+    # concatenate the answers of
+    X_db, _, X_q, _ = data
+    fitted = clone(searcher).fit(X_db[:300])
+    fitted.remove(np.arange(300))
+    fitted.compact()
+    assert fitted.n_samples_fit_ == 0
+    distances, indices = fitted.radius_neighbors(X_q[:3], radius=1e30)
+    assert [len(i) for i in indices] == [0, 0, 0] and [len(d) for d in distances] == [0, 0, 0]
+    assert fitted.radius_neighbors_graph(X_q[:3], radius=1e30).nnz == 0
+
+
 def test_fast_scan_range_search_equals_the_float_scan(data, tmp_path):
     # 4-bit codes: the exhaustive range search filters the blocks by fast-scan
     # (ivf_fastscan_radius over the chunks as one list); the answers are TableScan's

@@ -352,7 +352,9 @@ def fastscan_kneighbors(
     tables : ndarray of shape (n_queries, n_subspaces, 16), dtype=float32
         Per-query ADC tables, C-contiguous, finite.
     block_chunks : list of ndarray of shape (ceil(n_i / 128), block_bytes), dtype=uint8
-        The codes of each chunk in the block layout, C-contiguous.
+        The codes of each chunk in the block layout, C-contiguous, of
+        ``n_subspaces`` subspaces (the blocks' width cannot tell an odd
+        count from the next even one: the caller keeps them consistent).
     chunk_sizes : sequence of int
         ``n_i``, the codes in each chunk (its last block may be part full).
     k : int
@@ -397,7 +399,8 @@ def fastscan_kneighbors(
         raise ValueError("tables must have at least one subspace.")
     sizes = np.asarray(chunk_sizes)
     if sizes.shape != (n_chunks,) or (n_chunks and (sizes.dtype.kind not in "iu"
-                                                    or sizes.min() < 0)):
+                                                    or sizes.min() < 0
+                                                    or sizes.max() > np.iinfo(np.int64).max)):
         raise ValueError(f"chunk_sizes must hold one non-negative int per chunk ({n_chunks}); "
                          f"got {chunk_sizes!r}.")
     sizes = sizes.astype(np.int64)
