@@ -128,6 +128,12 @@ def test_ivf_probes_with_the_cell_sizes_of_the_whole_index(client, data):
     local = single_process(search, X, None)
     for n_probe in (1, 3):
         assert_same(search.kneighbors(Q, n_probe=n_probe), local.kneighbors(Q, n_probe=n_probe))
+    # re-ranked: each worker scores the candidates of its ten shards
+    search = DaskQuantizedNeighbors(TEMPLATES["ivf4-sq8"](), n_neighbors=20, client=client,
+                                    random_state=0).fit(da.from_array(X, chunks=(150, 16)))
+    local = single_process(search, X, None)
+    for n_probe in (1, 3):
+        assert_same(search.kneighbors(Q, n_probe=n_probe), local.kneighbors(Q, n_probe=n_probe))
 
 
 def test_numpy_input_and_add(client, data):

@@ -231,18 +231,31 @@ def _refine_shards(shards, offsets, X, candidates, n_threads=None):
         n_threads = _worker_threads()
     queries = np.ascontiguousarray(X, dtype=np.float64)
     out = np.full(candidates.shape, np.nan)
+    # Each candidate's shard among these (their ranges do not overlap), found once.
+    order = np.argsort(offsets, kind="stable")
+    starts = np.asarray(offsets, dtype=np.int64)[order]
+    sizes = np.array([shards[s].n_samples_fit_ for s in order], dtype=np.int64)
+    flat = candidates.ravel()
+    at = np.flatnonzero(flat >= 0)
+    which = np.searchsorted(starts, flat[at], side="right") - 1
+    inside = which >= 0
+    inside[inside] = flat[at[inside]] - starts[which[inside]] < sizes[which[inside]]
+    at, which = at[inside], which[inside]
+    by_shard = np.argsort(which, kind="stable")  # within a shard: by query, as the CSR wants
+    at, which = at[by_shard], which[by_shard]
+    bounds = np.searchsorted(which, np.arange(len(order) + 1))
     with single_threaded_blas:
-        for shard, offset in zip(shards, offsets):
-            local = candidates - offset
-            query_of, at = np.nonzero((candidates >= 0) & (local >= 0)
-                                      & (local < shard.n_samples_fit_))
-            if not query_of.size:
+        for s, shard_number in enumerate(order):
+            mine = at[bounds[s] : bounds[s + 1]]
+            if not mine.size:
                 continue
-            starts = np.zeros(len(queries) + 1, dtype=np.int64)
-            np.cumsum(np.bincount(query_of, minlength=len(queries)), out=starts[1:])
+            shard = shards[shard_number]
+            query_starts = np.zeros(len(queries) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(mine // candidates.shape[1], minlength=len(queries)),
+                      out=query_starts[1:])
             n_jobs = n_threads if shard.n_jobs is None else shard.n_jobs
-            out[query_of, at] = shard._rerank_step().distances(
-                queries, starts, local[query_of, at], shard._vectors,
+            out.flat[mine] = shard._rerank_step().distances(
+                queries, query_starts, flat[mine] - starts[s], shard._vectors,
                 effective_n_threads(n_jobs), squared=True)
     return out
 
@@ -272,7 +285,8 @@ def _best_refined(parts, candidates, k):
 def _join_balls(query_of, distances, indices, n_queries, dtype):
     """Matches (query, distance, index) from several shards as CSR, by query then index.
 
-    ``dtype``: the distances' (int32 bits, or float32 squared estimates) when none match.
+    ``dtype``: the distances' when none match (int32 bits, float32 squared
+    estimates, or float64 distances to the rows with re-ranking).
     """
     if not query_of:
         return np.zeros(n_queries + 1, np.int64), np.empty(0, dtype), np.empty(0, np.int64)
@@ -797,7 +811,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
         neigh_dist : ndarray or dask array of shape (n_queries, n_neighbors)
             Distances, ascending, as the single-process searcher returns them
             (Hamming: int32 bit counts; product codes: float64 estimated L2
-            distances). Only with ``return_distance=True``.
+            distances; with ``refine_factor``, float64 L2 distances to the
+            rows). Only with ``return_distance=True``.
         neigh_ind : ndarray or dask array of shape (n_queries, n_neighbors), dtype=int64
             Global indices of the neighbours; equal distances in ascending
             index order.
@@ -865,9 +880,12 @@ class DaskQuantizedNeighbors(BaseEstimator):
                          **search_params):
         """Every database item within ``radius`` of each query, over all the shards.
 
-        The answers of the single-process searcher (see :meth:`to_local`)
-        without re-ranking: each shard runs its range scan, and the balls
-        are joined by global index.
+        The answers of the single-process searcher (see :meth:`to_local`):
+        each shard runs its range scan, and the balls are joined by global
+        index. With ``refine_factor`` (the template's, or this call's) each
+        shard keeps the matches of its widened scan whose rows lie within
+        ``radius``, as one process does (see
+        :meth:`~sklearn_hash.QuantizedNeighbors.radius_neighbors`).
 
         Parameters
         ----------
@@ -1048,7 +1066,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
         return local
 
     def _nbytes_per_worker(self):
-        """Bytes of codes, ids and labels that each worker holds (shards as placed now)."""
+        """Bytes of codes, ids, labels and re-ranking rows that each worker holds (shards as
+        placed now; rows memory-mapped from a saved index not counted)."""
         client = self._get_client()
         who = client.who_has(self.shards_)
         held = {}
