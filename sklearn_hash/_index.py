@@ -66,6 +66,37 @@ def fill_balls(neigh_dist, neigh_ind, first, offsets, distances, indices, sort_r
     return q
 
 
+def allowed_mask(allowed, n):
+    """``allowed`` (a boolean mask of n items, or item indices) as a uint8 mask of n items.
+
+    Raises a ValueError or TypeError saying what is allowed when it is neither.
+    """
+    allowed = np.asarray(allowed)
+    if allowed.size == 0 and allowed.ndim == 1:  # [] is no index, whatever its dtype
+        allowed = allowed.astype(np.int64)
+    if allowed.dtype == bool:
+        if allowed.shape != (n,):
+            raise ValueError(f"allowed as a boolean mask must have shape ({n},) "
+                             f"(n_samples_fit_); got shape {allowed.shape}.")
+        return np.ascontiguousarray(allowed).view(np.uint8)
+    if allowed.dtype.kind in "iu" and allowed.ndim == 1:
+        if allowed.size and (allowed.min() < 0 or allowed.max() >= n):
+            raise ValueError(f"allowed indices must be in [0, {n - 1}]; got values in "
+                             f"[{allowed.min()}, {allowed.max()}].")
+        if (allowed.size == n and allowed.max() <= 1
+                and np.unique(allowed).size < n):
+            raise ValueError(
+                f"allowed holds {n} integers, all 0 or 1 and some repeated: a mask of "
+                f"integers, which would be read as the indices 0 and 1. Pass a boolean "
+                f"mask (allowed.astype(bool)) or the indices (np.flatnonzero(allowed)).")
+        mask = np.zeros(n, dtype=np.uint8)
+        mask[allowed] = 1
+        return mask
+    raise TypeError(f"allowed must be a boolean mask of shape ({n},) or a 1-D array "
+                    f"of integer database indices; got {allowed.ndim}-D "
+                    f"{allowed.dtype}.")
+
+
 class IndexMixin:
     """Growth, removal, filtered kNN search, scoring and persistence of a fitted index."""
 
@@ -355,33 +386,9 @@ class IndexMixin:
     # ------------------------------------------------------------------ search
     def _check_allowed(self, allowed):
         """The uint8 mask of searchable items: live, and allowed by the caller."""
-        n = self.n_samples_fit_
         if allowed is None:
             return None if self._live is None else self._live.array
-        allowed = np.asarray(allowed)
-        if allowed.size == 0 and allowed.ndim == 1:  # [] is no index, whatever its dtype
-            allowed = allowed.astype(np.int64)
-        if allowed.dtype == bool:
-            if allowed.shape != (n,):
-                raise ValueError(f"allowed as a boolean mask must have shape ({n},) "
-                                 f"(n_samples_fit_); got shape {allowed.shape}.")
-            mask = allowed.view(np.uint8)
-        elif allowed.dtype.kind in "iu" and allowed.ndim == 1:
-            if allowed.size and (allowed.min() < 0 or allowed.max() >= n):
-                raise ValueError(f"allowed indices must be in [0, {n - 1}]; got values in "
-                                 f"[{allowed.min()}, {allowed.max()}].")
-            if (allowed.size == n and allowed.max() <= 1
-                    and np.unique(allowed).size < n):
-                raise ValueError(
-                    f"allowed holds {n} integers, all 0 or 1 and some repeated: a mask of "
-                    f"integers, which would be read as the indices 0 and 1. Pass a boolean "
-                    f"mask (allowed.astype(bool)) or the indices (np.flatnonzero(allowed)).")
-            mask = np.zeros(n, dtype=np.uint8)
-            mask[allowed] = 1
-        else:
-            raise TypeError(f"allowed must be a boolean mask of shape ({n},) or a 1-D array "
-                            f"of integer database indices; got {allowed.ndim}-D "
-                            f"{allowed.dtype}.")
+        mask = allowed_mask(allowed, self.n_samples_fit_)
         if self._live is not None:
             mask = mask & self._live.array
         return np.ascontiguousarray(mask, dtype=np.uint8)

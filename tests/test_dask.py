@@ -118,6 +118,45 @@ def test_same_answers_as_one_process(client, data, kind):
                     local.kneighbors(Q, n_neighbors=1000, refine_factor=3, **extra))
 
 
+@pytest.mark.parametrize("kind", sorted(TEMPLATES))
+def test_filtered_search_gives_the_answers_of_one_process(client, data, kind):
+    X, y, Q, _ = data
+    search = DaskQuantizedNeighbors(TEMPLATES[kind](), n_neighbors=7, client=client,
+                                    random_state=0).fit(
+        da.from_array(X, chunks=((700, 1100, 400, 800), (16,))), y)
+    local = single_process(search, X, y)
+    rng = np.random.default_rng(1)
+    mask = rng.random(3000) < 0.05  # few allowed: IVF probes must count them globally
+    mask[:700] = False              # a shard with nothing allowed
+    extra = {"n_probe": 1} if kind.startswith("ivf") else {}
+    for allowed in (mask, np.flatnonzero(mask)):
+        assert_same(search.kneighbors(Q, allowed=allowed, **extra),
+                    local.kneighbors(Q, allowed=allowed, **extra))
+        distances, indices = search.kneighbors(da.from_array(Q, chunks=(15, 16)),
+                                               allowed=allowed, **extra)
+        assert_same((distances.compute(), indices.compute()),
+                    local.kneighbors(Q, allowed=allowed, **extra))
+    n_allowed = int(mask.sum())
+    assert_same(search.kneighbors(Q, n_neighbors=n_allowed, allowed=mask, **extra),
+                local.kneighbors(Q, n_neighbors=n_allowed, allowed=mask, **extra))
+    d = local.kneighbors(Q, n_neighbors=40)[0]
+    radius = float(np.median(d[:, 30]))
+    got = search.radius_neighbors(Q, radius=radius, allowed=mask, **extra)
+    expected = local.radius_neighbors(Q, radius=radius, allowed=mask, **extra)
+    assert sum(len(i) for i in expected[1]) > 0
+    for got_part, expected_part in zip(got, expected):
+        for a, b in zip(got_part, expected_part):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="allowed selects no live item"):
+        search.kneighbors(Q, allowed=np.zeros(3000, dtype=bool))
+    with pytest.raises(ValueError, match=f"only {n_allowed} live items are allowed"):
+        search.kneighbors(Q, n_neighbors=n_allowed + 1, allowed=mask)
+    with pytest.raises(ValueError, match=r"boolean mask must have shape \(3000,\)"):
+        search.kneighbors(Q, allowed=mask[:-1])
+    with pytest.raises(ValueError, match=r"allowed indices must be in \[0, 2999\]"):
+        search.radius_neighbors(Q, radius=radius, allowed=[3000])
+
+
 def test_ivf_probes_with_the_cell_sizes_of_the_whole_index(client, data):
     # Tiny shards: alone, a shard's probed cells hold fewer than k items and
     # it would top its probes up differently from one process.

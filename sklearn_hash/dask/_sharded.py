@@ -61,7 +61,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_consistent_length, check_is_fitted
 
 from .._backends import InvertedLists, _merge
-from .._index import fill_balls
+from .._index import allowed_mask, fill_balls
 from .._ivf import IVFQuantizedNeighbors
 from .._neighbors import QuantizedNeighbors
 from .._storage import read_json_manifest
@@ -172,7 +172,8 @@ def _shard_labels(shard, local):
 def _search_view(shard, cell_sizes, n_threads):
     """A view of a shard searching on n_threads (unless its n_jobs says otherwise).
 
-    An IVF view probes with ``cell_sizes``, the cell sizes of the whole index.
+    An IVF view probes with ``cell_sizes``, the searchable items of each
+    cell in the whole index (all of them, or those the search allows).
     """
     view = object.__new__(type(shard))
     view.__dict__.update(shard.__dict__)
@@ -185,7 +186,23 @@ def _search_view(shard, cell_sizes, n_threads):
         view_index.__dict__.update(index.__dict__)
         view_index.sizes = cell_sizes
         view._index = view_index
+        view._searchable_sizes = lambda allowed: cell_sizes  # not the shard's own counts
     return view
+
+
+def _shard_mask(allowed, offset, shard):
+    """The shard's slice of the global uint8 mask ``allowed`` (None: every item)."""
+    if allowed is None:
+        return None
+    return np.ascontiguousarray(allowed[offset : offset + shard.n_samples_fit_])
+
+
+def _allowed_cell_counts(shards, offsets, allowed):
+    """Items of each IVF cell that the global mask ``allowed`` lets through, over some shards."""
+    counts = 0
+    for shard, offset in zip(shards, offsets):
+        counts = counts + shard._searchable_sizes(_shard_mask(allowed, offset, shard))
+    return counts
 
 
 def _worker_threads():
@@ -196,14 +213,16 @@ def _worker_threads():
         return None
 
 
-def _search_shards(shards, offsets, X, k, params, cell_sizes, distance_dtype, n_threads=None):
+def _search_shards(shards, offsets, X, k, params, cell_sizes, distance_dtype, n_threads=None,
+                   allowed=None):
     """Top k of the queries X over some shards, with global indices, ties by index.
 
     Kernels run on ``n_threads`` threads (``None``: as many as the worker
     has; one task per worker then searches all the shards it holds), unless
     the template's ``n_jobs`` says otherwise. A worker started without a
     nanny has no ``OMP_NUM_THREADS=1`` and would otherwise run a kernel on
-    every core in each of its threads.
+    every core in each of its threads. ``allowed``: the global uint8 mask
+    of the items the search may return (None: all).
     """
     X = check_array(X, dtype=[np.float64, np.float32], order="C", ensure_min_samples=0)
     if X.shape[0] == 0:
@@ -213,8 +232,9 @@ def _search_shards(shards, offsets, X, k, params, cell_sizes, distance_dtype, n_
     parts = []
     with single_threaded_blas:
         for shard, offset in zip(shards, offsets):
+            mask = _shard_mask(allowed, offset, shard)
             shard = _search_view(shard, cell_sizes, n_threads)
-            distances, indices = shard._search(X, k, None, params)
+            distances, indices = shard._search(X, k, mask, params)
             parts.append((distances, np.where(indices >= 0, indices + offset, -1)))
     return _merge(parts, k)
 
@@ -298,7 +318,7 @@ def _join_balls(query_of, distances, indices, n_queries, dtype):
 
 
 def _radius_shards(shards, offsets, X, threshold, params, cell_sizes, threshold_in_bits,
-                   radius=None, n_threads=None):
+                   radius=None, allowed=None, n_threads=None):
     """Every item of some shards within the threshold of each query: CSR, global indices.
 
     Each shard runs its searcher's range scan (``_radius``); its matches
@@ -312,9 +332,10 @@ def _radius_shards(shards, offsets, X, threshold, params, cell_sizes, threshold_
     query_of, distances, indices = [], [], []
     with single_threaded_blas:
         for shard, offset in zip(shards, offsets):
+            mask = _shard_mask(allowed, offset, shard)
             shard = _search_view(shard, cell_sizes, n_threads)
             first = 0
-            for part_offsets, d, i in (shard._radius(X, threshold, None, params)
+            for part_offsets, d, i in (shard._radius(X, threshold, mask, params)
                                        if X.shape[0] else ()):
                 n = len(part_offsets) - 1
                 if radius is not None:
@@ -788,7 +809,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
                                             pure=False)
             reloaded.add(i)
 
-    def kneighbors(self, X, n_neighbors=None, return_distance=True, **search_params):
+    def kneighbors(self, X, n_neighbors=None, return_distance=True, *, allowed=None,
+                   **search_params):
         """Find the nearest database items of each query, over all the shards.
 
         Parameters
@@ -801,6 +823,13 @@ class DaskQuantizedNeighbors(BaseEstimator):
             Neighbours per query; ``None`` uses the constructor's value.
         return_distance : bool, default=True
             Whether to return the distances.
+        allowed : array-like of bool of shape (n_samples_fit,) or of int, default=None
+            Restricts the search to these items (a boolean mask over the
+            global indices, or the indices), as the single-process
+            ``kneighbors`` does: each shard's kernels test its part of the
+            mask while they scan; IVF shards probe with the cells' allowed
+            counts over the whole index (one more round trip to count them).
+            ``None``: every item.
         **search_params
             Per-call search settings of the template searcher
             (:class:`~sklearn_hash.IVFQuantizedNeighbors`: ``n_probe``);
@@ -826,18 +855,41 @@ class DaskQuantizedNeighbors(BaseEstimator):
         dtype = self._distance_dtype()
         if isinstance(X, da.Array):
             return self._kneighbors_dask(client, X, n_neighbors, return_distance, params, dtype,
-                                         refine)
+                                         refine, allowed)
         X = check_array(X, dtype=[np.float64, np.float32], order="C")
         self._check_n_features(X.shape[1], fitting=False)
         k = self._check_n_neighbors(n_neighbors, X.shape[0])
-        n_candidates = k if refine is None else min(k * refine, self.n_samples_fit_)
+        mask, n_allowed, cell_sizes = self._allowed(client, allowed, k)
+        n_candidates = k if refine is None else min(k * refine, n_allowed)
         parts = self._on_workers(client, _search_shards, X, n_candidates, params,
-                                 self._cell_sizes, dtype)
+                                 cell_sizes, dtype, None, mask)
         distances, indices = _merge(parts, n_candidates)
         if refine is not None:  # each candidate scored by its shard's rows, the best k kept
             parts = self._on_workers(client, _refine_shards, X, indices)
             distances, indices = _best_refined(parts, indices, k)
         return (distances, indices) if return_distance else indices
+
+    def _allowed(self, client, allowed, k):
+        """The search's restriction: (global uint8 mask or None, items allowed, IVF cell sizes).
+
+        Refuses, in the single-process wording, a mask that allows no item or
+        fewer than the k asked for. The cell sizes (IVF) count the allowed
+        items of each cell over all the shards.
+        """
+        if allowed is None:
+            return None, self.n_samples_fit_, self._cell_sizes
+        mask = allowed_mask(allowed, self.n_samples_fit_)
+        n_allowed = int(np.count_nonzero(mask))
+        if n_allowed == 0:
+            raise ValueError("allowed selects no live item; at least one is needed.")
+        if k > n_allowed:
+            raise ValueError(
+                f"Expected n_neighbors <= the number of searchable items, but n_neighbors = "
+                f"{k} and only {n_allowed} live items are allowed.")
+        cell_sizes = None
+        if self._cell_sizes is not None:
+            cell_sizes = sum(self._on_workers(client, _allowed_cell_counts, mask))
+        return mask, n_allowed, cell_sizes
 
     def _on_workers(self, client, task, X, *args):
         """``task(shards, offsets, X, *args)`` on each worker over the shards it holds.
@@ -877,7 +929,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
         raise AssertionError("unreachable")  # every attempt returns or raises
 
     def radius_neighbors(self, X, radius=None, return_distance=True, sort_results=False,
-                         **search_params):
+                         *, allowed=None, **search_params):
         """Every database item within ``radius`` of each query, over all the shards.
 
         The answers of the single-process searcher (see :meth:`to_local`):
@@ -900,6 +952,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
         sort_results : bool, default=False
             Sort each query's items by distance (ties by index); otherwise
             they come in ascending index order. Needs ``return_distance``.
+        allowed : array-like, default=None
+            Restricts the search as in :meth:`kneighbors`.
         **search_params
             Per-call search settings of the template searcher, as in
             :meth:`kneighbors`.
@@ -941,9 +995,10 @@ class DaskQuantizedNeighbors(BaseEstimator):
         # With re-ranking, the codes' range widens to sqrt(refine) * radius (as in one
         # process) and each shard keeps the items whose rows lie within radius.
         reach = float(radius) if refine is None else float(radius) * float(np.sqrt(refine))
+        mask = None if allowed is None else allowed_mask(allowed, self.n_samples_fit_)
         parts = self._on_workers(client, _radius_shards, X, template._threshold(reach),
                                  params, self._cell_sizes, hamming,
-                                 None if refine is None else float(radius))
+                                 None if refine is None else float(radius), mask)
         offsets, distances, indices = _join_balls(
             [np.repeat(np.arange(len(X)), np.diff(o)) for o, _, _ in parts],
             [d for _, d, _ in parts], [i for _, _, i in parts], len(X),
@@ -955,11 +1010,15 @@ class DaskQuantizedNeighbors(BaseEstimator):
         fill_balls(neigh_dist, neigh_ind, 0, offsets, distances, indices, sort_results)
         return (neigh_dist, neigh_ind) if return_distance else neigh_ind
 
-    def _kneighbors_dask(self, client, X, n_neighbors, return_distance, params, dtype, refine):
+    def _kneighbors_dask(self, client, X, n_neighbors, return_distance, params, dtype, refine,
+                         allowed):
         _check_row_chunked(X)
         self._check_n_features(X.shape[1], fitting=False)
         k = self._check_n_neighbors(n_neighbors, X.shape[0])
-        n_candidates = k if refine is None else min(k * refine, self.n_samples_fit_)
+        mask, n_allowed, cell_sizes = self._allowed(client, allowed, k)
+        n_candidates = k if refine is None else min(k * refine, n_allowed)
+        if mask is not None:
+            mask = dask.delayed(mask)  # one node of the graph, shared by its tasks
         groups = self._placement(client)
         # Blocks of queries run side by side in a worker's threads: their
         # kernels share the threads rather than each taking all of them.
@@ -973,7 +1032,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
                 with dask.annotate(**self._pinned(worker)):
                     parts.append(dask.delayed(_search_shards, pure=True)(
                         [self.shards_[i] for i in group], self.shard_offsets_[group], block,
-                        n_candidates, params, self._cell_sizes, dtype, n_threads))
+                        n_candidates, params, cell_sizes, dtype, n_threads, mask))
             merged = dask.delayed(_merge_parts, pure=True)(parts, n_candidates)
             if refine is not None:
                 for worker, group in groups.items():
