@@ -364,10 +364,11 @@ def storage_part(X, Q, truth, threads):
         print(f"| {name} | {bits:.0f} | {bits / 8:.0f} B |", flush=True)
 
 
-def nested_part(X, Q, truth, threads):
+def nested_part(X, Q, truth, threads, n_groups=128):
     """A design not built yet: scalar codes in per-group axes, their 4 high bits scanned.
 
-    The cells' centroids are clustered into 128 groups; each group learns,
+    The cells' centroids are clustered into ``n_groups`` groups (128; the
+    option ``--nested-groups``); each group learns,
     from its rows among half the items, the mean and principal axes of its
     residuals (to their cells' centroids) and an allocation of the row's
     bits to the components. A component of b bits is quantized uniformly
@@ -398,10 +399,10 @@ def nested_part(X, Q, truth, threads):
     gave recall within 0.002 of each other at 512 bits; allocating by MSE
     instead starves the large components and lost about 0.01 of recall.)
     """
-    print("\n## Not built: nested scalar codes in per-group axes (numpy, recall and memory)\n")
+    print(f"\n## Not built: nested scalar codes in the axes of {n_groups} groups of cells "
+          f"(numpy, recall and memory)\n")
     ivf, C, cells, R = fast_scan_cells(X, threads)
     rng = np.random.default_rng(0)
-    n_groups = 128
     group_of_cell = KMeans(n_groups, n_init=1, random_state=0).fit_predict(C)
     groups = group_of_cell[cells]
     in_half = np.zeros(len(X), dtype=bool)
@@ -625,6 +626,8 @@ def main():
              "held", "storage", "nested", "range"]
     parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
     parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--nested-groups", type=int, default=128, metavar="N",
+                        help="groups of cells whose axes the nested codes use (part nested)")
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                         help="run only our configurations whose name contains one of these")
     parser.add_argument("--query-seed", type=int, default=None, metavar="SEED",
@@ -788,7 +791,7 @@ def main():
     if "storage" in args.parts:
         storage_part(X, Q, truth, args.threads)
     if "nested" in args.parts:
-        nested_part(X, Q, truth, args.threads)
+        nested_part(X, Q, truth, args.threads, args.nested_groups)
     if "range" in args.parts:
         range_part(X, Q, truth, args.threads, faiss)
 
