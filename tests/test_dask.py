@@ -157,6 +157,39 @@ def test_filtered_search_gives_the_answers_of_one_process(client, data, kind):
         search.radius_neighbors(Q, radius=radius, allowed=[3000])
 
 
+def test_filters_on_the_multi_index_lazily_and_in_error(client, data):
+    X, y, Q, _ = data
+    template = IVFQuantizedNeighbors(ProductQuantizer(n_bits=16, random_state=0),
+                                     coarse="multi-index", n_lists=16, n_probe=2,
+                                     random_state=0)
+    search = DaskQuantizedNeighbors(template, n_neighbors=7, client=client,
+                                    random_state=0).fit(da.from_array(X, chunks=(1000, 16)), y)
+    local = single_process(search, X, y)
+    # only the items of every third non-empty cell: the multi-sequence walk passes over the
+    # cells without allowed items, in the range search too
+    cell = local._index.list_of.array
+    nonempty = np.flatnonzero(np.bincount(cell, minlength=local._n_cells()))
+    mask = np.isin(cell, nonempty[::3])
+    for extra in ({}, {"n_probe": 1}):
+        got = search.radius_neighbors(Q, radius=1e3, allowed=mask, **extra)
+        expected = local.radius_neighbors(Q, radius=1e3, allowed=mask, **extra)
+        for got_part, expected_part in zip(got, expected):
+            for a, b in zip(got_part, expected_part):
+                np.testing.assert_array_equal(a, b)
+        assert_same(search.kneighbors(Q, allowed=mask, **extra),
+                    local.kneighbors(Q, allowed=mask, **extra))
+    # a lazy search reads the mask as it was when called
+    lazy = search.kneighbors(da.from_array(Q, chunks=(15, 16)), allowed=mask)
+    expected = local.kneighbors(Q, allowed=mask.copy())
+    mask[:] = False
+    assert_same((lazy[0].compute(), lazy[1].compute()), expected)
+    # the single process's checks, in its order
+    with pytest.raises(ValueError, match="only 3000 live items are allowed"):
+        search.kneighbors(Q, n_neighbors=3001, allowed=np.ones(3000, dtype=bool))
+    with pytest.raises(ValueError, match=r"boolean mask must have shape \(3000,\)"):
+        search.kneighbors(Q, n_neighbors=3001, allowed=np.ones(5, dtype=bool))
+
+
 def test_ivf_probes_with_the_cell_sizes_of_the_whole_index(client, data):
     # Tiny shards: alone, a shard's probed cells hold fewer than k items and
     # it would top its probes up differently from one process.

@@ -678,7 +678,9 @@ class DaskQuantizedNeighbors(BaseEstimator):
         return self
 
     # ---------------------------------------------------------------- search
-    def _check_n_neighbors(self, n_neighbors, n_queries):
+    def _check_n_neighbors(self, n_neighbors, n_queries, bounded=True):
+        """n_neighbors as an int; ``bounded``: at most n_samples_fit_ (without a filter,
+        whose own check says how many items it allows)."""
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
         elif not isinstance(n_neighbors, Integral) or isinstance(n_neighbors, bool):
@@ -687,7 +689,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
             )
         elif n_neighbors <= 0:
             raise ValueError(f"Expected n_neighbors > 0. Got {n_neighbors}")
-        if n_neighbors > self.n_samples_fit_:
+        if bounded and n_neighbors > self.n_samples_fit_:
             raise ValueError(
                 f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {n_neighbors}, "
                 f"n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}"
@@ -858,7 +860,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
                                          refine, allowed)
         X = check_array(X, dtype=[np.float64, np.float32], order="C")
         self._check_n_features(X.shape[1], fitting=False)
-        k = self._check_n_neighbors(n_neighbors, X.shape[0])
+        k = self._check_n_neighbors(n_neighbors, X.shape[0], bounded=allowed is None)
         mask, n_allowed, cell_sizes = self._allowed(client, allowed, k)
         n_candidates = k if refine is None else min(k * refine, n_allowed)
         parts = self._on_workers(client, _search_shards, X, n_candidates, params,
@@ -869,20 +871,21 @@ class DaskQuantizedNeighbors(BaseEstimator):
             distances, indices = _best_refined(parts, indices, k)
         return (distances, indices) if return_distance else indices
 
-    def _allowed(self, client, allowed, k):
+    def _allowed(self, client, allowed, k=None):
         """The search's restriction: (global uint8 mask or None, items allowed, IVF cell sizes).
 
-        Refuses, in the single-process wording, a mask that allows no item or
-        fewer than the k asked for. The cell sizes (IVF) count the allowed
-        items of each cell over all the shards.
+        With ``k`` (kneighbors), refuses in the single-process wording a mask
+        that allows no item or fewer than the k asked for. The cell sizes
+        (IVF) count the allowed items of each cell over all the shards. The
+        mask is a copy: a lazy search reads it when computed.
         """
         if allowed is None:
             return None, self.n_samples_fit_, self._cell_sizes
-        mask = allowed_mask(allowed, self.n_samples_fit_)
+        mask = np.array(allowed_mask(allowed, self.n_samples_fit_), dtype=np.uint8, copy=True)
         n_allowed = int(np.count_nonzero(mask))
-        if n_allowed == 0:
+        if k is not None and n_allowed == 0:
             raise ValueError("allowed selects no live item; at least one is needed.")
-        if k > n_allowed:
+        if k is not None and k > n_allowed:
             raise ValueError(
                 f"Expected n_neighbors <= the number of searchable items, but n_neighbors = "
                 f"{k} and only {n_allowed} live items are allowed.")
@@ -995,9 +998,10 @@ class DaskQuantizedNeighbors(BaseEstimator):
         # With re-ranking, the codes' range widens to sqrt(refine) * radius (as in one
         # process) and each shard keeps the items whose rows lie within radius.
         reach = float(radius) if refine is None else float(radius) * float(np.sqrt(refine))
-        mask = None if allowed is None else allowed_mask(allowed, self.n_samples_fit_)
+        # The multi-index's walk passes over cells with no allowed item: the counts matter.
+        mask, _, cell_sizes = self._allowed(client, allowed)
         parts = self._on_workers(client, _radius_shards, X, template._threshold(reach),
-                                 params, self._cell_sizes, hamming,
+                                 params, cell_sizes, hamming,
                                  None if refine is None else float(radius), mask)
         offsets, distances, indices = _join_balls(
             [np.repeat(np.arange(len(X)), np.diff(o)) for o, _, _ in parts],
@@ -1014,7 +1018,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
                          allowed):
         _check_row_chunked(X)
         self._check_n_features(X.shape[1], fitting=False)
-        k = self._check_n_neighbors(n_neighbors, X.shape[0])
+        k = self._check_n_neighbors(n_neighbors, X.shape[0], bounded=allowed is None)
         mask, n_allowed, cell_sizes = self._allowed(client, allowed, k)
         n_candidates = k if refine is None else min(k * refine, n_allowed)
         if mask is not None:
