@@ -700,17 +700,7 @@ class IndexMixin:
         if (not isinstance(radius, numbers.Real) or isinstance(radius, bool)
                 or not np.isfinite(radius) or radius < 0):
             raise ValueError(f"radius must be a finite number >= 0; got {radius!r}.")
-        refine = params.pop("refine_factor", None)
-        if refine is not None and self._hamming():
-            if search_params.get("refine_factor") is not None:
-                raise ValueError(
-                    f"radius_neighbors with refine_factor={refine} needs L2 estimates from "
-                    f"the codes, but these binary codes are compared by Hamming distance; "
-                    f"their radius search is the Hamming ball of the codes, without "
-                    f"refine_factor.")
-            refine = None  # the estimator's: for kneighbors; the ball is one of bits
-        if refine is not None:
-            self._check_kept_rows(refine)
+        refine = self._radius_refine(params, search_params)
         if X is None:
             self._check_self_queries("radius_neighbors")
         else:
@@ -733,6 +723,26 @@ class IndexMixin:
             q = fill_balls(neigh_dist, neigh_ind, q, offsets, distances, indices,
                            sort_results)
         return (neigh_dist, neigh_ind) if return_distance else neigh_ind
+
+    def _radius_refine(self, params, search_params):
+        """The ``refine_factor`` of a range search (popped from the checked ``params``), or None.
+
+        Binary codes have no L2 estimate to widen: the estimator's own
+        ``refine_factor`` is for kneighbors, and one passed to the call
+        (``search_params``) is refused.
+        """
+        refine = params.pop("refine_factor", None)
+        if refine is not None and self._hamming():
+            if search_params.get("refine_factor") is not None:
+                raise ValueError(
+                    f"radius_neighbors with refine_factor={refine} needs L2 estimates from "
+                    f"the codes, but these binary codes are compared by Hamming distance; "
+                    f"their radius search is the Hamming ball of the codes, without "
+                    f"refine_factor.")
+            refine = None  # the estimator's: for kneighbors; the ball is one of bits
+        if refine is not None:
+            self._check_kept_rows(refine)
+        return refine
 
     def _refine_ball(self, X, first, offsets, indices, radius):
         """The candidates of queries ``first, first + 1, ...`` kept within radius by the rows.

@@ -974,17 +974,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
         template = self.searcher_
         params = template._check_search_params(search_params, "radius_neighbors")
         hamming = template._hamming()
-        refine = params.pop("refine_factor", None)
-        if refine is not None and hamming:
-            if search_params.get("refine_factor") is not None:
-                raise ValueError(
-                    f"radius_neighbors with refine_factor={refine} needs L2 estimates from "
-                    f"the codes, but these binary codes are compared by Hamming distance; "
-                    f"their radius search is the Hamming ball of the codes, without "
-                    f"refine_factor.")
-            refine = None  # the template's: for kneighbors; the ball is one of bits
-        if refine is not None:
-            template._check_kept_rows(refine)
+        refine = template._radius_refine(params, search_params)
         if sort_results and not return_distance:
             raise ValueError("return_distance must be True if sort_results is True.")
         radius = template.radius if radius is None else radius
