@@ -26,8 +26,9 @@ a time. A search has two stages:
    lower bound does not exceed the current k-th best float distance (or the
    sample bound ``U`` before k items are found), plus a margin for float32
    rounding; its codeword indices are read from the block just scanned, so
-   the blocks are the only copy of the codes a search needs. Every item that can enter the top k is re-scored, so the
-   result **is** the exact ADC top k, ties by index: the same distances and
+   the blocks are the only copy of the codes a search needs. Every item
+   that can enter the top k is re-scored, so the result **is** the exact
+   ADC top k, ties by index: the same distances and
    indices as ``adc_kneighbors`` on the same codes and tables. Only the
    work depends on the quantization: items whose lower bound is close to
    the k-th distance are re-scored (a few tens per query on 1M codes).

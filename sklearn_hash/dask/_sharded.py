@@ -31,6 +31,10 @@ The path of the data:
    the squared distances one process ranks by), of which the driver keeps
    the k best, ties by index (``_best_refined``). Range search needs one
    round: each shard keeps its own matches whose rows lie within the radius.
+5. ``allowed=`` (a filter) becomes one global uint8 mask; each shard
+   searches with its slice, and IVF shards probe with the allowed items of
+   each cell counted over all the shards (``_allowed_cell_counts``, a round
+   of its own).
 
 Shards report their real size to Dask (``dask.sizeof``): without it a
 searcher weighed ~50 bytes, the 256 KB of queries looked heavier than a
