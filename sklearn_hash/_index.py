@@ -66,6 +66,55 @@ def fill_balls(neigh_dist, neigh_ind, first, offsets, distances, indices, sort_r
     return q
 
 
+def _check_graph_mode(mode):
+    if mode not in ("connectivity", "distance"):
+        raise ValueError(
+            'Unsupported mode, must be one of "connectivity", '
+            f'or "distance" but got "{mode}" instead'
+        )
+
+
+def kneighbors_graph_of(searcher, X, n_neighbors, mode, **kwargs):
+    """``searcher.kneighbors`` as a CSR graph of shape (n_queries, n_samples_fit_).
+
+    ``mode``: "connectivity" (ones) or "distance" (float64 distances);
+    ``kwargs`` go to ``kneighbors``.
+    """
+    _check_graph_mode(mode)
+    if mode == "connectivity":
+        indices = searcher.kneighbors(X, n_neighbors, return_distance=False, **kwargs)
+        data = np.ones(indices.size)
+    else:
+        distances, indices = searcher.kneighbors(X, n_neighbors, return_distance=True,
+                                                 **kwargs)
+        data = distances.ravel().astype(np.float64)
+    n_queries, k = indices.shape
+    indptr = np.arange(0, n_queries * k + 1, k)
+    return sparse.csr_matrix(
+        (data, indices.ravel(), indptr), shape=(n_queries, searcher.n_samples_fit_)
+    )
+
+
+def radius_neighbors_graph_of(searcher, X, radius, mode, sort_results, **kwargs):
+    """``searcher.radius_neighbors`` as a CSR graph of shape (n_queries, n_samples_fit_)."""
+    _check_graph_mode(mode)
+    if mode == "connectivity":
+        indices = searcher.radius_neighbors(X, radius, return_distance=False, **kwargs)
+        data = None
+    else:
+        distances, indices = searcher.radius_neighbors(X, radius, return_distance=True,
+                                                       sort_results=sort_results, **kwargs)
+        data = (np.concatenate(list(distances)).astype(np.float64) if len(distances)
+                else np.empty(0))
+    counts = np.array([len(i) for i in indices], dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    flat = np.concatenate(list(indices)) if len(indices) else np.empty(0, np.int64)
+    if data is None:
+        data = np.ones(flat.size)
+    return sparse.csr_matrix((data, flat, indptr),
+                             shape=(len(indices), searcher.n_samples_fit_))
+
+
 def allowed_mask(allowed, n):
     """``allowed`` (a boolean mask of n items, or item indices) as a uint8 mask of n items.
 
@@ -604,24 +653,7 @@ class IndexMixin:
             neighbours of query i.
         """
         check_is_fitted(self)
-        if mode == "connectivity":
-            indices = self.kneighbors(X, n_neighbors, return_distance=False, allowed=allowed,
-                                      **search_params)
-            data = np.ones(indices.size)
-        elif mode == "distance":
-            distances, indices = self.kneighbors(X, n_neighbors, return_distance=True,
-                                                 allowed=allowed, **search_params)
-            data = distances.ravel().astype(np.float64)
-        else:
-            raise ValueError(
-                'Unsupported mode, must be one of "connectivity", '
-                f'or "distance" but got "{mode}" instead'
-            )
-        n_queries, k = indices.shape
-        indptr = np.arange(0, n_queries * k + 1, k)
-        return sparse.csr_matrix(
-            (data, indices.ravel(), indptr), shape=(n_queries, self.n_samples_fit_)
-        )
+        return kneighbors_graph_of(self, X, n_neighbors, mode, allowed=allowed, **search_params)
 
     # ------------------------------------------------------------ radius search
     def _hamming(self):
@@ -791,27 +823,8 @@ class IndexMixin:
             CSR matrix.
         """
         check_is_fitted(self)
-        if mode == "connectivity":
-            indices = self.radius_neighbors(X, radius, return_distance=False, allowed=allowed,
-                                            **search_params)
-            data = None
-        elif mode == "distance":
-            distances, indices = self.radius_neighbors(X, radius, return_distance=True,
-                                                       sort_results=sort_results,
-                                                       allowed=allowed, **search_params)
-            data = (np.concatenate(list(distances)).astype(np.float64) if len(distances)
-                    else np.empty(0))
-        else:
-            raise ValueError(
-                'Unsupported mode, must be one of "connectivity", '
-                f'or "distance" but got "{mode}" instead'
-            )
-        counts = np.array([len(i) for i in indices], dtype=np.int64)
-        indptr = np.concatenate([[0], np.cumsum(counts)])
-        flat = np.concatenate(list(indices)) if len(indices) else np.empty(0, np.int64)
-        if data is None:
-            data = np.ones(flat.size)
-        return sparse.csr_matrix((data, flat, indptr), shape=(len(indices), self.n_samples_fit_))
+        return radius_neighbors_graph_of(self, X, radius, mode, sort_results, allowed=allowed,
+                                         **search_params)
 
     def score(self, X, y):
         """mAP@R of the queries X against the database, with R = n_neighbors.

@@ -190,6 +190,30 @@ def test_filters_on_the_multi_index_lazily_and_in_error(client, data):
         search.kneighbors(Q, n_neighbors=3001, allowed=np.ones(5, dtype=bool))
 
 
+@pytest.mark.parametrize("kind", ["hamming", "ivf4-sq8"])
+def test_graphs_are_those_of_one_process(client, data, kind):
+    X, y, Q, _ = data
+    search = DaskQuantizedNeighbors(TEMPLATES[kind](), n_neighbors=6, client=client,
+                                    random_state=0).fit(da.from_array(X, chunks=(1000, 16)), y)
+    local = single_process(search, X, y)
+    mask = np.random.default_rng(2).random(3000) < 0.5
+    radius = float(np.median(local.kneighbors(Q, n_neighbors=20)[0][:, 15]))
+    for mode in ("connectivity", "distance"):
+        pairs = [(search.kneighbors_graph(da.from_array(Q, chunks=(15, 16)), mode=mode),
+                  local.kneighbors_graph(Q, mode=mode)),
+                 (search.kneighbors_graph(Q, 9, mode=mode, allowed=mask),
+                  local.kneighbors_graph(Q, 9, mode=mode, allowed=mask)),
+                 (search.radius_neighbors_graph(Q, radius, mode=mode, sort_results=True),
+                  local.radius_neighbors_graph(Q, radius, mode=mode, sort_results=True))]
+        for got, expected in pairs:
+            assert got.shape == expected.shape == (len(Q), 3000) and got.nnz > len(Q)
+            for attribute in ("indptr", "indices", "data"):
+                np.testing.assert_array_equal(getattr(got, attribute),
+                                              getattr(expected, attribute))
+    with pytest.raises(ValueError, match="Unsupported mode"):
+        search.kneighbors_graph(Q, mode="weights")
+
+
 def test_ivf_probes_with_the_cell_sizes_of_the_whole_index(client, data):
     # Tiny shards: alone, a shard's probed cells hold fewer than k items and
     # it would top its probes up differently from one process.

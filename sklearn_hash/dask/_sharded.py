@@ -65,7 +65,12 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_consistent_length, check_is_fitted
 
 from .._backends import InvertedLists, _merge
-from .._index import allowed_mask, fill_balls
+from .._index import (
+    allowed_mask,
+    fill_balls,
+    kneighbors_graph_of,
+    radius_neighbors_graph_of,
+)
 from .._ivf import IVFQuantizedNeighbors
 from .._neighbors import QuantizedNeighbors
 from .._storage import read_json_manifest
@@ -1047,6 +1052,62 @@ class DaskQuantizedNeighbors(BaseEstimator):
         if not return_distance:
             return indices
         return da.concatenate(distances), indices
+
+    def kneighbors_graph(self, X, n_neighbors=None, mode="connectivity", *, allowed=None,
+                         **search_params):
+        """Sparse graph of the k nearest items of each query, over all the shards.
+
+        Parameters
+        ----------
+        X : array-like or dask array of shape (n_queries, n_features)
+            Query vectors (a dask array is computed first).
+        n_neighbors : int, default=None
+            Neighbours per query; ``None`` uses the constructor's value.
+        mode : {"connectivity", "distance"}, default="connectivity"
+            Entries of ones, or the distances (float64; Hamming in bits).
+        allowed : array-like, default=None
+            Restricts the search as in :meth:`kneighbors`.
+        **search_params
+            Per-call search settings, as in :meth:`kneighbors`.
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, n_samples_fit)
+            CSR matrix, that of the single-process searcher.
+        """
+        check_is_fitted(self)
+        if isinstance(X, da.Array):
+            X = X.compute()
+        return kneighbors_graph_of(self, X, n_neighbors, mode, allowed=allowed,
+                                   **search_params)
+
+    def radius_neighbors_graph(self, X, radius=None, mode="connectivity", sort_results=False,
+                               *, allowed=None, **search_params):
+        """Sparse graph of the items within ``radius`` of each query, over all the shards.
+
+        Parameters
+        ----------
+        X : array-like or dask array of shape (n_queries, n_features)
+            Query vectors (a dask array is computed first).
+        radius : float, default=None
+            Range; ``None`` uses the template's ``radius``.
+        mode : {"connectivity", "distance"}, default="connectivity"
+            Entries of ones, or the distances (float64; Hamming in bits).
+        sort_results : bool, default=False
+            Sort each row's entries by distance (``mode="distance"`` only).
+        allowed : array-like, default=None
+            Restricts the search as in :meth:`kneighbors`.
+        **search_params
+            Per-call search settings, as in :meth:`kneighbors`.
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, n_samples_fit)
+            CSR matrix, that of the single-process searcher.
+        """
+        check_is_fitted(self)
+        return radius_neighbors_graph_of(self, X, radius, mode, sort_results, allowed=allowed,
+                                         **search_params)
 
     def score(self, X, y):
         """mAP@R of the queries X against the database, with R = n_neighbors.
