@@ -115,6 +115,22 @@ def radius_neighbors_graph_of(searcher, X, radius, mode, sort_results, **kwargs)
                              shape=(len(indices), searcher.n_samples_fit_))
 
 
+def removal_indices(indices, n):
+    """The indices given to ``remove``, checked (1-D, integers, in [0, n), distinct): int64."""
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
+        raise TypeError(f"indices must be a 1-D array of integer database indices; got "
+                        f"{indices.ndim}-D {indices.dtype}.")
+    if indices.size and (indices.min() < 0 or indices.max() >= n):  # before any cast
+        bad = indices[(indices < 0) | (indices >= n)][0]
+        raise ValueError(f"indices must be in [0, {n - 1}] (the index holds {n} items); "
+                         f"got {bad}.")
+    indices = indices.astype(np.int64)
+    if np.unique(indices).size != indices.size:
+        raise ValueError("indices must be distinct; got a repeated index.")
+    return indices
+
+
 def allowed_mask(allowed, n):
     """``allowed`` (a boolean mask of n items, or item indices) as a uint8 mask of n items.
 
@@ -368,18 +384,8 @@ class IndexMixin:
             The index.
         """
         check_is_fitted(self)
-        indices = np.asarray(indices)
-        if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
-            raise TypeError(f"indices must be a 1-D array of integer database indices; got "
-                            f"{indices.ndim}-D {indices.dtype}.")
+        indices = removal_indices(indices, self.n_samples_fit_)
         n = self.n_samples_fit_
-        if indices.size and (indices.min() < 0 or indices.max() >= n):  # before any cast
-            bad = indices[(indices < 0) | (indices >= n)][0]
-            raise ValueError(f"indices must be in [0, {n - 1}] (the index holds {n} items); "
-                             f"got {bad}.")
-        indices = indices.astype(np.int64)
-        if np.unique(indices).size != indices.size:
-            raise ValueError("indices must be distinct; got a repeated index.")
         live = self._live_mask()
         if indices.size and not live[indices].all():
             gone = indices[live[indices] == 0][0]

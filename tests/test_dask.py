@@ -214,6 +214,67 @@ def test_graphs_are_those_of_one_process(client, data, kind):
         search.kneighbors_graph(Q, mode="weights")
 
 
+@pytest.mark.parametrize("kind", ["hamming", "adc4", "ivf", "ivf4-sq8"])
+def test_removed_items_are_those_of_one_process(client, data, kind, tmp_path):
+    X, y, Q, yq = data
+    search = DaskQuantizedNeighbors(TEMPLATES[kind](), n_neighbors=7, client=client,
+                                    random_state=0).fit(
+        da.from_array(X, chunks=((700, 1100, 400, 800), (16,))), y)
+    local = single_process(search, X, y)
+    first_answer = search.kneighbors(Q)[1]
+    rng = np.random.default_rng(3)
+    gone = rng.permutation(3000)[:900]
+    gone = np.concatenate([gone, np.arange(2200, 3000)])  # the last shard, whole
+    gone = np.unique(gone)
+    gone = gone[~np.isin(gone, first_answer[:5])][::-1]   # unsorted; some answers stay
+    gone = np.concatenate([gone, first_answer[0, :3]])    # some answers go
+    for part in (gone[:300], gone[300:]):                 # two calls
+        assert search.remove(part) is search
+        local.remove(part)
+    assert search.n_removed_ == local.n_removed_ == len(gone)
+    extra = {"n_probe": 1} if kind.startswith("ivf") else {}
+    expected = local.kneighbors(Q, **extra)
+    assert not np.isin(expected[1], gone).any()
+    assert_same(search.kneighbors(Q, **extra), expected)
+    mask = rng.random(3000) < 0.5
+    assert_same(search.kneighbors(Q, allowed=mask, **extra),
+                local.kneighbors(Q, allowed=mask, **extra))
+    distances, indices = search.kneighbors(da.from_array(Q, chunks=(15, 16)), **extra)
+    assert_same((distances.compute(), indices.compute()), expected)
+    d = local.kneighbors(Q, n_neighbors=40)[0]
+    for got_part, expected_part in zip(
+            search.radius_neighbors(Q, radius=float(np.median(d[:, 30]))),
+            local.radius_neighbors(Q, radius=float(np.median(d[:, 30])))):
+        for a, b in zip(got_part, expected_part):
+            np.testing.assert_array_equal(a, b)
+    assert search.score(Q, yq) == local.score(Q, yq)
+    n_live = 3000 - len(gone)
+    assert_same(search.kneighbors(Q, n_neighbors=n_live), local.kneighbors(Q, n_neighbors=n_live))
+    with pytest.raises(ValueError, match=f"only {n_live} live items remain"):
+        search.kneighbors(Q, n_neighbors=n_live + 1)
+    with pytest.raises(ValueError, match=f"item {gone[5]} was already removed"):
+        search.remove([gone[5]])
+    with pytest.raises(ValueError, match="indices must be distinct"):
+        search.remove([1, 1])
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 2999\]"):
+        search.remove([3000])
+    assert search.n_removed_ == len(gone)  # the refused calls changed nothing
+    gathered = search.to_local()
+    assert gathered.n_removed_ == len(gone)
+    assert_same(gathered.kneighbors(Q, **extra), expected)
+    # saved and loaded with its removals; a removal after the save survives a reload
+    search.save(tmp_path / "index")
+    loaded = DaskQuantizedNeighbors.load(tmp_path / "index", client=client)
+    assert loaded.n_removed_ == len(gone)
+    assert_same(loaded.kneighbors(Q, **extra), expected)
+    later = np.setdiff1d(np.arange(3000), gone)[:10]
+    loaded.remove(later)
+    local.remove(later)
+    assert_same(loaded.kneighbors(Q, **extra), local.kneighbors(Q, **extra))
+    loaded.add(X[:100], y[:100])  # new shards, nothing removed there
+    assert loaded.n_removed_ == len(gone) + 10
+
+
 def test_ivf_probes_with_the_cell_sizes_of_the_whole_index(client, data):
     # Tiny shards: alone, a shard's probed cells hold fewer than k items and
     # it would top its probes up differently from one process.
@@ -352,8 +413,12 @@ def test_killed_worker_during_a_search(client, data, tmp_path):
     saved = DaskQuantizedNeighbors(template, n_neighbors=5, client=client,
                                    random_state=0).fit(X)
     saved.save(tmp_path / "saved")
-    expected = single_process(from_graph, X, None).kneighbors(Q)
-    expected_np = single_process(scattered, X, None).kneighbors(Q)
+    # Items removed since: a rebuilt or reloaded shard must have them removed too.
+    gone = np.arange(0, 3000, 7)
+    from_graph.remove(gone)
+    saved.remove(gone)
+    expected = single_process(from_graph, X, None).remove(gone).kneighbors(Q)
+    expected_np = single_process(scattered, X, None).remove(gone).kneighbors(Q)
 
     pids = client.run(os.getpid)
     victim = min(pids)

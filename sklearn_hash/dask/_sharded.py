@@ -35,6 +35,10 @@ The path of the data:
    searches with its slice, and IVF shards probe with the allowed items of
    each cell counted over all the shards (``_allowed_cell_counts``, a round
    of its own).
+6. ``remove`` replaces each shard holding removed items by a copy with them
+   marked (``_shard_with_removed``: its own live mask and IVF live counts,
+   the codes shared); the driver keeps the removed global indices and, per
+   shard, the removals made since its saved copy, which a reload re-applies.
 
 Shards report their real size to Dask (``dask.sizeof``): without it a
 searcher weighed ~50 bytes, the 256 KB of queries looked heavier than a
@@ -67,13 +71,14 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted
 from .._backends import InvertedLists, _merge
 from .._index import (
     allowed_mask,
+    removal_indices,
     fill_balls,
     kneighbors_graph_of,
     radius_neighbors_graph_of,
 )
 from .._ivf import IVFQuantizedNeighbors
 from .._neighbors import QuantizedNeighbors
-from .._storage import read_json_manifest
+from .._storage import GrowableArray, read_json_manifest
 from .._threads import effective_n_threads, single_threaded_blas
 from .._version import __version__
 from ..metrics import map_at_r_score
@@ -152,17 +157,35 @@ def _check_row_chunked(X):
 
 
 def _shard_info(shard):
-    """Items, items per IVF cell, and bytes held by the shard's storage.
+    """Items, live items per IVF cell, bytes held by the storage, and the removed items.
 
-    The storage: codes, ids, labels and re-ranking rows (those memory-mapped
-    from a saved index not counted).
+    The storage: codes, ids, labels, the live mask and re-ranking rows
+    (those memory-mapped from a saved index not counted). The removed items
+    by their indices in the shard.
     """
     index = shard._index
-    cells = index.sizes.copy() if isinstance(index, InvertedLists) else None
+    cells = index.live_sizes.copy() if isinstance(index, InvertedLists) else None
     seen = set()
     nbytes = sum(_nbytes(part, seen)
                  for part in (index, shard._labels, shard._live, shard._vectors))
-    return shard.n_samples_fit_, cells, nbytes
+    removed = (np.empty(0, dtype=np.int64) if shard._live is None
+               else np.flatnonzero(shard._live.array == 0))
+    return shard.n_samples_fit_, cells, nbytes, removed
+
+
+def _shard_with_removed(shard, local):
+    """A copy of the shard with the items ``local`` removed; the shard itself is unchanged.
+
+    The copy shares the codes, labels and rows; it has its own live mask
+    (and, for IVF, its own live counts per cell).
+    """
+    new = copy.copy(shard)
+    if shard._live is not None:
+        new._live = GrowableArray((), np.uint8, shard._live.array.copy())
+    if isinstance(shard._index, InvertedLists):
+        new._index = copy.copy(shard._index)
+        new._index.live_sizes = shard._index.live_sizes.copy()
+    return new.remove(local)
 
 
 def _shard_contents(shard):
@@ -200,10 +223,13 @@ def _search_view(shard, cell_sizes, n_threads):
 
 
 def _shard_mask(allowed, offset, shard):
-    """The shard's slice of the global uint8 mask ``allowed`` (None: every item)."""
+    """The shard's searchable items: its live ones (None: all) within its slice of the
+    global uint8 mask ``allowed`` (None: every item)."""
+    live = None if shard._live is None else shard._live.array
     if allowed is None:
-        return None
-    return np.ascontiguousarray(allowed[offset : offset + shard.n_samples_fit_])
+        return live
+    mine = allowed[offset : offset + shard.n_samples_fit_]
+    return np.ascontiguousarray(mine if live is None else mine & live)
 
 
 def _allowed_cell_counts(shards, offsets, allowed):
@@ -380,7 +406,9 @@ class DaskQuantizedNeighbors(BaseEstimator):
     their answers exactly: the result is the one a single-process searcher
     holding the same quantizer and all the codes returns (see
     :meth:`to_local`), distances and indices, ties by global index.
-    ``radius_neighbors`` joins the shards' balls by global index. A
+    ``radius_neighbors`` joins the shards' balls by global index. Both take
+    ``allowed=`` filters, and ``remove`` takes items out of every later
+    search (there is no ``compact``). A
     template with ``refine_factor`` re-ranks as one process does: its
     shards keep their items' rows (``refine_storage``) and score the
     merged candidates they hold.
@@ -417,7 +445,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
     shard_sizes_ : ndarray of shape (n_shards,), dtype=int64
         Items per shard.
     n_samples_fit_ : int
-        Number of items indexed.
+        Number of items indexed, removed ones included.
     n_features_in_ : int
         Number of features seen during ``fit``.
 
@@ -577,8 +605,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
         built = [dask.delayed(_build_shard, pure=False)(template, b, yb) for b, _, yb in todo]
         shards = client.compute(built)
         infos = client.gather(client.map(_shard_info, shards, pure=False))
-        for (_, n, _), (n_items, _, _) in zip(todo, infos):
-            if n_items != n:  # pragma: no cover - a chunk that lied about its size
+        for (_, n, _), info in zip(todo, infos):
+            if info[0] != n:  # pragma: no cover - a chunk that lied about its size
                 raise ValueError(f"a chunk declared {n} rows but held {n_items}.")
         return shards, infos
 
@@ -590,9 +618,13 @@ class DaskQuantizedNeighbors(BaseEstimator):
         self.shard_offsets_ = np.concatenate([self.shard_offsets_, offsets]).astype(np.int64)
         self._shard_bytes = [*self._shard_bytes, *(info[2] for info in infos)]
         self._saved_dirs = [*self._saved_dirs, *([None] * len(shards))]
+        self._pending_removals = [*self._pending_removals, *([] for _ in shards)]
+        self._shard_cells = [*self._shard_cells, *(info[1] for info in infos)]
         for info in infos:
             if info[1] is not None:
                 self._cell_sizes = self._cell_sizes + info[1]
+        self._removed = np.concatenate(
+            [self._removed, *(info[3] + o for info, o in zip(infos, offsets))]).astype(np.int64)
         self.n_samples_fit_ = int(self.n_samples_fit_ + sizes.sum())
 
     def _reset_shards(self):
@@ -601,6 +633,9 @@ class DaskQuantizedNeighbors(BaseEstimator):
         self.shard_offsets_ = np.empty(0, dtype=np.int64)
         self._shard_bytes = []
         self._saved_dirs = []
+        self._pending_removals = []  # per shard: removals made since its saved copy
+        self._shard_cells = []       # per shard: live items per IVF cell (None: not IVF)
+        self._removed = np.empty(0, dtype=np.int64)  # global indices, ascending
         self.n_samples_fit_ = 0
         self._cell_sizes = (np.zeros(self.searcher_._n_cells(), dtype=np.int64)
                             if isinstance(self.searcher_, IVFQuantizedNeighbors) else None)
@@ -684,6 +719,56 @@ class DaskQuantizedNeighbors(BaseEstimator):
         X, blocks, sizes = self._row_blocks(X, client, fitting=False)
         self._register(*self._build(client, blocks, sizes, self._label_blocks(y, sizes)))
         self._balance(client)
+        return self
+
+    @property
+    def n_removed_(self):
+        """Number of items removed."""
+        check_is_fitted(self)
+        return len(self._removed)
+
+    def remove(self, indices):
+        """Remove items: no search returns them again; the others keep their indices.
+
+        As the single-process ``remove``: the removed items keep their codes
+        (and their index numbers stay taken). Each shard holding some of
+        them is replaced by a copy with those items marked removed (sharing
+        the codes; built by the worker that holds the shard), so a shard
+        lost later is rebuilt or reloaded with its removals. All or nothing:
+        the shards are replaced only once every copy is built. :meth:`save`
+        writes the removals; :meth:`load` restores them.
+
+        Parameters
+        ----------
+        indices : array-like of int
+            Global indices of live items, each at most once.
+
+        Returns
+        -------
+        self : DaskQuantizedNeighbors
+            The index.
+        """
+        check_is_fitted(self)
+        indices = removal_indices(indices, self.n_samples_fit_)
+        gone = indices[np.isin(indices, self._removed)]
+        if gone.size:
+            raise ValueError(f"item {gone[0]} was already removed.")
+        client = self._get_client()
+        shard_of = np.searchsorted(self.shard_offsets_, indices, side="right") - 1
+        locals_ = {int(i): np.sort(indices[shard_of == i] - self.shard_offsets_[i])
+                   for i in np.unique(shard_of)}
+        copies = {i: client.submit(_shard_with_removed, self.shards_[i], local, pure=False)
+                  for i, local in locals_.items()}
+        infos = client.gather([client.submit(_shard_info, f, pure=False)
+                               for f in copies.values()])
+        for (i, future), info in zip(copies.items(), infos):
+            self.shards_[i] = future
+            self._shard_bytes[i] = info[2]
+            self._pending_removals[i] = [*self._pending_removals[i], locals_[i]]
+            if info[1] is not None:
+                self._cell_sizes = self._cell_sizes + info[1] - self._shard_cells[i]
+                self._shard_cells[i] = info[1]
+        self._removed = np.union1d(self._removed, indices)
         return self
 
     # ---------------------------------------------------------------- search
@@ -816,8 +901,10 @@ class DaskQuantizedNeighbors(BaseEstimator):
             ) from exc
         name = type(self.searcher_).__name__
         for i in lost:
-            self.shards_[i] = client.submit(_load_shard, name, self._saved_dirs[i], None,
-                                            pure=False)
+            shard = client.submit(_load_shard, name, self._saved_dirs[i], None, pure=False)
+            for local in self._pending_removals[i]:  # made since the copy was saved
+                shard = client.submit(_shard_with_removed, shard, local, pure=False)
+            self.shards_[i] = shard
             reloaded.add(i)
 
     def kneighbors(self, X, n_neighbors=None, return_distance=True, *, allowed=None,
@@ -869,7 +956,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
                                          refine, allowed)
         X = check_array(X, dtype=[np.float64, np.float32], order="C")
         self._check_n_features(X.shape[1], fitting=False)
-        k = self._check_n_neighbors(n_neighbors, X.shape[0], bounded=allowed is None)
+        k = self._check_n_neighbors(n_neighbors, X.shape[0],
+                                    bounded=allowed is None and not len(self._removed))
         mask, n_allowed, cell_sizes = self._allowed(client, allowed, k)
         n_candidates = k if refine is None else min(k * refine, n_allowed)
         parts = self._on_workers(client, _search_shards, X, n_candidates, params,
@@ -888,9 +976,15 @@ class DaskQuantizedNeighbors(BaseEstimator):
         (IVF) count the allowed items of each cell over all the shards. The
         mask is a copy: a lazy search reads it when computed.
         """
-        if allowed is None:
-            return None, self.n_samples_fit_, self._cell_sizes
+        if allowed is None:  # the live items: each shard masks its removed ones
+            n_live = self.n_samples_fit_ - len(self._removed)
+            if k is not None and k > n_live:
+                raise ValueError(
+                    f"Expected n_neighbors <= the number of searchable items, but "
+                    f"n_neighbors = {k} and only {n_live} live items remain.")
+            return None, n_live, self._cell_sizes
         mask = np.array(allowed_mask(allowed, self.n_samples_fit_), dtype=np.uint8, copy=True)
+        mask[self._removed] = 0
         n_allowed = int(np.count_nonzero(mask))
         if k is not None and n_allowed == 0:
             raise ValueError("allowed selects no live item; at least one is needed.")
@@ -1017,7 +1111,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
                          allowed):
         _check_row_chunked(X)
         self._check_n_features(X.shape[1], fitting=False)
-        k = self._check_n_neighbors(n_neighbors, X.shape[0], bounded=allowed is None)
+        k = self._check_n_neighbors(n_neighbors, X.shape[0],
+                                    bounded=allowed is None and not len(self._removed))
         mask, n_allowed, cell_sizes = self._allowed(client, allowed, k)
         n_candidates = k if refine is None else min(k * refine, n_allowed)
         if mask is not None:
@@ -1181,6 +1276,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
             local._append_labels(labels)
         local.n_samples_fit_ = self.n_samples_fit_
         local._after_load()
+        if len(self._removed):
+            local.remove(self._removed)
         return local
 
     def _nbytes_per_worker(self):
@@ -1256,6 +1353,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(tmp, path / _MANIFEST)
         self._saved_dirs = [str(path / name) for name in names]
+        self._pending_removals = [[] for _ in names]  # the saved copies hold them
         return path
 
     @classmethod
