@@ -71,10 +71,10 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted
 from .._backends import InvertedLists, _merge
 from .._index import (
     allowed_mask,
-    removal_indices,
     fill_balls,
     kneighbors_graph_of,
     radius_neighbors_graph_of,
+    removal_indices,
 )
 from .._ivf import IVFQuantizedNeighbors
 from .._neighbors import QuantizedNeighbors
@@ -607,7 +607,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
         infos = client.gather(client.map(_shard_info, shards, pure=False))
         for (_, n, _), info in zip(todo, infos):
             if info[0] != n:  # pragma: no cover - a chunk that lied about its size
-                raise ValueError(f"a chunk declared {n} rows but held {n_items}.")
+                raise ValueError(f"a chunk declared {n} rows but held {info[0]}.")
         return shards, infos
 
     def _register(self, shards, infos):
