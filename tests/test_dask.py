@@ -271,6 +271,10 @@ def test_removed_items_are_those_of_one_process(client, data, kind, tmp_path):
     loaded.remove(later)
     local.remove(later)
     assert_same(loaded.kneighbors(Q, **extra), local.kneighbors(Q, **extra))
+    # saved again onto its directory: only the removals are written, the codes stay
+    segments = sorted(p.name for p in (tmp_path / "index").glob("shard-*/seg-*"))
+    loaded.save(tmp_path / "index")
+    assert sorted(p.name for p in (tmp_path / "index").glob("shard-*/seg-*")) == segments
     loaded.add(X[:100], y[:100])  # new shards, nothing removed there
     assert loaded.n_removed_ == len(gone) + 10
 

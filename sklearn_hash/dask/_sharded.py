@@ -173,13 +173,19 @@ def _shard_info(shard):
     return shard.n_samples_fit_, cells, nbytes, removed
 
 
-def _shard_with_removed(shard, local):
+def _shard_with_removed(shard, local, again=False):
     """A copy of the shard with the items ``local`` removed; the shard itself is unchanged.
 
     The copy shares the codes, labels and rows; it has its own live mask
-    (and, for IVF, its own live counts per cell).
+    (and, for IVF, its own live counts per cell), and knows the shard's saved
+    copy (a save onto it writes only the removals). ``again``: items the
+    shard has already removed are passed over (a reloaded copy may hold
+    some of the removals re-applied to it, when a save stopped part way).
     """
+    if again and shard._live is not None:
+        local = local[shard._live.array[local] == 1]
     new = copy.copy(shard)
+    new._saved = shard._saved  # copy.copy goes through __getstate__, which drops it
     if shard._live is not None:
         new._live = GrowableArray((), np.uint8, shard._live.array.copy())
     if isinstance(shard._index, InvertedLists):
@@ -903,7 +909,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
         for i in lost:
             shard = client.submit(_load_shard, name, self._saved_dirs[i], None, pure=False)
             for local in self._pending_removals[i]:  # made since the copy was saved
-                shard = client.submit(_shard_with_removed, shard, local, pure=False)
+                shard = client.submit(_shard_with_removed, shard, local, True, pure=False)
             self.shards_[i] = shard
             reloaded.add(i)
 
