@@ -217,14 +217,8 @@ def _search_view(shard, cell_sizes, n_threads):
     view.__dict__.update(shard.__dict__)
     if view.n_jobs is None:
         view.n_jobs = n_threads
-    if cell_sizes is not None:
-        index = shard._index
-        index._chunk_layout()  # built once on the shard, shared by the views
-        view_index = object.__new__(type(index))
-        view_index.__dict__.update(index.__dict__)
-        view_index.sizes = cell_sizes
-        view._index = view_index
-        view._searchable_sizes = lambda allowed: cell_sizes  # not the shard's own counts
+    if cell_sizes is not None:  # not the shard's own counts
+        view._searchable_sizes = lambda allowed: cell_sizes
     return view
 
 
