@@ -279,6 +279,61 @@ def test_removed_items_are_those_of_one_process(client, data, kind, tmp_path):
     assert loaded.n_removed_ == len(gone) + 10
 
 
+@pytest.mark.parametrize("kind", sorted(TEMPLATES))
+def test_compact_renumbers_as_one_process(client, data, kind, tmp_path):
+    X, y, Q, yq = data
+    search = DaskQuantizedNeighbors(TEMPLATES[kind](), n_neighbors=7, client=client,
+                                    random_state=0).fit(
+        da.from_array(X, chunks=((700, 1100, 400, 800), (16,))), y)
+    search.save(tmp_path / "index")
+    local = single_process(search, X, y)
+    rng = np.random.default_rng(4)
+    gone = np.concatenate([rng.permutation(1800)[:600], np.arange(1800, 2200)])  # shard 2, whole
+    search.remove(gone)
+    local.remove(gone)
+    sizes_before = search.shard_sizes_.copy()
+    mapping = search.compact()
+    np.testing.assert_array_equal(mapping, local.compact())
+    assert search.n_removed_ == 0 and search.n_samples_fit_ == local.n_samples_fit_ == 2000
+    # the emptied shard is dropped; the untouched last shard only moves down
+    assert len(search.shards_) == 3
+    np.testing.assert_array_equal(
+        search.shard_sizes_,
+        [700 - np.sum(gone < 700), 1100 - np.sum((gone >= 700) & (gone < 1800)), 800])
+    assert sizes_before[3] == 800
+    np.testing.assert_array_equal(search.shard_offsets_, [0, *np.cumsum(search.shard_sizes_)[:2]])
+    extra = {"n_probe": 3} if kind.startswith("ivf") else {}
+    expected = local.kneighbors(Q, **extra)
+    assert_same(search.kneighbors(Q, **extra), expected)
+    mask = rng.random(2000) < 0.5
+    assert_same(search.kneighbors(Q, allowed=mask, **extra),
+                local.kneighbors(Q, allowed=mask, **extra))
+    d = local.kneighbors(Q, n_neighbors=30)[0]
+    for a, b in zip(search.radius_neighbors(Q, radius=float(np.median(d[:, 20])), **extra),
+                    local.radius_neighbors(Q, radius=float(np.median(d[:, 20])), **extra)):
+        for got, want in zip(a, b):
+            np.testing.assert_array_equal(got, want)
+    assert search.score(Q, yq) == local.score(Q, yq)
+    assert_same(search.to_local().kneighbors(Q, **extra), expected)
+    assert search.compact().tolist() == list(range(2000))  # nothing left to compact
+    # saved onto the directory of its earlier save: the compacted shards in full
+    search.save(tmp_path / "index")
+    assert sorted(p.name for p in (tmp_path / "index").glob("shard-*")) == [
+        "shard-00000", "shard-00001", "shard-00002"]
+    loaded = DaskQuantizedNeighbors.load(tmp_path / "index", client=client)
+    assert_same(loaded.kneighbors(Q, **extra), expected)
+    # removing everything leaves an empty index that can grow again
+    loaded.remove(np.arange(2000))
+    assert (loaded.compact() == -1).all()
+    assert loaded.n_samples_fit_ == 0 and loaded.shards_ == []
+    with pytest.raises(ValueError, match="n_neighbors = 1, n_samples_fit = 0"):  # as one process
+        loaded.kneighbors(Q, n_neighbors=1)
+    assert all(len(i) == 0 for i in loaded.radius_neighbors(Q, radius=1e9, **extra)[1])
+    loaded.add(X[:300], y[:300])
+    assert_same(loaded.kneighbors(Q, **extra),
+                single_process(loaded, X[:300], y[:300]).kneighbors(Q, **extra))
+
+
 def test_ivf_probes_with_the_cell_sizes_of_the_whole_index(client, data):
     # Tiny shards: alone, a shard's probed cells hold fewer than k items and
     # it would top its probes up differently from one process.
@@ -382,6 +437,27 @@ def test_save_load_round_trip(client, data, tmp_path):
         search.save(tmp_path / "other")
 
 
+def test_a_save_that_fails_part_way_records_the_copies_it_wrote(client, data, tmp_path):
+    X, _, Q, _ = data
+    search = DaskQuantizedNeighbors(TEMPLATES["hamming"](), n_neighbors=5, client=client,
+                                    random_state=0).fit(da.from_array(X, chunks=(1500, 16)))
+    search.save(tmp_path / "index")
+    search.remove([10, 2000])  # one in each shard
+    (tmp_path / "index" / "shard-00001" / "index.json").unlink()
+    (tmp_path / "index" / "shard-00001" / "notes.txt").write_text("not an index any more")
+    with pytest.raises(ValueError, match="refusing to write into it"):
+        search.save(tmp_path / "index")
+    # Shard 0 was saved over its copy, with its removal: a lost worker would reload
+    # that copy (the one with the new uuid) and re-apply nothing; shard 1 kept neither.
+    on_disk = QuantizedNeighbors.load(tmp_path / "index" / "shard-00000")
+    assert on_disk.n_removed_ == 1
+    assert search._saved_uuids[0] == on_disk._saved["uuid"]
+    assert search._pending_removals[0] == []
+    np.testing.assert_array_equal(search._pending_removals[1], [[500]])
+    assert_same(search.kneighbors(Q),  # the index itself is unchanged
+                single_process(search, X, None).remove([10, 2000]).kneighbors(Q))
+
+
 def test_re_ranking_rows_are_saved_moved_and_gathered(client, data, tmp_path):
     X, y, Q, _ = data
     search = DaskQuantizedNeighbors(TEMPLATES["ivf4-sq8"](), n_neighbors=6, client=client,
@@ -423,11 +499,33 @@ def test_killed_worker_during_a_search(client, data, tmp_path):
     saved.remove(gone)
     expected = single_process(from_graph, X, None).remove(gone).kneighbors(Q)
     expected_np = single_process(scattered, X, None).remove(gone).kneighbors(Q)
+    compacted = single_process(scattered, X, None)
+    compacted.remove(gone)
+    compacted.compact()
+    # Saved, then: a remove or a compact called right after the loss (no search first).
+    removing = DaskQuantizedNeighbors(template, n_neighbors=5, client=client,
+                                      random_state=0).fit(X)
+    removing.save(tmp_path / "removing")
+    compacting = DaskQuantizedNeighbors(template, n_neighbors=5, client=client,
+                                        random_state=0).fit(X)
+    compacting.save(tmp_path / "compacting")
+    compacting.remove(gone)
+    # Saved, then saved over by another index (its own load, with other removals):
+    # that copy is no longer this index's.
+    shared = DaskQuantizedNeighbors(template, n_neighbors=5, client=client,
+                                    random_state=0).fit(X)
+    shared.save(tmp_path / "shared")
+    stale = DaskQuantizedNeighbors.load(tmp_path / "shared", client=client)  # Dask reloads it
+    other = DaskQuantizedNeighbors.load(tmp_path / "shared", client=client)
+    other.remove(np.arange(0, 3000, 2))
+    other.save(tmp_path / "shared")
 
     pids = client.run(os.getpid)
     victim = min(pids)
     lost_scattered = _shards_on(scattered, client, victim)
     assert lost_scattered and _shards_on(from_graph, client, victim)
+    for search in (removing, compacting, shared, stale):
+        assert _shards_on(search, client, victim)
 
     # Kill the worker while it searches (a long batch of queries).
     many = np.repeat(Q, 300, axis=0)
@@ -448,6 +546,16 @@ def test_killed_worker_during_a_search(client, data, tmp_path):
         scattered.kneighbors(Q)
     for i in lost_scattered:
         assert f"{i} (items {scattered.shard_offsets_[i]}.." in str(info.value)
+    removing.remove(gone)  # it failed with Dask's error before it recovered the shards
+    assert_same(removing.kneighbors(Q), expected_np)
+    keep = ~np.isin(np.arange(3000), gone)
+    np.testing.assert_array_equal(compacting.compact(), np.where(keep, np.cumsum(keep) - 1, -1))
+    assert_same(compacting.kneighbors(Q), compacted.kneighbors(Q))
+    with pytest.raises(RuntimeError, match=r"reloading them .*failed: .*no longer holds the "
+                                           r"shard this index saved there"):
+        shared.kneighbors(Q)  # it used to answer with the other index's removals
+    with pytest.raises(RuntimeError, match="no longer holds the shard this index saved there"):
+        stale.kneighbors(Q)
 
 
 def test_bad_input(client, data):

@@ -39,6 +39,8 @@ The path of the data:
    marked (``_shard_with_removed``: its own live mask and IVF live counts,
    the codes shared); the driver keeps the removed global indices and, per
    shard, the removals made since its saved copy, which a reload re-applies.
+   ``compact`` replaces those shards by compacted copies (``_shard_compacted``),
+   drops the emptied ones and recomputes the offsets.
 
 Shards report their real size to Dask (``dask.sizeof``): without it a
 searcher weighed ~50 bytes, the 256 KB of queries looked heavier than a
@@ -50,6 +52,8 @@ import copy
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 import uuid
@@ -78,7 +82,7 @@ from .._index import (
 )
 from .._ivf import IVFQuantizedNeighbors
 from .._neighbors import QuantizedNeighbors
-from .._storage import GrowableArray, read_json_manifest
+from .._storage import GrowableArray, read_json_manifest, read_manifest
 from .._threads import effective_n_threads, single_threaded_blas
 from .._version import __version__
 from ..metrics import map_at_r_score
@@ -110,13 +114,22 @@ def _build_shard(template, X, y):
     return shard
 
 
-def _load_shard(class_name, path, mmap_mode):
-    return _SEARCHERS[class_name].load(path, mmap_mode=mmap_mode)
+def _load_shard(class_name, path, mmap_mode, uuid=None):
+    """The shard saved in ``path``; with ``uuid``, only if that save is still the one there."""
+    shard = _SEARCHERS[class_name].load(path, mmap_mode=mmap_mode)
+    if uuid is not None and shard._saved["uuid"] != uuid:
+        raise ValueError(
+            f"{path} no longer holds the shard this index saved there: it was saved over "
+            f"since (by another index, or another save of this one), and may hold other "
+            f"items or other removals."
+        )
+    return shard
 
 
 def _save_shard(shard, path):
+    """Save the shard into ``path``; returns the uuid of that save."""
     shard.save(path)
-    return str(path)
+    return shard._saved["uuid"]
 
 
 def _nbytes(obj, seen):
@@ -192,6 +205,20 @@ def _shard_with_removed(shard, local, again=False):
         new._index = copy.copy(shard._index)
         new._index.live_sizes = shard._index.live_sizes.copy()
     return new.remove(local)
+
+
+def _shard_compacted(shard):
+    """A compacted copy of the shard (its removed items dropped); the shard is unchanged.
+
+    The copies are plain shallow ones (no ``__getstate__``): ``compact``
+    rebinds the storage of the copy and never writes into what it shares.
+    """
+    new = object.__new__(type(shard))
+    new.__dict__.update(shard.__dict__)
+    new._index = object.__new__(type(shard._index))
+    new._index.__dict__.update(shard._index.__dict__)
+    new.compact()
+    return new
 
 
 def _shard_contents(shard):
@@ -407,8 +434,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
     holding the same quantizer and all the codes returns (see
     :meth:`to_local`), distances and indices, ties by global index.
     ``radius_neighbors`` joins the shards' balls by global index. Both take
-    ``allowed=`` filters, and ``remove`` takes items out of every later
-    search (there is no ``compact``). A
+    ``allowed=`` filters; ``remove`` takes items out of every later
+    search and ``compact`` renumbers the rest across the shards. A
     template with ``refine_factor`` re-ranks as one process does: its
     shards keep their items' rows (``refine_storage``) and score the
     merged candidates they hold.
@@ -487,9 +514,11 @@ class DaskQuantizedNeighbors(BaseEstimator):
     **Worker loss.** A shard lost with its worker is rebuilt by Dask from
     the graph it came from, when it still can (a chunk of a dask array is
     recomputed and encoded again); a shard of an index that was saved or
-    loaded is reloaded from its saved directory. Otherwise the search
-    raises a ``RuntimeError`` naming the lost shards: it never returns an
-    answer from the surviving shards alone.
+    loaded is reloaded from its saved directory, if that still holds the
+    copy this index saved (not one written over by another save). Otherwise
+    the search raises a ``RuntimeError`` naming the lost shards: it never
+    returns an answer from the surviving shards alone. ``remove``,
+    ``compact`` and ``save`` recover lost shards the same way first.
 
     **Storage.** :meth:`save` writes one directory per shard, in the
     single-process format, written by the worker that holds the shard,
@@ -612,12 +641,13 @@ class DaskQuantizedNeighbors(BaseEstimator):
 
     def _register(self, shards, infos):
         sizes = np.array([info[0] for info in infos], dtype=np.int64)
-        offsets = self.n_samples_fit_ + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        offsets = self.n_samples_fit_ + np.concatenate([[0], np.cumsum(sizes)])[:len(sizes)]
         self.shards_ = [*self.shards_, *shards]
         self.shard_sizes_ = np.concatenate([self.shard_sizes_, sizes]).astype(np.int64)
         self.shard_offsets_ = np.concatenate([self.shard_offsets_, offsets]).astype(np.int64)
         self._shard_bytes = [*self._shard_bytes, *(info[2] for info in infos)]
         self._saved_dirs = [*self._saved_dirs, *([None] * len(shards))]
+        self._saved_uuids = [*self._saved_uuids, *([None] * len(shards))]
         self._pending_removals = [*self._pending_removals, *([] for _ in shards)]
         self._shard_cells = [*self._shard_cells, *(info[1] for info in infos)]
         for info in infos:
@@ -632,7 +662,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
         self.shard_sizes_ = np.empty(0, dtype=np.int64)
         self.shard_offsets_ = np.empty(0, dtype=np.int64)
         self._shard_bytes = []
-        self._saved_dirs = []
+        self._saved_dirs = []        # per shard: the directory of its saved copy (None: none)
+        self._saved_uuids = []       # per shard: the uuid of that copy's save
         self._pending_removals = []  # per shard: removals made since its saved copy
         self._shard_cells = []       # per shard: live items per IVF cell (None: not IVF)
         self._removed = np.empty(0, dtype=np.int64)  # global indices, ascending
@@ -757,10 +788,15 @@ class DaskQuantizedNeighbors(BaseEstimator):
         shard_of = np.searchsorted(self.shard_offsets_, indices, side="right") - 1
         locals_ = {int(i): np.sort(indices[shard_of == i] - self.shard_offsets_[i])
                    for i in np.unique(shard_of)}
-        copies = {i: client.submit(_shard_with_removed, self.shards_[i], local, pure=False)
-                  for i, local in locals_.items()}
-        infos = client.gather([client.submit(_shard_info, f, pure=False)
-                               for f in copies.values()])
+
+        def run():  # the copies, built from the shards as they are (or as recovered)
+            copies = {i: client.submit(_shard_with_removed, self.shards_[i], local, pure=False)
+                      for i, local in locals_.items()}
+            infos = client.gather([client.submit(_shard_info, f, pure=False)
+                                   for f in copies.values()])
+            return copies, infos
+
+        copies, infos = self._retrying(client, run, "remove()")
         for (i, future), info in zip(copies.items(), infos):
             self.shards_[i] = future
             self._shard_bytes[i] = info[2]
@@ -770,6 +806,60 @@ class DaskQuantizedNeighbors(BaseEstimator):
                 self._shard_cells[i] = info[1]
         self._removed = np.union1d(self._removed, indices)
         return self
+
+    def compact(self):
+        """Reclaim the memory of removed items, renumbering the others across the shards.
+
+        As the single-process ``compact``: live items keep their order and
+        their indices close the gaps left by the removed ones, over the
+        whole index. Each shard holding removed items is replaced by a
+        compacted copy, built by the worker that holds it; a shard left
+        empty is dropped. All or nothing, as :meth:`remove`. The compacted
+        shards no longer match their saved copies: :meth:`save` writes them
+        again in full, and until then a compacted shard lost with its worker
+        is rebuilt by Dask from its graph or not at all.
+
+        Returns
+        -------
+        mapping : ndarray of shape (n_samples_fit before the call,), dtype=int64
+            The new index of each old index, -1 for removed items.
+        """
+        check_is_fitted(self)
+        keep = np.ones(self.n_samples_fit_, dtype=bool)
+        keep[self._removed] = False
+        mapping = np.where(keep, np.cumsum(keep) - 1, -1).astype(np.int64)
+        if not len(self._removed):
+            return mapping
+        client = self._get_client()
+        shard_of = np.searchsorted(self.shard_offsets_, self._removed, side="right") - 1
+        touched = [int(i) for i in np.unique(shard_of)]
+
+        def run():
+            copies = [client.submit(_shard_compacted, self.shards_[i], pure=False)
+                      for i in touched]
+            return copies, client.gather([client.submit(_shard_info, f, pure=False)
+                                          for f in copies])
+
+        copies, infos = self._retrying(client, run, "compact()")
+        for i, future, info in zip(touched, copies, infos):
+            self.shards_[i] = future
+            self.shard_sizes_[i] = info[0]
+            self._shard_bytes[i] = info[2]
+            self._saved_dirs[i] = self._saved_uuids[i] = None  # the old numbering
+            self._pending_removals[i] = []
+            self._shard_cells[i] = info[1]
+        kept = [i for i in range(len(self.shards_)) if self.shard_sizes_[i] > 0]
+        self.shards_ = [self.shards_[i] for i in kept]
+        self.shard_sizes_ = self.shard_sizes_[kept]
+        self.shard_offsets_ = np.concatenate(
+            [[0], np.cumsum(self.shard_sizes_)])[:len(kept)].astype(np.int64)
+        for name in ("_shard_bytes", "_saved_dirs", "_saved_uuids", "_pending_removals",
+                     "_shard_cells"):
+            setattr(self, name, [getattr(self, name)[i] for i in kept])
+        self._removed = np.empty(0, dtype=np.int64)
+        self.n_samples_fit_ = int(self.shard_sizes_.sum())
+        self._balance(client)
+        return mapping
 
     # ---------------------------------------------------------------- search
     def _check_n_neighbors(self, n_neighbors, n_queries, bounded=True):
@@ -871,13 +961,16 @@ class DaskQuantizedNeighbors(BaseEstimator):
         return ", ".join(f"{i} (items {self.shard_offsets_[i]}.."
                          f"{self.shard_offsets_[i] + self.shard_sizes_[i] - 1})" for i in shards)
 
-    def _recover(self, client, exc, reraise, reloaded):
-        """After a failed search: reload lost shards from their saved copies, or raise.
+    def _recover(self, client, exc, reraise, reloaded, what="The search"):
+        """After a failed call: reload lost shards from their saved copies, or raise.
 
         Shards that are lost (or failed to be rebuilt) without a saved copy,
         or whose reload already failed: a RuntimeError naming them. No lost
-        shard: ``exc`` again when ``reraise`` (an error of the search
-        itself), else nothing (a worker was lost; the caller retries).
+        shard: ``exc`` again when ``reraise`` (an error of the call itself),
+        else nothing (a worker was lost; the caller retries). A saved copy
+        is reloaded only if it is still the one this index wrote
+        (``_load_shard`` checks its uuid): another save there may have
+        written other items or other removals.
         """
         lost = self._lost_shards()
         if not lost:
@@ -887,7 +980,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
         unsaved = [i for i in lost if self._saved_dirs[i] is None]
         if unsaved:
             raise RuntimeError(
-                f"The search lost shard(s) {self._describe(unsaved)} with their worker, and "
+                f"{what} lost shard(s) {self._describe(unsaved)} with their worker, and "
                 f"they have no saved copy to reload (nor a graph Dask could recompute them "
                 f"from); no answer is returned rather than one from the other shards. "
                 f"Fit again, or save() the index so that lost shards can be reloaded."
@@ -895,13 +988,14 @@ class DaskQuantizedNeighbors(BaseEstimator):
         failed = [i for i in lost if i in reloaded]
         if failed:
             raise RuntimeError(
-                f"The search lost shard(s) {self._describe(failed)}, and reloading them from "
+                f"{what} lost shard(s) {self._describe(failed)}, and reloading them from "
                 f"their saved copies ({', '.join(self._saved_dirs[i] for i in failed)}) "
                 f"failed: {exc}. No answer is returned rather than one from the other shards."
             ) from exc
         name = type(self.searcher_).__name__
         for i in lost:
-            shard = client.submit(_load_shard, name, self._saved_dirs[i], None, pure=False)
+            shard = client.submit(_load_shard, name, self._saved_dirs[i], None,
+                                  self._saved_uuids[i], pure=False)
             for local in self._pending_removals[i]:  # made since the copy was saved
                 shard = client.submit(_shard_with_removed, shard, local, True, pure=False)
             self.shards_[i] = shard
@@ -1000,32 +1094,44 @@ class DaskQuantizedNeighbors(BaseEstimator):
     def _on_workers(self, client, task, X, *args):
         """``task(shards, offsets, X, *args)`` on each worker over the shards it holds.
 
-        The queries are sent once to each worker that searches. A lost
-        worker or shard is recovered (rebuilt or reloaded) and the whole
-        call run again, up to ``_ATTEMPTS`` times: the results of every
-        worker, or an error, never those of the surviving shards alone.
+        The queries are sent once to each worker that searches; a lost
+        worker or shard is recovered as :meth:`_retrying` says.
+        """
+        def run():
+            groups = self._placement(client)
+            workers = [w for w in groups if w is not None]
+            queries = client.scatter(X, workers=workers or None, broadcast=True, hash=False)
+            futures = [
+                client.submit(task, [self.shards_[i] for i in group],
+                              self.shard_offsets_[group], queries, *args, pure=False,
+                              **self._pinned(worker))
+                for worker, group in groups.items()
+            ]
+            return client.gather(futures)
+
+        return self._retrying(client, run, "The search")
+
+    def _retrying(self, client, run, what):
+        """``run()``, run again after a lost worker or shard, up to ``_ATTEMPTS`` times in all.
+
+        Between the attempts, lost shards are rebuilt by Dask or reloaded
+        from their saved copies (:meth:`_recover`). ``run`` must change
+        nothing before it returns: an attempt that fails is simply dropped.
+        The result of a whole ``run``, or an error: never an answer from the
+        surviving shards alone. ``what`` names the call in the errors.
         """
         reloaded = set()
         for attempt in range(_ATTEMPTS):
             try:
-                groups = self._placement(client)
-                workers = [w for w in groups if w is not None]
-                queries = client.scatter(X, workers=workers or None, broadcast=True,
-                                         hash=False)
-                futures = [
-                    client.submit(task, [self.shards_[i] for i in group],
-                                  self.shard_offsets_[group], queries, *args, pure=False,
-                                  **self._pinned(worker))
-                    for worker, group in groups.items()
-                ]
-                return client.gather(futures)
-            except Exception as exc:  # a lost worker or shard, or an error of the search
+                return run()
+            except Exception as exc:  # a lost worker or shard, or an error of the call
                 transient = isinstance(exc, _TRANSIENT)
-                self._recover(client, exc, not transient or attempt == _ATTEMPTS - 1, reloaded)
+                self._recover(client, exc, not transient or attempt == _ATTEMPTS - 1, reloaded,
+                              what)
                 if attempt == _ATTEMPTS - 1:
                     raise RuntimeError(
-                        f"The search failed {_ATTEMPTS} times as workers were lost; the "
-                        f"last error: {exc!r}."
+                        f"{what} failed {_ATTEMPTS} times as workers were lost; the last "
+                        f"error: {exc!r}."
                     ) from exc
                 time.sleep(_RETRY_PAUSE)  # let the scheduler see the loss
                 try:  # then let it rebuild what it can
@@ -1301,7 +1407,9 @@ class DaskQuantizedNeighbors(BaseEstimator):
         (offsets, sizes and directories of the shards) is written last, by an
         atomic rename. Saving onto the directory of an earlier save writes
         the shards again incrementally (a shard saved there before only
-        rewrites its small state). A lost shard is reloaded from here.
+        rewrites its small state; a compacted one is written in full) and
+        deletes the directories of shards it no longer has. A lost shard is
+        reloaded from here.
 
         Parameters
         ----------
@@ -1327,8 +1435,22 @@ class DaskQuantizedNeighbors(BaseEstimator):
                              f"into it. Choose a new or empty directory.")
         path.mkdir(parents=True, exist_ok=True)
         names = [f"shard-{i:05d}" for i in range(len(self.shards_))]
-        client.gather([client.submit(_save_shard, f, str(path / name), pure=False)
-                       for f, name in zip(self.shards_, names)])
+        dirs = [str(path / name) for name in names]
+
+        def run():
+            saves = [client.submit(_save_shard, f, d, pure=False)
+                     for f, d in zip(self.shards_, dirs)]
+            try:
+                return client.gather(saves)
+            finally:  # even if another shard's save failed:
+                for i, future in enumerate(saves):
+                    # a shard saved over its own copy: that copy now holds all its
+                    # removals, under a new uuid; a lost worker reloads it as it is
+                    if future.status == "finished" and self._saved_dirs[i] == dirs[i]:
+                        self._saved_uuids[i] = future.result()
+                        self._pending_removals[i] = []
+
+        uuids = self._retrying(client, run, "save()")
         self.searcher_.save(path / "template")
         manifest = {
             "format": _FORMAT,
@@ -1352,7 +1474,11 @@ class DaskQuantizedNeighbors(BaseEstimator):
         tmp = path / f"{_MANIFEST}.tmp-{uuid.uuid4().hex}"
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(tmp, path / _MANIFEST)
-        self._saved_dirs = [str(path / name) for name in names]
+        for old in path.glob("shard-*"):  # of an earlier save with more shards (compact)
+            if re.fullmatch(r"shard-\d{5,}", old.name) and old.name not in names:
+                shutil.rmtree(old)
+        self._saved_dirs = dirs
+        self._saved_uuids = uuids
         self._pending_removals = [[] for _ in names]  # the saved copies hold them
         return path
 
@@ -1401,14 +1527,15 @@ class DaskQuantizedNeighbors(BaseEstimator):
         search._has_labels = bool(manifest["labels"])
         search._reset_shards()
         workers = sorted(client.nthreads())
-        shards, expected, dirs = [], [], []
+        shards, dirs, uuids = [], [], []
         for i, entry in enumerate(manifest["shards"]):
             shard_dir = str(path / entry["dir"])
+            # Dask reloads a lost shard by this task again: only if that save is still there.
+            uuids.append(read_manifest(shard_dir).get("uuid"))
             where = ({"workers": [workers[i % len(workers)]], "allow_other_workers": True}
                      if workers else {})
-            shards.append(client.submit(_load_shard, name, shard_dir, mmap_mode, pure=False,
-                                        **where))
-            expected.append(entry["size"])
+            shards.append(client.submit(_load_shard, name, shard_dir, mmap_mode, uuids[-1],
+                                        pure=False, **where))
             dirs.append(shard_dir)
         infos = client.gather(client.map(_shard_info, shards, pure=False))
         for entry, info in zip(manifest["shards"], infos):
@@ -1422,5 +1549,6 @@ class DaskQuantizedNeighbors(BaseEstimator):
             raise ValueError(f"{file}: the shards' offsets and sizes do not add up to its "
                              f"{manifest['n_samples']} items; the index directory is damaged.")
         search._saved_dirs = dirs
+        search._saved_uuids = uuids
         search._balance(client)
         return search
