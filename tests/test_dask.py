@@ -408,6 +408,25 @@ def test_shards_balanced_and_searched_where_they_are(client, data):
                           for w in workers]) == [1, 1]
 
 
+def test_shards_move_to_a_worker_that_holds_none(data):
+    # A worker that joins (or is restarted after a loss) holds no shard; balancing
+    # onto it failed with a KeyError.
+    X, _, Q, _ = data
+    with distributed.LocalCluster(processes=False, n_workers=1, threads_per_worker=1,
+                                  dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as client:
+        search = DaskQuantizedNeighbors(TEMPLATES["hamming"](), n_neighbors=5, client=client,
+                                        random_state=0).fit(da.from_array(X, chunks=(750, 16)))
+        cluster.scale(2)
+        client.wait_for_workers(2)
+        search.remove([0])
+        search.compact()  # balances the shards, as fit, add and load do
+        holders = _holders(search, client)
+        assert sorted(set(holders)) == [(w,) for w in sorted(client.nthreads())]
+        local = single_process(search, X[1:], None)
+        assert_same(search.kneighbors(Q), local.kneighbors(Q))
+
+
 def test_save_load_round_trip(client, data, tmp_path):
     X, y, Q, yq = data
     search = DaskQuantizedNeighbors(TEMPLATES["ivf"](), n_neighbors=6, client=client,

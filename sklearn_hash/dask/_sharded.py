@@ -936,7 +936,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
             load[dst] += int(sizes[best])
         moved = {i: client.submit(_moved, self.shards_[i], workers=[worker],
                                   allow_other_workers=True, pure=False)
-                 for i, worker in owner.items() if i not in groups[worker]}
+                 for i, worker in owner.items() if i not in groups.get(worker, ())}
         if not moved:
             return
         wait(list(moved.values()))
