@@ -598,6 +598,13 @@ def test_bad_input(client, data):
         search.kneighbors(Q, n_neighbors=41)
     with pytest.raises(ValueError, match="Expected n_neighbors > 0"):
         search.kneighbors(Q, n_neighbors=0)
+    for queries in (Q[:, :15], da.from_array(Q[:, :15])):  # checked first, as in one process
+        with pytest.raises(ValueError, match="Expected n_neighbors > 0"):
+            search.kneighbors(queries, n_neighbors=0)
+        with pytest.raises(TypeError, match="n_neighbors does not take"):
+            search.kneighbors(queries, n_neighbors=2.0)
+    with pytest.raises(ValueError, match="Expected n_neighbors > 0"):
+        single_process(search, X[:40], None).kneighbors(Q[:, :15], n_neighbors=0)
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):
         DaskQuantizedNeighbors(client=client).fit(X[:100], y[:99])
     with pytest.raises(ValueError, match="score needs the labels"):

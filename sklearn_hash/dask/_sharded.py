@@ -1044,6 +1044,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
         refine = params.pop("refine_factor", None)
         if refine is not None:
             self.searcher_._check_kept_rows(refine)
+        # its type and sign before X, as one process checks them
+        n_neighbors = self._check_n_neighbors(n_neighbors, None, bounded=False)
         dtype = self._distance_dtype()
         if isinstance(X, da.Array):
             return self._kneighbors_dask(client, X, n_neighbors, return_distance, params, dtype,
