@@ -325,13 +325,38 @@ def test_compact_renumbers_as_one_process(client, data, kind, tmp_path):
     # removing everything leaves an empty index that can grow again
     loaded.remove(np.arange(2000))
     assert (loaded.compact() == -1).all()
-    assert loaded.n_samples_fit_ == 0 and loaded.shards_ == []
+    assert loaded.n_samples_fit_ == 0 and loaded.shard_sizes_.tolist() == [0]  # one kept
     with pytest.raises(ValueError, match="n_neighbors = 1, n_samples_fit = 0"):  # as one process
         loaded.kneighbors(Q, n_neighbors=1)
     assert all(len(i) == 0 for i in loaded.radius_neighbors(Q, radius=1e9, **extra)[1])
+    empty = loaded.to_local()  # labels of the right dtype, none of them
+    assert empty.n_samples_fit_ == 0 and empty._fit_y.dtype == y.dtype
     loaded.add(X[:300], y[:300])
     assert_same(loaded.kneighbors(Q, **extra),
                 single_process(loaded, X[:300], y[:300]).kneighbors(Q, **extra))
+
+
+@pytest.mark.parametrize("kind", sorted(TEMPLATES))
+def test_a_compacted_copy_leaves_its_shard_unchanged(data, kind):
+    # Dask may hold the shard still, or build the copy again from it: compacting the
+    # copy must not write into what the two share (codes, blocks, rows, labels, counts).
+    from sklearn_hash.dask._sharded import _shard_compacted, _shard_with_removed
+
+    X, y, Q, yq = data
+    shard = TEMPLATES[kind]().fit(X[:1000], y[:1000])
+    shard = _shard_with_removed(shard, np.arange(0, 1000, 3))
+    extra = {"n_probe": 3} if kind.startswith("ivf") else {}
+    before = (shard.kneighbors(Q, **extra), shard.score(Q, yq), shard._fit_y.copy())
+    for _ in range(2):
+        copy_ = _shard_compacted(shard)
+        assert copy_.n_samples_fit_ == 666 and copy_.n_removed_ == 0
+        assert shard.n_samples_fit_ == 1000 and shard.n_removed_ == 334
+        assert_same(shard.kneighbors(Q, **extra), before[0])
+        assert shard.score(Q, yq) == before[1]
+        np.testing.assert_array_equal(shard._fit_y, before[2])
+    expected = copy.deepcopy(shard)
+    expected.compact()
+    assert_same(copy_.kneighbors(Q, **extra), expected.kneighbors(Q, **extra))
 
 
 def test_ivf_probes_with_the_cell_sizes_of_the_whole_index(client, data):
@@ -538,12 +563,19 @@ def test_killed_worker_during_a_search(client, data, tmp_path):
     other = DaskQuantizedNeighbors.load(tmp_path / "shared", client=client)
     other.remove(np.arange(0, 3000, 2))
     other.save(tmp_path / "shared")
+    # Loaded, then saved onto its own directory: Dask's own reload of its shards (the
+    # load's task) now meets a newer copy and fails; every call recovers from that copy.
+    DaskQuantizedNeighbors(template, n_neighbors=5, client=client,
+                           random_state=0).fit(X).save(tmp_path / "own")
+    own = DaskQuantizedNeighbors.load(tmp_path / "own", client=client)
+    own.save(tmp_path / "own")
+    plain = single_process(scattered, X, None).kneighbors(Q)
 
     pids = client.run(os.getpid)
     victim = min(pids)
     lost_scattered = _shards_on(scattered, client, victim)
     assert lost_scattered and _shards_on(from_graph, client, victim)
-    for search in (removing, compacting, shared, stale):
+    for search in (removing, compacting, shared, stale, own):
         assert _shards_on(search, client, victim)
 
     # Kill the worker while it searches (a long batch of queries).
@@ -571,10 +603,11 @@ def test_killed_worker_during_a_search(client, data, tmp_path):
     np.testing.assert_array_equal(compacting.compact(), np.where(keep, np.cumsum(keep) - 1, -1))
     assert_same(compacting.kneighbors(Q), compacted.kneighbors(Q))
     with pytest.raises(RuntimeError, match=r"reloading them .*failed: .*no longer holds the "
-                                           r"shard this index saved there"):
+                                           r"copy of the shard this index saved"):
         shared.kneighbors(Q)  # it used to answer with the other index's removals
-    with pytest.raises(RuntimeError, match="no longer holds the shard this index saved there"):
+    with pytest.raises(RuntimeError, match="no longer holds the copy of the shard this index"):
         stale.kneighbors(Q)
+    assert_same(own.to_local().kneighbors(Q), plain)  # to_local failed there
 
 
 def test_bad_input(client, data):

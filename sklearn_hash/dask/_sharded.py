@@ -119,9 +119,9 @@ def _load_shard(class_name, path, mmap_mode, uuid=None):
     shard = _SEARCHERS[class_name].load(path, mmap_mode=mmap_mode)
     if uuid is not None and shard._saved["uuid"] != uuid:
         raise ValueError(
-            f"{path} no longer holds the shard this index saved there: it was saved over "
-            f"since (by another index, or another save of this one), and may hold other "
-            f"items or other removals."
+            f"{path} no longer holds the copy of the shard this index saved (or loaded) "
+            f"there: another save has written over it since (another index saved to the "
+            f"same directory?), and it may hold other items or other removals."
         )
     return shard
 
@@ -814,7 +814,8 @@ class DaskQuantizedNeighbors(BaseEstimator):
         their indices close the gaps left by the removed ones, over the
         whole index. Each shard holding removed items is replaced by a
         compacted copy, built by the worker that holds it; a shard left
-        empty is dropped. All or nothing, as :meth:`remove`. The compacted
+        empty is dropped (but the last: an index left empty keeps one empty
+        shard). All or nothing, as :meth:`remove`. The compacted
         shards no longer match their saved copies: :meth:`save` writes them
         again in full, and until then a compacted shard lost with its worker
         is rebuilt by Dask from its graph or not at all.
@@ -848,7 +849,9 @@ class DaskQuantizedNeighbors(BaseEstimator):
             self._saved_dirs[i] = self._saved_uuids[i] = None  # the old numbering
             self._pending_removals[i] = []
             self._shard_cells[i] = info[1]
-        kept = [i for i in range(len(self.shards_)) if self.shard_sizes_[i] > 0]
+        # An index left empty keeps its first shard, empty: it still knows the labels'
+        # dtype and shape (to_local, score) and searches as an empty index of one process.
+        kept = [i for i in range(len(self.shards_)) if self.shard_sizes_[i] > 0] or [0]
         self.shards_ = [self.shards_[i] for i in kept]
         self.shard_sizes_ = self.shard_sizes_[kept]
         self.shard_offsets_ = np.concatenate(
@@ -1342,13 +1345,17 @@ class DaskQuantizedNeighbors(BaseEstimator):
         indices = self.kneighbors(X, return_distance=False)
         wanted, positions = np.unique(indices, return_inverse=True)
         client = self._get_client()
-        pieces = []
-        for i, future in enumerate(self.shards_):
-            lo, hi = self.shard_offsets_[i], self.shard_offsets_[i] + self.shard_sizes_[i]
-            local = wanted[(wanted >= lo) & (wanted < hi)] - lo
-            if local.size:
-                pieces.append(client.submit(_shard_labels, future, local, pure=False))
-        labels = np.concatenate(client.gather(pieces))
+
+        def run():
+            pieces = []
+            for i, future in enumerate(self.shards_):
+                lo, hi = self.shard_offsets_[i], self.shard_offsets_[i] + self.shard_sizes_[i]
+                local = wanted[(wanted >= lo) & (wanted < hi)] - lo
+                if local.size:
+                    pieces.append(client.submit(_shard_labels, future, local, pure=False))
+            return client.gather(pieces)
+
+        labels = np.concatenate(self._retrying(client, run, "score()"))
         return map_at_r_score(y, labels, positions.reshape(indices.shape))
 
     # ------------------------------------------------------------- gathering
@@ -1364,8 +1371,9 @@ class DaskQuantizedNeighbors(BaseEstimator):
         """
         check_is_fitted(self)
         client = self._get_client()
-        contents = client.gather([client.submit(_shard_contents, f, pure=False)
-                                  for f in self.shards_])
+        contents = self._retrying(client, lambda: client.gather(
+            [client.submit(_shard_contents, f, pure=False) for f in self.shards_]),
+            "to_local()")
         local = copy.deepcopy(self.searcher_)
         local.n_neighbors = self.n_neighbors
         labels = None
@@ -1445,6 +1453,10 @@ class DaskQuantizedNeighbors(BaseEstimator):
             try:
                 return client.gather(saves)
             finally:  # even if another shard's save failed:
+                try:  # the others run on: wait for them (they may write their copies)
+                    wait(saves, timeout=_REBUILD_TIMEOUT)
+                except TimeoutError:
+                    pass
                 for i, future in enumerate(saves):
                     # a shard saved over its own copy: that copy now holds all its
                     # removals, under a new uuid; a lost worker reloads it as it is
