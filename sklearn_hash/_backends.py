@@ -64,14 +64,17 @@ from ._storage import ChunkedRows, GrowableArray, _map_of, release_pages
 
 
 def _merge(parts, k):
-    """Merge per-chunk top-k results (global indices) into one top-k, ties by index."""
+    """Merge per-chunk top-k results (global indices) into one top-k, ties by index.
+
+    Each part is ``(distances, indices, *carried)``: arrays of one shape,
+    the carried ones (if any) taken along with their entries.
+    """
     if len(parts) == 1:
-        return parts[0]
-    distances = np.concatenate([d for d, _ in parts], axis=1)
-    indices = np.concatenate([i for _, i in parts], axis=1)
+        return tuple(parts[0])
+    columns = [np.concatenate(arrays, axis=1) for arrays in zip(*parts)]
+    distances, indices = columns[:2]
     order = np.lexsort((indices, indices < 0, distances), axis=1)[:, :k]
-    return (np.take_along_axis(distances, order, axis=1),
-            np.take_along_axis(indices, order, axis=1))
+    return tuple(np.take_along_axis(a, order, axis=1) for a in columns)
 
 
 class _FlatScan:

@@ -25,12 +25,14 @@ The path of the data:
    global cell sizes (a shard that ranked cells by its own, smaller, sizes
    would top its probes up differently from one process).
 4. With ``refine_factor`` r (re-ranking) the shards also keep their items'
-   rows, and ``kneighbors`` takes two rounds: the merged top ``r * k`` of
-   the codes (the candidates of one process), then one task per worker
-   scoring the candidates its shards hold by their rows (``_refine_shards``:
-   the squared distances one process ranks by), of which the driver keeps
-   the k best, ties by index (``_best_refined``). Range search needs one
-   round: each shard keeps its own matches whose rows lie within the radius.
+   rows. Each worker's task takes its own top ``r * k`` by the codes and
+   scores them by their rows (``_search_refined_shards``: the squared
+   distances one process ranks by); the driver merges the workers' lists
+   into the top ``r * k`` of the codes (the candidates of one process, each
+   found in the list of the worker that holds it) and keeps the k best by
+   their rows, ties by index (``_best_refined``): one round trip. Range
+   search re-ranks within each shard: each keeps its own matches whose rows
+   lie within the radius.
 5. ``allowed=`` (a filter) becomes one global uint8 mask; each shard
    searches with its slice, and IVF shards probe with the allowed items of
    each cell counted over all the shards (``_allowed_cell_counts``, a round
@@ -342,6 +344,26 @@ def _refine_shards(shards, offsets, X, candidates, n_threads=None):
     return out
 
 
+def _search_refined_shards(shards, offsets, X, n_candidates, params, cell_sizes,
+                           distance_dtype, n_threads=None, allowed=None):
+    """:func:`_search_shards`'s top ``n_candidates``, each with its squared distance to its
+    row (NaN for the -1 of a short list).
+
+    The worker scores its own candidates at once, in the same task: the
+    global candidates (the merged top ``n_candidates`` of the codes) are
+    among the workers' own, so the driver ranks them by these distances
+    without a second round trip.
+    """
+    distances, indices = _search_shards(shards, offsets, X, n_candidates, params, cell_sizes,
+                                        distance_dtype, n_threads, allowed)
+    return distances, indices, _refine_shards(shards, offsets, X, indices, n_threads)
+
+
+def _best_of_merged(merged, k):
+    """The best k of merged ``(distances, indices, squared)`` candidates (see _best_refined)."""
+    return _best_refined([merged[2]], merged[1], k)
+
+
 def _best_refined(parts, candidates, k):
     """The k candidates of least squared distance (from the shards' parts), ties by index.
 
@@ -438,7 +460,7 @@ class DaskQuantizedNeighbors(BaseEstimator):
     search and ``compact`` renumbers the rest across the shards. A
     template with ``refine_factor`` re-ranks as one process does: its
     shards keep their items' rows (``refine_storage``) and score the
-    merged candidates they hold.
+    candidates they hold.
 
     Read more in the :ref:`User Guide <dask>`.
 
@@ -497,8 +519,10 @@ class DaskQuantizedNeighbors(BaseEstimator):
     ``r * k`` of the codes, those of one process; each is scored by the
     shard that holds it with the single-process re-ranking kernel, and the
     driver keeps the k best by squared distance then index: the
-    single-process re-ranking, at the cost of a second round trip to the
-    workers.
+    single-process re-ranking. Each worker scores all of its own top
+    ``r * k`` in the same task as its search, though only some of them are
+    among the merged candidates: up to one list of candidates scored per
+    worker instead of one in all, for one round trip instead of two.
 
     **Placement and threads.** After ``fit``, ``add`` and ``load`` the
     shards are moved (as codes) so that every worker holds about as many
@@ -1058,13 +1082,15 @@ class DaskQuantizedNeighbors(BaseEstimator):
         k = self._check_n_neighbors(n_neighbors, X.shape[0],
                                     bounded=allowed is None and not len(self._removed))
         mask, n_allowed, cell_sizes = self._allowed(client, allowed, k)
-        n_candidates = k if refine is None else min(k * refine, n_allowed)
-        parts = self._on_workers(client, _search_shards, X, n_candidates, params,
-                                 cell_sizes, dtype, None, mask)
-        distances, indices = _merge(parts, n_candidates)
-        if refine is not None:  # each candidate scored by its shard's rows, the best k kept
-            parts = self._on_workers(client, _refine_shards, X, indices)
-            distances, indices = _best_refined(parts, indices, k)
+        if refine is None:
+            parts = self._on_workers(client, _search_shards, X, k, params, cell_sizes, dtype,
+                                     None, mask)
+            distances, indices = _merge(parts, k)
+        else:  # the candidates of one process, each scored by its shard's rows: the best k
+            n_candidates = min(k * refine, n_allowed)
+            parts = self._on_workers(client, _search_refined_shards, X, n_candidates, params,
+                                     cell_sizes, dtype, None, mask)
+            distances, indices = _best_of_merged(_merge(parts, n_candidates), k)
         return (distances, indices) if return_distance else indices
 
     def _allowed(self, client, allowed, k=None):
@@ -1233,24 +1259,19 @@ class DaskQuantizedNeighbors(BaseEstimator):
         # kernels share the threads rather than each taking all of them.
         threads = client.nthreads()
         n_blocks = len(X.chunks[0])
+        task = _search_shards if refine is None else _search_refined_shards
         distances, indices = [], []
         for block, n_rows in zip(X.to_delayed().ravel(), X.chunks[0]):
-            parts, refined = [], []
+            parts = []
             for worker, group in groups.items():
                 n_threads = None if worker is None else max(1, threads[worker] // n_blocks)
                 with dask.annotate(**self._pinned(worker)):
-                    parts.append(dask.delayed(_search_shards, pure=True)(
+                    parts.append(dask.delayed(task, pure=True)(
                         [self.shards_[i] for i in group], self.shard_offsets_[group], block,
                         n_candidates, params, cell_sizes, dtype, n_threads, mask))
             merged = dask.delayed(_merge_parts, pure=True)(parts, n_candidates)
             if refine is not None:
-                for worker, group in groups.items():
-                    n_threads = None if worker is None else max(1, threads[worker] // n_blocks)
-                    with dask.annotate(**self._pinned(worker)):
-                        refined.append(dask.delayed(_refine_shards, pure=True)(
-                            [self.shards_[i] for i in group], self.shard_offsets_[group], block,
-                            merged[1], n_threads))
-                merged = dask.delayed(_best_refined, pure=True)(refined, merged[1], k)
+                merged = dask.delayed(_best_of_merged, pure=True)(merged, k)
             distances.append(da.from_delayed(merged[0], shape=(n_rows, k),
                                              dtype=dtype if refine is None else np.float64))
             indices.append(da.from_delayed(merged[1], shape=(n_rows, k), dtype=np.int64))
